@@ -1,0 +1,69 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let argumentParser: Target.Dependency = .product(name: "ArgumentParser", package: "swift-argument-parser")
+
+let package = Package(
+    name: "debusine-virt",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "debusine-virt-qemu", targets: ["debusine-virt-qemu"]),
+        .executable(name: "debusine-virt-incus", targets: ["debusine-virt-incus"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/swiftlang/swift-subprocess", from: "1.0.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+    ],
+    targets: [
+        // Errors, logging to stderr, timeouts: what every other module shares.
+        .target(name: "VirtCore"),
+        // Parsing requests and formatting replies of the virt-server protocol.
+        .target(name: "VirtProtocol", dependencies: ["VirtCore"]),
+        // External commands as argv values, run through one seam.
+        .target(
+            name: "CommandRunner",
+            dependencies: [
+                "VirtCore",
+                .product(name: "Subprocess", package: "swift-subprocess"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        // The Testbed seam a backend implements, plus scratch, reboot and copy plumbing.
+        .target(name: "TestbedCore", dependencies: ["VirtCore", "CommandRunner"]),
+        // The request loop over injected line input/output, stdio and signal handling.
+        .target(
+            name: "VirtSession",
+            dependencies: [
+                "VirtCore", "VirtProtocol", "TestbedCore",
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            ]
+        ),
+        // A testbed that is a private directory on the host: drives the protocol tests.
+        .target(name: "FixtureBackend", dependencies: ["VirtCore", "TestbedCore", "CommandRunner"]),
+
+        .executableTarget(name: "debusine-virt-qemu", dependencies: ["VirtCore", "VirtSession", argumentParser]),
+        .executableTarget(name: "debusine-virt-incus", dependencies: ["VirtCore", "VirtSession", argumentParser]),
+        .executableTarget(
+            name: "virt-fixture-server",
+            dependencies: ["VirtCore", "VirtSession", "FixtureBackend", argumentParser]
+        ),
+
+        // Drives servers through real pipes and replays transcripts, for the test targets.
+        .target(
+            name: "VirtTestSupport",
+            dependencies: ["VirtCore", "VirtSession", "TestbedCore", "FixtureBackend", "CommandRunner"],
+            path: "Tests/VirtTestSupport"
+        ),
+
+        .testTarget(name: "VirtProtocolTests", dependencies: ["VirtProtocol", "VirtCore"]),
+        .testTarget(name: "CommandRunnerTests", dependencies: ["CommandRunner", "VirtCore"]),
+        .testTarget(
+            name: "VirtSessionTests",
+            dependencies: ["VirtSession", "VirtProtocol", "TestbedCore", "FixtureBackend", "CommandRunner", "VirtCore"]
+        ),
+        .testTarget(name: "TestImageTests", dependencies: ["CommandRunner", "VirtCore", "VirtTestSupport"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

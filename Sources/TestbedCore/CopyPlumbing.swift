@@ -1,0 +1,200 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+import CommandRunner
+import VirtCore
+
+/// One `copydown` or `copyup` request.
+public struct CopyRequest: Sendable, Equatable {
+    public enum Direction: Sendable, Equatable {
+        /// Host to testbed.
+        case down
+        /// Testbed to host.
+        case up
+    }
+
+    public var direction: Direction
+    public var hostPath: String
+    public var testbedPath: String
+    /// Both paths ended in `/`: copy the directory's contents, merging into the target.
+    public var isDirectory: Bool
+
+    public init(direction: Direction, hostPath: String, testbedPath: String, isDirectory: Bool) {
+        self.direction = direction
+        self.hostPath = hostPath
+        self.testbedPath = testbedPath
+        self.isDirectory = isDirectory
+    }
+
+    /// Builds a request from the two protocol arguments (source first), checking the rules
+    /// the protocol sets: both non-empty, and both or neither ending in `/`.
+    public static func fromProtocol(
+        _ direction: Direction, source: String, destination: String
+    ) throws(VirtError) -> CopyRequest {
+        let verb = direction == .down ? "copydown" : "copyup"
+        guard !source.isEmpty, !destination.isEmpty else {
+            throw VirtError(.protocolMisuse, "\(verb) paths must be nonempty")
+        }
+        let isDirectory = source.hasSuffix("/")
+        guard isDirectory == destination.hasSuffix("/") else {
+            throw VirtError(
+                .protocolMisuse,
+                "\(verb) paths must agree about directoryness (presence or absence of trailing /)")
+        }
+        let (host, testbed) = direction == .down ? (source, destination) : (destination, source)
+        return CopyRequest(direction: direction, hostPath: host, testbedPath: testbed, isDirectory: isDirectory)
+    }
+}
+
+/// Copies through the auxverb: files with `cat`, directories as tar streams, data flowing
+/// through pipes and never held in memory. Any backend can use it; backends with a faster path
+/// replace ``Testbed/copy(_:_:)``.
+public enum CopyPlumbing {
+    public static func copy(_ request: CopyRequest, _ testbed: InTestbed) async throws(VirtError) {
+        guard !request.hostPath.utf8.contains(0), !request.testbedPath.utf8.contains(0) else {
+            throw VirtError(.copyFailed, "paths must not contain NUL bytes")
+        }
+        switch (request.direction, request.isDirectory) {
+        case (.down, false): try await copyFileDown(request, testbed)
+        case (.up, false): try await copyFileUp(request, testbed)
+        case (.down, true): try await copyDirectoryDown(request, testbed)
+        case (.up, true): try await copyDirectoryUp(request, testbed)
+        }
+    }
+
+    /// Writes stdin to $1, then makes it executable when $2 says so.
+    static let receiveFileScript = #"cat > "$1"; if [ "$2" = x ]; then chmod +x -- "$1"; fi"#
+
+    /// Sends $1 on stdout and reports through exit status 3 that it is executable, saving a
+    /// second round trip into the testbed.
+    static let sendFileScript = #"cat -- "$1"; if [ -x "$1" ]; then exit 3; fi"#
+
+    static let receiveTreeScript =
+        #"mkdir -p -- "$1"; cd -- "$1"; tar --warning=none --preserve-permissions --extract --no-same-owner -f -"#
+
+    static let sendTreeScript = #"cd -- "$1"; tar --warning=none --create -f - ."#
+
+    static func copyFileDown(_ request: CopyRequest, _ testbed: InTestbed) async throws(VirtError) {
+        let fd = try openHost(request.hostPath, flags: O_RDONLY)
+        var info = stat()
+        guard fstat(fd, &info) == 0, (info.st_mode & S_IFMT) != S_IFDIR else {
+            close(fd)
+            throw VirtError(.copyFailed, "\(request.hostPath) is not a file")
+        }
+        let executable = info.st_mode & 0o111 != 0 ? "x" : "-"
+        let result = try await testbed.run(
+            ["/bin/sh", "-ec", receiveFileScript, "sh", request.testbedPath, executable],
+            input: .fileDescriptor(fd, closeAfterStart: true), output: .discard)
+        try require(result, "copying \(request.hostPath) to the testbed's \(request.testbedPath)")
+    }
+
+    static func copyFileUp(_ request: CopyRequest, _ testbed: InTestbed) async throws(VirtError) {
+        let fd = try openHost(request.hostPath, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o666)
+        let result = try await testbed.run(
+            ["/bin/sh", "-ec", sendFileScript, "sh", request.testbedPath],
+            output: .fileDescriptor(fd, closeAfterStart: true))
+        let executable = result.status == .exited(3)
+        let status = executable ? CommandResult(status: .exited(0), standardError: result.standardError) : result
+        try require(status, "copying the testbed's \(request.testbedPath) to \(request.hostPath)")
+        if executable {
+            var info = stat()
+            if stat(request.hostPath, &info) == 0 {
+                // Execute bits follow the read bits, as `chmod +x` under the usual umask would.
+                let mode = info.st_mode & 0o7777
+                chmod(request.hostPath, mode | ((mode & 0o444) >> 2))
+            }
+        }
+    }
+
+    static func copyDirectoryDown(_ request: CopyRequest, _ testbed: InTestbed) async throws(VirtError) {
+        var info = stat()
+        guard stat(request.hostPath, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR else {
+            throw VirtError(.copyFailed, "\(request.hostPath) is not a directory")
+        }
+        let local = Command("tar", ["--warning=none", "--directory", request.hostPath, "--create", "-f", "-", "."])
+        let remote = testbed.command(["/bin/sh", "-ec", receiveTreeScript, "sh", request.testbedPath])
+        try await pipeline(from: local, to: remote, testbed.runner, "copying \(request.hostPath) to the testbed")
+    }
+
+    static func copyDirectoryUp(_ request: CopyRequest, _ testbed: InTestbed) async throws(VirtError) {
+        if mkdirParents(request.hostPath) != 0 {
+            throw VirtError(.copyFailed, "cannot create \(request.hostPath): \(String(cString: strerror(errno)))")
+        }
+        let remote = testbed.command(["/bin/sh", "-ec", sendTreeScript, "sh", request.testbedPath])
+        let local = Command(
+            "tar",
+            [
+                "--warning=none", "--directory", request.hostPath, "--preserve-permissions", "--extract",
+                "--no-same-owner", "-f", "-",
+            ])
+        try await pipeline(from: remote, to: local, testbed.runner, "copying the testbed's \(request.testbedPath)")
+    }
+
+    /// Runs `source | destination` with a pipe between them, both concurrently.
+    static func pipeline(
+        from source: Command, to destination: Command, _ runner: any CommandRunner, _ what: String
+    ) async throws(VirtError) {
+        var fds: [Int32] = [-1, -1]
+        // Glibc's module map hides pipe2; children close stray descriptors anyway (swift-subprocess
+        // uses closefrom), CLOEXEC only guards against other spawners in this process.
+        guard pipe(&fds) == 0, fcntl(fds[0], F_SETFD, FD_CLOEXEC) == 0, fcntl(fds[1], F_SETFD, FD_CLOEXEC) == 0 else {
+            throw VirtError(.io, "\(what): cannot create a pipe: \(String(cString: strerror(errno)))")
+        }
+        let (readEnd, writeEnd) = (fds[0], fds[1])
+        let results: (CommandResult, CommandResult)
+        do {
+            results = try await withThrowingTaskGroup(of: (Int, CommandResult).self) { group in
+                group.addTask {
+                    (0, try await runner.run(source, input: .none, output: .fileDescriptor(writeEnd, closeAfterStart: true), error: .capture))
+                }
+                group.addTask {
+                    (1, try await runner.run(destination, input: .fileDescriptor(readEnd, closeAfterStart: true), output: .discard, error: .capture))
+                }
+                var byIndex: [Int: CommandResult] = [:]
+                for try await (index, result) in group { byIndex[index] = result }
+                guard let first = byIndex[0], let second = byIndex[1] else {
+                    throw VirtError(.internalError, "\(what): a side of the pipeline did not report")
+                }
+                return (first, second)
+            }
+        } catch let error as VirtError {
+            throw error
+        } catch {
+            throw VirtError(.copyFailed, "\(what): \(error)")
+        }
+        let (sourceResult, destinationResult) = results
+        try require(destinationResult, what)
+        // A reader that finished early leaves the writer with SIGPIPE; the copy itself is whole.
+        if sourceResult.status != .signaled(SIGPIPE) {
+            try require(sourceResult, what)
+        }
+    }
+
+    static func require(_ result: CommandResult, _ what: String) throws(VirtError) {
+        guard result.status.succeeded else {
+            let detail = result.errorText.isEmpty ? "" : ": \(result.errorText)"
+            throw VirtError(.copyFailed, "\(what) failed (\(result.status))\(detail)")
+        }
+    }
+
+    static func openHost(_ path: String, flags: Int32, mode: mode_t = 0) throws(VirtError) -> Int32 {
+        let fd = open(path, flags | O_CLOEXEC, mode)
+        guard fd >= 0 else {
+            throw VirtError(.copyFailed, "cannot open \(path): \(String(cString: strerror(errno)))")
+        }
+        return fd
+    }
+
+    /// `mkdir -p`, returning 0 or -1 with errno set.
+    static func mkdirParents(_ path: String) -> Int32 {
+        var prefix = path.hasPrefix("/") ? "/" : ""
+        for component in path.split(separator: "/") {
+            prefix += component
+            if mkdir(prefix, 0o777) != 0 && errno != EEXIST { return -1 }
+            prefix += "/"
+        }
+        return 0
+    }
+}

@@ -1,0 +1,110 @@
+import CommandRunner
+import VirtCore
+
+/// Capability words of the protocol.
+public enum Capability {
+    public static let revert = "revert"
+    public static let revertFullSystem = "revert-full-system"
+    public static let reboot = "reboot"
+    public static let rootOnTestbed = "root-on-testbed"
+    public static let isolationContainer = "isolation-container"
+    public static let isolationMachine = "isolation-machine"
+
+    public static func suggestedNormalUser(_ name: String) -> String { "suggested-normal-user=\(name)" }
+
+    /// Whether the scratch directory may be world-writable: only when the testbed is isolated
+    /// from the host, so nothing untrusted shares it.
+    public static func isIsolated(_ capabilities: [String]) -> Bool {
+        capabilities.contains(isolationContainer) || capabilities.contains(isolationMachine)
+    }
+}
+
+/// What a backend (QEMU, Incus, the test fixture) implements. The protocol rules, the scratch
+/// directory, the reboot sequence and the copy plumbing live in ``TestbedController``; the
+/// requirements with default implementations below are hooks a backend may replace with
+/// something faster.
+public protocol Testbed: Sendable {
+    /// The capability words to advertise. Asked before and after `open`.
+    func capabilities() async -> [String]
+
+    /// Brings the testbed up and returns the auxverb: the argv prefix that runs a command in it.
+    func open() async throws(VirtError) -> [String]
+
+    /// Returns the testbed to its pristine state and returns the auxverb (which may change).
+    func revert() async throws(VirtError) -> [String]
+
+    /// Destroys the testbed and everything made for it. Must be idempotent and safe to call
+    /// while any other call is in progress: signal handling calls it at any moment.
+    func close() async
+
+    /// Asks the running testbed to reboot. Default: `systemd-run` a delayed `reboot`, or a
+    /// backgrounded `reboot` where systemd does not run.
+    func requestReboot(_ testbed: InTestbed) async throws(VirtError)
+
+    /// An id that changes on every boot. Default: the kernel's boot id.
+    func bootID(_ testbed: InTestbed) async throws(VirtError) -> String
+
+    /// Waits until the testbed has booted again (its boot id differs from `previousBootID`) and
+    /// returns the auxverb to use from now on. `requested` is false for `reboot prepare-only`,
+    /// where the test reboots the testbed itself. Default: poll ``bootID(_:)``.
+    func waitForReboot(
+        _ testbed: InTestbed, previousBootID: String, requested: Bool
+    ) async throws(VirtError) -> [String]
+
+    /// How long a reboot may take. Default: 300 s.
+    var rebootTimeout: Duration { get }
+
+    /// Where the reboot sequence parks the scratch directory, first writable wins.
+    /// Default: /var/cache, then /home (as upstream: /var/cache may be read-only).
+    var rebootSaveDirectories: [String] { get }
+
+    /// Copies a file or directory between host and testbed. Default: streams through the
+    /// auxverb (``CopyPlumbing``).
+    func copy(_ request: CopyRequest, _ testbed: InTestbed) async throws(VirtError)
+
+    /// Runs an interactive shell on the caller's terminal in `directory`, with `environment`
+    /// (`VAR=value` words) exported. Default: `bash -i` through the auxverb on /dev/tty.
+    func shell(_ testbed: InTestbed, directory: String, environment: [String]) async throws(VirtError)
+
+    /// Diagnostics for `auxverb_debug_fail`, or nil when there is nothing to add.
+    func debugFailureReport() async -> String?
+}
+
+extension Testbed {
+    public func requestReboot(_ testbed: InTestbed) async throws(VirtError) {
+        let hasSystemd = (try? await testbed.run(["test", "-d", "/run/systemd/system"]))?.status.succeeded ?? false
+        if hasSystemd {
+            let result = try await testbed.run([
+                "systemd-run", "--no-block", "--quiet", "sh", "-c", "sleep 3; reboot",
+            ])
+            if result.status.succeeded { return }
+            log.debug("systemd-run reboot failed (\(result.status)): \(result.errorText); trying sh")
+        }
+        try await testbed.check(["sh", "-c", "(sleep 3; reboot) >/dev/null 2>&1 &"])
+    }
+
+    public func bootID(_ testbed: InTestbed) async throws(VirtError) -> String {
+        try await testbed.check(["cat", "/proc/sys/kernel/random/boot_id"])
+    }
+
+    public func waitForReboot(
+        _ testbed: InTestbed, previousBootID: String, requested: Bool
+    ) async throws(VirtError) -> [String] {
+        try await RebootSequence.pollForNewBootID(self, testbed, previousBootID: previousBootID)
+        return testbed.auxverb
+    }
+
+    public var rebootTimeout: Duration { .seconds(300) }
+
+    public var rebootSaveDirectories: [String] { ["/var/cache", "/home"] }
+
+    public func copy(_ request: CopyRequest, _ testbed: InTestbed) async throws(VirtError) {
+        try await CopyPlumbing.copy(request, testbed)
+    }
+
+    public func shell(_ testbed: InTestbed, directory: String, environment: [String]) async throws(VirtError) {
+        try await InteractiveShell.run(testbed, directory: directory, environment: environment)
+    }
+
+    public func debugFailureReport() async -> String? { nil }
+}

@@ -1,0 +1,175 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+import CommandRunner
+import VirtCore
+
+/// The shared backend core: the protocol's state (open or not, the scratch path, the auxverb)
+/// and every verb's semantics on top of a ``Testbed``.
+///
+/// State errors are ``VirtError/Code/protocolMisuse`` with upstream's messages; the session
+/// loop turns them into exit 12.
+public actor TestbedController {
+    /// How a copy ended, as the protocol replies it.
+    public enum CopyOutcome: Sendable, Equatable {
+        case copied
+        case failed(String)
+        case timedOut
+    }
+
+    public let backend: any Testbed
+    public let runner: any CommandRunner
+    public let copyTimeout: Duration
+
+    private var auxverb: [String]?
+    /// The scratch path of the current session; kept across close so a re-open reuses it, as
+    /// built trees may refer to absolute paths.
+    private var scratch: String?
+    private var isOpen = false
+    /// Set from the start of `open` until the backend is closed: a half-made testbed (a VM still
+    /// booting, a failed launch) needs its cleanup as much as an open one.
+    private var needsClose = false
+    private var closing: Task<Void, Never>?
+
+    public init(backend: any Testbed, runner: any CommandRunner = SubprocessRunner(), copyTimeout: Duration? = nil) {
+        self.backend = backend
+        self.runner = runner
+        self.copyTimeout = copyTimeout ?? TestbedController.copyTimeoutFromEnvironment()
+    }
+
+    /// AUTOPKGTEST_VIRT_COPY_TIMEOUT in seconds, 300 when unset or not a positive number.
+    public static func copyTimeoutFromEnvironment() -> Duration {
+        guard let raw = getenv("AUTOPKGTEST_VIRT_COPY_TIMEOUT"), let seconds = Int(String(cString: raw)),
+            seconds > 0
+        else { return .seconds(300) }
+        return .seconds(seconds)
+    }
+
+    public var opened: Bool { isOpen }
+
+    public func capabilities() async -> [String] {
+        await backend.capabilities()
+    }
+
+    public func open() async throws(VirtError) -> String {
+        guard !isOpen else { throw VirtError(.protocolMisuse, "`open' when already open") }
+        closing = nil
+        needsClose = true
+        let auxverb = try await backend.open()
+        guard closing == nil else {
+            // Whatever open made after the shutdown ran must go too.
+            await backend.close()
+            throw VirtError(.testbedFailure, "the testbed was shut down while opening")
+        }
+        isOpen = true
+        self.auxverb = auxverb
+        return try await makeScratch(auxverb)
+    }
+
+    public func close() async throws(VirtError) {
+        guard isOpen else { throw VirtError(.protocolMisuse, "`close' when not open") }
+        await shutdown()
+    }
+
+    public func revert() async throws(VirtError) -> String {
+        guard isOpen else { throw VirtError(.protocolMisuse, "`revert' when not open") }
+        guard await backend.capabilities().contains(Capability.revert) else {
+            throw VirtError(.protocolMisuse, "`revert' when `revert' not advertised")
+        }
+        let auxverb = try await backend.revert()
+        self.auxverb = auxverb
+        return try await makeScratch(auxverb)
+    }
+
+    public func reboot(prepareOnly: Bool) async throws(VirtError) {
+        let (testbed, scratch) = try openState("reboot")
+        guard await backend.capabilities().contains(Capability.reboot) else {
+            throw VirtError(.protocolMisuse, "`reboot' when `reboot' not advertised")
+        }
+        auxverb = try await RebootSequence.run(
+            backend, testbed, scratch: scratch, prepareOnly: prepareOnly, copyTimeout: copyTimeout)
+    }
+
+    /// The auxverb, for `print-execute-command`.
+    public func executeCommand() throws(VirtError) -> [String] {
+        try openState("print-execute-command").0.auxverb
+    }
+
+    public func copy(_ request: CopyRequest) async -> CopyOutcome {
+        let testbed: InTestbed
+        do {
+            testbed = try openState(request.direction == .down ? "copydown" : "copyup").0
+        } catch {
+            return .failed(error.message)
+        }
+        let backend = self.backend
+        do {
+            try await timed(copyTimeout, "copy") { try await backend.copy(request, testbed) }
+            return .copied
+        } catch let error where error.code == .timeout {
+            return .timedOut
+        } catch {
+            return .failed(error.message)
+        }
+    }
+
+    public func shell(directory: String, environment: [String]) async throws(VirtError) {
+        let testbed = try openState("shell").0
+        try await backend.shell(testbed, directory: directory, environment: environment)
+    }
+
+    public func debugFailureReport() async -> String? {
+        await backend.debugFailureReport()
+    }
+
+    /// Destroys the testbed if it is open. Safe at any moment and any number of times,
+    /// including while another call is suspended in the backend (signal handling uses it).
+    public func shutdown() async {
+        if let closing {
+            await closing.value
+            return
+        }
+        guard needsClose else { return }
+        let backend = self.backend
+        let task = Task { await backend.close() }
+        closing = task
+        await task.value
+        isOpen = false
+        needsClose = false
+        auxverb = nil
+    }
+
+    /// Whether the verb may run now; misuse when the testbed is not open.
+    public func requireOpen(_ verb: String) throws(VirtError) {
+        _ = try openState(verb)
+    }
+
+    private func openState(_ verb: String) throws(VirtError) -> (InTestbed, String) {
+        guard isOpen, let auxverb, let scratch else {
+            throw VirtError(.protocolMisuse, "`\(verb)' when not open")
+        }
+        return (InTestbed(auxverb: auxverb, runner: runner), scratch)
+    }
+
+    /// Creates the scratch directory, or re-creates it at the same path after revert and
+    /// re-open. World-writable only when the testbed is isolated from the host.
+    private func makeScratch(_ auxverb: [String]) async throws(VirtError) -> String {
+        let mode = Capability.isIsolated(await backend.capabilities()) ? "0777" : "0755"
+        let testbed = InTestbed(auxverb: auxverb, runner: runner)
+        let path: String
+        if let scratch {
+            try await testbed.check(["install", "-d", "-m", mode, "--", scratch])
+            path = scratch
+        } else {
+            path = try await testbed.script(
+                #"d=$(mktemp --directory --tmpdir autopkgtest.XXXXXX); chmod "$1" "$d"; echo "$d""#, [mode])
+            guard path.hasPrefix("/"), !path.contains("\n") else {
+                throw VirtError(.testbedFailure, "creating the scratch directory gave no path: \(path)")
+            }
+        }
+        scratch = path
+        return path
+    }
+}

@@ -1,0 +1,64 @@
+/// The one error type of debusine-virt: a machine-readable code and a message for humans.
+///
+/// Every module throws this type. How a code becomes a process exit status is decided in
+/// exactly one place, ``ExitStatus``.
+public struct VirtError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// What kind of failure this is.
+    public enum Code: String, Sendable, Equatable {
+        /// The command line was wrong.
+        case usage
+        /// The client broke the virt-server protocol (unknown verb, wrong state, EOF, ...).
+        case protocolMisuse
+        /// A backend, a host tool or a host feature is missing.
+        case unavailable
+        /// A file, image or instance does not exist.
+        case notFound
+        /// An external command failed.
+        case commandFailed
+        /// Something took longer than allowed.
+        case timeout
+        /// A copy between host and testbed failed.
+        case copyFailed
+        /// The testbed misbehaved: did not boot, died, lost its agent.
+        case testbedFailure
+        /// Reading or writing a local file, pipe or socket failed.
+        case io
+        /// A bug in debusine-virt.
+        case internalError
+    }
+
+    public var code: Code
+    public var message: String
+
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    public var description: String { message }
+}
+
+/// Maps errors to process exit statuses, in one place.
+///
+/// The protocol fixes two of them: 12 for any failure once the session loop runs
+/// (autopkgtest's `bomb()`), 16 for an unexpected internal error.
+public enum ExitStatus {
+    /// A session failed: misuse, EOF on stdin, or a testbed failure.
+    public static let sessionFailure: Int32 = 12
+    /// An unexpected internal error during a session.
+    public static let internalFailure: Int32 = 16
+
+    /// The exit status for an error raised before the banner was written.
+    public static func beforeBanner(_ error: VirtError) -> Int32 {
+        switch error.code {
+        case .usage: return 64  // EX_USAGE, as ArgumentParser uses for its own errors
+        case .unavailable: return 69  // EX_UNAVAILABLE
+        default: return 1
+        }
+    }
+
+    /// The exit status for an error that ends a running session.
+    public static func inSession(_ error: VirtError) -> Int32 {
+        error.code == .internalError ? internalFailure : sessionFailure
+    }
+}

@@ -1,0 +1,73 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+import CommandRunner
+import TestbedCore
+import UnixSignals
+import VirtCore
+
+/// Process-level glue for the executables: stdio, signals and the exit status.
+public enum VirtServer {
+    /// The first thing every executable does: with SIGPIPE ignored a vanished reader is an EPIPE
+    /// error we can clean up after, not a sudden death.
+    public static func prepareProcess(program: String, debug: Bool) {
+        signal(SIGPIPE, SIG_IGN)
+        log.configure(program: program, debug: debug)
+    }
+
+    /// Serves the protocol on stdin/stdout for `backend` and ends the process.
+    ///
+    /// SIGTERM, SIGINT and SIGHUP at any moment destroy the testbed (concurrently with whatever
+    /// the session is doing) and then kill the process with the same signal.
+    public static func serve(_ backend: any Testbed, runner: any CommandRunner = SubprocessRunner()) async -> Never {
+        let flags = fcntl(0, F_GETFL)
+        if flags >= 0 && flags & O_NONBLOCK != 0 {
+            // A non-blocking stdin reads as EOF and would be mistaken for the caller quitting.
+            log.error("stdin to a virt server must not be non-blocking")
+            exit(ExitStatus.sessionFailure)
+        }
+        let controller = TestbedController(backend: backend, runner: runner)
+        let session = Session(controller: controller, output: FileDescriptorReplyWriter(fd: 1))
+        let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint, .sighup)
+        await withTaskGroup(of: SessionOutcome.self) { group in
+            group.addTask { await session.run(LineReader.lines(fd: 0)) }
+            group.addTask {
+                for await caught in signals {
+                    log.info("caught \(caught), cleaning up")
+                    return .signal(caught.rawValue)
+                }
+                return .signal(SIGTERM)
+            }
+            let outcome = await group.next() ?? .exit(ExitStatus.internalFailure)
+            // A no-op when the session already cleaned up; after a signal, this is the cleanup.
+            await controller.shutdown()
+            finish(outcome)
+        }
+        // The group closure never returns: finish() ends the process.
+        exit(ExitStatus.internalFailure)
+    }
+
+    /// Ends the process as `outcome` says: an exit status, or death by a signal.
+    public static func finish(_ outcome: SessionOutcome) -> Never {
+        switch outcome {
+        case .exit(let status):
+            exit(status)
+        case .signal(let number):
+            signal(number, SIG_DFL)
+            var set = sigset_t()
+            sigemptyset(&set)
+            sigaddset(&set, number)
+            sigprocmask(SIG_UNBLOCK, &set, nil)
+            raise(number)
+            _exit(128 + number)
+        }
+    }
+
+    /// Reports an error that happens before the banner and exits with its status.
+    public static func failBeforeBanner(_ error: VirtError) -> Never {
+        log.error(error.message)
+        exit(ExitStatus.beforeBanner(error))
+    }
+}

@@ -1,0 +1,28 @@
+import ArgumentParser
+import VirtCore
+import VirtSession
+
+/// `debusine-virt-qemu IMAGE`: the autopkgtest virt server for QEMU system images.
+@main
+struct QemuServer: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "debusine-virt-qemu",
+        abstract: "autopkgtest virtualization server running a QEMU VM from a system image.",
+        discussion: """
+            Not functional yet: this build carries the protocol core only, and the QEMU backend \
+            is still being written. It refuses to start rather than pretend to work.
+            """
+    )
+
+    @Flag(name: [.short, .long], help: "Log more on stderr.")
+    var debug = false
+
+    @Argument(help: "Path of the qcow2 or raw system image to boot.")
+    var image: String
+
+    func run() async throws {
+        VirtServer.prepareProcess(program: "debusine-virt-qemu", debug: debug)
+        VirtServer.failBeforeBanner(
+            VirtError(.unavailable, "the QEMU backend is not available yet in this build; nothing was started"))
+    }
+}

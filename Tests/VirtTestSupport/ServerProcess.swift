@@ -1,0 +1,245 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+import CommandRunner
+import Foundation
+import Synchronization
+import VirtCore
+
+/// A server started as a real child process, driven like autopkgtest drives one: requests on a
+/// pipe to its stdin, replies read line by line from a pipe on its stdout, stderr collected.
+public final class ServerProcess: Sendable {
+    public let pid: pid_t
+    private let input: Mutex<Int32>
+    private let replies: ReplyQueue
+    private let errorBytes: ByteSink
+    private let exitStatus: ExitWaiter
+
+    /// Starts `argv` (argv[0] a path) with `environment` added to ours.
+    public init(_ argv: [String], environment: [String: String] = [:]) throws {
+        var stdinPipe: [Int32] = [-1, -1]
+        var stdoutPipe: [Int32] = [-1, -1]
+        var stderrPipe: [Int32] = [-1, -1]
+        guard pipe(&stdinPipe) == 0, pipe(&stdoutPipe) == 0, pipe(&stderrPipe) == 0 else {
+            throw VirtError(.io, "pipe failed")
+        }
+        for fd in [stdinPipe[1], stdoutPipe[0], stderrPipe[0]] { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, stdinPipe[0], 0)
+        posix_spawn_file_actions_adddup2(&actions, stdoutPipe[1], 1)
+        posix_spawn_file_actions_adddup2(&actions, stderrPipe[1], 2)
+        for fd in [stdinPipe[0], stdoutPipe[1], stderrPipe[1]] { posix_spawn_file_actions_addclose(&actions, fd) }
+
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var allSignals = sigset_t()
+        sigfillset(&allSignals)
+        var noSignals = sigset_t()
+        sigemptyset(&noSignals)
+        posix_spawnattr_setsigdefault(&attributes, &allSignals)
+        posix_spawnattr_setsigmask(&attributes, &noSignals)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+
+        var env = ProcessInfo.processInfo.environment
+        for (key, value) in environment { env[key] = value }
+        let envStrings = env.map { "\($0.key)=\($0.value)" }
+
+        var child: pid_t = 0
+        let status = withCStrings(argv) { cArgv in
+            withCStrings(envStrings) { cEnv in
+                posix_spawn(&child, argv[0], &actions, &attributes, cArgv, cEnv)
+            }
+        }
+        close(stdinPipe[0])
+        close(stdoutPipe[1])
+        close(stderrPipe[1])
+        guard status == 0 else {
+            close(stdinPipe[1])
+            close(stdoutPipe[0])
+            close(stderrPipe[0])
+            throw VirtError(.commandFailed, "cannot start \(argv[0]): \(String(cString: strerror(status)))")
+        }
+        pid = child
+        input = Mutex(stdinPipe[1])
+        replies = ReplyQueue(fd: stdoutPipe[0])
+        let errorBytes = ByteSink()
+        self.errorBytes = errorBytes
+        let stderrFD = stderrPipe[0]
+        Thread {
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            while true {
+                let count = buffer.withUnsafeMutableBytes { read(stderrFD, $0.baseAddress, $0.count) }
+                if count < 0 && errno == EINTR { continue }
+                if count <= 0 { break }
+                errorBytes.bytes.withLock { $0.append(contentsOf: buffer[0..<count]) }
+            }
+            close(stderrFD)
+        }.start()
+        exitStatus = ExitWaiter(pid: child)
+    }
+
+    /// Writes raw bytes to the server's stdin; false when it has gone away.
+    @discardableResult
+    public func write(_ bytes: [UInt8]) -> Bool {
+        input.withLock { fd in
+            guard fd >= 0 else { return false }
+            var offset = 0
+            while offset < bytes.count {
+                let written = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress.map { $0 + offset }, $0.count - offset) }
+                if written < 0 {
+                    if errno == EINTR { continue }
+                    return false
+                }
+                offset += written
+            }
+            return true
+        }
+    }
+
+    /// Sends `line` and a newline.
+    @discardableResult
+    public func write(line: String) -> Bool { write(Array((line + "\n").utf8)) }
+
+    /// Closes the server's stdin (EOF).
+    public func closeStandardInput() {
+        input.withLock { fd in
+            if fd >= 0 { close(fd) }
+            fd = -1
+        }
+    }
+
+    /// The next reply line, nil at end of output; throws after `timeout`, which is how a reply
+    /// stuck in a buffer shows up.
+    public func readLine(timeout: Duration = .seconds(60)) async throws -> String? {
+        try await replies.next(timeout: timeout)
+    }
+
+    public func signal(_ number: Int32) { kill(pid, number) }
+
+    /// Waits for the server to end; kills it and throws after `timeout`.
+    public func wait(timeout: Duration = .seconds(60)) async throws -> ProcessStatus {
+        do {
+            return try await withTimeout(timeout, "waiting for the server to exit") { [exitStatus] in
+                await exitStatus.status()
+            }
+        } catch {
+            kill(pid, SIGKILL)
+            throw error
+        }
+    }
+
+    /// Everything the server wrote on stderr so far.
+    public var standardError: String {
+        String(decoding: errorBytes.bytes.withLock { $0 }, as: UTF8.self)
+    }
+
+    deinit {
+        closeStandardInput()
+    }
+}
+
+/// Bytes collected by a reader thread.
+final class ByteSink: Sendable {
+    let bytes = Mutex<[UInt8]>([])
+}
+
+/// Lines arriving from somewhere (a reader thread, an in-process writer), taken in order.
+public final class LineQueue: Sendable {
+    private struct State {
+        var lines: [String] = []
+        var finished = false
+    }
+    private let state = Mutex(State())
+
+    public init() {}
+
+    public func push(_ line: String) { state.withLock { $0.lines.append(line) } }
+
+    public func finish() { state.withLock { $0.finished = true } }
+
+    /// The next line, nil once finished and drained; throws after `timeout`.
+    public func next(timeout: Duration) async throws -> String? {
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            let (line, finished) = state.withLock { s -> (String?, Bool) in
+                if !s.lines.isEmpty { return (s.lines.removeFirst(), false) }
+                return (nil, s.finished)
+            }
+            if let line { return line }
+            if finished { return nil }
+            if ContinuousClock.now >= deadline {
+                throw VirtError(.timeout, "no reply line within \(timeout.formattedSeconds)")
+            }
+            // Poll briefly rather than park: a parked continuation cannot time out.
+            try await Task.sleep(for: .milliseconds(2))
+        }
+    }
+}
+
+/// Reply lines from the server's stdout, read on a thread.
+final class ReplyQueue: Sendable {
+    let queue = LineQueue()
+
+    init(fd: Int32) {
+        Thread { [queue] in
+            var pending: [UInt8] = []
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            while true {
+                let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+                if count < 0 && errno == EINTR { continue }
+                if count <= 0 { break }
+                for byte in buffer[0..<count] {
+                    if byte == UInt8(ascii: "\n") {
+                        queue.push(String(decoding: pending, as: UTF8.self))
+                        pending.removeAll()
+                    } else {
+                        pending.append(byte)
+                    }
+                }
+            }
+            close(fd)
+            if !pending.isEmpty { queue.push(String(decoding: pending, as: UTF8.self) + "<no newline>") }
+            queue.finish()
+        }.start()
+    }
+
+    func next(timeout: Duration) async throws -> String? { try await queue.next(timeout: timeout) }
+}
+
+/// waitpid on a thread, once.
+final class ExitWaiter: Sendable {
+    private let result = Mutex<ProcessStatus?>(nil)
+
+    init(pid: pid_t) {
+        Thread { [self] in
+            var status: Int32 = 0
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+            let low = status & 0x7f
+            let outcome: ProcessStatus = low == 0 ? .exited((status >> 8) & 0xff) : .signaled(low)
+            result.withLock { $0 = outcome }
+        }.start()
+    }
+
+    func status() async -> ProcessStatus {
+        while true {
+            if let status = result.withLock({ $0 }) { return status }
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+    }
+}
+
+func withCStrings(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> Int32) -> Int32 {
+    var pointers: [UnsafeMutablePointer<CChar>?] = strings.map { strdup($0) }
+    pointers.append(nil)
+    defer { for pointer in pointers { free(pointer) } }
+    return pointers.withUnsafeBufferPointer { buffer in
+        guard let base = buffer.baseAddress else { return EINVAL }
+        return body(base)
+    }
+}
