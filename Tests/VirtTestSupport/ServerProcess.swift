@@ -17,8 +17,12 @@ public final class ServerProcess: Sendable {
     private let errorBytes: ByteSink
     private let exitStatus: ExitWaiter
 
+    /// Writing to a server that has exited must be an error here, not the test runner's death.
+    private static let ignoreSIGPIPE: Void = { _ = Glibc.signal(SIGPIPE, SIG_IGN) }()
+
     /// Starts `argv` (argv[0] a path) with `environment` added to ours.
     public init(_ argv: [String], environment: [String: String] = [:]) throws {
+        Self.ignoreSIGPIPE
         var stdinPipe: [Int32] = [-1, -1]
         var stdoutPipe: [Int32] = [-1, -1]
         var stderrPipe: [Int32] = [-1, -1]
@@ -122,11 +126,14 @@ public final class ServerProcess: Sendable {
 
     public func signal(_ number: Int32) { kill(pid, number) }
 
+    /// Stops reading the server's stdout, as autopkgtest does before `quit`.
+    public func closeReplies() { replies.close() }
+
     /// Waits for the server to end; kills it and throws after `timeout`.
     public func wait(timeout: Duration = .seconds(60)) async throws -> ProcessStatus {
         do {
             return try await withTimeout(timeout, "waiting for the server to exit") { [exitStatus] in
-                await exitStatus.status()
+                try await exitStatus.status()
             }
         } catch {
             kill(pid, SIGKILL)
@@ -185,12 +192,26 @@ public final class LineQueue: Sendable {
 /// Reply lines from the server's stdout, read on a thread.
 final class ReplyQueue: Sendable {
     let queue = LineQueue()
+    private let closing = Mutex(false)
+    private let closed = Mutex(false)
+
+    /// Has the reader thread close the read end and waits until it has: closing it from here
+    /// would not wake a thread blocked in read(), and the writer only sees EPIPE once no reader
+    /// holds the pipe.
+    func close() {
+        closing.withLock { $0 = true }
+        while !closed.withLock({ $0 }) { usleep(1000) }
+    }
 
     init(fd: Int32) {
-        Thread { [queue] in
+        Thread { [queue, self] in
             var pending: [UInt8] = []
             var buffer = [UInt8](repeating: 0, count: 65536)
             while true {
+                var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                let ready = poll(&poller, 1, 50)
+                if closing.withLock({ $0 }) { break }
+                if ready == 0 || (ready < 0 && errno == EINTR) { continue }
                 let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
                 if count < 0 && errno == EINTR { continue }
                 if count <= 0 { break }
@@ -203,7 +224,8 @@ final class ReplyQueue: Sendable {
                     }
                 }
             }
-            close(fd)
+            Glibc.close(fd)
+            closed.withLock { $0 = true }
             if !pending.isEmpty { queue.push(String(decoding: pending, as: UTF8.self) + "<no newline>") }
             queue.finish()
         }.start()
@@ -226,10 +248,10 @@ final class ExitWaiter: Sendable {
         }.start()
     }
 
-    func status() async -> ProcessStatus {
+    func status() async throws -> ProcessStatus {
         while true {
             if let status = result.withLock({ $0 }) { return status }
-            try? await Task.sleep(for: .milliseconds(5))
+            try await Task.sleep(for: .milliseconds(5))
         }
     }
 }

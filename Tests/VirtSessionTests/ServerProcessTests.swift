@@ -1,0 +1,143 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+import CommandRunner
+import Foundation
+import Testing
+import VirtTestSupport
+
+/// The built executables driven as the clients drive them: real processes, real pipes.
+@Suite("Server processes")
+struct ServerProcessTests {
+    static let fixtureServer = TestPaths.executable("virt-fixture-server")
+
+    @Test("each reply is flushed at once while stdin stays open, as autopkgtest waits for it")
+    func repliesAreFlushedImmediately() async throws {
+        let parent = try TestPaths.makeTemporaryDirectory()
+        defer { TestPaths.removeTree(parent) }
+        let server = try ServerProcess([Self.fixtureServer, "--fixture", "parent=\(parent)"])
+        // A block-buffered stdout would hold these lines back and the reads would time out.
+        #expect(try await server.readLine(timeout: .seconds(10)) == "ok")
+        server.write(line: "capabilities")
+        #expect(try await server.readLine(timeout: .seconds(10)) == "ok revert reboot")
+        server.write(line: "open")
+        let opened = try #require(try await server.readLine(timeout: .seconds(10)))
+        #expect(opened.hasPrefix("ok /"))
+        server.write(line: "print-execute-command")
+        let auxverb = try #require(try await server.readLine(timeout: .seconds(10)))
+        #expect(auxverb.hasPrefix("ok env,TMPDIR%3D/"))
+        server.write(line: "quit")
+        #expect(try await server.wait() == .exited(0))
+        #expect(try await server.readLine() == nil)
+        #expect(TestPaths.contents(of: parent) == [])
+    }
+
+    @Test(
+        "SIGTERM, SIGINT and SIGHUP in an open session clean up the testbed, then kill the server by that signal",
+        arguments: [SIGTERM, SIGINT, SIGHUP])
+    func signalWhileOpenCleansUp(_ signal: Int32) async throws {
+        let parent = try TestPaths.makeTemporaryDirectory()
+        defer { TestPaths.removeTree(parent) }
+        let events = "\(parent).events"
+        defer { unlink(events) }
+        let server = try ServerProcess([
+            Self.fixtureServer, "--fixture", "parent=\(parent)", "--fixture", "event-log=\(events)",
+        ])
+        #expect(try await server.readLine() == "ok")
+        server.write(line: "open")
+        #expect(try await server.readLine()?.hasPrefix("ok /") == true)
+        #expect(TestPaths.contents(of: parent).count == 1)
+        server.signal(signal)
+        #expect(try await server.wait() == .signaled(signal))
+        #expect(try String(contentsOfFile: events, encoding: .utf8) == "open\nclose\n")
+        #expect(TestPaths.contents(of: parent) == [], "the testbed directory was left behind")
+    }
+
+    @Test("a signal while the testbed is still opening cleans up what open started")
+    func signalWhileOpening() async throws {
+        let parent = try TestPaths.makeTemporaryDirectory()
+        defer { TestPaths.removeTree(parent) }
+        let events = "\(parent).events"
+        defer { unlink(events) }
+        let server = try ServerProcess([
+            Self.fixtureServer, "--fixture", "parent=\(parent)", "--fixture", "event-log=\(events)",
+            "--fixture", "open-delay=30",
+        ])
+        #expect(try await server.readLine() == "ok")
+        server.write(line: "open")
+        try await waitUntil { (try? String(contentsOfFile: events, encoding: .utf8)) == "open\n" }
+        server.signal(SIGTERM)
+        #expect(try await server.wait(timeout: .seconds(10)) == .signaled(SIGTERM))
+        #expect(try String(contentsOfFile: events, encoding: .utf8) == "open\nclose\n")
+        #expect(try await server.readLine() == nil, "no reply may follow the banner")
+        #expect(TestPaths.contents(of: parent) == [])
+    }
+
+    @Test("a last request without a newline is still served, then end of file exits 12")
+    func lastLineWithoutNewline() async throws {
+        let server = try ServerProcess([Self.fixtureServer])
+        #expect(try await server.readLine() == "ok")
+        server.write(Array("capabilities".utf8))
+        server.closeStandardInput()
+        #expect(try await server.readLine() == "ok revert reboot")
+        #expect(try await server.wait() == .exited(12))
+        #expect(server.standardError.contains("end of file"))
+    }
+
+    @Test("a request line over 1 MiB ends the session with exit 12 instead of eating memory")
+    func hugeLineIsRefused() async throws {
+        let server = try ServerProcess([Self.fixtureServer])
+        #expect(try await server.readLine() == "ok")
+        server.write([UInt8](repeating: UInt8(ascii: "a"), count: 3 << 20))
+        #expect(try await server.wait() == .exited(12))
+        #expect(server.standardError.contains("longer than"))
+        #expect(try await server.readLine() == nil)
+    }
+
+    @Test("a client that stops reading replies makes the server clean up and die by SIGPIPE")
+    func clientGoneGivesSigpipe() async throws {
+        let parent = try TestPaths.makeTemporaryDirectory()
+        defer { TestPaths.removeTree(parent) }
+        let server = try ServerProcess([Self.fixtureServer, "--fixture", "parent=\(parent)"])
+        #expect(try await server.readLine() == "ok")
+        server.write(line: "open")
+        #expect(try await server.readLine()?.hasPrefix("ok /") == true)
+        server.closeReplies()
+        server.write(line: "capabilities")
+        #expect(try await server.wait() == .signaled(SIGPIPE))
+        #expect(TestPaths.contents(of: parent) == [])
+    }
+
+    @Test(
+        "debusine-virt-qemu and debusine-virt-incus refuse to start, say why on stderr, and print no banner",
+        arguments: [("debusine-virt-qemu", "/nonexistent/image.qcow2"), ("debusine-virt-incus", "artifact/1")])
+    func backendsNotAvailableYet(_ executable: String, _ image: String) async throws {
+        let server = try ServerProcess([TestPaths.executable(executable), image])
+        #expect(try await server.wait() == .exited(69))
+        #expect(try await server.readLine() == nil, "nothing may reach stdout")
+        #expect(server.standardError.contains("backend is not available yet"))
+    }
+
+    @Test("a missing image argument is a usage error before any banner", arguments: ["debusine-virt-qemu", "debusine-virt-incus"])
+    func usageErrorBeforeBanner(_ executable: String) async throws {
+        let server = try ServerProcess([TestPaths.executable(executable)])
+        let status = try await server.wait()
+        #expect(status != .exited(0))
+        #expect(try await server.readLine() == nil)
+        #expect(server.standardError.contains("Missing expected argument"))
+    }
+}
+
+/// Polls `condition` every 10 ms for up to 10 s.
+func waitUntil(_ condition: () -> Bool) async throws {
+    let deadline = ContinuousClock.now + .seconds(10)
+    while !condition() {
+        guard ContinuousClock.now < deadline else {
+            Issue.record("condition not met within 10 s")
+            return
+        }
+        try await Task.sleep(for: .milliseconds(10))
+    }
+}
