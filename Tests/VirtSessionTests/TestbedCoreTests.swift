@@ -1,0 +1,174 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+import CommandRunner
+import FixtureBackend
+import Foundation
+import Testing
+import TestbedCore
+import VirtCore
+import VirtTestSupport
+
+/// The shared core (scratch directory, copy plumbing, reboot sequence) over the fixture
+/// backend, checked on the files themselves.
+@Suite("Shared testbed core")
+struct TestbedCoreTests {
+    let runner = SubprocessRunner()
+
+    /// An opened controller over a fresh fixture, plus a host work directory; both removed after.
+    func withTestbed(
+        caps: String = "revert,reboot",
+        _ body: (TestbedController, String, String) async throws -> Void
+    ) async throws {
+        let parent = try TestPaths.makeTemporaryDirectory()
+        let host = try TestPaths.makeTemporaryDirectory("dv-host.")
+        defer {
+            TestPaths.removeTree(parent)
+            TestPaths.removeTree(host)
+        }
+        let options = try FixtureTestbed.Options(words: ["parent=\(parent)", "caps=\(caps)"])
+        let controller = TestbedController(backend: FixtureTestbed(options: options), copyTimeout: .seconds(120))
+        let scratch = try await controller.open()
+        do {
+            try await body(controller, scratch, host)
+        } catch {
+            await controller.shutdown()
+            throw error
+        }
+        await controller.shutdown()
+        #expect(TestPaths.contents(of: parent) == [], "the testbed was not removed")
+    }
+
+    func write(_ path: String, _ text: String, mode: mode_t = 0o644) throws {
+        try Data(text.utf8).write(to: URL(fileURLWithPath: path))
+        chmod(path, mode)
+    }
+
+    func mode(_ path: String) -> mode_t {
+        var info = stat()
+        return stat(path, &info) == 0 ? info.st_mode & 0o7777 : 0
+    }
+
+    @Test("the scratch directory is 0755, or 0777 when the testbed is isolated; revert keeps the path")
+    func scratchModes() async throws {
+        try await withTestbed { controller, scratch, _ in
+            #expect(mode(scratch) == 0o755)
+            let reverted = try await controller.revert()
+            #expect(reverted == scratch)
+            #expect(mode(scratch) == 0o755)
+        }
+        try await withTestbed(caps: "revert,isolation-container") { controller, scratch, _ in
+            #expect(mode(scratch) == 0o777)
+            let reverted = try await controller.revert()
+            #expect(reverted == scratch)
+            #expect(mode(scratch) == 0o777)
+        }
+    }
+
+    @Test("revert throws away what was written in the testbed")
+    func revertIsClean() async throws {
+        try await withTestbed { controller, scratch, _ in
+            try write("\(scratch)/state", "dirty")
+            let reverted = try await controller.revert()
+            #expect(reverted == scratch)
+            #expect(!FileManager.default.fileExists(atPath: "\(scratch)/state"))
+        }
+    }
+
+    @Test("reboot brings the scratch directory back after the testbed lost it, under a new boot id")
+    func rebootKeepsScratch() async throws {
+        try await withTestbed { controller, scratch, _ in
+            try write("\(scratch)/kept file", "before reboot", mode: 0o750)
+            try await controller.reboot(prepareOnly: false)
+            #expect(try String(contentsOfFile: "\(scratch)/kept file", encoding: .utf8) == "before reboot")
+            #expect(mode("\(scratch)/kept file") == 0o750)
+            try await controller.reboot(prepareOnly: true)
+            #expect(try String(contentsOfFile: "\(scratch)/kept file", encoding: .utf8) == "before reboot")
+        }
+    }
+
+    @Test("file copies keep the content and the execute bit, both ways, with odd names")
+    func fileCopies() async throws {
+        try await withTestbed { controller, scratch, host in
+            let name = "a b%c,d ü€ ✓"
+            try write("\(host)/\(name)", "#!/bin/sh\necho hi\n", mode: 0o755)
+            try write("\(host)/plain", "data", mode: 0o644)
+            #expect(await controller.copy(.init(direction: .down, hostPath: "\(host)/\(name)", testbedPath: "\(scratch)/\(name)", isDirectory: false)) == .copied)
+            #expect(await controller.copy(.init(direction: .down, hostPath: "\(host)/plain", testbedPath: "\(scratch)/plain", isDirectory: false)) == .copied)
+            #expect(mode("\(scratch)/\(name)") & 0o111 != 0)
+            #expect(mode("\(scratch)/plain") & 0o111 == 0)
+            #expect(await controller.copy(.init(direction: .up, hostPath: "\(host)/back", testbedPath: "\(scratch)/\(name)", isDirectory: false)) == .copied)
+            #expect(await controller.copy(.init(direction: .up, hostPath: "\(host)/back-plain", testbedPath: "\(scratch)/plain", isDirectory: false)) == .copied)
+            #expect(try String(contentsOfFile: "\(host)/back", encoding: .utf8) == "#!/bin/sh\necho hi\n")
+            #expect(mode("\(host)/back") & 0o111 != 0)
+            #expect(mode("\(host)/back-plain") & 0o111 == 0)
+            #expect(try String(contentsOfFile: "\(host)/back-plain", encoding: .utf8) == "data")
+        }
+    }
+
+    @Test("directory copies merge into the target and keep modes, symlinks and odd names")
+    func directoryCopies() async throws {
+        try await withTestbed { controller, scratch, host in
+            let tree = "\(host)/tree"
+            try FileManager.default.createDirectory(atPath: "\(tree)/sub dir/ü", withIntermediateDirectories: true)
+            try write("\(tree)/sub dir/ü/x y", "1", mode: 0o700)
+            try write("\(tree)/top", "2")
+            symlink("top", "\(tree)/link")
+            try FileManager.default.createDirectory(atPath: "\(scratch)/target", withIntermediateDirectories: true)
+            try write("\(scratch)/target/existing", "keep me")
+            #expect(await controller.copy(.init(direction: .down, hostPath: "\(tree)/", testbedPath: "\(scratch)/target/", isDirectory: true)) == .copied)
+            #expect(try String(contentsOfFile: "\(scratch)/target/existing", encoding: .utf8) == "keep me")
+            #expect(try String(contentsOfFile: "\(scratch)/target/sub dir/ü/x y", encoding: .utf8) == "1")
+            #expect(mode("\(scratch)/target/sub dir/ü/x y") == 0o700)
+            #expect(try FileManager.default.destinationOfSymbolicLink(atPath: "\(scratch)/target/link") == "top")
+            #expect(await controller.copy(.init(direction: .up, hostPath: "\(host)/up/deeper/", testbedPath: "\(scratch)/target/", isDirectory: true)) == .copied)
+            #expect(TestPaths.contents(of: "\(host)/up/deeper") == ["existing", "link", "sub dir", "top"])
+        }
+    }
+
+    @Test("a tree of 2000 files and a 64 MiB random file copy down and back up byte for byte")
+    func bulkCopies() async throws {
+        try await withTestbed { controller, scratch, host in
+            try await runner.check(Command("sh", ["-c", #"mkdir -p "$1/many" && cd "$1/many" && for i in $(seq 1 2000); do echo "$i" > "file $i ü"; done"#, "sh", host]))
+            try await runner.check(Command("sh", ["-c", #"head -c 67108864 /dev/urandom > "$1/big""#, "sh", host]))
+            #expect(await controller.copy(.init(direction: .down, hostPath: "\(host)/many/", testbedPath: "\(scratch)/many/", isDirectory: true)) == .copied)
+            #expect(await controller.copy(.init(direction: .down, hostPath: "\(host)/big", testbedPath: "\(scratch)/big", isDirectory: false)) == .copied)
+            #expect(await controller.copy(.init(direction: .up, hostPath: "\(host)/many-back/", testbedPath: "\(scratch)/many/", isDirectory: true)) == .copied)
+            #expect(await controller.copy(.init(direction: .up, hostPath: "\(host)/big-back", testbedPath: "\(scratch)/big", isDirectory: false)) == .copied)
+            #expect(try await runner.run(Command("cmp", ["\(host)/big", "\(host)/big-back"])).status == .exited(0))
+            #expect(try await runner.run(Command("diff", ["-r", "\(host)/many", "\(host)/many-back"])).status == .exited(0))
+            #expect(TestPaths.contents(of: "\(host)/many-back").count == 2000)
+        }
+    }
+
+    @Test("copy failures are reported as failures, never as success", arguments: [
+        (CopyRequest.Direction.down, "/nonexistent/file", "x", false),
+        (.down, "/etc", "x", false),
+        (.up, "host-file", "/nonexistent/file", false),
+        (.down, "/nonexistent/dir/", "d/", true),
+        (.up, "hostdir/", "/nonexistent/dir/", true),
+        (.down, "/etc/os-release\u{0}", "x", false),
+    ])
+    func copyFailures(_ direction: CopyRequest.Direction, _ hostPath: String, _ testbedPath: String, _ isDirectory: Bool) async throws {
+        try await withTestbed { controller, scratch, host in
+            let resolvedHost = hostPath.hasPrefix("/") ? hostPath : "\(host)/\(hostPath)"
+            let resolvedTestbed = testbedPath.hasPrefix("/") ? testbedPath : "\(scratch)/\(testbedPath)"
+            let outcome = await controller.copy(
+                .init(direction: direction, hostPath: resolvedHost, testbedPath: resolvedTestbed, isDirectory: isDirectory))
+            guard case .failed = outcome else {
+                Issue.record("expected a failure, got \(outcome)")
+                return
+            }
+        }
+    }
+
+    @Test("copy requests follow the protocol's rules on empty paths and trailing slashes")
+    func copyRequestRules() throws {
+        #expect(throws: VirtError.self) { try CopyRequest.fromProtocol(.down, source: "", destination: "/x") }
+        #expect(throws: VirtError.self) { try CopyRequest.fromProtocol(.down, source: "/a/", destination: "/x") }
+        let up = try CopyRequest.fromProtocol(.up, source: "/tb/", destination: "/host/")
+        #expect(up == CopyRequest(direction: .up, hostPath: "/host/", testbedPath: "/tb/", isDirectory: true))
+    }
+}
