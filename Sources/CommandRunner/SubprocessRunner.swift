@@ -1,11 +1,12 @@
+import Subprocess
+import SystemPackage
+import VirtCore
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import Subprocess
-import SystemPackage
-import VirtCore
 
 /// Runs commands with swift-subprocess.
 ///

@@ -1,12 +1,13 @@
+import CommandRunner
+import Synchronization
+import TestbedCore
+import VirtCore
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import CommandRunner
-import Synchronization
-import TestbedCore
-import VirtCore
 
 /// The in-test backend: a "testbed" that is a private directory on the host, entered with
 /// `env TMPDIR=...`. It exercises the shared core for real (scratch directory, copies through

@@ -1,10 +1,11 @@
+import CommandRunner
+import VirtCore
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import CommandRunner
-import VirtCore
 
 /// One `copydown` or `copyup` request.
 public struct CopyRequest: Sendable, Equatable {
@@ -147,10 +148,20 @@ public enum CopyPlumbing {
         do {
             results = try await withThrowingTaskGroup(of: (Int, CommandResult).self) { group in
                 group.addTask {
-                    (0, try await runner.run(source, input: .none, output: .fileDescriptor(writeEnd, closeAfterStart: true), error: .capture))
+                    (
+                        0,
+                        try await runner.run(
+                            source, input: .none, output: .fileDescriptor(writeEnd, closeAfterStart: true),
+                            error: .capture)
+                    )
                 }
                 group.addTask {
-                    (1, try await runner.run(destination, input: .fileDescriptor(readEnd, closeAfterStart: true), output: .discard, error: .capture))
+                    (
+                        1,
+                        try await runner.run(
+                            destination, input: .fileDescriptor(readEnd, closeAfterStart: true), output: .discard,
+                            error: .capture)
+                    )
                 }
                 var byIndex: [Int: CommandResult] = [:]
                 for try await (index, result) in group { byIndex[index] = result }

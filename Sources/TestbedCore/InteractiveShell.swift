@@ -1,10 +1,11 @@
+import CommandRunner
+import VirtCore
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import CommandRunner
-import VirtCore
 
 /// The default `shell`: `bash -i` through the auxverb, wired to the caller's terminal.
 public enum InteractiveShell {

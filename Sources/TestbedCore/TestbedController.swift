@@ -1,10 +1,11 @@
+import CommandRunner
+import VirtCore
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import CommandRunner
-import VirtCore
 
 /// The shared backend core: the protocol's state (open or not, the scratch path, the auxverb)
 /// and every verb's semantics on top of a ``Testbed``.

@@ -1,10 +1,11 @@
+import Foundation
+import VirtCore
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import Foundation
-import VirtCore
 
 /// Where reply lines go. Each line is written and flushed as a whole before `writeLine` returns.
 public protocol ReplyWriter: Sendable {

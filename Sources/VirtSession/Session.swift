@@ -1,11 +1,12 @@
+import TestbedCore
+import VirtCore
+import VirtProtocol
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import TestbedCore
-import VirtCore
-import VirtProtocol
 
 /// How a session ended, for the process to turn into its exit.
 public enum SessionOutcome: Sendable, Equatable {

@@ -1,12 +1,13 @@
+import CommandRunner
+import TestbedCore
+import UnixSignals
+import VirtCore
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import CommandRunner
-import TestbedCore
-import UnixSignals
-import VirtCore
 
 /// Process-level glue for the executables: stdio, signals and the exit status.
 public enum VirtServer {

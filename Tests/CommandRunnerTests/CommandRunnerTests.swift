@@ -1,11 +1,12 @@
+import CommandRunner
+import Testing
+import VirtCore
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import CommandRunner
-import Testing
-import VirtCore
 
 @Suite("Running external commands")
 struct CommandRunnerTests {
@@ -40,7 +41,9 @@ struct CommandRunnerTests {
     @Test("check() returns stdout and turns failure into an error quoting the command and its stderr")
     func check() async throws {
         #expect(try await runner.check(Command("printf", ["a\\n"])) == "a")
-        await #expect(throws: VirtError.self) { try await runner.check(Command("sh", ["-c", "echo boom >&2; exit 1"])) }
+        await #expect(throws: VirtError.self) {
+            try await runner.check(Command("sh", ["-c", "echo boom >&2; exit 1"]))
+        }
         do {
             try await runner.check(Command("sh", ["-c", "echo boom >&2; exit 1"]))
         } catch {

@@ -47,15 +47,17 @@ struct RequestTests {
         #expect(try Request.parse(Array("%71uit".utf8)).verb == .quit)
     }
 
-    @Test("misuse is reported with upstream's messages", arguments: [
-        ("", "empty commands are not permitted"),
-        ("  \t ", "empty commands are not permitted"),
-        ("Open", "unknown command `Open'"),
-        ("open now", "too many arguments to command `open'"),
-        ("copyup /a", "too few arguments to command `copyup'"),
-        ("reboot a b", "too many arguments to command `reboot'"),
-        ("shell", "too few arguments to command `shell'"),
-    ])
+    @Test(
+        "misuse is reported with upstream's messages",
+        arguments: [
+            ("", "empty commands are not permitted"),
+            ("  \t ", "empty commands are not permitted"),
+            ("Open", "unknown command `Open'"),
+            ("open now", "too many arguments to command `open'"),
+            ("copyup /a", "too few arguments to command `copyup'"),
+            ("reboot a b", "too many arguments to command `reboot'"),
+            ("shell", "too few arguments to command `shell'"),
+        ])
     func misuse(_ line: String, _ message: String) {
         #expect(throws: VirtError(.protocolMisuse, message)) { try Request.parse(Array(line.utf8)) }
     }

@@ -1,12 +1,13 @@
+import CommandRunner
+import Foundation
+import Testing
+import VirtTestSupport
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import CommandRunner
-import Foundation
-import Testing
-import VirtTestSupport
 
 /// The built executables driven as the clients drive them: real processes, real pipes.
 @Suite("Server processes")
@@ -120,7 +121,9 @@ struct ServerProcessTests {
         #expect(server.standardError.contains("backend is not available yet"))
     }
 
-    @Test("a missing image argument is a usage error before any banner", arguments: ["debusine-virt-qemu", "debusine-virt-incus"])
+    @Test(
+        "a missing image argument is a usage error before any banner",
+        arguments: ["debusine-virt-qemu", "debusine-virt-incus"])
     func usageErrorBeforeBanner(_ executable: String) async throws {
         let server = try ServerProcess([TestPaths.executable(executable)])
         let status = try await server.wait()

@@ -1,15 +1,16 @@
+import CommandRunner
+import FixtureBackend
+import Foundation
+import TestbedCore
+import Testing
+import VirtCore
+import VirtTestSupport
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import CommandRunner
-import FixtureBackend
-import Foundation
-import Testing
-import TestbedCore
-import VirtCore
-import VirtTestSupport
 
 /// The shared core (scratch directory, copy plumbing, reboot sequence) over the fixture
 /// backend, checked on the files themselves.
@@ -95,12 +96,28 @@ struct TestbedCoreTests {
             let name = "a b%c,d ü€ ✓"
             try write("\(host)/\(name)", "#!/bin/sh\necho hi\n", mode: 0o755)
             try write("\(host)/plain", "data", mode: 0o644)
-            #expect(await controller.copy(.init(direction: .down, hostPath: "\(host)/\(name)", testbedPath: "\(scratch)/\(name)", isDirectory: false)) == .copied)
-            #expect(await controller.copy(.init(direction: .down, hostPath: "\(host)/plain", testbedPath: "\(scratch)/plain", isDirectory: false)) == .copied)
+            #expect(
+                await controller.copy(
+                    .init(
+                        direction: .down, hostPath: "\(host)/\(name)", testbedPath: "\(scratch)/\(name)",
+                        isDirectory: false)) == .copied)
+            #expect(
+                await controller.copy(
+                    .init(
+                        direction: .down, hostPath: "\(host)/plain", testbedPath: "\(scratch)/plain", isDirectory: false
+                    )) == .copied)
             #expect(mode("\(scratch)/\(name)") & 0o111 != 0)
             #expect(mode("\(scratch)/plain") & 0o111 == 0)
-            #expect(await controller.copy(.init(direction: .up, hostPath: "\(host)/back", testbedPath: "\(scratch)/\(name)", isDirectory: false)) == .copied)
-            #expect(await controller.copy(.init(direction: .up, hostPath: "\(host)/back-plain", testbedPath: "\(scratch)/plain", isDirectory: false)) == .copied)
+            #expect(
+                await controller.copy(
+                    .init(
+                        direction: .up, hostPath: "\(host)/back", testbedPath: "\(scratch)/\(name)", isDirectory: false)
+                ) == .copied)
+            #expect(
+                await controller.copy(
+                    .init(
+                        direction: .up, hostPath: "\(host)/back-plain", testbedPath: "\(scratch)/plain",
+                        isDirectory: false)) == .copied)
             #expect(try String(contentsOfFile: "\(host)/back", encoding: .utf8) == "#!/bin/sh\necho hi\n")
             #expect(mode("\(host)/back") & 0o111 != 0)
             #expect(mode("\(host)/back-plain") & 0o111 == 0)
@@ -118,12 +135,19 @@ struct TestbedCoreTests {
             symlink("top", "\(tree)/link")
             try FileManager.default.createDirectory(atPath: "\(scratch)/target", withIntermediateDirectories: true)
             try write("\(scratch)/target/existing", "keep me")
-            #expect(await controller.copy(.init(direction: .down, hostPath: "\(tree)/", testbedPath: "\(scratch)/target/", isDirectory: true)) == .copied)
+            #expect(
+                await controller.copy(
+                    .init(direction: .down, hostPath: "\(tree)/", testbedPath: "\(scratch)/target/", isDirectory: true))
+                    == .copied)
             #expect(try String(contentsOfFile: "\(scratch)/target/existing", encoding: .utf8) == "keep me")
             #expect(try String(contentsOfFile: "\(scratch)/target/sub dir/ü/x y", encoding: .utf8) == "1")
             #expect(mode("\(scratch)/target/sub dir/ü/x y") == 0o700)
             #expect(try FileManager.default.destinationOfSymbolicLink(atPath: "\(scratch)/target/link") == "top")
-            #expect(await controller.copy(.init(direction: .up, hostPath: "\(host)/up/deeper/", testbedPath: "\(scratch)/target/", isDirectory: true)) == .copied)
+            #expect(
+                await controller.copy(
+                    .init(
+                        direction: .up, hostPath: "\(host)/up/deeper/", testbedPath: "\(scratch)/target/",
+                        isDirectory: true)) == .copied)
             #expect(TestPaths.contents(of: "\(host)/up/deeper") == ["existing", "link", "sub dir", "top"])
         }
     }
@@ -131,32 +155,61 @@ struct TestbedCoreTests {
     @Test("a tree of 2000 files and a 64 MiB random file copy down and back up byte for byte")
     func bulkCopies() async throws {
         try await withTestbed { controller, scratch, host in
-            try await runner.check(Command("sh", ["-c", #"mkdir -p "$1/many" && cd "$1/many" && for i in $(seq 1 2000); do echo "$i" > "file $i ü"; done"#, "sh", host]))
+            try await runner.check(
+                Command(
+                    "sh",
+                    [
+                        "-c",
+                        #"mkdir -p "$1/many" && cd "$1/many" && for i in $(seq 1 2000); do echo "$i" > "file $i ü"; done"#,
+                        "sh", host,
+                    ]))
             try await runner.check(Command("sh", ["-c", #"head -c 67108864 /dev/urandom > "$1/big""#, "sh", host]))
-            #expect(await controller.copy(.init(direction: .down, hostPath: "\(host)/many/", testbedPath: "\(scratch)/many/", isDirectory: true)) == .copied)
-            #expect(await controller.copy(.init(direction: .down, hostPath: "\(host)/big", testbedPath: "\(scratch)/big", isDirectory: false)) == .copied)
-            #expect(await controller.copy(.init(direction: .up, hostPath: "\(host)/many-back/", testbedPath: "\(scratch)/many/", isDirectory: true)) == .copied)
-            #expect(await controller.copy(.init(direction: .up, hostPath: "\(host)/big-back", testbedPath: "\(scratch)/big", isDirectory: false)) == .copied)
+            #expect(
+                await controller.copy(
+                    .init(
+                        direction: .down, hostPath: "\(host)/many/", testbedPath: "\(scratch)/many/", isDirectory: true)
+                ) == .copied)
+            #expect(
+                await controller.copy(
+                    .init(direction: .down, hostPath: "\(host)/big", testbedPath: "\(scratch)/big", isDirectory: false))
+                    == .copied)
+            #expect(
+                await controller.copy(
+                    .init(
+                        direction: .up, hostPath: "\(host)/many-back/", testbedPath: "\(scratch)/many/",
+                        isDirectory: true)) == .copied)
+            #expect(
+                await controller.copy(
+                    .init(
+                        direction: .up, hostPath: "\(host)/big-back", testbedPath: "\(scratch)/big", isDirectory: false)
+                ) == .copied)
             #expect(try await runner.run(Command("cmp", ["\(host)/big", "\(host)/big-back"])).status == .exited(0))
-            #expect(try await runner.run(Command("diff", ["-r", "\(host)/many", "\(host)/many-back"])).status == .exited(0))
+            #expect(
+                try await runner.run(Command("diff", ["-r", "\(host)/many", "\(host)/many-back"])).status == .exited(0))
             #expect(TestPaths.contents(of: "\(host)/many-back").count == 2000)
         }
     }
 
-    @Test("copy failures are reported as failures, never as success", arguments: [
-        (CopyRequest.Direction.down, "/nonexistent/file", "x", false),
-        (.down, "/etc", "x", false),
-        (.up, "host-file", "/nonexistent/file", false),
-        (.down, "/nonexistent/dir/", "d/", true),
-        (.up, "hostdir/", "/nonexistent/dir/", true),
-        (.down, "/etc/os-release\u{0}", "x", false),
-    ])
-    func copyFailures(_ direction: CopyRequest.Direction, _ hostPath: String, _ testbedPath: String, _ isDirectory: Bool) async throws {
+    @Test(
+        "copy failures are reported as failures, never as success",
+        arguments: [
+            (CopyRequest.Direction.down, "/nonexistent/file", "x", false),
+            (.down, "/etc", "x", false),
+            (.up, "host-file", "/nonexistent/file", false),
+            (.down, "/nonexistent/dir/", "d/", true),
+            (.up, "hostdir/", "/nonexistent/dir/", true),
+            (.down, "/etc/os-release\u{0}", "x", false),
+        ])
+    func copyFailures(
+        _ direction: CopyRequest.Direction, _ hostPath: String, _ testbedPath: String, _ isDirectory: Bool
+    ) async throws {
         try await withTestbed { controller, scratch, host in
             let resolvedHost = hostPath.hasPrefix("/") ? hostPath : "\(host)/\(hostPath)"
             let resolvedTestbed = testbedPath.hasPrefix("/") ? testbedPath : "\(scratch)/\(testbedPath)"
             let outcome = await controller.copy(
-                .init(direction: direction, hostPath: resolvedHost, testbedPath: resolvedTestbed, isDirectory: isDirectory))
+                .init(
+                    direction: direction, hostPath: resolvedHost, testbedPath: resolvedTestbed, isDirectory: isDirectory
+                ))
             guard case .failed = outcome else {
                 Issue.record("expected a failure, got \(outcome)")
                 return

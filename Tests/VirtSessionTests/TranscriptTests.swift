@@ -23,7 +23,8 @@ struct TranscriptTests {
     func replayInProcess(_ transcript: Transcript) async throws {
         let parent = try TestPaths.makeTemporaryDirectory()
         defer { TestPaths.removeTree(parent) }
-        let peer = try InProcessPeer(fixture: transcript.fixture + ["parent=\(parent)"], environment: transcript.environment)
+        let peer = try InProcessPeer(
+            fixture: transcript.fixture + ["parent=\(parent)"], environment: transcript.environment)
         try await transcript.replay(peer, checkStandardError: false)
         #expect(TestPaths.contents(of: parent) == [], "the fixture testbed was not cleaned up")
     }

@@ -1,12 +1,13 @@
+import CommandRunner
+import Foundation
+import Synchronization
+import VirtCore
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import CommandRunner
-import Foundation
-import Synchronization
-import VirtCore
 
 /// A server started as a real child process, driven like autopkgtest drives one: requests on a
 /// pipe to its stdin, replies read line by line from a pipe on its stdout, stderr collected.
@@ -95,7 +96,9 @@ public final class ServerProcess: Sendable {
             guard fd >= 0 else { return false }
             var offset = 0
             while offset < bytes.count {
-                let written = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress.map { $0 + offset }, $0.count - offset) }
+                let written = bytes.withUnsafeBytes {
+                    Glibc.write(fd, $0.baseAddress.map { $0 + offset }, $0.count - offset)
+                }
                 if written < 0 {
                     if errno == EINTR { continue }
                     return false

@@ -1,10 +1,11 @@
+import Foundation
+import VirtCore
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import Foundation
-import VirtCore
 
 /// Where the tests find the repository and the built executables.
 public enum TestPaths {
@@ -19,7 +20,8 @@ public enum TestPaths {
 
     /// The build products directory: where the test bundle itself lives.
     public static let productsDirectory: String = {
-        let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+        let executable =
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
             ?? CommandLine.arguments[0]
         return URL(fileURLWithPath: executable).deletingLastPathComponent().path
     }()

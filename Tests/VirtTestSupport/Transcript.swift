@@ -1,11 +1,12 @@
+import CommandRunner
+import Foundation
+import VirtCore
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import CommandRunner
-import Foundation
-import VirtCore
 
 /// A protocol transcript: requests to send, replies expected, how the server must end.
 /// The format is described in protocol-spec/README.md ("Transcripts").
@@ -127,8 +128,9 @@ extension Transcript {
             case .send(let bytes):
                 var line = bytes
                 if let scratch {
-                    line = Array(String(decoding: bytes, as: UTF8.self)
-                        .replacingOccurrences(of: "$SCRATCH", with: scratch).utf8)
+                    line = Array(
+                        String(decoding: bytes, as: UTF8.self)
+                            .replacingOccurrences(of: "$SCRATCH", with: scratch).utf8)
                 }
                 await peer.send(line + [UInt8(ascii: "\n")])
             case .endOfFile:
@@ -136,11 +138,14 @@ extension Transcript {
                 sentEOF = true
             case .expect(let expected):
                 let line = try await peer.readLine()
-                guard let line else { throw ReplayFailure(description: "\(name): expected `\(expected)`, got end of output") }
+                guard let line else {
+                    throw ReplayFailure(description: "\(name): expected `\(expected)`, got end of output")
+                }
                 if let range = expected.range(of: "$SCRATCH") {
                     let prefix = String(expected[..<range.lowerBound])
                     let suffix = String(expected[range.upperBound...])
-                    guard line.hasPrefix(prefix), line.hasSuffix(suffix), line.count > prefix.count + suffix.count else {
+                    guard line.hasPrefix(prefix), line.hasSuffix(suffix), line.count > prefix.count + suffix.count
+                    else {
                         throw ReplayFailure(description: "\(name): expected `\(expected)`, got `\(line)`")
                     }
                     let value = String(line.dropFirst(prefix.count).dropLast(suffix.count))
@@ -154,7 +159,8 @@ extension Transcript {
             case .match(let pattern):
                 let line = try await peer.readLine()
                 guard let line, (try? Regex(pattern).wholeMatch(in: line)) != nil else {
-                    throw ReplayFailure(description: "\(name): expected a line matching /\(pattern)/, got `\(line ?? "end of output")`")
+                    throw ReplayFailure(
+                        description: "\(name): expected a line matching /\(pattern)/, got `\(line ?? "end of output")`")
                 }
             }
         }
@@ -164,7 +170,10 @@ extension Transcript {
         }
         let end = try await peer.end()
         guard end == expectedEnd else {
-            throw ReplayFailure(description: "\(name): server ended with \(end), expected \(expectedEnd.map { "\($0)" } ?? "?")\n\(await peer.standardError)")
+            throw ReplayFailure(
+                description:
+                    "\(name): server ended with \(end), expected \(expectedEnd.map { "\($0)" } ?? "?")\n\(await peer.standardError)"
+            )
         }
         if checkStandardError {
             let stderr = await peer.standardError

@@ -1,0 +1,39 @@
+import CommandRunner
+import Foundation
+import Testing
+import VirtCore
+import VirtTestSupport
+
+/// The project-built test images work with the real tools: QEMU (TCG) boots the EFI image to a
+/// responding guest agent, and Incus imports the system tarball and runs a container from it.
+///
+/// Needs DEBUSINE_VIRT_TEST_IMAGES (set by scripts/test). Outside CI, missing images skip these
+/// tests; in CI (CI=true) they fail instead.
+@Suite("Project-built test images", .serialized)
+struct TestImageTests {
+    static let imageDirectory = ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_IMAGES"]
+    static let available = imageDirectory != nil || TestPaths.isCI
+
+    func runCheck(_ part: String) async throws -> String {
+        let directory = try #require(
+            Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run the suite through scripts/test")
+        let result = try await SubprocessRunner().run(
+            Command("\(TestPaths.repositoryRoot)/scripts/check-test-images", [part, directory]),
+            input: .none, output: .capture, error: .standardError)
+        let output = result.outputText
+        #expect(result.status == .exited(0), "check-test-images \(part) failed:\n\(output)")
+        return output
+    }
+
+    @Test("QEMU under TCG boots the EFI image to a responding guest agent", .enabled(if: available))
+    func qemuBootsImage() async throws {
+        let output = try await runCheck("--qemu-only")
+        #expect(output.contains("1 passed, 0 failed"), "\(output)")
+    }
+
+    @Test("incus image import accepts the system tarball and a container runs from it", .enabled(if: available))
+    func incusImportsTarball() async throws {
+        let output = try await runCheck("--incus-only")
+        #expect(output.contains("1 passed, 0 failed"), "\(output)")
+    }
+}
