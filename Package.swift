@@ -12,6 +12,8 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-extras", from: "1.35.2"),
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         .package(url: "https://github.com/swiftlang/swift-subprocess", from: "1.0.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
@@ -40,10 +42,36 @@ let package = Package(
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             ]
         ),
+        // Async clients for QEMU's monitor (QMP) and guest agent (QGA) on unix sockets.
+        .target(
+            name: "QemuMonitor",
+            dependencies: [
+                "VirtCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOExtras", package: "swift-nio-extras"),
+            ]
+        ),
+        // The frames the auxverb, the server and the guest helper exchange.
+        .target(name: "GuestChannel"),
+        // The auxverb: runs one command through the server's relay socket (plain threads).
+        .target(name: "AuxverbClient", dependencies: ["GuestChannel"]),
+        // The QEMU backend: instance lifecycle, guest helper, auxverb relay.
+        .target(
+            name: "QemuBackend",
+            dependencies: [
+                "VirtCore", "CommandRunner", "TestbedCore", "GuestChannel",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
         // A testbed that is a private directory on the host: drives the protocol tests.
         .target(name: "FixtureBackend", dependencies: ["VirtCore", "TestbedCore", "CommandRunner"]),
 
-        .executableTarget(name: "debusine-virt-qemu", dependencies: ["VirtCore", "VirtSession", argumentParser]),
+        .executableTarget(
+            name: "debusine-virt-qemu",
+            dependencies: ["VirtCore", "VirtSession", "QemuBackend", "AuxverbClient", argumentParser]
+        ),
         .executableTarget(name: "debusine-virt-incus", dependencies: ["VirtCore", "VirtSession", argumentParser]),
         .executableTarget(
             name: "virt-fixture-server",
@@ -62,6 +90,11 @@ let package = Package(
         .testTarget(
             name: "VirtSessionTests",
             dependencies: ["VirtSession", "VirtProtocol", "TestbedCore", "FixtureBackend", "CommandRunner", "VirtCore"]
+        ),
+        .testTarget(name: "QemuMonitorTests", dependencies: ["QemuMonitor", "VirtCore", "CommandRunner"]),
+        .testTarget(
+            name: "QemuBackendTests",
+            dependencies: ["QemuBackend", "GuestChannel", "AuxverbClient", "CommandRunner", "VirtCore", "VirtTestSupport"]
         ),
         .testTarget(name: "TestImageTests", dependencies: ["CommandRunner", "VirtCore", "VirtTestSupport"]),
     ],

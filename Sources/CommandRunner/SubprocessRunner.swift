@@ -1,3 +1,4 @@
+import Foundation
 import Subprocess
 import SystemPackage
 import VirtCore
@@ -29,11 +30,20 @@ public struct SubprocessRunner: CommandRunner {
         log.debug("run: \(command)")
         let configuration = configuration(for: command)
         do {
+            // swift-subprocess 1.0.2 traps (StandardInputWriter deinit, "FileDescriptor was not
+            // closed") when a child exits without reading all of an array input, so stdin is
+            // always a descriptor: /dev/null, or a pipe fed by a thread of ours.
             switch input {
             case .none:
-                return try await run(configuration, input: .array([]), output: output, error: error)
+                return try await run(
+                    configuration, input: .fileDescriptor(Sink.devNull, closeAfterSpawningProcess: false),
+                    output: output, error: error)
             case .bytes(let bytes):
-                return try await run(configuration, input: .array(bytes), output: output, error: error)
+                let readEnd = try BytesFeeder.start(bytes)
+                return try await run(
+                    configuration,
+                    input: .fileDescriptor(FileDescriptor(rawValue: readEnd), closeAfterSpawningProcess: true),
+                    output: output, error: error)
             case .fileDescriptor(let fd, let close):
                 return try await run(
                     configuration,
@@ -129,6 +139,35 @@ private enum Sink {
         let fd = open("/dev/null", O_RDWR | O_CLOEXEC)
         return FileDescriptor(rawValue: fd >= 0 ? fd : 2)
     }()
+}
+
+/// Writes bytes into a pipe from a thread of its own, so a child that never reads them cannot
+/// block us; a child that exits early just makes the write fail (SIGPIPE is ignored).
+enum BytesFeeder {
+    /// Returns the read end for the child.
+    static func start(_ bytes: [UInt8]) throws(VirtError) -> Int32 {
+        var fds: [Int32] = [-1, -1]
+        guard pipe(&fds) == 0 else {
+            throw VirtError(.io, "cannot create a pipe: \(String(cString: strerror(errno)))")
+        }
+        let (readEnd, writeEnd) = (fds[0], fds[1])
+        _ = fcntl(readEnd, F_SETFD, FD_CLOEXEC)
+        _ = fcntl(writeEnd, F_SETFD, FD_CLOEXEC)
+        let thread = Thread {
+            var offset = 0
+            while offset < bytes.count {
+                let written = bytes.withUnsafeBytes { write(writeEnd, $0.baseAddress.map { $0 + offset }, $0.count - offset) }
+                if written < 0 {
+                    if errno == EINTR { continue }
+                    break
+                }
+                offset += written
+            }
+            close(writeEnd)
+        }
+        thread.start()
+        return readEnd
+    }
 }
 
 extension ProcessStatus {

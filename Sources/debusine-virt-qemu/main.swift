@@ -1,4 +1,10 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 import ArgumentParser
+import AuxverbClient
 import VirtCore
 import VirtSession
 
@@ -13,6 +19,20 @@ struct QemuServer: AsyncParsableCommand {
             is still being written. It refuses to start rather than pretend to work.
             """
     )
+
+    /// The auxverb mode (`debusine-virt-qemu --auxverb SOCKET COMMAND...`) is decided before
+    /// argument parsing: it runs for every command a client sends and the command's own
+    /// arguments must pass through untouched.
+    static func main() async {
+        let arguments = CommandLine.arguments
+        if arguments.count >= 2 && arguments[1] == "--auxverb" {
+            guard arguments.count >= 4 else {
+                VirtServer.failBeforeBanner(VirtError(.usage, "usage: --auxverb SOCKET COMMAND [ARG...]"))
+            }
+            Glibc.exit(AuxverbClient.run(socketPath: arguments[2], argv: Array(arguments.dropFirst(3))))
+        }
+        await Self.main(Array(arguments.dropFirst()))
+    }
 
     @Flag(name: [.short, .long], help: "Log more on stderr.")
     var debug = false

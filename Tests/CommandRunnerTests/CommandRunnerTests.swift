@@ -31,6 +31,15 @@ struct CommandRunnerTests {
         #expect(result.errorText == "err")
     }
 
+    @Test("a command that exits without reading its stdin bytes does not crash us")
+    func unreadInputBytes() async throws {
+        // swift-subprocess 1.0.2's own array input traps in this case; ours must not.
+        for _ in 0..<3 {
+            let result = try await runner.run(Command("true"), input: .bytes([UInt8](repeating: 7, count: 4 << 20)))
+            #expect(result.status == .exited(0))
+        }
+    }
+
     @Test("exit statuses and signal deaths are reported as they happened")
     func statuses() async throws {
         #expect(try await runner.run(Command("sh", ["-c", "exit 3"])).status == .exited(3))

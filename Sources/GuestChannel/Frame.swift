@@ -1,0 +1,161 @@
+/// The frames of the guest channel: how the server, the auxverb client and the guest helper
+/// multiplex command executions over one byte stream (a virtio-serial port, unix sockets).
+///
+/// A frame is a 9-byte header, big-endian: channel (UInt32), kind (UInt8), payload length
+/// (UInt32); then the payload. Between the auxverb client and the server the channel is 0: the
+/// connection is the channel, and the server rewrites ids on the way to and from the guest.
+/// The guest helper (GuestHelperScript) implements the same format in Python.
+public struct Frame: Sendable, Equatable {
+    /// What a frame carries. Values below 0x10 travel towards the guest, the others back.
+    public enum Kind: UInt8, Sendable {
+        /// Start a command: JSON `{"argv": [...], "env": {...}, "cwd": "..."}`.
+        case spawn = 0x01
+        /// Bytes for the command's stdin.
+        case stdin = 0x02
+        /// The command's stdin is at end of file.
+        case stdinEOF = 0x03
+        /// Send the command's process group a signal: the number as decimal text.
+        case kill = 0x04
+        /// The receiver of stdout/stderr has taken this many more bytes (UInt32): the guest may
+        /// send that much more.
+        case credit = 0x05
+        /// Liveness check; answered by `pong` with the same payload.
+        case ping = 0x06
+
+        /// Bytes the command wrote to stdout.
+        case stdout = 0x11
+        /// Bytes the command wrote to stderr.
+        case stderr = 0x12
+        /// The command ended: JSON `{"code": N}`, `{"signal": N}` or `{"error": "..."}`.
+        case exit = 0x13
+        /// The guest has written this many stdin bytes (UInt32) to the command.
+        case stdinCredit = 0x14
+        case pong = 0x15
+        /// The helper is up: JSON `{"boot_id": "...", "version": N}`. Sent once per start.
+        case hello = 0x16
+    }
+
+    public static let headerSize = 9
+    /// No frame carries more; senders split data.
+    public static let maximumPayload = 1 << 20
+    /// How many unacknowledged bytes of output (and of stdin) may be in flight per command.
+    public static let window = 4 << 20
+
+    public var channel: UInt32
+    public var kind: Kind
+    public var payload: [UInt8]
+
+    public init(channel: UInt32 = 0, _ kind: Kind, _ payload: [UInt8] = []) {
+        self.channel = channel
+        self.kind = kind
+        self.payload = payload
+    }
+
+    /// A frame whose payload is a big-endian UInt32 (credits).
+    public static func count(channel: UInt32 = 0, _ kind: Kind, _ value: Int) -> Frame {
+        let v = UInt32(clamping: value)
+        return Frame(channel: channel, kind, [UInt8(v >> 24), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)])
+    }
+
+    /// The payload read as a big-endian UInt32, for credit frames.
+    public var countValue: Int {
+        guard payload.count == 4 else { return 0 }
+        return payload.reduce(0) { $0 << 8 | Int($1) }
+    }
+
+    /// Header and payload as bytes.
+    public var encoded: [UInt8] {
+        var bytes = [UInt8]()
+        bytes.reserveCapacity(Frame.headerSize + payload.count)
+        Frame.appendHeader(channel: channel, kind: kind, length: payload.count, to: &bytes)
+        bytes += payload
+        return bytes
+    }
+
+    public static func appendHeader(channel: UInt32, kind: Kind, length: Int, to bytes: inout [UInt8]) {
+        let length = UInt32(length)
+        bytes += [
+            UInt8(channel >> 24), UInt8(channel >> 16 & 0xFF), UInt8(channel >> 8 & 0xFF), UInt8(channel & 0xFF),
+            kind.rawValue,
+            UInt8(length >> 24), UInt8(length >> 16 & 0xFF), UInt8(length >> 8 & 0xFF), UInt8(length & 0xFF),
+        ]
+    }
+}
+
+/// Cuts a byte stream into frames.
+public struct FrameDecoder: Sendable {
+    private var buffer: [UInt8] = []
+    private var start = 0
+
+    public init() {}
+
+    public enum DecodeError: Error, Equatable {
+        case unknownKind(UInt8)
+        case oversized(Int)
+    }
+
+    public mutating func append<Bytes: Sequence>(_ bytes: Bytes) where Bytes.Element == UInt8 {
+        buffer.append(contentsOf: bytes)
+    }
+
+    /// The next complete frame, or nil until more bytes arrive.
+    public mutating func next() throws(DecodeError) -> Frame? {
+        guard buffer.count - start >= Frame.headerSize else { return compact() }
+        let header = buffer[start..<(start + Frame.headerSize)]
+        let channel = header.prefix(4).reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+        let rawKind = header[start + 4]
+        let length = header.suffix(4).reduce(0) { $0 << 8 | Int($1) }
+        guard let kind = Frame.Kind(rawValue: rawKind) else { throw .unknownKind(rawKind) }
+        guard length <= Frame.maximumPayload else { throw .oversized(length) }
+        let end = start + Frame.headerSize + length
+        guard buffer.count >= end else { return compact() }
+        let frame = Frame(channel: channel, kind, Array(buffer[(start + Frame.headerSize)..<end]))
+        start = end
+        return frame
+    }
+
+    /// Drops consumed bytes once they are the larger part of the buffer; returns nil.
+    private mutating func compact() -> Frame? {
+        if start > 0 && start * 2 >= buffer.count {
+            buffer.removeFirst(start)
+            start = 0
+        }
+        return nil
+    }
+}
+
+/// How a command ended, as the `exit` frame says.
+public enum CommandEnd: Sendable, Equatable {
+    case exited(Int32)
+    case signaled(Int32)
+    /// The command could not run, or the testbed went away under it.
+    case failed(String)
+
+    /// The auxverb's own exit status, by the contract autopkgtest relies on: the command's status
+    /// for 0...253, a real 255 becomes 253 (254 and 255 mean the auxverb itself failed), a
+    /// signal N becomes 128+N (137 is how autopkgtest sees a reboot request).
+    public var auxverbStatus: Int32 {
+        switch self {
+        case .exited(let code): return code == 255 ? 253 : code
+        case .signaled(let signal): return 128 + signal
+        case .failed: return 255
+        }
+    }
+
+    /// Parses an `exit` payload.
+    public init(payload: [UInt8]) {
+        let text = String(decoding: payload, as: UTF8.self)
+        func number(after key: String) -> Int32? {
+            guard let range = text.firstRange(of: "\"\(key)\":") else { return nil }
+            let digits = text[range.upperBound...].drop(while: { $0 == " " }).prefix(while: { $0.isNumber || $0 == "-" })
+            return Int32(digits)
+        }
+        if let code = number(after: "code") {
+            self = .exited(code)
+        } else if let signal = number(after: "signal") {
+            self = .signaled(signal)
+        } else {
+            self = .failed(text)
+        }
+    }
+}

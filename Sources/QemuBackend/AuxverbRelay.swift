@@ -1,0 +1,208 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+import GuestChannel
+import NIOCore
+import NIOPosix
+import VirtCore
+
+/// The server side of the auxverb: serves auxverb clients on a unix socket in the instance
+/// directory and relays their frames to the guest helper over one stream (the virtio-serial
+/// port's chardev socket), giving each command its own channel id.
+///
+/// Each client gets its own outgoing queue, so a client that reads slowly holds up nobody else;
+/// the credit window bounds what any queue can hold.
+public actor AuxverbRelay {
+    public nonisolated let socketPath: String
+    private var guest: NIOAsyncChannelOutboundWriter<ByteBuffer>?
+    private var guestLost = false
+    private var clients: [UInt32: AsyncStream<Frame>.Continuation] = [:]
+    private var nextChannel: UInt32 = 1
+    /// The boot id the running helper reported in its hello; nil until one has.
+    public private(set) var helperBootID: String?
+
+    public init(socketPath: String) {
+        self.socketPath = socketPath
+    }
+
+    /// Serves until cancelled or until the guest side closes. `guestPortPath` is the unix socket
+    /// QEMU serves for the helper's port (`server=on`).
+    public nonisolated func run(guestPortPath: String) async throws(VirtError) {
+        let group = MultiThreadedEventLoopGroup.singleton
+        do {
+            let guestChannel = try await ClientBootstrap(group: group).connect(unixDomainSocketPath: guestPortPath) {
+                channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+                }
+            }
+            let server = try await ServerBootstrap(group: group).bind(
+                unixDomainSocketPath: socketPath, cleanupExistingSocketFile: true
+            ) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+                }
+            }
+            chmod(socketPath, 0o600)
+            try await withThrowingDiscardingTaskGroup { tasks in
+                tasks.addTask {
+                    try await guestChannel.executeThenClose { inbound, outbound in
+                        await self.attach(outbound)
+                        var decoder = FrameDecoder()
+                        do {
+                            for try await buffer in inbound {
+                                decoder.append(buffer.readableBytesView)
+                                while let frame = try decoder.next() { await self.route(frame) }
+                            }
+                        } catch {
+                            log.debug("guest channel: \(error)")
+                        }
+                        await self.guestClosed()
+                    }
+                }
+                try await server.executeThenClose { connections in
+                    for try await connection in connections {
+                        tasks.addTask { await self.serve(connection) }
+                    }
+                }
+            }
+        } catch let error as VirtError {
+            throw error
+        } catch is CancellationError {
+            return
+        } catch {
+            throw VirtError(.testbedFailure, "the auxverb relay failed: \(error)")
+        }
+    }
+
+    /// Waits until a helper has said hello with a boot id other than `previous`; returns it.
+    public func waitForHelper(notBootID previous: String?, timeout: Duration) async throws(VirtError) -> String {
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            if let helperBootID, helperBootID != previous { return helperBootID }
+            if guestLost { throw VirtError(.testbedFailure, "the guest helper's port closed") }
+            guard ContinuousClock.now < deadline else {
+                throw VirtError(.timeout, "the guest helper did not start within \(timeout.formattedSeconds)")
+            }
+            do {
+                try await Task.sleep(for: .milliseconds(20))
+            } catch {
+                throw VirtError(.timeout, "waiting for the guest helper was cancelled")
+            }
+        }
+    }
+
+    /// Forgets the helper (it is about to go away with a reboot): commands in flight end with an
+    /// error and new ones fail until the next hello.
+    public func helperGone(_ reason: String) {
+        helperBootID = nil
+        failAll(reason)
+    }
+
+    private func attach(_ writer: NIOAsyncChannelOutboundWriter<ByteBuffer>) {
+        guest = writer
+    }
+
+    private func guestClosed() {
+        guest = nil
+        guestLost = true
+        helperBootID = nil
+        failAll("the testbed is gone")
+    }
+
+    private func failAll(_ reason: String) {
+        for continuation in clients.values {
+            continuation.yield(Frame(.exit, Array("{\"error\": \(JSON.quote(reason))}".utf8)))
+            continuation.finish()
+        }
+        clients.removeAll()
+    }
+
+    private func route(_ frame: Frame) {
+        switch frame.kind {
+        case .hello:
+            if helperBootID != nil { failAll("the guest helper restarted") }
+            let text = String(decoding: frame.payload, as: UTF8.self)
+            helperBootID = Self.bootID(inHello: text) ?? text
+            log.debug("guest helper up: \(text)")
+        case .stdout, .stderr, .stdinCredit:
+            clients[frame.channel]?.yield(frame)
+        case .exit:
+            if let continuation = clients.removeValue(forKey: frame.channel) {
+                continuation.yield(frame)
+                continuation.finish()
+            }
+        default:
+            break
+        }
+    }
+
+    /// Registers a new command; nil when there is no helper to run it.
+    private func register(_ continuation: AsyncStream<Frame>.Continuation) -> (UInt32, NIOAsyncChannelOutboundWriter<ByteBuffer>)? {
+        guard let guest, helperBootID != nil else { return nil }
+        let channel = nextChannel
+        nextChannel &+= 1
+        if nextChannel == 0 { nextChannel = 1 }
+        clients[channel] = continuation
+        return (channel, guest)
+    }
+
+    /// The client went away before its command ended: stop the command.
+    private func abandon(_ channel: UInt32) -> NIOAsyncChannelOutboundWriter<ByteBuffer>? {
+        guard clients.removeValue(forKey: channel) != nil else { return nil }
+        return guest
+    }
+
+    private nonisolated func serve(_ connection: NIOAsyncChannel<ByteBuffer, ByteBuffer>) async {
+        let (replies, continuation) = AsyncStream.makeStream(of: Frame.self)
+        do {
+            try await connection.executeThenClose { inbound, outbound in
+                try await withThrowingDiscardingTaskGroup { tasks in
+                    tasks.addTask {
+                        for await var frame in replies {
+                            frame.channel = 0
+                            try await outbound.write(ByteBuffer(bytes: frame.encoded))
+                        }
+                    }
+                    var decoder = FrameDecoder()
+                    var assigned: (channel: UInt32, guest: NIOAsyncChannelOutboundWriter<ByteBuffer>)?
+                    defer { continuation.finish() }
+                    do {
+                        for try await buffer in inbound {
+                            decoder.append(buffer.readableBytesView)
+                            while var frame = try decoder.next() {
+                                if assigned == nil {
+                                    guard frame.kind == .spawn, let registered = await self.register(continuation) else {
+                                        continuation.yield(Self.notReady)
+                                        continuation.finish()
+                                        return
+                                    }
+                                    assigned = registered
+                                }
+                                guard let (channel, guest) = assigned else { return }
+                                frame.channel = channel
+                                try await guest.write(ByteBuffer(bytes: frame.encoded))
+                            }
+                        }
+                    } catch {
+                        log.debug("auxverb client: \(error)")
+                    }
+                    if let (channel, _) = assigned, let guest = await self.abandon(channel) {
+                        try? await guest.write(ByteBuffer(bytes: Frame(channel: channel, .kill, Array("\(SIGKILL)".utf8)).encoded))
+                    }
+                }
+            }
+        } catch {
+            log.debug("auxverb connection ended: \(error)")
+        }
+    }
+
+    static let notReady = Frame(.exit, Array("{\"error\": \"the testbed is not ready (rebooting, or gone)\"}".utf8))
+
+    static func bootID(inHello text: String) -> String? {
+        guard let range = text.firstRange(of: "\"boot_id\": \"") else { return nil }
+        return String(text[range.upperBound...].prefix(while: { $0 != "\"" }))
+    }
+}

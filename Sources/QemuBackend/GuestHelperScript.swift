@@ -1,0 +1,350 @@
+/// The guest side of the auxverb: a Python 3 program the server installs in the guest through
+/// the guest agent and starts there. It runs commands for the host and streams their stdin,
+/// stdout and stderr over a dedicated virtio-serial port, many commands at once, in the frame
+/// format of the GuestChannel module.
+///
+/// Python because debusine's QEMU images are required to carry python3-minimal, and the
+/// standard library is all it uses. `--listen PATH` serves one connection on a unix socket
+/// instead of a port, so the tests run it on the host.
+public enum GuestHelperScript {
+    /// Bumped with every change, so a stale helper left in a guest is recognised.
+    public static let version = 1
+
+    /// Where the server installs it in the guest (a tmpfs: gone after reboot, like the helper).
+    public static let guestPath = "/run/debusine-virt-helper.py"
+
+    /// The virtio-serial port name it talks over.
+    public static let portName = "org.debusine.virt.0"
+
+    public static let source = #"""
+        #!/usr/bin/python3
+        # debusine-virt guest helper: runs commands for the host over a framed byte stream.
+        import errno, fcntl, json, os, select, signal, socket, struct, sys, time
+
+        VERSION = 1
+        HEADER = struct.Struct('>IBI')
+        SPAWN, STDIN, STDIN_EOF, KILL, CREDIT, PING = 1, 2, 3, 4, 5, 6
+        STDOUT, STDERR, EXIT, STDIN_CREDIT, PONG, HELLO = 0x11, 0x12, 0x13, 0x14, 0x15, 0x16
+        CHUNK = 256 << 10
+        OUTBUF_LIMIT = 1 << 20
+        # Output still arriving this long after a command exited belongs to processes it left
+        # behind; waiting for them to close their end would hang the caller.
+        LINGER = 0.2
+        BASE_ENV = {
+            'PATH': '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin',
+            'HOME': '/root', 'USER': 'root', 'LOGNAME': 'root', 'SHELL': '/bin/bash',
+            'LANG': 'C.UTF-8',
+        }
+
+
+        def nonblocking(fd):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+
+
+        class Command:
+            def __init__(self, channel):
+                self.channel = channel
+                self.pid = None
+                self.stdin = self.stdout = self.stderr = None
+                self.pending = bytearray()
+                self.stdin_eof = False
+                self.credit = 0
+                self.status = None
+                self.exited_at = None
+
+
+        class Helper:
+            def __init__(self, port):
+                self.port = port
+                nonblocking(port)
+                self.inbuf = bytearray()
+                self.outbuf = bytearray()
+                self.commands = {}
+                self.by_pid = {}
+                self.wake_r, self.wake_w = os.pipe()
+                nonblocking(self.wake_r)
+                nonblocking(self.wake_w)
+                signal.set_wakeup_fd(self.wake_w)
+                signal.signal(signal.SIGCHLD, lambda *_: None)
+
+            def send(self, channel, kind, payload=b''):
+                self.outbuf += HEADER.pack(channel, kind, len(payload))
+                self.outbuf += payload
+
+            def hello(self):
+                try:
+                    with open('/proc/sys/kernel/random/boot_id') as f:
+                        boot_id = f.read().strip()
+                except OSError:
+                    boot_id = ''
+                self.send(0, HELLO, json.dumps({'boot_id': boot_id, 'version': VERSION}).encode())
+
+            def spawn(self, channel, request):
+                command = Command(channel)
+                self.commands[channel] = command
+                try:
+                    spec = json.loads(request)
+                    argv = [str(a) for a in spec['argv']]
+                    env = dict(BASE_ENV)
+                    env.update({str(k): str(v) for k, v in (spec.get('env') or {}).items()})
+                    cwd = spec.get('cwd') or '/'
+                    command.credit = int(spec.get('window', 4 << 20))
+                    if not argv:
+                        raise ValueError('empty argv')
+                except (ValueError, KeyError, TypeError) as e:
+                    self.finish(command, {'error': 'bad spawn request: %s' % e})
+                    return
+                in_r, in_w = os.pipe()
+                out_r, out_w = os.pipe()
+                err_r, err_w = os.pipe()
+                report_r, report_w = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        os.setsid()
+                        os.dup2(in_r, 0)
+                        os.dup2(out_w, 1)
+                        os.dup2(err_w, 2)
+                        signal.set_wakeup_fd(-1)
+                        for number in (signal.SIGPIPE, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+                            signal.signal(number, signal.SIG_DFL)
+                        os.chdir(cwd)
+                        os.execvpe(argv[0], argv, env)
+                    except OSError as e:
+                        os.write(report_w, ('%d %s' % (e.errno or 0, e.strerror or e)).encode())
+                    except BaseException as e:
+                        os.write(report_w, ('0 %s' % e).encode())
+                    os._exit(127)
+                for fd in (in_r, out_w, err_w, report_w):
+                    os.close(fd)
+                report = b''
+                while True:
+                    chunk = os.read(report_r, 4096)
+                    if not chunk:
+                        break
+                    report += chunk
+                os.close(report_r)
+                command.pid = pid
+                self.by_pid[pid] = command
+                command.stdin, command.stdout, command.stderr = in_w, out_r, err_r
+                for fd in (in_w, out_r, err_r):
+                    nonblocking(fd)
+                if report:
+                    number, _, text = report.decode(errors='replace').partition(' ')
+                    message = 'debusine-virt-helper: cannot run %s: %s\n' % (argv[0], text)
+                    self.send(channel, STDERR, message.encode())
+                    command.credit -= len(message)
+                    command.forced = 126 if int(number or 0) in (errno.EACCES, errno.ENOEXEC) else 127
+
+            def reap(self):
+                while True:
+                    try:
+                        pid, status = os.waitpid(-1, os.WNOHANG)
+                    except ChildProcessError:
+                        return
+                    if pid == 0:
+                        return
+                    command = self.by_pid.pop(pid, None)
+                    if command is None:
+                        continue
+                    forced = getattr(command, 'forced', None)
+                    if forced is not None:
+                        command.status = {'code': forced}
+                    elif os.WIFSIGNALED(status):
+                        command.status = {'signal': os.WTERMSIG(status)}
+                    else:
+                        command.status = {'code': os.WEXITSTATUS(status)}
+                    command.exited_at = time.monotonic()
+
+            def close_fd(self, command, name):
+                fd = getattr(command, name)
+                if fd is not None:
+                    os.close(fd)
+                    setattr(command, name, None)
+
+            def finish(self, command, status):
+                for name in ('stdin', 'stdout', 'stderr'):
+                    self.close_fd(command, name)
+                self.send(command.channel, EXIT, json.dumps(status).encode())
+                self.commands.pop(command.channel, None)
+
+            def handle(self, channel, kind, payload):
+                command = self.commands.get(channel)
+                if kind == SPAWN:
+                    if command is None:
+                        self.spawn(channel, payload)
+                elif kind == PING:
+                    self.send(channel, PONG, payload)
+                elif command is None:
+                    return
+                elif kind == STDIN:
+                    if command.stdin is None:
+                        self.send(channel, STDIN_CREDIT, struct.pack('>I', len(payload)))
+                    else:
+                        command.pending += payload
+                elif kind == STDIN_EOF:
+                    command.stdin_eof = True
+                    if not command.pending:
+                        self.close_fd(command, 'stdin')
+                elif kind == KILL:
+                    if command.pid is not None and command.status is None:
+                        try:
+                            os.killpg(command.pid, int(payload or b'15'))
+                        except (OSError, ValueError):
+                            pass
+                elif kind == CREDIT and len(payload) == 4:
+                    command.credit += struct.unpack('>I', payload)[0]
+
+            def read_port(self):
+                try:
+                    data = os.read(self.port, 1 << 20)
+                except BlockingIOError:
+                    return True
+                except OSError as e:
+                    if e.errno in (errno.EAGAIN, errno.EINTR):
+                        return True
+                    return False
+                if not data:
+                    return False
+                self.inbuf += data
+                while len(self.inbuf) >= HEADER.size:
+                    channel, kind, length = HEADER.unpack_from(self.inbuf)
+                    if len(self.inbuf) < HEADER.size + length:
+                        break
+                    payload = bytes(self.inbuf[HEADER.size:HEADER.size + length])
+                    del self.inbuf[:HEADER.size + length]
+                    self.handle(channel, kind, payload)
+                return True
+
+            def write_port(self):
+                try:
+                    written = os.write(self.port, self.outbuf[:1 << 20])
+                except (BlockingIOError, InterruptedError):
+                    return
+                del self.outbuf[:written]
+
+            def write_stdin(self, command):
+                try:
+                    written = os.write(command.stdin, command.pending[:CHUNK])
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    # The command closed its stdin: what it did not take is acknowledged anyway
+                    # so the host does not wait for credit forever.
+                    written = len(command.pending)
+                    self.close_fd(command, 'stdin')
+                del command.pending[:written]
+                self.send(command.channel, STDIN_CREDIT, struct.pack('>I', written))
+                if not command.pending and command.stdin_eof:
+                    self.close_fd(command, 'stdin')
+
+            def read_output(self, command, name, kind):
+                try:
+                    data = os.read(getattr(command, name), min(CHUNK, command.credit))
+                except (BlockingIOError, InterruptedError):
+                    return
+                if not data:
+                    self.close_fd(command, name)
+                    return
+                command.credit -= len(data)
+                self.send(command.channel, kind, data)
+
+            def run(self):
+                self.hello()
+                while True:
+                    now = time.monotonic()
+                    timeout = None
+                    for command in list(self.commands.values()):
+                        if command.status is None:
+                            continue
+                        if command.credit <= 0:
+                            # Blocked by a slow reader, not by leftovers: what sits in the pipes
+                            # is the command's own output and must all be delivered.
+                            command.exited_at = now
+                        if command.stdout is None and command.stderr is None:
+                            self.finish(command, command.status)
+                        elif now - command.exited_at >= LINGER:
+                            self.finish(command, command.status)
+                        else:
+                            left = LINGER - (now - command.exited_at)
+                            timeout = left if timeout is None else min(timeout, left)
+                    poller = select.poll()
+                    poller.register(self.port, select.POLLIN | (select.POLLOUT if self.outbuf else 0))
+                    poller.register(self.wake_r, select.POLLIN)
+                    watched = {}
+                    for command in self.commands.values():
+                        if command.pending and command.stdin is not None:
+                            poller.register(command.stdin, select.POLLOUT)
+                            watched[command.stdin] = (command, 'stdin', None)
+                        if command.credit > 0 and len(self.outbuf) < OUTBUF_LIMIT:
+                            for name, kind in (('stdout', STDOUT), ('stderr', STDERR)):
+                                fd = getattr(command, name)
+                                if fd is not None:
+                                    poller.register(fd, select.POLLIN)
+                                    watched[fd] = (command, name, kind)
+                    try:
+                        events = poller.poll(None if timeout is None else max(1, int(timeout * 1000)))
+                    except InterruptedError:
+                        continue
+                    for fd, event in events:
+                        if fd == self.wake_r:
+                            try:
+                                while os.read(self.wake_r, 4096):
+                                    pass
+                            except BlockingIOError:
+                                pass
+                            self.reap()
+                        elif fd == self.port:
+                            if event & select.POLLOUT:
+                                self.write_port()
+                            if event & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                                if not self.read_port():
+                                    return
+                        elif fd in watched:
+                            command, name, kind = watched[fd]
+                            if self.commands.get(command.channel) is not command:
+                                continue
+                            if name == 'stdin':
+                                if getattr(command, 'stdin') is not None:
+                                    self.write_stdin(command)
+                            elif getattr(command, name) is not None:
+                                self.read_output(command, name, kind)
+                    self.reap()
+
+
+        def main():
+            os.umask(0o022)
+            if len(sys.argv) == 3 and sys.argv[1] == '--listen':
+                server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                server.bind(sys.argv[2])
+                server.listen(1)
+                connection, _ = server.accept()
+                server.close()
+                port = os.dup(connection.fileno())
+                connection.close()
+            elif len(sys.argv) == 2:
+                try:
+                    os.setsid()
+                except OSError:
+                    pass
+                port = os.open(sys.argv[1], os.O_RDWR | os.O_CLOEXEC)
+            else:
+                sys.stderr.write('usage: debusine-virt-helper PORT | --listen SOCKET\n')
+                return 2
+            helper = Helper(port)
+            try:
+                helper.run()
+            finally:
+                for command in list(helper.commands.values()):
+                    if command.pid is not None and command.status is None:
+                        try:
+                            os.killpg(command.pid, signal.SIGKILL)
+                        except OSError:
+                            pass
+            return 0
+
+
+        if __name__ == '__main__':
+            sys.exit(main())
+        """#
+}

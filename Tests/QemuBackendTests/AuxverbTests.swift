@@ -1,0 +1,191 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+import CommandRunner
+import Foundation
+import GuestChannel
+import QemuBackend
+import Testing
+import VirtCore
+import VirtTestSupport
+
+/// The auxverb path end to end without a VM: the real guest helper (Python) runs on the host in
+/// `--listen` mode where QEMU's port would be, the real relay serves the real client executable.
+/// Everything the commands do here happens on the host, so they are harmless ones.
+final class HostHelper: Sendable {
+    let directory: String
+    let helper: ServerProcess
+    let relay: AuxverbRelay
+    let relayTask: Task<Void, Never>
+
+    var auxverb: [String] { [TestPaths.executable("debusine-virt-qemu"), "--auxverb", relay.socketPath] }
+
+    init() async throws {
+        directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
+        let script = "\(directory)/helper.py"
+        try Data(GuestHelperScript.source.utf8).write(to: URL(fileURLWithPath: script))
+        helper = try ServerProcess(["/usr/bin/python3", script, "--listen", "\(directory)/port.sock"])
+        let port = "\(directory)/port.sock"
+        let deadline = ContinuousClock.now + .seconds(10)
+        while access(port, F_OK) != 0 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+        let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock")
+        self.relay = relay
+        relayTask = Task { try? await relay.run(guestPortPath: port) }
+        _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(10))
+    }
+
+    /// Runs a command through the auxverb and captures everything.
+    func run(_ argv: [String], input: CommandInput = .none) async throws -> CommandResult {
+        try await SubprocessRunner().run(Command(argv: auxverb + argv), input: input, output: .capture(limit: 64 << 20), error: .capture)
+    }
+
+    func stop() async {
+        relayTask.cancel()
+        helper.signal(SIGTERM)
+        _ = try? await helper.wait(timeout: .seconds(10))
+        TestPaths.removeTree(directory)
+    }
+}
+
+@Suite("Auxverb through relay and guest helper", .serialized)
+struct AuxverbTests {
+    func withHelper(_ body: (HostHelper) async throws -> Void) async throws {
+        let host = try await HostHelper()
+        do {
+            try await body(host)
+        } catch {
+            await host.stop()
+            throw error
+        }
+        await host.stop()
+    }
+
+    @Test(
+        "exit statuses follow the auxverb contract: 255 becomes 253, signal N becomes 128+N",
+        arguments: [("exit 0", 0), ("exit 3", 3), ("exit 125", 125), ("exit 254", 254), ("exit 255", 253),
+                    ("kill -9 $$", 137), ("kill -TERM $$", 143), ("kill -INT $$", 130)] as [(String, Int32)])
+    func exitStatuses(_ script: String, _ expected: Int32) async throws {
+        try await withHelper { host in
+            let result = try await host.run(["sh", "-c", script])
+            #expect(result.status == .exited(expected))
+        }
+    }
+
+    @Test("argv passes through untouched: spaces, quotes, newlines, UTF-8, empty words, shell syntax")
+    func argvIsFaithful() async throws {
+        try await withHelper { host in
+            let words = ["a b", "", "'\"", "line\nbreak", "ü€✓", "$(id) `id` ; | &", "%2C,", "--", "-n"]
+            let result = try await host.run(["printf", "[%s]"] + words)
+            #expect(result.status == .exited(0))
+            #expect(String(decoding: result.standardOutput, as: UTF8.self) == words.map { "[\($0)]" }.joined())
+        }
+    }
+
+    @Test("stdout and stderr stay apart; a missing program exits 127 with a message")
+    func streamsAndMissingProgram() async throws {
+        try await withHelper { host in
+            let result = try await host.run(["sh", "-c", "echo out; echo err >&2; exit 4"])
+            #expect(result.status == .exited(4))
+            #expect(result.outputText == "out")
+            #expect(result.errorText == "err")
+            let missing = try await host.run(["/nonexistent/program", "x"])
+            #expect(missing.status == .exited(127))
+            #expect(missing.errorText.contains("cannot run /nonexistent/program"))
+        }
+    }
+
+    @Test("64 MiB stream in through stdin and out through stdout, byte for byte")
+    func streaming() async throws {
+        try await withHelper { host in
+            let source = "\(host.directory)/source"
+            let copied = "\(host.directory)/copied"
+            let back = "\(host.directory)/back"
+            try await SubprocessRunner().check(Command("sh", ["-c", #"head -c 67108864 /dev/urandom > "$1""#, "sh", source]))
+            let input = open(source, O_RDONLY)
+            try #require(input >= 0)
+            let up = try await host.run(["sh", "-c", #"cat > "$1""#, "sh", copied], input: .fileDescriptor(input, closeAfterStart: true))
+            #expect(up.status == .exited(0))
+            let output = open(back, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+            try #require(output >= 0)
+            let down = try await SubprocessRunner().run(
+                Command(argv: host.auxverb + ["cat", copied]), input: .none,
+                output: .fileDescriptor(output, closeAfterStart: true), error: .capture)
+            #expect(down.status == .exited(0))
+            #expect(try await SubprocessRunner().run(Command("cmp", [source, back])).status == .exited(0))
+        }
+    }
+
+    @Test("four commands run at once and each gets its own output")
+    func concurrency() async throws {
+        try await withHelper { host in
+            let clock = ContinuousClock()
+            let start = clock.now
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for index in 0..<4 {
+                    group.addTask {
+                        let result = try await host.run(["sh", "-c", #"sleep 1; seq 1 20000 | sed "s/^/$1 /""#, "sh", "\(index)"])
+                        #expect(result.status == .exited(0))
+                        let lines = result.outputText.split(separator: "\n")
+                        #expect(lines.count == 20000)
+                        #expect(lines.allSatisfy { $0.hasPrefix("\(index) ") })
+                    }
+                }
+                try await group.waitForAll()
+            }
+            #expect(clock.now - start < .seconds(4), "the four commands did not run concurrently")
+        }
+    }
+
+    @Test("a background process left holding stdout does not hang the call")
+    func leakedBackgroundProcess() async throws {
+        try await withHelper { host in
+            let clock = ContinuousClock()
+            let start = clock.now
+            let result = try await host.run(["sh", "-c", "sleep 30 & echo started"])
+            #expect(result.status == .exited(0))
+            #expect(result.outputText == "started")
+            #expect(clock.now - start < .seconds(5))
+        }
+    }
+
+    @Test("a command that ignores its stdin does not block on a large input")
+    func unreadStdin() async throws {
+        try await withHelper { host in
+            let result = try await host.run(["true"], input: .bytes([UInt8](repeating: 1, count: 12 << 20)))
+            #expect(result.status == .exited(0))
+        }
+    }
+
+    @Test("SIGTERM to the auxverb stops the remote command")
+    func sigtermStopsCommand() async throws {
+        try await withHelper { host in
+            let pidFile = "\(host.directory)/remote.pid"
+            let client = try ServerProcess(host.auxverb + ["sh", "-c", #"echo $$ > "$1"; exec sleep 60"#, "sh", pidFile])
+            var remote: pid_t?
+            let deadline = ContinuousClock.now + .seconds(10)
+            while remote == nil && ContinuousClock.now < deadline {
+                remote = (try? String(contentsOfFile: pidFile, encoding: .utf8)).flatMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            let pid = try #require(remote)
+            client.signal(SIGTERM)
+            #expect(try await client.wait(timeout: .seconds(10)) == .exited(143))
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(kill(pid, 0) != 0, "the remote command survived")
+        }
+    }
+
+    @Test("when the helper is gone the auxverb fails with 255 and says why")
+    func helperGone() async throws {
+        try await withHelper { host in
+            host.helper.signal(SIGKILL)
+            _ = try await host.helper.wait()
+            try await Task.sleep(for: .milliseconds(200))
+            let result = try await host.run(["true"])
+            #expect(result.status == .exited(255))
+            #expect(result.errorText.contains("not ready"))
+        }
+    }
+}
