@@ -142,7 +142,7 @@ private enum Sink {
 }
 
 /// Writes bytes into a pipe from a thread of its own, so a child that never reads them cannot
-/// block us; a child that exits early just makes the write fail (SIGPIPE is ignored).
+/// block us; a child that exits early just makes the write fail.
 enum BytesFeeder {
     /// Returns the read end for the child.
     static func start(_ bytes: [UInt8]) throws(VirtError) -> Int32 {
@@ -154,6 +154,12 @@ enum BytesFeeder {
         _ = fcntl(readEnd, F_SETFD, FD_CLOEXEC)
         _ = fcntl(writeEnd, F_SETFD, FD_CLOEXEC)
         let thread = Thread {
+            // A child that exits unread must give us EPIPE, not kill us: SIGPIPE from write()
+            // goes to the writing thread, so blocking it here is enough whatever the process does.
+            var pipeSignal = sigset_t()
+            sigemptyset(&pipeSignal)
+            sigaddset(&pipeSignal, SIGPIPE)
+            pthread_sigmask(SIG_BLOCK, &pipeSignal, nil)
             var offset = 0
             while offset < bytes.count {
                 let written = bytes.withUnsafeBytes { write(writeEnd, $0.baseAddress.map { $0 + offset }, $0.count - offset) }
