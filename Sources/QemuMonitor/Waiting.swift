@@ -1,0 +1,171 @@
+import Synchronization
+import VirtCore
+
+// Cancellable waiting primitives.
+//
+// A timed-out call is cancelled by `withTimeout`; whatever it was waiting on must let go at once
+// and leave the state usable, so these never wait on anything that ignores cancellation.
+// AsyncStream is not usable here: cancelling a task blocked in its `next()` terminates the stream.
+
+/// A queue with one consumer at a time, whose waits can be cancelled without closing the queue.
+final class Mailbox<Element: Sendable>: Sendable {
+    private struct State {
+        var elements: [Element] = []
+        var head = 0
+        var failure: VirtError?
+        var waiter: (id: UInt64, continuation: CheckedContinuation<Element, any Error>)?
+        var nextWaiterID: UInt64 = 0
+
+        mutating func popFirst() -> Element? {
+            guard head < elements.count else { return nil }
+            let element = elements[head]
+            head += 1
+            // Compact now and then so a long-lived queue does not keep every element ever pushed.
+            if head == elements.count {
+                elements.removeAll(keepingCapacity: true)
+                head = 0
+            } else if head >= 1024 && head * 2 >= elements.count {
+                elements.removeFirst(head)
+                head = 0
+            }
+            return element
+        }
+    }
+
+    private let state = Mutex(State())
+
+    init() {}
+
+    /// Adds an element, handing it straight to a waiting consumer if there is one; ignored once finished.
+    func push(_ element: Element) {
+        let waiter = state.withLock { state -> CheckedContinuation<Element, any Error>? in
+            guard state.failure == nil else { return nil }
+            if let waiter = state.waiter {
+                state.waiter = nil
+                return waiter.continuation
+            }
+            state.elements.append(element)
+            return nil
+        }
+        waiter?.resume(returning: element)
+    }
+
+    /// Ends the queue: elements already queued are still delivered, then `next()` throws `error`.
+    func finish(throwing error: VirtError) {
+        let waiter = state.withLock { state -> CheckedContinuation<Element, any Error>? in
+            guard state.failure == nil else { return nil }
+            state.failure = error
+            defer { state.waiter = nil }
+            return state.waiter?.continuation
+        }
+        waiter?.resume(throwing: error)
+    }
+
+    /// Whether ``finish(throwing:)`` was called.
+    var isFinished: Bool { state.withLock { $0.failure != nil } }
+
+    /// The next element; throws the finishing error once drained, or `CancellationError` when the
+    /// calling task is cancelled (the queue stays usable).
+    func next() async throws -> Element {
+        let id = state.withLock { state -> UInt64 in
+            state.nextWaiterID += 1
+            return state.nextWaiterID
+        }
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Element, any Error>) in
+                let outcome = state.withLock { state -> Result<Element, any Error>? in
+                    if let element = state.popFirst() { return .success(element) }
+                    if let failure = state.failure { return .failure(failure) }
+                    // The cancellation flag is set before handlers run, so checking it under the
+                    // lock closes the window where onCancel ran before we registered.
+                    if Task.isCancelled { return .failure(CancellationError()) }
+                    precondition(state.waiter == nil, "Mailbox has a single consumer")
+                    state.waiter = (id, continuation)
+                    return nil
+                }
+                if let outcome { continuation.resume(with: outcome) }
+            }
+        } onCancel: {
+            let waiter = state.withLock { state -> CheckedContinuation<Element, any Error>? in
+                guard let waiter = state.waiter, waiter.id == id else { return nil }
+                state.waiter = nil
+                return waiter.continuation
+            }
+            waiter?.resume(throwing: CancellationError())
+        }
+    }
+}
+
+/// A fair mutual-exclusion lock for async code whose waiters can be cancelled.
+///
+/// An actor alone does not serialise async methods (they interleave at every `await`), and QGA
+/// replies carry no id: two commands in flight at once could not be told apart.
+final class AsyncLock: Sendable {
+    private struct State {
+        var held = false
+        var waiters: [(id: UInt64, continuation: CheckedContinuation<Void, any Error>)] = []
+        var nextWaiterID: UInt64 = 0
+    }
+
+    private let state = Mutex(State())
+
+    init() {}
+
+    /// Waits for the lock; throws `CancellationError` (without taking it) when cancelled first.
+    func lock() async throws {
+        let id = state.withLock { state -> UInt64 in
+            state.nextWaiterID += 1
+            return state.nextWaiterID
+        }
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                let outcome = state.withLock { state -> Result<Void, any Error>? in
+                    if !state.held {
+                        state.held = true
+                        return .success(())
+                    }
+                    if Task.isCancelled { return .failure(CancellationError()) }
+                    state.waiters.append((id, continuation))
+                    return nil
+                }
+                if let outcome { continuation.resume(with: outcome) }
+            }
+        } onCancel: {
+            let waiter = state.withLock { state -> CheckedContinuation<Void, any Error>? in
+                guard let index = state.waiters.firstIndex(where: { $0.id == id }) else { return nil }
+                return state.waiters.remove(at: index).continuation
+            }
+            waiter?.resume(throwing: CancellationError())
+        }
+    }
+
+    /// Releases the lock, handing it directly to the longest waiter.
+    func unlock() {
+        let next = state.withLock { state -> CheckedContinuation<Void, any Error>? in
+            guard !state.waiters.isEmpty else {
+                state.held = false
+                return nil
+            }
+            return state.waiters.removeFirst().continuation
+        }
+        next?.resume()
+    }
+}
+
+/// `withTimeout` with every failure turned into a ``VirtError``, for `throws(VirtError)` APIs.
+@discardableResult
+func withDeadline<T: Sendable>(
+    _ duration: Duration,
+    _ what: String,
+    _ operation: @escaping @Sendable () async throws -> T
+) async throws(VirtError) -> T {
+    do {
+        return try await withTimeout(duration, what, operation)
+    } catch let error as VirtError {
+        throw error
+    } catch is CancellationError {
+        throw VirtError(.timeout, "\(what) was cancelled")
+    } catch {
+        throw VirtError(.internalError, "\(what): \(error)")
+    }
+}
