@@ -9,6 +9,7 @@ let package = Package(
     products: [
         .executable(name: "debusine-virt-qemu", targets: ["debusine-virt-qemu"]),
         .executable(name: "debusine-virt-incus", targets: ["debusine-virt-incus"]),
+        .executable(name: "debusine-virt-auxverb", targets: ["debusine-virt-auxverb"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -60,7 +61,7 @@ let package = Package(
         .target(
             name: "QemuBackend",
             dependencies: [
-                "VirtCore", "CommandRunner", "TestbedCore", "GuestChannel",
+                "VirtCore", "CommandRunner", "TestbedCore", "GuestChannel", "QemuMonitor",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
@@ -70,8 +71,9 @@ let package = Package(
 
         .executableTarget(
             name: "debusine-virt-qemu",
-            dependencies: ["VirtCore", "VirtSession", "QemuBackend", "AuxverbClient", argumentParser]
+            dependencies: ["VirtCore", "VirtSession", "QemuBackend", argumentParser]
         ),
+        .executableTarget(name: "debusine-virt-auxverb", dependencies: ["AuxverbClient"]),
         .executableTarget(name: "debusine-virt-incus", dependencies: ["VirtCore", "VirtSession", argumentParser]),
         .executableTarget(
             name: "virt-fixture-server",
@@ -94,7 +96,9 @@ let package = Package(
         .testTarget(name: "QemuMonitorTests", dependencies: ["QemuMonitor", "VirtCore", "CommandRunner"]),
         .testTarget(
             name: "QemuBackendTests",
-            dependencies: ["QemuBackend", "GuestChannel", "AuxverbClient", "CommandRunner", "VirtCore", "VirtTestSupport"]
+            dependencies: [
+                "QemuBackend", "GuestChannel", "AuxverbClient", "CommandRunner", "VirtCore", "VirtTestSupport",
+            ]
         ),
         .testTarget(name: "TestImageTests", dependencies: ["CommandRunner", "VirtCore", "VirtTestSupport"]),
     ],

@@ -1,9 +1,10 @@
+import GuestChannel
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import GuestChannel
 
 /// The program autopkgtest and sbuild execute as the auxverb: runs one command in the testbed
 /// through the server's relay socket, streaming stdin, stdout and stderr, and exits with the
@@ -43,18 +44,13 @@ public enum AuxverbClient {
         for number in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&forwarded, number) }
         pthread_sigmask(SIG_BLOCK, &forwarded, nil)
 
-        guard connection.send(Frame(.spawn, Array(spawnRequest(argv).utf8))) else {
+        guard connection.send(.spawn(argv: argv)) else {
             return fail("the testbed went away")
         }
         let signalSet = forwarded
         startThread { forwardSignals(signalSet, connection) }
         startThread { pumpStandardInput(connection) }
         return receive(connection)
-    }
-
-    /// `{"argv": [...], "window": N}` with JSON string escaping.
-    static func spawnRequest(_ argv: [String]) -> String {
-        "{\"argv\": [" + argv.map(JSON.quote).joined(separator: ", ") + "], \"window\": \(Frame.window)}"
     }
 
     /// Reads frames until the command's exit; returns the status to exit with.
@@ -149,12 +145,14 @@ public enum AuxverbClient {
         }
         var thread = pthread_t()
         let box = Unmanaged.passRetained(Box(body)).toOpaque()
-        let created = pthread_create(&thread, nil, { raw in
-            guard let raw else { return nil }
-            let box = Unmanaged<Box>.fromOpaque(raw).takeRetainedValue()
-            box.body()
-            return nil
-        }, box)
+        let created = pthread_create(
+            &thread, nil,
+            { raw in
+                guard let raw else { return nil }
+                let box = Unmanaged<Box>.fromOpaque(raw).takeRetainedValue()
+                box.body()
+                return nil
+            }, box)
         if created == 0 {
             pthread_detach(thread)
         } else {

@@ -162,7 +162,9 @@ enum BytesFeeder {
             pthread_sigmask(SIG_BLOCK, &pipeSignal, nil)
             var offset = 0
             while offset < bytes.count {
-                let written = bytes.withUnsafeBytes { write(writeEnd, $0.baseAddress.map { $0 + offset }, $0.count - offset) }
+                let written = bytes.withUnsafeBytes {
+                    write(writeEnd, $0.baseAddress.map { $0 + offset }, $0.count - offset)
+                }
                 if written < 0 {
                     if errno == EINTR { continue }
                     break

@@ -8,7 +8,8 @@
 public struct Frame: Sendable, Equatable {
     /// What a frame carries. Values below 0x10 travel towards the guest, the others back.
     public enum Kind: UInt8, Sendable {
-        /// Start a command: JSON `{"argv": [...], "env": {...}, "cwd": "..."}`.
+        /// Start a command: NUL-separated fields: window, working directory, the number of
+        /// environment entries, the `KEY=value` entries, then the argv (see ``Frame/spawn(argv:)``).
         case spawn = 0x01
         /// Bytes for the command's stdin.
         case stdin = 0x02
@@ -26,12 +27,12 @@ public struct Frame: Sendable, Equatable {
         case stdout = 0x11
         /// Bytes the command wrote to stderr.
         case stderr = 0x12
-        /// The command ended: JSON `{"code": N}`, `{"signal": N}` or `{"error": "..."}`.
+        /// The command ended: `code N`, `signal N` or `error TEXT`.
         case exit = 0x13
         /// The guest has written this many stdin bytes (UInt32) to the command.
         case stdinCredit = 0x14
         case pong = 0x15
-        /// The helper is up: JSON `{"boot_id": "...", "version": N}`. Sent once per start.
+        /// The helper is up: `BOOT_ID VERSION`. Sent once per start.
         case hello = 0x16
     }
 
@@ -54,7 +55,19 @@ public struct Frame: Sendable, Equatable {
     /// A frame whose payload is a big-endian UInt32 (credits).
     public static func count(channel: UInt32 = 0, _ kind: Kind, _ value: Int) -> Frame {
         let v = UInt32(clamping: value)
-        return Frame(channel: channel, kind, [UInt8(v >> 24), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)])
+        return Frame(
+            channel: channel, kind, [UInt8(v >> 24), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)])
+    }
+
+    /// A spawn request (JSON is not available in the guest's python3-minimal, so plain fields).
+    public static func spawn(argv: [String], environment: [String] = [], directory: String = "/") -> Frame {
+        let fields = ["\(window)", directory, "\(environment.count)"] + environment + argv
+        return Frame(.spawn, Array(fields.joined(separator: "\u{0}").utf8))
+    }
+
+    /// An `exit` frame saying the command could not run or was lost.
+    public static func failure(channel: UInt32 = 0, _ reason: String) -> Frame {
+        Frame(channel: channel, .exit, Array("error \(reason)".utf8))
     }
 
     /// The payload read as a big-endian UInt32, for credit frames.
@@ -145,17 +158,13 @@ public enum CommandEnd: Sendable, Equatable {
     /// Parses an `exit` payload.
     public init(payload: [UInt8]) {
         let text = String(decoding: payload, as: UTF8.self)
-        func number(after key: String) -> Int32? {
-            guard let range = text.firstRange(of: "\"\(key)\":") else { return nil }
-            let digits = text[range.upperBound...].drop(while: { $0 == " " }).prefix(while: { $0.isNumber || $0 == "-" })
-            return Int32(digits)
-        }
-        if let code = number(after: "code") {
-            self = .exited(code)
-        } else if let signal = number(after: "signal") {
-            self = .signaled(signal)
-        } else {
-            self = .failed(text)
+        let parts = text.split(separator: " ", maxSplits: 1)
+        let value = parts.count == 2 ? Int32(parts[1]) : nil
+        switch (parts.first, value) {
+        case ("code", let code?): self = .exited(code)
+        case ("signal", let signal?): self = .signaled(signal)
+        case ("error", _) where parts.count == 2: self = .failed(String(parts[1]))
+        default: self = .failed("unreadable exit report: \(text)")
         }
     }
 }

@@ -1,12 +1,13 @@
+import GuestChannel
+import NIOCore
+import NIOPosix
+import VirtCore
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import GuestChannel
-import NIOCore
-import NIOPosix
-import VirtCore
 
 /// The server side of the auxverb: serves auxverb clients on a unix socket in the instance
 /// directory and relays their frames to the guest helper over one stream (the virtio-serial
@@ -32,12 +33,7 @@ public actor AuxverbRelay {
     public nonisolated func run(guestPortPath: String) async throws(VirtError) {
         let group = MultiThreadedEventLoopGroup.singleton
         do {
-            let guestChannel = try await ClientBootstrap(group: group).connect(unixDomainSocketPath: guestPortPath) {
-                channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
-                }
-            }
+            let guestChannel = try await Self.connect(guestPortPath, group: group)
             let server = try await ServerBootstrap(group: group).bind(
                 unixDomainSocketPath: socketPath, cleanupExistingSocketFile: true
             ) { channel in
@@ -74,6 +70,26 @@ public actor AuxverbRelay {
             return
         } catch {
             throw VirtError(.testbedFailure, "the auxverb relay failed: \(error)")
+        }
+    }
+
+    /// Connects to the guest port's socket, retrying for a few seconds: a socket file can exist
+    /// a moment before its owner listens on it.
+    static func connect(
+        _ path: String, group: MultiThreadedEventLoopGroup
+    ) async throws -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
+        let deadline = ContinuousClock.now + .seconds(10)
+        while true {
+            do {
+                return try await ClientBootstrap(group: group).connect(unixDomainSocketPath: path) { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+                    }
+                }
+            } catch {
+                guard ContinuousClock.now < deadline else { throw error }
+                try await Task.sleep(for: .milliseconds(20))
+            }
         }
     }
 
@@ -114,7 +130,7 @@ public actor AuxverbRelay {
 
     private func failAll(_ reason: String) {
         for continuation in clients.values {
-            continuation.yield(Frame(.exit, Array("{\"error\": \(JSON.quote(reason))}".utf8)))
+            continuation.yield(.failure(reason))
             continuation.finish()
         }
         clients.removeAll()
@@ -125,7 +141,7 @@ public actor AuxverbRelay {
         case .hello:
             if helperBootID != nil { failAll("the guest helper restarted") }
             let text = String(decoding: frame.payload, as: UTF8.self)
-            helperBootID = Self.bootID(inHello: text) ?? text
+            helperBootID = String(text.split(separator: " ").first ?? "")
             log.debug("guest helper up: \(text)")
         case .stdout, .stderr, .stdinCredit:
             clients[frame.channel]?.yield(frame)
@@ -140,7 +156,9 @@ public actor AuxverbRelay {
     }
 
     /// Registers a new command; nil when there is no helper to run it.
-    private func register(_ continuation: AsyncStream<Frame>.Continuation) -> (UInt32, NIOAsyncChannelOutboundWriter<ByteBuffer>)? {
+    private func register(
+        _ continuation: AsyncStream<Frame>.Continuation
+    ) -> (UInt32, NIOAsyncChannelOutboundWriter<ByteBuffer>)? {
         guard let guest, helperBootID != nil else { return nil }
         let channel = nextChannel
         nextChannel &+= 1
@@ -174,7 +192,8 @@ public actor AuxverbRelay {
                             decoder.append(buffer.readableBytesView)
                             while var frame = try decoder.next() {
                                 if assigned == nil {
-                                    guard frame.kind == .spawn, let registered = await self.register(continuation) else {
+                                    guard frame.kind == .spawn, let registered = await self.register(continuation)
+                                    else {
                                         continuation.yield(Self.notReady)
                                         continuation.finish()
                                         return
@@ -190,7 +209,8 @@ public actor AuxverbRelay {
                         log.debug("auxverb client: \(error)")
                     }
                     if let (channel, _) = assigned, let guest = await self.abandon(channel) {
-                        try? await guest.write(ByteBuffer(bytes: Frame(channel: channel, .kill, Array("\(SIGKILL)".utf8)).encoded))
+                        try? await guest.write(
+                            ByteBuffer(bytes: Frame(channel: channel, .kill, Array("\(SIGKILL)".utf8)).encoded))
                     }
                 }
             }
@@ -199,10 +219,5 @@ public actor AuxverbRelay {
         }
     }
 
-    static let notReady = Frame(.exit, Array("{\"error\": \"the testbed is not ready (rebooting, or gone)\"}".utf8))
-
-    static func bootID(inHello text: String) -> String? {
-        guard let range = text.firstRange(of: "\"boot_id\": \"") else { return nil }
-        return String(text[range.upperBound...].prefix(while: { $0 != "\"" }))
-    }
+    static let notReady = Frame.failure("the testbed is not ready (rebooting, or gone)")
 }

@@ -19,7 +19,8 @@ public enum GuestHelperScript {
     public static let source = #"""
         #!/usr/bin/python3
         # debusine-virt guest helper: runs commands for the host over a framed byte stream.
-        import errno, fcntl, json, os, select, signal, socket, struct, sys, time
+        # Only modules of Debian's python3-minimal: debusine's images promise no more.
+        import errno, fcntl, os, select, signal, struct, sys, time
 
         VERSION = 1
         HEADER = struct.Struct('>IBI')
@@ -77,22 +78,25 @@ public enum GuestHelperScript {
                         boot_id = f.read().strip()
                 except OSError:
                     boot_id = ''
-                self.send(0, HELLO, json.dumps({'boot_id': boot_id, 'version': VERSION}).encode())
+                self.send(0, HELLO, ('%s %d' % (boot_id or '-', VERSION)).encode())
 
             def spawn(self, channel, request):
                 command = Command(channel)
                 self.commands[channel] = command
                 try:
-                    spec = json.loads(request)
-                    argv = [str(a) for a in spec['argv']]
+                    fields = [os.fsdecode(f) for f in request.split(b'\0')]
+                    command.credit = int(fields[0])
+                    cwd = fields[1] or '/'
+                    count = int(fields[2])
                     env = dict(BASE_ENV)
-                    env.update({str(k): str(v) for k, v in (spec.get('env') or {}).items()})
-                    cwd = spec.get('cwd') or '/'
-                    command.credit = int(spec.get('window', 4 << 20))
+                    for entry in fields[3:3 + count]:
+                        key, _, value = entry.partition('=')
+                        env[key] = value
+                    argv = fields[3 + count:]
                     if not argv:
                         raise ValueError('empty argv')
-                except (ValueError, KeyError, TypeError) as e:
-                    self.finish(command, {'error': 'bad spawn request: %s' % e})
+                except (ValueError, IndexError) as e:
+                    self.finish(command, 'error bad spawn request: %s' % e)
                     return
                 in_r, in_w = os.pipe()
                 out_r, out_w = os.pipe()
@@ -149,11 +153,11 @@ public enum GuestHelperScript {
                         continue
                     forced = getattr(command, 'forced', None)
                     if forced is not None:
-                        command.status = {'code': forced}
+                        command.status = 'code %d' % forced
                     elif os.WIFSIGNALED(status):
-                        command.status = {'signal': os.WTERMSIG(status)}
+                        command.status = 'signal %d' % os.WTERMSIG(status)
                     else:
-                        command.status = {'code': os.WEXITSTATUS(status)}
+                        command.status = 'code %d' % os.WEXITSTATUS(status)
                     command.exited_at = time.monotonic()
 
             def close_fd(self, command, name):
@@ -165,7 +169,7 @@ public enum GuestHelperScript {
             def finish(self, command, status):
                 for name in ('stdin', 'stdout', 'stderr'):
                     self.close_fd(command, name)
-                self.send(command.channel, EXIT, json.dumps(status).encode())
+                self.send(command.channel, EXIT, status.encode())
                 self.commands.pop(command.channel, None)
 
             def handle(self, channel, kind, payload):
@@ -315,6 +319,7 @@ public enum GuestHelperScript {
         def main():
             os.umask(0o022)
             if len(sys.argv) == 3 and sys.argv[1] == '--listen':
+                import socket
                 server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 server.bind(sys.argv[2])
                 server.listen(1)

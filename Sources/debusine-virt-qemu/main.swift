@@ -1,48 +1,133 @@
+import ArgumentParser
+import QemuBackend
+import VirtCore
+import VirtSession
+
 #if canImport(Glibc)
     import Glibc
 #elseif canImport(Musl)
     import Musl
 #endif
-import ArgumentParser
-import AuxverbClient
-import VirtCore
-import VirtSession
 
-/// `debusine-virt-qemu IMAGE`: the autopkgtest virt server for QEMU system images.
+/// `debusine-virt-qemu [options] IMAGE`: the autopkgtest virt server for QEMU system images.
 @main
 struct QemuServer: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "debusine-virt-qemu",
         abstract: "autopkgtest virtualization server running a QEMU VM from a system image.",
         discussion: """
-            Not functional yet: this build carries the protocol core only, and the QEMU backend \
-            is still being written. It refuses to start rather than pretend to work.
+            Boots IMAGE (qcow2 or raw, EFI, never modified: every boot gets a fresh qcow2 overlay) \
+            and serves the autopkgtest virt-server protocol on stdin/stdout. The image needs \
+            qemu-guest-agent and python3-minimal. Use it as: autopkgtest PACKAGE -- debusine-virt-qemu IMAGE
             """
     )
-
-    /// The auxverb mode (`debusine-virt-qemu --auxverb SOCKET COMMAND...`) is decided before
-    /// argument parsing: it runs for every command a client sends and the command's own
-    /// arguments must pass through untouched.
-    static func main() async {
-        let arguments = CommandLine.arguments
-        if arguments.count >= 2 && arguments[1] == "--auxverb" {
-            guard arguments.count >= 4 else {
-                VirtServer.failBeforeBanner(VirtError(.usage, "usage: --auxverb SOCKET COMMAND [ARG...]"))
-            }
-            Glibc.exit(AuxverbClient.run(socketPath: arguments[2], argv: Array(arguments.dropFirst(3))))
-        }
-        await Self.main(Array(arguments.dropFirst()))
-    }
 
     @Flag(name: [.short, .long], help: "Log more on stderr.")
     var debug = false
 
-    @Argument(help: "Path of the qcow2 or raw system image to boot.")
+    @Option(help: "Memory of the VM in MiB.")
+    var ramSize = 2048
+
+    @Option(help: "Number of virtual CPUs.")
+    var cpus = 2
+
+    @Option(help: "Accelerator: auto (KVM only when it can really run guests, else TCG), kvm or tcg.")
+    var accel: QemuOptions.Accelerator = .auto
+
+    @Option(help: "EFI firmware code (read-only pflash).")
+    var efiCode = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+
+    @Option(help: "EFI variables template; each instance gets its own copy.")
+    var efiVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+
+    @Option(help: "Guest network: none, or user (QEMU user networking: the guest reaches what the host reaches).")
+    var network: QemuOptions.Network = .none
+
+    @Option(help: "Seconds to wait for the guest to boot (guest agent answering).")
+    var bootTimeout = 300
+
+    @Option(help: "Seconds a guest gets to shut down before QEMU is stopped.")
+    var shutdownTimeout = 30
+
+    @Option(help: "The QEMU system emulator to run.")
+    var qemu = "qemu-system-x86_64"
+
+    @Argument(help: "The system image: a path to a qcow2 or raw EFI image.")
     var image: String
 
     func run() async throws {
         VirtServer.prepareProcess(program: "debusine-virt-qemu", debug: debug)
-        VirtServer.failBeforeBanner(
-            VirtError(.unavailable, "the QEMU backend is not available yet in this build; nothing was started"))
+        do {
+            let testbed = try QemuTestbed(options: try options(), auxverbExecutable: try auxverbExecutable())
+            await VirtServer.serve(testbed)
+        } catch {
+            VirtServer.failBeforeBanner(error)
+        }
+    }
+
+    /// Validates everything that can be checked before the banner, so a bad command line never
+    /// looks like a working server.
+    func options() throws(VirtError) -> QemuOptions {
+        if image.contains("://") {
+            throw VirtError(.unavailable, "downloading images (\(image)) is not supported yet: pass a local path")
+        }
+        guard access(image, R_OK) == 0 else {
+            throw VirtError(.notFound, "the image \(image) does not exist or is not readable")
+        }
+        for (what, path) in [("EFI firmware", efiCode), ("EFI variables template", efiVars)]
+        where access(path, R_OK) != 0 {
+            throw VirtError(
+                .notFound, "the \(what) \(path) is missing: apt-get install ovmf, or pass --efi-code/--efi-vars")
+        }
+        guard ramSize >= 128, cpus >= 1, bootTimeout > 0, shutdownTimeout >= 0 else {
+            throw VirtError(.usage, "--ram-size, --cpus and the timeouts must be positive")
+        }
+        guard Self.findExecutable(qemu) else {
+            throw VirtError(.unavailable, "\(qemu) was not found: apt-get install qemu-system-x86")
+        }
+        var options = QemuOptions(image: absolute(image))
+        options.ramMiB = ramSize
+        options.cpus = cpus
+        options.accelerator = accel
+        options.efiCode = absolute(efiCode)
+        options.efiVars = absolute(efiVars)
+        options.network = network
+        options.bootTimeout = .seconds(bootTimeout)
+        options.shutdownTimeout = .seconds(shutdownTimeout)
+        options.qemu = qemu
+        return options
+    }
+
+    /// debusine-virt-auxverb, installed next to this executable.
+    func auxverbExecutable() throws(VirtError) -> String {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+        guard length > 0 else { throw VirtError(.internalError, "cannot find my own executable") }
+        let own = String(decoding: buffer[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let path = String(own[..<(own.lastIndex(of: "/") ?? own.startIndex)]) + "/debusine-virt-auxverb"
+        guard access(path, X_OK) == 0 else {
+            throw VirtError(.notFound, "\(path) is missing: install debusine-virt-auxverb next to debusine-virt-qemu")
+        }
+        guard !path.contains(","), !path.contains("%") else {
+            // autopkgtest splits the auxverb on commas after percent-decoding.
+            throw VirtError(.unavailable, "install debusine-virt in a path without `,' or `%' (now \(path))")
+        }
+        return path
+    }
+
+    func absolute(_ path: String) -> String {
+        if path.hasPrefix("/") { return path }
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        guard getcwd(&buffer, buffer.count) != nil else { return path }
+        return String(cString: buffer) + "/" + path
+    }
+
+    static func findExecutable(_ name: String) -> Bool {
+        if name.contains("/") { return access(name, X_OK) == 0 }
+        let path = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
+        return path.split(separator: ":").contains { access("\($0)/\(name)", X_OK) == 0 }
     }
 }
+
+extension QemuOptions.Accelerator: ExpressibleByArgument {}
+extension QemuOptions.Network: ExpressibleByArgument {}

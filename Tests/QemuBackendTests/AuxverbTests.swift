@@ -1,8 +1,3 @@
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
 import CommandRunner
 import Foundation
 import GuestChannel
@@ -10,6 +5,12 @@ import QemuBackend
 import Testing
 import VirtCore
 import VirtTestSupport
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
 
 /// The auxverb path end to end without a VM: the real guest helper (Python) runs on the host in
 /// `--listen` mode where QEMU's port would be, the real relay serves the real client executable.
@@ -20,7 +21,7 @@ final class HostHelper: Sendable {
     let relay: AuxverbRelay
     let relayTask: Task<Void, Never>
 
-    var auxverb: [String] { [TestPaths.executable("debusine-virt-qemu"), "--auxverb", relay.socketPath] }
+    var auxverb: [String] { [TestPaths.executable("debusine-virt-auxverb"), relay.socketPath] }
 
     init() async throws {
         directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
@@ -38,7 +39,8 @@ final class HostHelper: Sendable {
 
     /// Runs a command through the auxverb and captures everything.
     func run(_ argv: [String], input: CommandInput = .none) async throws -> CommandResult {
-        try await SubprocessRunner().run(Command(argv: auxverb + argv), input: input, output: .capture(limit: 64 << 20), error: .capture)
+        try await SubprocessRunner().run(
+            Command(argv: auxverb + argv), input: input, output: .capture(limit: 64 << 20), error: .capture)
     }
 
     func stop() async {
@@ -64,8 +66,10 @@ struct AuxverbTests {
 
     @Test(
         "exit statuses follow the auxverb contract: 255 becomes 253, signal N becomes 128+N",
-        arguments: [("exit 0", 0), ("exit 3", 3), ("exit 125", 125), ("exit 254", 254), ("exit 255", 253),
-                    ("kill -9 $$", 137), ("kill -TERM $$", 143), ("kill -INT $$", 130)] as [(String, Int32)])
+        arguments: [
+            ("exit 0", 0), ("exit 3", 3), ("exit 125", 125), ("exit 254", 254), ("exit 255", 253),
+            ("kill -9 $$", 137), ("kill -TERM $$", 143), ("kill -INT $$", 130),
+        ] as [(String, Int32)])
     func exitStatuses(_ script: String, _ expected: Int32) async throws {
         try await withHelper { host in
             let result = try await host.run(["sh", "-c", script])
@@ -102,10 +106,12 @@ struct AuxverbTests {
             let source = "\(host.directory)/source"
             let copied = "\(host.directory)/copied"
             let back = "\(host.directory)/back"
-            try await SubprocessRunner().check(Command("sh", ["-c", #"head -c 67108864 /dev/urandom > "$1""#, "sh", source]))
+            try await SubprocessRunner().check(
+                Command("sh", ["-c", #"head -c 67108864 /dev/urandom > "$1""#, "sh", source]))
             let input = open(source, O_RDONLY)
             try #require(input >= 0)
-            let up = try await host.run(["sh", "-c", #"cat > "$1""#, "sh", copied], input: .fileDescriptor(input, closeAfterStart: true))
+            let up = try await host.run(
+                ["sh", "-c", #"cat > "$1""#, "sh", copied], input: .fileDescriptor(input, closeAfterStart: true))
             #expect(up.status == .exited(0))
             let output = open(back, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
             try #require(output >= 0)
@@ -125,7 +131,9 @@ struct AuxverbTests {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for index in 0..<4 {
                     group.addTask {
-                        let result = try await host.run(["sh", "-c", #"sleep 1; seq 1 20000 | sed "s/^/$1 /""#, "sh", "\(index)"])
+                        let result = try await host.run([
+                            "sh", "-c", #"sleep 1; seq 1 20000 | sed "s/^/$1 /""#, "sh", "\(index)",
+                        ])
                         #expect(result.status == .exited(0))
                         let lines = result.outputText.split(separator: "\n")
                         #expect(lines.count == 20000)
@@ -162,11 +170,14 @@ struct AuxverbTests {
     func sigtermStopsCommand() async throws {
         try await withHelper { host in
             let pidFile = "\(host.directory)/remote.pid"
-            let client = try ServerProcess(host.auxverb + ["sh", "-c", #"echo $$ > "$1"; exec sleep 60"#, "sh", pidFile])
+            let client = try ServerProcess(
+                host.auxverb + ["sh", "-c", #"echo $$ > "$1"; exec sleep 60"#, "sh", pidFile])
             var remote: pid_t?
             let deadline = ContinuousClock.now + .seconds(10)
             while remote == nil && ContinuousClock.now < deadline {
-                remote = (try? String(contentsOfFile: pidFile, encoding: .utf8)).flatMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+                remote = (try? String(contentsOfFile: pidFile, encoding: .utf8)).flatMap {
+                    pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines))
+                }
                 try await Task.sleep(for: .milliseconds(20))
             }
             let pid = try #require(remote)
@@ -185,7 +196,37 @@ struct AuxverbTests {
             try await Task.sleep(for: .milliseconds(200))
             let result = try await host.run(["true"])
             #expect(result.status == .exited(255))
-            #expect(result.errorText.contains("not ready"))
+            #expect(result.errorText.contains("not ready") || result.errorText.contains("gone"))
         }
+    }
+}
+
+@Suite("Guest helper script")
+struct GuestHelperScriptTests {
+    @Test("the helper imports only modules that Debian's python3-minimal ships")
+    func importsOnlyMinimalModules() {
+        // What /usr/lib/python3.11 of libpython3.11-minimal provides (plus built-in modules).
+        let minimal: Set<String> = ["errno", "fcntl", "os", "select", "signal", "socket", "struct", "sys", "time"]
+        var imported: Set<String> = []
+        for line in GuestHelperScript.source.split(separator: "\n") {
+            let words = line.split(separator: " ")
+            if words.first == "import" {
+                for name in words.dropFirst().joined(separator: " ").split(separator: ",") {
+                    imported.insert(name.trimmingCharacters(in: .whitespaces))
+                }
+            } else if words.first == "from" && words.count > 1 {
+                imported.insert(String(words[1]))
+            }
+        }
+        #expect(!imported.isEmpty)
+        #expect(imported.subtracting(minimal).isEmpty, "not in python3-minimal: \(imported.subtracting(minimal))")
+    }
+
+    @Test("the helper is valid Python 3")
+    func compiles() async throws {
+        let result = try await SubprocessRunner().run(
+            Command("/usr/bin/python3", ["-c", "import sys; compile(sys.stdin.read(), 'helper', 'exec')"]),
+            input: .bytes(Array(GuestHelperScript.source.utf8)))
+        #expect(result.status == .exited(0), "\(result.errorText)")
     }
 }

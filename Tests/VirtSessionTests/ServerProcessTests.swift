@@ -111,14 +111,28 @@ struct ServerProcessTests {
         #expect(TestPaths.contents(of: parent) == [])
     }
 
-    @Test(
-        "debusine-virt-qemu and debusine-virt-incus refuse to start, say why on stderr, and print no banner",
-        arguments: [("debusine-virt-qemu", "/nonexistent/image.qcow2"), ("debusine-virt-incus", "artifact/1")])
-    func backendsNotAvailableYet(_ executable: String, _ image: String) async throws {
-        let server = try ServerProcess([TestPaths.executable(executable), image])
+    @Test("debusine-virt-incus refuses to start until its backend lands, says why, and prints no banner")
+    func incusNotAvailableYet() async throws {
+        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), "artifact/1"])
         #expect(try await server.wait() == .exited(69))
         #expect(try await server.readLine() == nil, "nothing may reach stdout")
         #expect(server.standardError.contains("backend is not available yet"))
+    }
+
+    @Test("debusine-virt-qemu with a missing image fails before the banner and names the image")
+    func qemuMissingImage() async throws {
+        let server = try ServerProcess([TestPaths.executable("debusine-virt-qemu"), "/nonexistent/image.qcow2"])
+        #expect(try await server.wait() == .exited(1))
+        #expect(try await server.readLine() == nil, "nothing may reach stdout")
+        #expect(server.standardError.contains("/nonexistent/image.qcow2 does not exist"))
+    }
+
+    @Test("debusine-virt-qemu rejects a bad --accel value before the banner")
+    func qemuBadOption() async throws {
+        let server = try ServerProcess([TestPaths.executable("debusine-virt-qemu"), "--accel", "warp", "/etc/hostname"])
+        #expect(try await server.wait() == .exited(64))
+        #expect(try await server.readLine() == nil)
+        #expect(server.standardError.contains("warp"))
     }
 
     @Test(

@@ -1,0 +1,245 @@
+import CommandRunner
+import Foundation
+import QemuMonitor
+import Synchronization
+import VirtCore
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// One boot of one VM: its private directory, the QEMU process, the monitor and agent
+/// connections and the auxverb relay.
+///
+/// It is registered with its testbed before anything exists, and every handle is stored as soon
+/// as it is made, so ``destroy(graceful:)`` (from `close`, a failed boot or a signal) removes
+/// exactly what was created, whenever it runs.
+final class QemuInstance: Sendable {
+    let paths: InstancePaths
+    let options: QemuOptions
+    let runner: any CommandRunner
+    let relay: AuxverbRelay
+
+    private struct Handles {
+        var qemu: Task<CommandResult?, Never>?
+        var relay: Task<Void, Never>?
+        var qmp: QMPClient?
+        var qga: QGAClient?
+        var destroyed = false
+    }
+    private let handles = Mutex(Handles())
+    private let qemuEnded = Mutex(false)
+
+    /// Uses `directory` (private, 0700, short for the sockets; it outlives reverts so the
+    /// auxverb's socket path stays the same) and writes the owner file into it.
+    init(options: QemuOptions, runner: any CommandRunner, directory: String) throws(VirtError) {
+        self.options = options
+        self.runner = runner
+        paths = InstancePaths(directory: directory)
+        relay = AuxverbRelay(socketPath: paths.auxverb)
+        try Self.writeFile(paths.ownerFile, "\(getpid())\n")
+    }
+
+    var qga: QGAClient? { handles.withLock { $0.qga } }
+    var hasEnded: Bool { qemuEnded.withLock { $0 } }
+
+    /// Starts QEMU and waits until the guest agent answers and the guest helper is up.
+    func boot(kvm: Bool) async throws(VirtError) {
+        let format = try ImageFormat.detect(path: options.image)
+        try await runner.check(QemuCommands.createOverlay(base: options.image, format: format, overlay: paths.overlay))
+        try await runner.check(Command("cp", ["--", options.efiVars, paths.efiVars]))
+        let logFD = open(paths.qemuLog, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard logFD >= 0 else { throw VirtError(.io, "cannot create \(paths.qemuLog)") }
+        let command = QemuCommands.qemu(options, paths, kvm: kvm)
+        log.debug("starting \(command)")
+        let runner = self.runner
+        let qemu = Task<CommandResult?, Never> {
+            defer { self.qemuEnded.withLock { $0 = true } }
+            return try? await runner.run(
+                command, input: .none, output: .fileDescriptor(logFD, closeAfterStart: false),
+                error: .fileDescriptor(logFD, closeAfterStart: true))
+        }
+        try store { $0.qemu = qemu }
+
+        let deadline = ContinuousClock.now + options.bootTimeout
+        let qmp = try await QMPClient.connect(path: paths.qmp, timeout: .seconds(30))
+        try store { $0.qmp = qmp }
+        let relay = self.relay
+        let helperPort = paths.helperPort
+        let relayTask = Task {
+            do {
+                try await relay.run(guestPortPath: helperPort)
+            } catch {
+                log.debug("relay ended: \(error)")
+            }
+        }
+        try store { $0.relay = relayTask }
+        let qga = try await QGAClient.connect(path: paths.qga, timeout: .seconds(30))
+        try store { $0.qga = qga }
+        try await waitForAgent(qga, until: deadline)
+        try await startHelper(qga, previousBootID: nil)
+    }
+
+    /// Waits for the guest agent to answer, watching for QEMU dying meanwhile.
+    func waitForAgent(_ qga: QGAClient, until deadline: ContinuousClock.Instant) async throws(VirtError) {
+        while true {
+            try checkAlive("while booting")
+            do {
+                try await qga.sync(timeout: .seconds(3))
+                return
+            } catch  where error.code == .timeout {
+                log.debug("guest agent not answering yet")
+            }
+            guard ContinuousClock.now < deadline else {
+                throw VirtError(
+                    .testbedFailure,
+                    "the guest agent did not answer within \(options.bootTimeout.formattedSeconds): does the image "
+                        + "have qemu-guest-agent installed and enabled?\(consoleTail())")
+            }
+        }
+    }
+
+    /// Installs the guest helper through the agent, starts it, and waits for its hello.
+    func startHelper(_ qga: QGAClient, previousBootID: String?) async throws(VirtError) {
+        try await qga.writeFile(path: GuestHelperScript.guestPath, contents: Array(GuestHelperScript.source.utf8))
+        let pid: Int
+        do {
+            pid = try await qga.exec(
+                path: "/usr/bin/python3",
+                arguments: [GuestHelperScript.guestPath, "/dev/virtio-ports/\(GuestHelperScript.portName)"],
+                captureOutput: true)
+        } catch {
+            throw VirtError(
+                .testbedFailure,
+                "cannot start the guest helper with /usr/bin/python3 (the image needs python3-minimal): \(error.message)"
+            )
+        }
+        do {
+            _ = try await relay.waitForHelper(notBootID: previousBootID, timeout: .seconds(60))
+        } catch {
+            var detail = ""
+            if let result = try? await qga.waitForExec(pid: pid, timeout: .seconds(2)) {
+                detail =
+                    ": helper ended with \(result.exitCode.map(String.init) ?? "?"): "
+                    + String(decoding: result.standardError, as: UTF8.self)
+            }
+            throw VirtError(.testbedFailure, "the guest helper did not come up\(detail) (\(error.message))")
+        }
+    }
+
+    /// Waits until the guest runs a boot with a different id, then restarts the helper in it.
+    func waitForReboot(previousBootID: String, timeout: Duration) async throws(VirtError) {
+        await relay.helperGone("the testbed is rebooting")
+        guard let qga else { throw VirtError(.testbedFailure, "no guest agent connection") }
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            try checkAlive("while rebooting")
+            if let id = try? await bootID(qga), !id.isEmpty, id != previousBootID { break }
+            guard ContinuousClock.now < deadline else {
+                throw VirtError(.timeout, "the testbed did not come back from reboot\(consoleTail())")
+            }
+            try? await Task.sleep(for: .seconds(1))
+        }
+        try await startHelper(qga, previousBootID: nil)
+    }
+
+    /// The guest's boot id, asked through the agent (the helper may be down). Not with
+    /// guest-file-read: its large read count makes the kernel's sysctl handler fail with ENOMEM.
+    func bootID(_ qga: QGAClient) async throws(VirtError) -> String {
+        try await qga.sync(timeout: .seconds(3))
+        let pid = try await qga.exec(
+            path: "/bin/cat", arguments: ["/proc/sys/kernel/random/boot_id"], captureOutput: true)
+        let result = try await qga.waitForExec(pid: pid, timeout: .seconds(10))
+        guard result.exitCode == 0 else {
+            throw VirtError(
+                .testbedFailure,
+                "cannot read the guest's boot id: \(String(decoding: result.standardError, as: UTF8.self))")
+        }
+        return String(decoding: result.standardOutput, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// Stops the VM and removes everything of this instance. Graceful: `guest-shutdown`, then
+    /// QMP `quit` after the shutdown timeout, then a kill. Not graceful (revert, failures):
+    /// straight to `quit` and kill, since the disk state is thrown away anyway.
+    func destroy(graceful: Bool, removeDirectory: Bool) async {
+        let current = handles.withLock { state -> Handles in
+            state.destroyed = true
+            return state
+        }
+        await relay.helperGone("the testbed is shutting down")
+        if let qemu = current.qemu, !hasEnded {
+            if graceful, let qga = current.qga {
+                do {
+                    try await qga.send("guest-shutdown")
+                    log.debug("asked the guest to shut down")
+                    await waitForEnd(options.shutdownTimeout)
+                } catch {
+                    log.debug("guest-shutdown failed: \(error)")
+                }
+            }
+            if !hasEnded, let qmp = current.qmp {
+                _ = try? await qmp.execute("quit", timeout: .seconds(5))
+                await waitForEnd(.seconds(5))
+            }
+            if !hasEnded {
+                log.warning("QEMU did not stop, killing it")
+                qemu.cancel()
+            }
+            _ = await qemu.value
+        }
+        await current.qmp?.close()
+        await current.qga?.close()
+        current.relay?.cancel()
+        _ = await current.relay?.value
+        if removeDirectory {
+            try? FileManager.default.removeItem(atPath: paths.directory)
+        } else {
+            for name in (try? FileManager.default.contentsOfDirectory(atPath: paths.directory)) ?? [] {
+                try? FileManager.default.removeItem(atPath: "\(paths.directory)/\(name)")
+            }
+        }
+    }
+
+    private func waitForEnd(_ timeout: Duration) async {
+        let deadline = ContinuousClock.now + timeout
+        while !hasEnded && ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+    }
+
+    private func store(_ update: (inout Handles) -> Void) throws(VirtError) {
+        let destroyed = handles.withLock { state -> Bool in
+            update(&state)
+            return state.destroyed
+        }
+        if destroyed { throw VirtError(.testbedFailure, "the testbed was shut down while starting") }
+    }
+
+    private func checkAlive(_ when: String) throws(VirtError) {
+        if handles.withLock({ $0.destroyed }) {
+            throw VirtError(.testbedFailure, "the testbed was shut down \(when)")
+        }
+        if hasEnded {
+            let qemuLog = (try? String(contentsOfFile: paths.qemuLog, encoding: .utf8)) ?? ""
+            throw VirtError(.testbedFailure, "QEMU exited \(when): \(qemuLog.suffix(2000))\(consoleTail())")
+        }
+    }
+
+    /// The end of the serial console, for error messages.
+    func consoleTail(_ count: Int = 4000) -> String {
+        guard let text = try? String(contentsOfFile: paths.consoleLog, encoding: .utf8), !text.isEmpty else {
+            return ""
+        }
+        return "\n--- end of the serial console (\(paths.consoleLog)) ---\n\(text.suffix(count))"
+    }
+
+    static func writeFile(_ path: String, _ text: String) throws(VirtError) {
+        do {
+            try Data(text.utf8).write(to: URL(fileURLWithPath: path))
+        } catch {
+            throw VirtError(.io, "cannot write \(path): \(error)")
+        }
+    }
+}

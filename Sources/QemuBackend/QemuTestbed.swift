@@ -1,0 +1,124 @@
+import CommandRunner
+import Foundation
+import Synchronization
+import TestbedCore
+import VirtCore
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// The QEMU backend: a VM from a system image, on a fresh qcow2 overlay per boot.
+public final class QemuTestbed: Testbed {
+    let options: QemuOptions
+    let runner: any CommandRunner
+    let kvm: Bool
+    /// The auxverb's program, debusine-virt-auxverb.
+    let auxverbExecutable: String
+    let parent: String
+    private let current = Mutex<QemuInstance?>(nil)
+    /// The private directory of this server's VM, kept from open to close.
+    private let directory = Mutex<String?>(nil)
+
+    public init(
+        options: QemuOptions, runner: any CommandRunner = SubprocessRunner(), auxverbExecutable: String,
+        parent: String = PrivateDirectory.temporaryParent
+    ) throws(VirtError) {
+        self.options = options
+        self.runner = runner
+        self.auxverbExecutable = auxverbExecutable
+        self.parent = parent
+        switch options.accelerator {
+        case .tcg: kvm = false
+        case .kvm:
+            guard KVMProbe.usable() else {
+                throw VirtError(
+                    .unavailable, "--accel kvm: KVM cannot run guests here (no usable /dev/kvm or no vmx/svm)")
+            }
+            kvm = true
+        case .auto:
+            kvm = KVMProbe.usable()
+            if !kvm { log.info("KVM is not usable here; using TCG (slower)") }
+        }
+    }
+
+    public func capabilities() async -> [String] {
+        [
+            Capability.revert, Capability.revertFullSystem, Capability.reboot, Capability.rootOnTestbed,
+            Capability.isolationMachine,
+        ]
+    }
+
+    public func open() async throws(VirtError) -> [String] {
+        try await boot()
+        return auxverb
+    }
+
+    public func revert() async throws(VirtError) -> [String] {
+        if let old = current.withLock({ $0 }) { await old.destroy(graceful: false, removeDirectory: false) }
+        try await boot()
+        return auxverb
+    }
+
+    public func close() async {
+        let instance = current.withLock { value -> QemuInstance? in
+            defer { value = nil }
+            return value
+        }
+        await instance?.destroy(graceful: true, removeDirectory: true)
+        // A shutdown while the directory existed but before an instance did.
+        if let path = directory.withLock({ value -> String? in
+            defer { value = nil }
+            return value
+        }) {
+            try? FileManager.default.removeItem(atPath: path)
+        }
+    }
+
+    public func bootID(_ testbed: InTestbed) async throws(VirtError) -> String {
+        guard let instance = current.withLock({ $0 }), let qga = instance.qga else {
+            throw VirtError(.testbedFailure, "the testbed is not running")
+        }
+        return try await instance.bootID(qga)
+    }
+
+    public func waitForReboot(
+        _ testbed: InTestbed, previousBootID: String, requested: Bool
+    ) async throws(VirtError) -> [String] {
+        guard let instance = current.withLock({ $0 }) else {
+            throw VirtError(.testbedFailure, "the testbed is not running")
+        }
+        try await instance.waitForReboot(previousBootID: previousBootID, timeout: rebootTimeout)
+        return auxverb
+    }
+
+    public func debugFailureReport() async -> String? {
+        current.withLock { $0 }?.consoleTail()
+    }
+
+    var auxverb: [String] {
+        [auxverbExecutable, InstancePaths(directory: directory.withLock { $0 } ?? "").auxverb]
+    }
+
+    private func boot() async throws(VirtError) {
+        let path: String
+        if let existing = directory.withLock({ $0 }) {
+            path = existing
+        } else {
+            path = try PrivateDirectory.make(in: parent, prefix: "dvq.")
+            directory.withLock { $0 = path }
+        }
+        let instance = try QemuInstance(options: options, runner: runner, directory: path)
+        current.withLock { $0 = instance }
+        do {
+            try await instance.boot(kvm: kvm)
+        } catch {
+            log.debug("boot failed, cleaning up: \(error)")
+            current.withLock { if $0 === instance { $0 = nil } }
+            await instance.destroy(graceful: false, removeDirectory: false)
+            throw error
+        }
+    }
+}

@@ -1,0 +1,181 @@
+import CommandRunner
+import Foundation
+import Testing
+import VirtCore
+import VirtTestSupport
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// debusine-virt-qemu as autopkgtest runs it: the built executable over real pipes, booting the
+/// project-built Debian image under TCG. One session covers open, the auxverb, copies, revert,
+/// reboot and quit, because every boot costs half a minute here.
+///
+/// Needs DEBUSINE_VIRT_TEST_IMAGES (set by scripts/test); in CI a missing image fails.
+@Suite("debusine-virt-qemu with a real VM", .serialized)
+struct QemuServerTests {
+    static let imageDirectory = ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_IMAGES"]
+    static let enabled = imageDirectory != nil || TestPaths.isCI
+
+    let runner = SubprocessRunner()
+
+    /// Splits a print-execute-command reply the way autopkgtest does.
+    func auxverb(from reply: String) throws -> [String] {
+        let word = try #require(reply.split(separator: " ").dropFirst().first)
+        return word.split(separator: ",").map { element in
+            String(decoding: Self.percentDecode(Array(element.utf8)), as: UTF8.self)
+        }
+    }
+
+    static func percentDecode(_ bytes: [UInt8]) -> [UInt8] {
+        var result: [UInt8] = []
+        var index = 0
+        while index < bytes.count {
+            if bytes[index] == UInt8(ascii: "%"), index + 2 < bytes.count,
+                let value = UInt8(String(decoding: bytes[(index + 1)...(index + 2)], as: UTF8.self), radix: 16)
+            {
+                result.append(value)
+                index += 3
+            } else {
+                result.append(bytes[index])
+                index += 1
+            }
+        }
+        return result
+    }
+
+    func request(_ server: ServerProcess, _ line: String, timeout: Duration = .seconds(600)) async throws -> String {
+        server.write(line: line)
+        return try #require(
+            try await server.readLine(timeout: timeout), "no reply to \(line):\n\(server.standardError)")
+    }
+
+    @Test(
+        "a whole session: open, auxverb contract, streaming, copies, revert, reboot, quit; nothing left behind",
+        .enabled(if: enabled), .timeLimit(.minutes(20)))
+    func wholeSession() async throws {
+        let directory = try #require(
+            Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        let image = "\(directory)/bookworm-amd64.qcow2"
+        let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-test.")
+        defer { TestPaths.removeTree(parent) }
+        let host = try TestPaths.makeTemporaryDirectory("dv-qemu-host.")
+        defer { TestPaths.removeTree(host) }
+        let server = try ServerProcess(
+            [TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--shutdown-timeout", "60", image],
+            environment: ["TMPDIR": parent])
+        #expect(try await server.readLine() == "ok")
+
+        let capabilities = try await request(server, "capabilities")
+        for word in ["revert", "revert-full-system", "reboot", "root-on-testbed", "isolation-machine"] {
+            #expect(capabilities.split(separator: " ").contains(Substring(word)), "\(capabilities)")
+        }
+
+        let opened = try await request(server, "open")
+        try #require(opened.hasPrefix("ok /"), "open failed:\n\(server.standardError)")
+        let scratch = String(opened.dropFirst(3))
+        #expect(TestPaths.contents(of: parent).count == 1, "one private instance directory")
+
+        let aux = try auxverb(from: try await request(server, "print-execute-command"))
+        func inGuest(_ argv: [String], input: CommandInput = .none) async throws -> CommandResult {
+            try await runner.run(
+                Command(argv: aux + argv), input: input, output: .capture(limit: 16 << 20), error: .capture)
+        }
+
+        // The scratch directory is world-writable: the testbed is a whole machine.
+        #expect(try await inGuest(["stat", "-c", "%a", scratch]).outputText == "777")
+        // Exit statuses and argv.
+        #expect(try await inGuest(["sh", "-c", "exit 255"]).status == .exited(253))
+        #expect(try await inGuest(["sh", "-c", "kill -9 $$"]).status == .exited(137))
+        let words = ["a b", "", "ü€", "$(id)", "%2C,x"]
+        #expect(try await inGuest(["printf", "[%s]"] + words).outputText == words.map { "[\($0)]" }.joined())
+        #expect(try await inGuest(["id", "-u"]).outputText == "0")
+
+        // 64 MiB through stdin and back through stdout.
+        let source = "\(host)/source"
+        try await runner.check(Command("sh", ["-c", #"head -c 67108864 /dev/urandom > "$1""#, "sh", source]))
+        let input = open(source, O_RDONLY)
+        try #require(input >= 0)
+        let up = try await inGuest(
+            ["sh", "-c", "cat > /root/big"], input: .fileDescriptor(input, closeAfterStart: true))
+        #expect(up.status == .exited(0), "\(up.errorText)")
+        let back = "\(host)/back"
+        let output = open(back, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        try #require(output >= 0)
+        let down = try await runner.run(
+            Command(argv: aux + ["cat", "/root/big"]), input: .none,
+            output: .fileDescriptor(output, closeAfterStart: true), error: .capture)
+        #expect(down.status == .exited(0))
+        #expect(try await runner.run(Command("cmp", [source, back])).status == .exited(0))
+
+        // Four auxverbs at once.
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for index in 0..<4 {
+                group.addTask {
+                    let result = try await inGuest(["sh", "-c", #"sleep 2; echo "$1""#, "sh", "\(index)"])
+                    #expect(result.outputText == "\(index)")
+                }
+            }
+            try await group.waitForAll()
+        }
+
+        // copydown/copyup of a file (execute bit kept) and a tree with odd names.
+        try await runner.check(
+            Command(
+                "sh",
+                [
+                    "-c",
+                    #"mkdir -p "$1/tree/sub ü" && for i in $(seq 1 200); do echo "$i" > "$1/tree/sub ü/f $i"; done && printf '#!/bin/sh\n' > "$1/tool" && chmod 755 "$1/tool""#,
+                    "sh", host,
+                ]))
+        let encodedHost = host.replacingOccurrences(of: " ", with: "%20")
+        #expect(try await request(server, "copydown \(encodedHost)/tool \(scratch)/tool") == "ok")
+        #expect(try await inGuest(["test", "-x", "\(scratch)/tool"]).status == .exited(0))
+        #expect(try await request(server, "copydown \(encodedHost)/tree/ \(scratch)/tree/") == "ok")
+        #expect(try await request(server, "copyup \(scratch)/tree/ \(encodedHost)/tree-back/") == "ok")
+        #expect(
+            try await runner.run(Command("diff", ["-r", "\(host)/tree", "\(host)/tree-back"])).status == .exited(0))
+        #expect(try await request(server, "copyup /nonexistent \(encodedHost)/x") == "copy-failed")
+
+        // reboot: a new boot, the scratch directory still there.
+        let bootBefore = try await inGuest(["cat", "/proc/sys/kernel/random/boot_id"]).outputText
+        #expect(try await request(server, "reboot") == "ok")
+        let bootAfter = try await inGuest(["cat", "/proc/sys/kernel/random/boot_id"]).outputText
+        #expect(!bootAfter.isEmpty && bootAfter != bootBefore)
+        #expect(try await inGuest(["test", "-x", "\(scratch)/tool"]).status == .exited(0))
+
+        // revert: same scratch path, a clean machine.
+        #expect(try await request(server, "revert") == "ok \(scratch)")
+        #expect(try await inGuest(["test", "-e", "/root/big"]).status == .exited(1))
+        #expect(try await inGuest(["test", "-d", scratch]).status == .exited(0))
+
+        server.write(line: "quit")
+        #expect(try await server.wait(timeout: .seconds(180)) == .exited(0), "\(server.standardError)")
+        #expect(try await server.readLine() == nil)
+        #expect(TestPaths.contents(of: parent) == [], "the instance directory was left behind")
+        let leftover = try await runner.run(Command("pgrep", ["-f", parent]))
+        #expect(leftover.outputText.isEmpty, "QEMU processes left behind: \(leftover.outputText)")
+    }
+
+    @Test(
+        "an image QEMU cannot boot fails open with exit 12, a clear message and nothing left behind",
+        .enabled(if: enabled), .timeLimit(.minutes(5)))
+    func unbootableImage() async throws {
+        let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-test.")
+        defer { TestPaths.removeTree(parent) }
+        let bogus = "\(parent)/not-an-image.raw"
+        try Data(repeating: 0, count: 1 << 20).write(to: URL(fileURLWithPath: bogus))
+        let server = try ServerProcess(
+            [TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--boot-timeout", "20", bogus],
+            environment: ["TMPDIR": parent])
+        #expect(try await server.readLine() == "ok")
+        server.write(line: "open")
+        #expect(try await server.wait(timeout: .seconds(120)) == .exited(12))
+        #expect(try await server.readLine() == nil)
+        #expect(server.standardError.contains("guest agent did not answer"), "\(server.standardError)")
+        #expect(TestPaths.contents(of: parent) == ["not-an-image.raw"], "the instance directory was left behind")
+    }
+}
