@@ -161,6 +161,41 @@ struct QemuServerTests {
     }
 
     @Test(
+        "autopkgtest runs the examples/ fixture package under debusine-virt-qemu with the expected summary",
+        .enabled(if: enabled), .timeLimit(.minutes(20)))
+    func autopkgtestFixture() async throws {
+        let directory = try #require(
+            Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        let work = try TestPaths.makeTemporaryDirectory("dv-autopkgtest.")
+        defer { TestPaths.removeTree(work) }
+        let fixture = "\(TestPaths.repositoryRoot)/examples/fixture"
+        // --no-built-binaries: the fixture's tests need no package, and the offline image has no
+        // apt lists for autopkgtest to install one with.
+        let result = try await runner.run(
+            Command(
+                "autopkgtest",
+                [
+                    "--no-built-binaries", "--summary-file=\(work)/summary", "--output-dir=\(work)/out", "\(fixture)/",
+                    "--", TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg",
+                    "\(directory)/bookworm-amd64.qcow2",
+                ], environment: ["TMPDIR": work]),
+            input: .none, output: .discard, error: .capture(limit: 64 << 20))
+        // 4: at least one test failed, which expected-failure does on purpose.
+        #expect(result.status == .exited(4), "autopkgtest: \(result.status)\n\(result.errorText.suffix(4000))")
+        let summary = try String(contentsOfFile: "\(work)/summary", encoding: .utf8)
+        let actual = summary.split(separator: "\n").map { $0.split(separator: " ").prefix(2).joined(separator: " ") }
+        let expected = try String(contentsOfFile: "\(fixture)/expected-summary", encoding: .utf8)
+            .split(separator: "\n").map(String.init)
+        #expect(actual == expected, "summary:\n\(summary)")
+        #expect(
+            FileManager.default.fileExists(atPath: "\(work)/out/artifacts/odd dir ü/file, with % and spaces"),
+            "the artifact with an odd name was not copied up")
+        #expect(
+            TestPaths.contents(of: work).filter { $0.hasPrefix("dvq.") }.isEmpty,
+            "an instance directory was left behind")
+    }
+
+    @Test(
         "an image QEMU cannot boot fails open with exit 12, a clear message and nothing left behind",
         .enabled(if: enabled), .timeLimit(.minutes(5)))
     func unbootableImage() async throws {
