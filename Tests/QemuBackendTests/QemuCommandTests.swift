@@ -1,0 +1,84 @@
+import CommandRunner
+import Foundation
+import QemuBackend
+import Testing
+import VirtCore
+import VirtTestSupport
+
+@Suite("QEMU command lines and host probes")
+struct QemuCommandTests {
+    let paths = InstancePaths(directory: "/tmp/dvq.abc123")
+
+    @Test("the overlay names its base by absolute path and format")
+    func overlay() {
+        let command = QemuCommands.createOverlay(base: "/images/base.img", format: .raw, overlay: paths.overlay)
+        #expect(
+            command.argv == [
+                "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/images/base.img",
+                "/tmp/dvq.abc123/overlay.qcow2",
+            ])
+    }
+
+    @Test(
+        "the VM: EFI pflash, unsafe-cached virtio overlay, rng, sockets in the instance directory, no network by default"
+    )
+    func qemuDefaults() {
+        var options = QemuOptions(image: "/images/base.qcow2")
+        options.cpus = 3
+        options.ramMiB = 1024
+        let argv = QemuCommands.qemu(options, paths, kvm: false).argv
+        func value(after flag: String) -> [String] {
+            argv.indices.filter { argv[$0] == flag && $0 + 1 < argv.count }.map { argv[$0 + 1] }
+        }
+        #expect(argv.first == "qemu-system-x86_64")
+        #expect(value(after: "-machine") == ["q35,accel=tcg"])
+        #expect(value(after: "-smp") == ["3"])
+        #expect(value(after: "-m") == ["1024"])
+        #expect(value(after: "-nic") == ["none"])
+        #expect(!argv.contains("-enable-kvm"))
+        let drives = value(after: "-drive")
+        #expect(drives.contains("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"))
+        #expect(drives.contains("if=pflash,format=raw,unit=1,file=/tmp/dvq.abc123/efivars.fd"))
+        #expect(drives.contains("file=/tmp/dvq.abc123/overlay.qcow2,format=qcow2,if=virtio,cache=unsafe,discard=unmap"))
+        #expect(value(after: "-device").contains("virtio-rng-pci"))
+        #expect(value(after: "-device").contains("virtserialport,chardev=qga,name=org.qemu.guest_agent.0"))
+        #expect(value(after: "-device").contains("virtserialport,chardev=helper,name=org.debusine.virt.0"))
+        #expect(value(after: "-chardev").allSatisfy { $0.contains("path=/tmp/dvq.abc123/") })
+        #expect(QemuCommands.qemu(options, paths, kvm: false).newSession, "QEMU must not share our terminal's signals")
+        // Every socket path fits sockaddr_un even under a long TMPDIR prefix of this size.
+        #expect(
+            [paths.qmp, paths.qga, paths.helperPort, paths.auxverb, paths.console].allSatisfy { $0.utf8.count < 108 })
+    }
+
+    @Test("KVM and user networking change only what they should; commas in paths are escaped for QEMU")
+    func variants() {
+        var options = QemuOptions(image: "/i.qcow2")
+        options.network = .user
+        options.efiCode = "/odd,dir/CODE.fd"
+        let argv = QemuCommands.qemu(options, paths, kvm: true).argv
+        #expect(argv.contains("q35,accel=kvm"))
+        #expect(argv.contains("host"))
+        #expect(argv.contains("user,model=virtio-net-pci"))
+        #expect(argv.contains("if=pflash,format=raw,unit=0,readonly=on,file=/odd,,dir/CODE.fd"))
+    }
+
+    @Test("KVM counts as usable only with vmx or svm among the CPU flags")
+    func kvmProbe() {
+        #expect(KVMProbe.cpuHasVirtualization(cpuinfo: "processor\t: 0\nflags\t\t: fpu vme de pse vmx sse\n"))
+        #expect(KVMProbe.cpuHasVirtualization(cpuinfo: "flags\t\t: fpu svm\n"))
+        #expect(!KVMProbe.cpuHasVirtualization(cpuinfo: "flags\t\t: fpu vme de pse sse hypervisor\n"))
+        #expect(!KVMProbe.cpuHasVirtualization(cpuinfo: "vmx flags\t: ept\n"))
+        #expect(!KVMProbe.usable(devicePath: "/nonexistent/kvm"))
+    }
+
+    @Test("images are qcow2 by their magic, raw otherwise; a missing image is a clear error")
+    func imageFormat() throws {
+        let directory = try TestPaths.makeTemporaryDirectory()
+        defer { TestPaths.removeTree(directory) }
+        try Data([0x51, 0x46, 0x49, 0xFB, 0, 0, 0, 3]).write(to: URL(fileURLWithPath: "\(directory)/a.qcow2"))
+        try Data(repeating: 0, count: 512).write(to: URL(fileURLWithPath: "\(directory)/b.img"))
+        #expect(try ImageFormat.detect(path: "\(directory)/a.qcow2") == .qcow2)
+        #expect(try ImageFormat.detect(path: "\(directory)/b.img") == .raw)
+        #expect(throws: VirtError.self) { try ImageFormat.detect(path: "\(directory)/missing") }
+    }
+}
