@@ -34,7 +34,13 @@ final class HostHelper: Sendable {
         let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock")
         self.relay = relay
         relayTask = Task { try? await relay.run(guestPortPath: port) }
-        _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(10))
+        do {
+            _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+        } catch {
+            // No instance will exist to stop: stop what was started here.
+            await stop()
+            throw error
+        }
     }
 
     /// Runs a command through the auxverb and captures everything.
