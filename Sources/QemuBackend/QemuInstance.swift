@@ -180,6 +180,10 @@ final class QemuInstance: Sendable {
                 }
             }
             if !hasEnded, let qmp = current.qmp {
+                if graceful {
+                    log.info(
+                        "the guest did not shut down within \(options.shutdownTimeout.formattedSeconds); stopping QEMU")
+                }
                 _ = try? await qmp.execute("quit", timeout: .seconds(5))
                 await waitForEnd(.seconds(5))
             }

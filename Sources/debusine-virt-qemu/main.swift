@@ -19,8 +19,30 @@ struct QemuServer: AsyncParsableCommand {
             Boots IMAGE (qcow2 or raw, EFI, never modified: every boot gets a fresh qcow2 overlay) \
             and serves the autopkgtest virt-server protocol on stdin/stdout. The image needs \
             qemu-guest-agent and python3-minimal. Use it as: autopkgtest PACKAGE -- debusine-virt-qemu IMAGE
+
+            debusine-virt-qemu gc removes what servers that died left behind (QEMU processes, \
+            instance directories in $TMPDIR) and reports it.
             """
     )
+
+    /// `debusine-virt-qemu gc` is taken before argument parsing, where it would read as an image.
+    static func main() async {
+        let arguments = Array(CommandLine.arguments.dropFirst())
+        if arguments == ["gc"] || arguments == ["gc", "--help"] {
+            if arguments.count == 2 {
+                Log.writeToStandardError(
+                    "usage: debusine-virt-qemu gc\n\nRemoves the QEMU processes and instance directories that servers "
+                        + "which died left in $TMPDIR (default /tmp), and says what it removed.\n")
+                Glibc.exit(0)
+            }
+            let parent = PrivateDirectory.temporaryParent
+            let report = QemuGarbageCollector.collect(parent: parent)
+            let text = report.isEmpty ? "nothing to remove in \(parent)\n" : report.joined(separator: "\n") + "\n"
+            _ = text.withCString { write(1, $0, strlen($0)) }
+            Glibc.exit(report.contains { $0.hasPrefix("could not") } ? 1 : 0)
+        }
+        await Self.main(arguments)
+    }
 
     @Flag(name: [.short, .long], help: "Log more on stderr.")
     var debug = false

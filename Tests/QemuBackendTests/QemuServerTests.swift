@@ -65,7 +65,7 @@ struct QemuServerTests {
         let host = try TestPaths.makeTemporaryDirectory("dv-qemu-host.")
         defer { TestPaths.removeTree(host) }
         let server = try ServerProcess(
-            [TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--shutdown-timeout", "60", image],
+            [TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--shutdown-timeout", "10", image],
             environment: ["TMPDIR": parent])
         #expect(try await server.readLine() == "ok")
 
@@ -152,8 +152,14 @@ struct QemuServerTests {
         #expect(try await inGuest(["test", "-e", "/root/big"]).status == .exited(1))
         #expect(try await inGuest(["test", "-d", scratch]).status == .exited(0))
 
+        // A guest that refuses to power off is stopped after --shutdown-timeout all the same.
+        #expect(try await inGuest(["systemctl", "mask", "--runtime", "poweroff.target"]).status == .exited(0))
+        let clock = ContinuousClock()
+        let quitting = clock.now
         server.write(line: "quit")
         #expect(try await server.wait(timeout: .seconds(180)) == .exited(0), "\(server.standardError)")
+        #expect(clock.now - quitting < .seconds(60))
+        #expect(server.standardError.contains("did not shut down within 10 s"), "\(server.standardError)")
         #expect(try await server.readLine() == nil)
         #expect(TestPaths.contents(of: parent) == [], "the instance directory was left behind")
         let leftover = try await runner.run(Command("pgrep", ["-f", parent]))
@@ -193,6 +199,36 @@ struct QemuServerTests {
         #expect(
             TestPaths.contents(of: work).filter { $0.hasPrefix("dvq.") }.isEmpty,
             "an instance directory was left behind")
+    }
+
+    @Test(
+        "after the server is killed with SIGKILL, gc removes its QEMU and instance directory; a second gc finds nothing",
+        .enabled(if: enabled), .timeLimit(.minutes(10)))
+    func gcAfterKill() async throws {
+        let directory = try #require(
+            Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-gc.")
+        defer { TestPaths.removeTree(parent) }
+        let server = try ServerProcess(
+            [TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "\(directory)/bookworm-amd64.qcow2"],
+            environment: ["TMPDIR": parent])
+        #expect(try await server.readLine() == "ok")
+        #expect(try await request(server, "open").hasPrefix("ok /"))
+        server.signal(SIGKILL)
+        #expect(try await server.wait() == .signaled(SIGKILL))
+        #expect(TestPaths.contents(of: parent).count == 1, "the instance directory should still be there")
+        #expect(try await runner.run(Command("pgrep", ["-f", parent])).status == .exited(0), "QEMU should still run")
+
+        let gc = Command(TestPaths.executable("debusine-virt-qemu"), ["gc"], environment: ["TMPDIR": parent])
+        let first = try await runner.run(gc)
+        #expect(first.status == .exited(0))
+        #expect(first.outputText.contains("removed \(parent)/dvq."), "\(first.outputText)")
+        #expect(first.outputText.contains("killed its QEMU"), "\(first.outputText)")
+        #expect(TestPaths.contents(of: parent) == [])
+        #expect(try await runner.run(Command("pgrep", ["-f", parent])).status == .exited(1), "QEMU survived gc")
+        let second = try await runner.run(gc)
+        #expect(second.status == .exited(0))
+        #expect(second.outputText == "nothing to remove in \(parent)")
     }
 
     @Test(

@@ -1,0 +1,69 @@
+import Foundation
+import VirtCore
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// Removes what servers that died without cleaning up (SIGKILL, a crash, a power cut of the
+/// worker's session) left behind: their QEMU processes and instance directories.
+///
+/// An instance directory names its server in `owner`; while that process lives, the instance is
+/// not touched. QEMU is killed only when its pid file names a process whose command line
+/// mentions the instance directory, so a reused pid is never hit.
+public enum QemuGarbageCollector {
+    /// Instance directories younger than this without an owner file may still be in creation.
+    static let creationGrace: TimeInterval = 60
+
+    /// Collects in `parent` (the servers' $TMPDIR); returns one line per instance removed.
+    public static func collect(parent: String) -> [String] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []
+        var report: [String] = []
+        for name in entries.sorted() where name.hasPrefix("dvq.") {
+            let directory = "\(parent)/\(name)"
+            var info = stat()
+            guard lstat(directory, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR, info.st_uid == getuid() else {
+                continue
+            }
+            let paths = InstancePaths(directory: directory)
+            if let owner = readPID(paths.ownerFile) {
+                if isAlive(owner, commandContains: "debusine-virt-qemu") { continue }
+            } else {
+                let age = Date().timeIntervalSince1970 - TimeInterval(info.st_mtim.tv_sec)
+                if age < creationGrace { continue }
+            }
+            var line = "removed \(directory)"
+            if let qemu = readPID(paths.pidFile), isAlive(qemu, commandContains: directory) {
+                kill(qemu, SIGKILL)
+                for _ in 0..<100 where isAlive(qemu, commandContains: directory) { usleep(20_000) }
+                line += " and killed its QEMU (pid \(qemu))"
+            }
+            do {
+                try FileManager.default.removeItem(atPath: directory)
+            } catch {
+                report.append("could not remove \(directory): \(error)")
+                continue
+            }
+            report.append(line)
+        }
+        return report
+    }
+
+    static func readPID(_ path: String) -> pid_t? {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+        return pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines))
+    }
+
+    /// Whether `pid` runs and its command line contains `needle` (zombies count as gone).
+    static func isAlive(_ pid: pid_t, commandContains needle: String) -> Bool {
+        guard pid > 0, let status = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else {
+            return false
+        }
+        if let close = status.lastIndex(of: ")"), status[status.index(after: close)...].hasPrefix(" Z") { return false }
+        guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+        let words = data.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+        return words.contains { $0.contains(needle) }
+    }
+}
