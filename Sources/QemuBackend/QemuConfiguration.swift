@@ -26,7 +26,9 @@ public struct QemuOptions: Sendable, Equatable {
     public var accelerator = Accelerator.auto
     public var efiCode = "/usr/share/OVMF/OVMF_CODE_4M.fd"
     public var efiVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
-    public var network = Network.none
+    /// User networking by default, as autopkgtest-virt-qemu and debusine's design have it:
+    /// tests install their dependencies from the archive.
+    public var network = Network.user
     public var bootTimeout: Duration = .seconds(300)
     public var shutdownTimeout: Duration = .seconds(30)
     public var qemu = "qemu-system-x86_64"

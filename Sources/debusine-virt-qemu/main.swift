@@ -62,8 +62,8 @@ struct QemuServer: AsyncParsableCommand {
     @Option(help: "EFI variables template; each instance gets its own copy.")
     var efiVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 
-    @Option(help: "Guest network: none, or user (QEMU user networking: the guest reaches what the host reaches).")
-    var network: QemuOptions.Network = .none
+    @Option(help: "Guest network: user (QEMU user networking: the guest reaches what the host reaches), or none.")
+    var network: QemuOptions.Network = .user
 
     @Option(help: "Seconds to wait for the guest to boot (guest agent answering).")
     var bootTimeout = 300

@@ -20,10 +20,12 @@ struct QemuCommandTests {
     }
 
     @Test(
-        "the VM: EFI pflash, unsafe-cached virtio overlay, rng, sockets in the instance directory, no network by default"
+        "the VM: EFI pflash, unsafe-cached virtio overlay, rng, sockets in the instance directory, network off when asked"
     )
     func qemuDefaults() {
         var options = QemuOptions(image: "/images/base.qcow2")
+        #expect(options.network == .user, "user networking is the default, as with autopkgtest-virt-qemu")
+        options.network = .none
         options.cpus = 3
         options.ramMiB = 1024
         let argv = QemuCommands.qemu(options, paths, kvm: false).argv

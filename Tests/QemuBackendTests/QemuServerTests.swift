@@ -65,7 +65,10 @@ struct QemuServerTests {
         let host = try TestPaths.makeTemporaryDirectory("dv-qemu-host.")
         defer { TestPaths.removeTree(host) }
         let server = try ServerProcess(
-            [TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--shutdown-timeout", "10", image],
+            [
+                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--shutdown-timeout",
+                "10", image,
+            ],
             environment: ["TMPDIR": parent])
         #expect(try await server.readLine() == "ok")
 
@@ -182,7 +185,7 @@ struct QemuServerTests {
                 "autopkgtest",
                 [
                     "--no-built-binaries", "--summary-file=\(work)/summary", "--output-dir=\(work)/out", "\(fixture)/",
-                    "--", TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg",
+                    "--", TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none",
                     "\(directory)/bookworm-amd64.qcow2",
                 ], environment: ["TMPDIR": work]),
             input: .none, output: .discard, error: .capture(limit: 64 << 20))
@@ -210,7 +213,10 @@ struct QemuServerTests {
         let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-gc.")
         defer { TestPaths.removeTree(parent) }
         let server = try ServerProcess(
-            [TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "\(directory)/bookworm-amd64.qcow2"],
+            [
+                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none",
+                "\(directory)/bookworm-amd64.qcow2",
+            ],
             environment: ["TMPDIR": parent])
         #expect(try await server.readLine() == "ok")
         #expect(try await request(server, "open").hasPrefix("ok /"))
@@ -240,7 +246,10 @@ struct QemuServerTests {
         let bogus = "\(parent)/not-an-image.raw"
         try Data(repeating: 0, count: 1 << 20).write(to: URL(fileURLWithPath: bogus))
         let server = try ServerProcess(
-            [TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--boot-timeout", "20", bogus],
+            [
+                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--boot-timeout",
+                "20", bogus,
+            ],
             environment: ["TMPDIR": parent])
         #expect(try await server.readLine() == "ok")
         server.write(line: "open")
