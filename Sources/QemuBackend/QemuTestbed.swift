@@ -90,7 +90,9 @@ public final class QemuTestbed: Testbed {
         guard let instance = current.withLock({ $0 }) else {
             throw VirtError(.testbedFailure, "the testbed is not running")
         }
-        try await instance.waitForReboot(previousBootID: previousBootID, timeout: rebootTimeout)
+        // A little under the reboot sequence's own limit, so that this error, which carries the
+        // serial console's end, is the one reported.
+        try await instance.waitForReboot(previousBootID: previousBootID, timeout: rebootTimeout - .seconds(15))
         return auxverb
     }
 
