@@ -8,7 +8,7 @@
 /// instead of a port, so the tests run it on the host.
 public enum GuestHelperScript {
     /// Bumped with every change, so a stale helper left in a guest is recognised.
-    public static let version = 1
+    public static let version = 2
 
     /// Where the server installs it in the guest (a tmpfs: gone after reboot, like the helper).
     public static let guestPath = "/run/debusine-virt-helper.py"
@@ -22,7 +22,7 @@ public enum GuestHelperScript {
         # Only modules of Debian's python3-minimal: debusine's images promise no more.
         import errno, fcntl, os, select, signal, struct, sys, time
 
-        VERSION = 1
+        VERSION = 2
         HEADER = struct.Struct('>IBI')
         SPAWN, STDIN, STDIN_EOF, KILL, CREDIT, PING = 1, 2, 3, 4, 5, 6
         STDOUT, STDERR, EXIT, STDIN_CREDIT, PONG, HELLO = 0x11, 0x12, 0x13, 0x14, 0x15, 0x16
@@ -48,6 +48,9 @@ public enum GuestHelperScript {
                 self.pid = None
                 self.stdin = self.stdout = self.stderr = None
                 self.pending = bytearray()
+                # Bytes of pending already written: buffers are consumed by moving an offset and
+                # compacted rarely, since deleting their front on every write is quadratic.
+                self.pending_offset = 0
                 self.stdin_eof = False
                 self.credit = 0
                 self.status = None
@@ -60,6 +63,7 @@ public enum GuestHelperScript {
                 nonblocking(port)
                 self.inbuf = bytearray()
                 self.outbuf = bytearray()
+                self.outbuf_offset = 0
                 self.commands = {}
                 self.by_pid = {}
                 self.wake_r, self.wake_w = os.pipe()
@@ -188,7 +192,7 @@ public enum GuestHelperScript {
                         command.pending += payload
                 elif kind == STDIN_EOF:
                     command.stdin_eof = True
-                    if not command.pending:
+                    if len(command.pending) == command.pending_offset:
                         self.close_fd(command, 'stdin')
                 elif kind == KILL:
                     if command.pid is not None and command.status is None:
@@ -211,33 +215,53 @@ public enum GuestHelperScript {
                 if not data:
                     return False
                 self.inbuf += data
-                while len(self.inbuf) >= HEADER.size:
-                    channel, kind, length = HEADER.unpack_from(self.inbuf)
-                    if len(self.inbuf) < HEADER.size + length:
+                offset = 0
+                while len(self.inbuf) - offset >= HEADER.size:
+                    channel, kind, length = HEADER.unpack_from(self.inbuf, offset)
+                    end = offset + HEADER.size + length
+                    if len(self.inbuf) < end:
                         break
-                    payload = bytes(self.inbuf[HEADER.size:HEADER.size + length])
-                    del self.inbuf[:HEADER.size + length]
+                    payload = bytes(self.inbuf[offset + HEADER.size:end])
+                    offset = end
                     self.handle(channel, kind, payload)
+                del self.inbuf[:offset]
                 return True
+
+            def outbuf_size(self):
+                return len(self.outbuf) - self.outbuf_offset
 
             def write_port(self):
                 try:
-                    written = os.write(self.port, self.outbuf[:1 << 20])
+                    with memoryview(self.outbuf) as view:
+                        written = os.write(self.port, view[self.outbuf_offset:])
                 except (BlockingIOError, InterruptedError):
                     return
-                del self.outbuf[:written]
+                self.outbuf_offset += written
+                if self.outbuf_offset == len(self.outbuf):
+                    self.outbuf.clear()
+                    self.outbuf_offset = 0
+                elif self.outbuf_offset > (1 << 20):
+                    del self.outbuf[:self.outbuf_offset]
+                    self.outbuf_offset = 0
 
             def write_stdin(self, command):
                 try:
-                    written = os.write(command.stdin, command.pending[:CHUNK])
+                    with memoryview(command.pending) as view:
+                        written = os.write(command.stdin, view[command.pending_offset:])
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError:
                     # The command closed its stdin: what it did not take is acknowledged anyway
                     # so the host does not wait for credit forever.
-                    written = len(command.pending)
+                    written = len(command.pending) - command.pending_offset
                     self.close_fd(command, 'stdin')
-                del command.pending[:written]
+                command.pending_offset += written
+                if command.pending_offset == len(command.pending):
+                    command.pending.clear()
+                    command.pending_offset = 0
+                elif command.pending_offset > (1 << 20):
+                    del command.pending[:command.pending_offset]
+                    command.pending_offset = 0
                 self.send(command.channel, STDIN_CREDIT, struct.pack('>I', written))
                 if not command.pending and command.stdin_eof:
                     self.close_fd(command, 'stdin')
@@ -273,14 +297,14 @@ public enum GuestHelperScript {
                             left = LINGER - (now - command.exited_at)
                             timeout = left if timeout is None else min(timeout, left)
                     poller = select.poll()
-                    poller.register(self.port, select.POLLIN | (select.POLLOUT if self.outbuf else 0))
+                    poller.register(self.port, select.POLLIN | (select.POLLOUT if self.outbuf_size() else 0))
                     poller.register(self.wake_r, select.POLLIN)
                     watched = {}
                     for command in self.commands.values():
-                        if command.pending and command.stdin is not None:
+                        if len(command.pending) > command.pending_offset and command.stdin is not None:
                             poller.register(command.stdin, select.POLLOUT)
                             watched[command.stdin] = (command, 'stdin', None)
-                        if command.credit > 0 and len(self.outbuf) < OUTBUF_LIMIT:
+                        if command.credit > 0 and self.outbuf_size() < OUTBUF_LIMIT:
                             for name, kind in (('stdout', STDOUT), ('stderr', STDERR)):
                                 fd = getattr(command, name)
                                 if fd is not None:
