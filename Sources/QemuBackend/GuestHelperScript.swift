@@ -38,6 +38,18 @@ public enum GuestHelperScript {
         }
 
 
+        def consume(buffer, offset, written):
+            """Moves a buffer's read offset on; empties or compacts the buffer now and then."""
+            offset += written
+            if offset == len(buffer):
+                buffer.clear()
+                return 0
+            if offset > (1 << 20):
+                del buffer[:offset]
+                return 0
+            return offset
+
+
         def nonblocking(fd):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
@@ -236,13 +248,7 @@ public enum GuestHelperScript {
                         written = os.write(self.port, view[self.outbuf_offset:])
                 except (BlockingIOError, InterruptedError):
                     return
-                self.outbuf_offset += written
-                if self.outbuf_offset == len(self.outbuf):
-                    self.outbuf.clear()
-                    self.outbuf_offset = 0
-                elif self.outbuf_offset > (1 << 20):
-                    del self.outbuf[:self.outbuf_offset]
-                    self.outbuf_offset = 0
+                self.outbuf_offset = consume(self.outbuf, self.outbuf_offset, written)
 
             def write_stdin(self, command):
                 try:
@@ -255,13 +261,7 @@ public enum GuestHelperScript {
                     # so the host does not wait for credit forever.
                     written = len(command.pending) - command.pending_offset
                     self.close_fd(command, 'stdin')
-                command.pending_offset += written
-                if command.pending_offset == len(command.pending):
-                    command.pending.clear()
-                    command.pending_offset = 0
-                elif command.pending_offset > (1 << 20):
-                    del command.pending[:command.pending_offset]
-                    command.pending_offset = 0
+                command.pending_offset = consume(command.pending, command.pending_offset, written)
                 self.send(command.channel, STDIN_CREDIT, struct.pack('>I', written))
                 if not command.pending and command.stdin_eof:
                     self.close_fd(command, 'stdin')
