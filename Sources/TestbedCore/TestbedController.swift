@@ -48,8 +48,6 @@ public actor TestbedController {
         return .seconds(seconds)
     }
 
-    public var opened: Bool { isOpen }
-
     public func capabilities() async -> [String] {
         await backend.capabilities()
     }
@@ -98,13 +96,10 @@ public actor TestbedController {
         try openState("print-execute-command").0.auxverb
     }
 
-    public func copy(_ request: CopyRequest) async -> CopyOutcome {
-        let testbed: InTestbed
-        do {
-            testbed = try openState(request.direction == .down ? "copydown" : "copyup").0
-        } catch {
-            return .failed(error.message)
-        }
+    /// Copies; a copy that fails or times out is an outcome (the session goes on), only
+    /// misuse (not open) is thrown.
+    public func copy(_ request: CopyRequest) async throws(VirtError) -> CopyOutcome {
+        let testbed = try openState(request.direction == .down ? "copydown" : "copyup").0
         let backend = self.backend
         do {
             try await timed(copyTimeout, "copy") { try await backend.copy(request, testbed) }
@@ -140,11 +135,6 @@ public actor TestbedController {
         isOpen = false
         needsClose = false
         auxverb = nil
-    }
-
-    /// Whether the verb may run now; misuse when the testbed is not open.
-    public func requireOpen(_ verb: String) throws(VirtError) {
-        _ = try openState(verb)
     }
 
     private func openState(_ verb: String) throws(VirtError) -> (InTestbed, String) {

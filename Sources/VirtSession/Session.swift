@@ -110,8 +110,7 @@ public struct Session: Sendable {
         case .copydown, .copyup:
             let direction: CopyRequest.Direction = request.verb == .copydown ? .down : .up
             let copy = try CopyRequest.fromProtocol(direction, source: arguments[0], destination: arguments[1])
-            try await controller.requireOpen(request.verb.rawValue)
-            switch await controller.copy(copy) {
+            switch try await controller.copy(copy) {
             case .copied: return .ok([])
             case .timedOut:
                 log.error("\(request.verb.rawValue) timed out")

@@ -97,24 +97,24 @@ struct TestbedCoreTests {
             try write("\(host)/\(name)", "#!/bin/sh\necho hi\n", mode: 0o755)
             try write("\(host)/plain", "data", mode: 0o644)
             #expect(
-                await controller.copy(
+                try await controller.copy(
                     .init(
                         direction: .down, hostPath: "\(host)/\(name)", testbedPath: "\(scratch)/\(name)",
                         isDirectory: false)) == .copied)
             #expect(
-                await controller.copy(
+                try await controller.copy(
                     .init(
                         direction: .down, hostPath: "\(host)/plain", testbedPath: "\(scratch)/plain", isDirectory: false
                     )) == .copied)
             #expect(mode("\(scratch)/\(name)") & 0o111 != 0)
             #expect(mode("\(scratch)/plain") & 0o111 == 0)
             #expect(
-                await controller.copy(
+                try await controller.copy(
                     .init(
                         direction: .up, hostPath: "\(host)/back", testbedPath: "\(scratch)/\(name)", isDirectory: false)
                 ) == .copied)
             #expect(
-                await controller.copy(
+                try await controller.copy(
                     .init(
                         direction: .up, hostPath: "\(host)/back-plain", testbedPath: "\(scratch)/plain",
                         isDirectory: false)) == .copied)
@@ -136,7 +136,7 @@ struct TestbedCoreTests {
             try FileManager.default.createDirectory(atPath: "\(scratch)/target", withIntermediateDirectories: true)
             try write("\(scratch)/target/existing", "keep me")
             #expect(
-                await controller.copy(
+                try await controller.copy(
                     .init(direction: .down, hostPath: "\(tree)/", testbedPath: "\(scratch)/target/", isDirectory: true))
                     == .copied)
             #expect(try String(contentsOfFile: "\(scratch)/target/existing", encoding: .utf8) == "keep me")
@@ -144,7 +144,7 @@ struct TestbedCoreTests {
             #expect(mode("\(scratch)/target/sub dir/ü/x y") == 0o700)
             #expect(try FileManager.default.destinationOfSymbolicLink(atPath: "\(scratch)/target/link") == "top")
             #expect(
-                await controller.copy(
+                try await controller.copy(
                     .init(
                         direction: .up, hostPath: "\(host)/up/deeper/", testbedPath: "\(scratch)/target/",
                         isDirectory: true)) == .copied)
@@ -165,21 +165,21 @@ struct TestbedCoreTests {
                     ]))
             try await runner.check(Command("sh", ["-c", #"head -c 67108864 /dev/urandom > "$1/big""#, "sh", host]))
             #expect(
-                await controller.copy(
+                try await controller.copy(
                     .init(
                         direction: .down, hostPath: "\(host)/many/", testbedPath: "\(scratch)/many/", isDirectory: true)
                 ) == .copied)
             #expect(
-                await controller.copy(
+                try await controller.copy(
                     .init(direction: .down, hostPath: "\(host)/big", testbedPath: "\(scratch)/big", isDirectory: false))
                     == .copied)
             #expect(
-                await controller.copy(
+                try await controller.copy(
                     .init(
                         direction: .up, hostPath: "\(host)/many-back/", testbedPath: "\(scratch)/many/",
                         isDirectory: true)) == .copied)
             #expect(
-                await controller.copy(
+                try await controller.copy(
                     .init(
                         direction: .up, hostPath: "\(host)/big-back", testbedPath: "\(scratch)/big", isDirectory: false)
                 ) == .copied)
@@ -206,7 +206,7 @@ struct TestbedCoreTests {
         try await withTestbed { controller, scratch, host in
             let resolvedHost = hostPath.hasPrefix("/") ? hostPath : "\(host)/\(hostPath)"
             let resolvedTestbed = testbedPath.hasPrefix("/") ? testbedPath : "\(scratch)/\(testbedPath)"
-            let outcome = await controller.copy(
+            let outcome = try await controller.copy(
                 .init(
                     direction: direction, hostPath: resolvedHost, testbedPath: resolvedTestbed, isDirectory: isDirectory
                 ))
