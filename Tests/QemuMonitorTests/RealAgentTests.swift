@@ -120,7 +120,8 @@ struct RealAgentTests {
             let error = await caughtError { try await second.sync(timeout: .milliseconds(300)) }
             #expect(error?.code == .timeout, "the agent must not answer a second client while the first is connected")
             await first.close()
-            try await second.sync(timeout: .seconds(10))
+            // A bound on waiting, not on the agent: this suite shares 2 cores with VM tests in CI.
+            try await second.sync(timeout: .seconds(60))
             try await second.ping(timeout: .seconds(10))
             await second.close()
         }
