@@ -66,6 +66,8 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
+        // The Incus backend: setup, image import, instances through the incus CLI, gc.
+        .target(name: "IncusBackend", dependencies: ["VirtCore", "CommandRunner", "TestbedCore"]),
         // A testbed that is a private directory on the host: drives the protocol tests.
         .target(name: "FixtureBackend", dependencies: ["VirtCore", "TestbedCore", "CommandRunner"]),
 
@@ -74,7 +76,10 @@ let package = Package(
             dependencies: ["VirtCore", "VirtSession", "QemuBackend", argumentParser]
         ),
         .executableTarget(name: "debusine-virt-auxverb", dependencies: ["AuxverbClient"]),
-        .executableTarget(name: "debusine-virt-incus", dependencies: ["VirtCore", "VirtSession", argumentParser]),
+        .executableTarget(
+            name: "debusine-virt-incus",
+            dependencies: ["VirtCore", "VirtSession", "CommandRunner", "IncusBackend", argumentParser]
+        ),
         .executableTarget(
             name: "virt-fixture-server",
             dependencies: ["VirtCore", "VirtSession", "FixtureBackend", argumentParser]

@@ -1,31 +1,255 @@
 import ArgumentParser
+import CommandRunner
+import IncusBackend
 import VirtCore
 import VirtSession
 
-/// `debusine-virt-incus artifact/ID`: the autopkgtest virt server for Incus containers and VMs.
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// `debusine-virt-incus [options] artifact/ID`: the autopkgtest virt server for Incus, plus its
+/// `setup`, `import` and `gc` commands.
 @main
 struct IncusServer: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "debusine-virt-incus",
         abstract: "autopkgtest virtualization server running an Incus container or VM.",
         discussion: """
-            Not functional yet: this build carries the protocol core only, and the Incus backend \
-            is still being written. It refuses to start rather than pretend to work.
+            Launches an ephemeral instance of IMAGE (an alias such as artifact/42, made by \
+            `debusine-virt-incus import`) with the debusine profile and serves the autopkgtest \
+            virt-server protocol on stdin/stdout. Use it as: \
+            autopkgtest PACKAGE -- debusine-virt-incus artifact/42
+
+            Other commands (each has --help):
+              debusine-virt-incus setup [--check]   make this Incus host ready (network, pool, profile)
+              debusine-virt-incus import --artifact-id ID FILE   import a system tarball or image
+              debusine-virt-incus gc                delete instances whose server died
             """
     )
+
+    /// The other commands are taken before argument parsing, where they would read as images.
+    static func main() async {
+        let arguments = Array(CommandLine.arguments.dropFirst())
+        switch arguments.first {
+        case "setup": await SetupCommand.main(Array(arguments.dropFirst()))
+        case "import": await ImportCommand.main(Array(arguments.dropFirst()))
+        case "gc": await GCCommand.main(Array(arguments.dropFirst()))
+        default: await Self.main(arguments)
+        }
+    }
 
     @Flag(name: [.short, .long], help: "Log more on stderr.")
     var debug = false
 
-    @Flag(help: "Run a virtual machine instead of a container.")
+    @Flag(help: "Run a virtual machine (isolation-machine) instead of a container.")
     var vm = false
+
+    @Option(help: "The Incus remote that holds the image and runs the instance (see `incus remote list`).")
+    var remote: String?
+
+    @Option(help: "The cluster member to place the instance on.")
+    var target: String?
+
+    @Option(help: "A profile to launch with (repeatable; default: debusine, made by `setup`).")
+    var profile: [String] = []
+
+    @Option(help: "Seconds to wait for the instance to boot (systemctl is-system-running).")
+    var bootTimeout = 300
+
+    @Option(help: "Seconds a graceful stop may take before the instance is killed.")
+    var stopTimeout = 30
 
     @Argument(help: "The image alias to launch, e.g. artifact/42.")
     var image: String
 
+    @Argument(parsing: .postTerminator, help: "Extra `incus launch` arguments, after `--`.")
+    var launchArguments: [String] = []
+
     func run() async throws {
         VirtServer.prepareProcess(program: "debusine-virt-incus", debug: debug)
-        VirtServer.failBeforeBanner(
-            VirtError(.unavailable, "the Incus backend is not available yet in this build; nothing was started"))
+        do {
+            let options = try options()
+            try await IncusPreflight.check(options)
+            await VirtServer.serve(IncusTestbed(options: options))
+        } catch {
+            VirtServer.failBeforeBanner(error)
+        }
+    }
+
+    func options() throws(VirtError) -> IncusOptions {
+        guard !image.contains(":") else {
+            throw VirtError(.usage, "give the remote with --remote, not in the image name (\(image))")
+        }
+        guard bootTimeout > 0, stopTimeout >= 0 else { throw VirtError(.usage, "the timeouts must be positive") }
+        var options = IncusOptions(image: image)
+        options.virtualMachine = vm
+        options.cli = IncusCLI(remote: remote)
+        options.target = target
+        if !profile.isEmpty { options.profiles = profile }
+        options.bootTimeout = .seconds(bootTimeout)
+        options.stopTimeout = stopTimeout
+        options.extraLaunchArguments = launchArguments
+        return options
+    }
+}
+
+/// `debusine-virt-incus setup [--check]`.
+struct SetupCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "debusine-virt-incus setup",
+        abstract: "Make this Incus host ready for debusine-virt-incus, and say what changed.",
+        discussion: """
+            Creates what is missing, and changes nothing that is there: the storage pool, the \
+            managed network and the debusine profile (raw.lxc: lxc.mount.auto=sys, \
+            security.secureboot=false, nic eth0 named host0 on the network, root disk on the pool).
+            """
+    )
+
+    @Flag(help: "Only report what is missing; change nothing (exit status 1 when something is).")
+    var check = false
+
+    @Option(help: "The Incus remote to set up.")
+    var remote: String?
+
+    @Option(help: "The managed network to create.")
+    var network = "debusinebr0"
+
+    @Option(help: "ipv4.address of a new network: auto, none (no addresses, no traffic), or ADDRESS/PREFIX.")
+    var ipv4Address = "auto"
+
+    @Option(help: "ipv6.address of a new network: auto, none, or ADDRESS/PREFIX.")
+    var ipv6Address = "none"
+
+    @Option(help: "The storage pool for the root disks.")
+    var pool = "default"
+
+    @Option(help: "The driver of a new storage pool.")
+    var poolDriver = "dir"
+
+    @Option(help: "The profile to create.")
+    var profile = "debusine"
+
+    @Flag(name: [.short, .long], help: "Log more on stderr.")
+    var debug = false
+
+    func run() async throws {
+        Log.shared.configure(program: "debusine-virt-incus setup", debug: debug)
+        var options = IncusSetup.Options()
+        options.cli = IncusCLI(remote: remote)
+        options.network = network
+        options.ipv4Address = ipv4Address
+        options.ipv6Address = ipv6Address
+        options.pool = pool
+        options.poolDriver = poolDriver
+        options.profile = profile
+        let setup = IncusSetup(options: options)
+        do {
+            if check {
+                let missing = try await setup.missing()
+                if missing.isEmpty {
+                    Output.line("everything is set up")
+                    return
+                }
+                for requirement in missing { Output.line("missing: \(requirement.description)") }
+                Glibc.exit(1)
+            }
+            let changes = try await setup.apply()
+            Output.line(changes.isEmpty ? "everything was already set up; nothing changed" : changes.joined(separator: "\n"))
+        } catch {
+            Output.fail(error)
+        }
+    }
+}
+
+/// `debusine-virt-incus import --artifact-id ID [--vm] FILE`.
+struct ImportCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "debusine-virt-incus import",
+        abstract: "Import a debusine system tarball (or, with --vm, system image) as artifact/ID.",
+        discussion: """
+            Containers: FILE is a root file system tarball (tar, or compressed with xz, gzip, zstd \
+            or bzip2). It becomes a unified Incus image with the root file system under rootfs/, \
+            systemd-networkd enabled, a systemd generator for containers, hostname and hosts \
+            templates. VMs: FILE is a qcow2 image, or a tarball holding one raw image. \
+            Importing an alias that exists already changes nothing.
+            """
+    )
+
+    @Option(help: "The debusine artifact id: the image gets the alias artifact/ID.")
+    var artifactId: String
+
+    @Flag(help: "Import a virtual machine image instead of a container tarball.")
+    var vm = false
+
+    @Option(help: "The Incus remote to import into.")
+    var remote: String?
+
+    @Option(help: "Debian architecture of the image (default: found from its executables; the host's for VMs).")
+    var architecture: String?
+
+    @Option(help: "The image description (default: OS, release, architecture and artifact id).")
+    var description: String?
+
+    @Flag(name: [.short, .long], help: "Log more on stderr.")
+    var debug = false
+
+    @Argument(help: "The tarball or image file.")
+    var file: String
+
+    func run() async throws {
+        Log.shared.configure(program: "debusine-virt-incus import", debug: debug)
+        var options = ImageImport.Options(artifactID: artifactId)
+        options.virtualMachine = vm
+        options.cli = IncusCLI(remote: remote)
+        options.architecture = architecture
+        options.description = description
+        do {
+            Output.line(try await ImageImport(options: options).run(file))
+        } catch {
+            Output.fail(error)
+        }
+    }
+}
+
+/// `debusine-virt-incus gc`.
+struct GCCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "debusine-virt-incus gc",
+        abstract: "Delete the instances that servers of this host launched and left behind when they died."
+    )
+
+    @Option(help: "The Incus remote to clean.")
+    var remote: String?
+
+    @Flag(name: [.short, .long], help: "Log more on stderr.")
+    var debug = false
+
+    func run() async throws {
+        Log.shared.configure(program: "debusine-virt-incus gc", debug: debug)
+        do {
+            let collector = IncusGarbageCollector(cli: IncusCLI(remote: remote))
+            let report = try await collector.collect()
+            Output.line(report.isEmpty ? "nothing to remove" : report.joined(separator: "\n"))
+            if report.contains(where: { $0.hasPrefix("could not") }) { Glibc.exit(1) }
+        } catch {
+            Output.fail(error)
+        }
+    }
+}
+
+/// What the commands other than the server print: results on stdout, errors on stderr.
+enum Output {
+    static func line(_ text: String) {
+        let line = text + "\n"
+        _ = line.withCString { write(1, $0, strlen($0)) }
+    }
+
+    static func fail(_ error: any Error) -> Never {
+        let virtError = error as? VirtError ?? VirtError(.internalError, "\(error)")
+        log.error(virtError.message)
+        Glibc.exit(ExitStatus.beforeBanner(virtError))
     }
 }

@@ -1,0 +1,66 @@
+import CommandRunner
+import Foundation
+import VirtCore
+
+/// `debusine-virt-incus gc`: deletes the instances whose server died.
+///
+/// An instance is collected when its labels name this host and its owner process is gone (or
+/// is another process under a recycled pid). Instances of other hosts and instances without
+/// our labels are never touched.
+public struct IncusGarbageCollector: Sendable {
+    public let cli: IncusCLI
+    let runner: any CommandRunner
+    let host: String
+
+    public init(cli: IncusCLI = IncusCLI(), runner: any CommandRunner = SubprocessRunner(), host: String? = nil) {
+        self.cli = cli
+        self.runner = runner
+        self.host = host ?? InstanceOwner.hostName()
+    }
+
+    /// The instances on the remote that belong to dead servers of this host.
+    public func orphans() async throws(VirtError) -> [(name: String, owner: InstanceOwner)] {
+        let command = cli.list(prefix: InstanceName.prefix)
+        let result = try await runner.run(command, input: .none, output: .capture(limit: 64 << 20), error: .capture)
+        guard result.status.succeeded else { throw IncusErrors.describe(command, result) }
+        return try Self.parse(result.standardOutput).compactMap { name, configuration in
+            guard name.hasPrefix(InstanceName.prefix), let owner = InstanceOwner(configuration: configuration),
+                owner.host == host, !owner.isAlive
+            else { return nil }
+            return (name, owner)
+        }
+    }
+
+    /// Deletes the orphans; returns one line per instance.
+    public func collect() async throws(VirtError) -> [String] {
+        var report: [String] = []
+        for (name, owner) in try await orphans() {
+            let command = cli.delete(name)
+            let result = try await runner.run(command)
+            if result.status.succeeded || IncusErrors.isNotFound(result) {
+                report.append("deleted instance \(cli.qualified(name)) (its server, pid \(owner.pid), is gone)")
+            } else {
+                report.append("could not delete instance \(cli.qualified(name)): \(result.errorText)")
+            }
+        }
+        return report
+    }
+
+    /// Names and `config` maps from `incus list --format json`.
+    static func parse(_ json: [UInt8]) throws(VirtError) -> [(String, [String: String])] {
+        let value: Any
+        do {
+            value = try JSONSerialization.jsonObject(with: Data(json))
+        } catch {
+            throw VirtError(.commandFailed, "cannot read the instance list of incus: \(error)")
+        }
+        guard let instances = value as? [[String: Any]] else {
+            throw VirtError(.commandFailed, "the instance list of incus is not a list")
+        }
+        return instances.compactMap { instance in
+            guard let name = instance["name"] as? String else { return nil }
+            let configuration = (instance["config"] as? [String: Any] ?? [:]).compactMapValues { $0 as? String }
+            return (name, configuration)
+        }
+    }
+}

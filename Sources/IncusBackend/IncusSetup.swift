@@ -1,0 +1,137 @@
+import CommandRunner
+import VirtCore
+
+/// `debusine-virt-incus setup`: makes an Incus host ready for the servers, idempotently.
+///
+/// Each ``Requirement`` can tell whether it is met and how to meet it, so `--check` reports
+/// what is missing without changing anything and a second `setup` changes nothing.
+public struct IncusSetup: Sendable {
+    public struct Options: Sendable {
+        public var network = "debusinebr0"
+        /// `ipv4.address` of a network this creates: `auto`, `none` or an address/prefix.
+        public var ipv4Address = "auto"
+        public var ipv6Address = "none"
+        public var pool = "default"
+        public var poolDriver = "dir"
+        public var profile = "debusine"
+        public var cli = IncusCLI()
+
+        public init() {}
+    }
+
+    /// One thing the host needs.
+    public struct Requirement: Sendable {
+        public var description: String
+        /// The commands that make it so, run in order.
+        public var fix: [Command]
+        /// A command that succeeds (and, when `expected` is set, prints it) when it is met.
+        public var probe: Command
+        public var expected: String?
+    }
+
+    public let options: Options
+    let runner: any CommandRunner
+
+    public init(options: Options, runner: any CommandRunner = SubprocessRunner()) {
+        self.options = options
+        self.runner = runner
+    }
+
+    var cli: IncusCLI { options.cli }
+
+    /// Everything `setup` makes sure of, in the order it does it.
+    public var requirements: [Requirement] {
+        let profile = options.profile
+        var list: [Requirement] = [
+            Requirement(
+                description: "storage pool \(options.pool) (\(options.poolDriver))",
+                fix: [cli.storageCreate(options.pool, driver: options.poolDriver)],
+                probe: cli.storageShow(options.pool)),
+            Requirement(
+                description:
+                    "network \(options.network) (ipv4.address=\(options.ipv4Address), ipv6.address=\(options.ipv6Address))",
+                fix: [
+                    cli.networkCreate(
+                        options.network,
+                        ["ipv4.address=\(options.ipv4Address)", "ipv6.address=\(options.ipv6Address)"])
+                ],
+                probe: cli.networkShow(options.network)),
+            Requirement(
+                description: "profile \(profile)", fix: [cli.profileCreate(profile)], probe: cli.profileShow(profile)),
+        ]
+        for (key, value) in [("raw.lxc", "lxc.mount.auto=sys"), ("security.secureboot", "false")] {
+            list.append(
+                Requirement(
+                    description: "profile \(profile): \(key)=\(value)",
+                    fix: [cli.profileSet(profile, key, value)],
+                    probe: cli.command(["profile", "get", cli.qualified(profile), key]), expected: value))
+        }
+        let devices: [(device: String, type: String, properties: [(String, String)])] = [
+            ("eth0", "nic", [("name", "host0"), ("network", options.network)]),
+            ("root", "disk", [("path", "/"), ("pool", options.pool)]),
+        ]
+        for (device, type, properties) in devices {
+            let summary = properties.map { "\($0.0)=\($0.1)" }
+            list.append(
+                Requirement(
+                    description: "profile \(profile): device \(device) (\(type) \(summary.joined(separator: " ")))",
+                    fix: [cli.profileDeviceAdd(profile, device: device, type: type, summary)],
+                    probe: cli.command(["profile", "device", "get", cli.qualified(profile), device, "type"]),
+                    expected: type))
+            for (key, value) in properties {
+                list.append(
+                    Requirement(
+                        description: "profile \(profile): device \(device) \(key)=\(value)",
+                        fix: [cli.profileDeviceSet(profile, device: device, key, value)],
+                        probe: cli.command(["profile", "device", "get", cli.qualified(profile), device, key]),
+                        expected: value))
+            }
+        }
+        return list
+    }
+
+    /// Whether `requirement` is met. Errors that mean incusd cannot be asked at all are thrown.
+    public func isMet(_ requirement: Requirement) async throws(VirtError) -> Bool {
+        let result = try await runner.run(requirement.probe)
+        if !result.status.succeeded {
+            let error = IncusErrors.describe(requirement.probe, result)
+            if error.code == .unavailable && !error.message.contains("setup") { throw error }
+            return false
+        }
+        guard let expected = requirement.expected else { return true }
+        return result.outputText.trimmingCharacters(in: .whitespaces) == expected
+    }
+
+    /// The requirements that are not met.
+    public func missing() async throws(VirtError) -> [Requirement] {
+        var missing: [Requirement] = []
+        for requirement in requirements where !(try await isMet(requirement)) { missing.append(requirement) }
+        return missing
+    }
+
+    /// Meets every requirement; returns one line per change.
+    public func apply() async throws(VirtError) -> [String] {
+        var changes: [String] = []
+        for requirement in requirements where !(try await isMet(requirement)) {
+            for command in requirement.fix {
+                let result = try await runner.run(command)
+                guard result.status.succeeded else { throw IncusErrors.describe(command, result) }
+            }
+            changes.append("set up \(requirement.description)")
+        }
+        return changes
+    }
+}
+
+extension String {
+    func trimmingCharacters(in set: Set<Character>) -> String {
+        var text = Substring(self)
+        while let first = text.first, set.contains(first) { text = text.dropFirst() }
+        while let last = text.last, set.contains(last) { text = text.dropLast() }
+        return String(text)
+    }
+}
+
+extension Set where Element == Character {
+    static let whitespaces: Set<Character> = [" ", "\t", "\n", "\r"]
+}

@@ -1,0 +1,295 @@
+import CommandRunner
+import Foundation
+import Synchronization
+import TestbedCore
+import VirtCore
+
+/// What `debusine-virt-incus` was asked to run.
+public struct IncusOptions: Sendable {
+    /// The image alias, e.g. `artifact/42` (without the remote).
+    public var image: String
+    public var virtualMachine = false
+    public var profiles = ["debusine"]
+    public var target: String?
+    public var extraLaunchArguments: [String] = []
+    public var bootTimeout: Duration = .seconds(300)
+    /// How long a graceful stop may take before the instance is killed.
+    public var stopTimeout = 30
+    public var cli = IncusCLI()
+
+    public init(image: String) { self.image = image }
+}
+
+/// The Incus backend: an ephemeral container (or VM) launched from an imported image, driven
+/// through the `incus` CLI. Revert launches a fresh instance; the instance's own ephemeral
+/// flag plus the owner labels make sure nothing outlives the server for long.
+public final class IncusTestbed: Testbed {
+    let options: IncusOptions
+    let runner: any CommandRunner
+    let owner: InstanceOwner
+    private let state = Mutex<State>(State())
+
+    struct State {
+        var name: String?
+        var normalUser: String?
+        var closed = false
+    }
+
+    public init(options: IncusOptions, runner: any CommandRunner = SubprocessRunner()) {
+        self.options = options
+        self.runner = runner
+        self.owner = InstanceOwner.current()
+    }
+
+    var cli: IncusCLI { options.cli }
+
+    /// The running instance's name.
+    public var instanceName: String? { state.withLock { $0.name } }
+
+    public func capabilities() async -> [String] {
+        var words = [Capability.revert, Capability.revertFullSystem, Capability.reboot, Capability.rootOnTestbed]
+        words.append(options.virtualMachine ? Capability.isolationMachine : Capability.isolationContainer)
+        if let user = state.withLock({ $0.normalUser }) { words.append(Capability.suggestedNormalUser(user)) }
+        return words
+    }
+
+    public func open() async throws(VirtError) -> [String] {
+        try await launch()
+    }
+
+    public func revert() async throws(VirtError) -> [String] {
+        if let old = state.withLock({ state -> String? in
+            defer { state.name = nil }
+            return state.name
+        }) {
+            // The old instance's state is thrown away: no need to let it shut down cleanly.
+            await delete(old)
+        }
+        return try await launch()
+    }
+
+    public func close() async {
+        let name = state.withLock { state -> String? in
+            state.closed = true
+            defer { state.name = nil }
+            return state.name
+        }
+        if let name { await stopAndDelete(name) }
+    }
+
+    public var rebootTimeout: Duration { .seconds(300) }
+
+    /// The kernel's boot id is the host's in a container, so the boot is told apart by the start
+    /// time of the instance's init as well.
+    public func bootID(_ testbed: InTestbed) async throws(VirtError) -> String {
+        let name = try runningName()
+        return try await runner.check(cli.exec(name, ["/bin/sh", "-c", Self.bootIDScript]))
+    }
+
+    static let bootIDScript = #"read -r id < /proc/sys/kernel/random/boot_id; read -r stat < /proc/1/stat; set -- ${stat##*) }; shift 19; echo "$id/$1""#
+
+    public func waitForReboot(
+        _ testbed: InTestbed, previousBootID: String, requested: Bool
+    ) async throws(VirtError) -> [String] {
+        try await RebootSequence.pollForNewBootID(self, testbed, previousBootID: previousBootID)
+        let name = try runningName()
+        try await waitBooted(name, timeout: options.bootTimeout)
+        return testbed.auxverb
+    }
+
+    public func shell(_ testbed: InTestbed, directory: String, environment: [String]) async throws(VirtError) {
+        let name = try runningName()
+        let tty = Glibc.open("/dev/tty", O_RDWR | O_CLOEXEC)
+        guard tty >= 0 else {
+            log.error("cannot run a shell: /dev/tty: \(String(cString: strerror(errno)))")
+            return
+        }
+        defer { Glibc.close(tty) }
+        var assignments = environment
+        if let term = getenv("TERM") { assignments.append("TERM=\(String(cString: term))") }
+        let result = try await runner.run(
+            cli.interactive(name, directory: directory, environment: assignments, ["bash", "-l"]),
+            input: .fileDescriptor(tty, closeAfterStart: false),
+            output: .fileDescriptor(tty, closeAfterStart: false),
+            error: .fileDescriptor(tty, closeAfterStart: false))
+        log.debug("shell ended with \(result.status)")
+    }
+
+    public func debugFailureReport() async -> String? {
+        guard let name = state.withLock({ $0.name }) else { return nil }
+        return try? await runner.check(cli.showLog(name))
+    }
+
+    func runningName() throws(VirtError) -> String {
+        guard let name = state.withLock({ $0.name }) else {
+            throw VirtError(.testbedFailure, "the testbed is not running")
+        }
+        return name
+    }
+
+    func auxverb(_ name: String) -> [String] { cli.execPrefix(name) + [AuxverbWrapper.path] }
+
+    // MARK: - Lifecycle
+
+    private func launch() async throws(VirtError) -> [String] {
+        let name = try await createInstance()
+        do {
+            try await waitBooted(name, timeout: options.bootTimeout)
+            try await runner.check(
+                cli.exec(name, ["/bin/sh", "-c", AuxverbWrapper.installScript, "sh", AuxverbWrapper.path]),
+                input: .bytes(Array(AuxverbWrapper.script.utf8)))
+            let user = try await normalUser(name)
+            state.withLock { $0.normalUser = user }
+        } catch {
+            log.debug("\(name) did not come up, deleting it: \(error)")
+            await forget(name)
+            throw error
+        }
+        return auxverb(name)
+    }
+
+    /// Launches an instance under a new name. A name that is taken (by anyone) is never touched;
+    /// an instance that a failed launch left behind is deleted when it carries our labels.
+    private func createInstance() async throws(VirtError) -> String {
+        var lastError = VirtError(.internalError, "no launch attempted")
+        for _ in 0..<3 {
+            let name = InstanceName.make()
+            let isClosed = state.withLock { state -> Bool in
+                if !state.closed { state.name = name }
+                return state.closed
+            }
+            if isClosed { throw VirtError(.testbedFailure, "the server is shutting down") }
+            let launch = IncusCLI.Launch(
+                image: options.image, name: name, profiles: options.profiles,
+                virtualMachine: options.virtualMachine, target: options.target,
+                configuration: owner.labels(), extraArguments: options.extraLaunchArguments)
+            log.info("launching \(cli.qualified(name)) from \(cli.qualified(options.image))")
+            let command = cli.launch(launch)
+            let result = try await runner.run(command)
+            if result.status.succeeded { return name }
+            lastError = IncusErrors.launchFailed(command, result, image: cli.qualified(options.image))
+            if result.errorText.contains("already exists") {
+                state.withLock { if $0.name == name { $0.name = nil } }
+                continue
+            }
+            await forget(name)
+            throw lastError
+        }
+        throw lastError
+    }
+
+    /// Deletes `name` if it still exists and is ours, and drops it from the state.
+    private func forget(_ name: String) async {
+        state.withLock { if $0.name == name { $0.name = nil } }
+        if await isOurs(name) { await delete(name) }
+    }
+
+    private func isOurs(_ name: String) async -> Bool {
+        guard let result = try? await runner.run(cli.configGet(name, InstanceOwner.pidKey)),
+            result.status.succeeded
+        else { return false }
+        return result.outputText == String(owner.pid)
+    }
+
+    /// Polls `systemctl is-system-running` until the instance has booted.
+    func waitBooted(_ name: String, timeout: Duration) async throws(VirtError) {
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        var last = ""
+        while clock.now < deadline {
+            let result = try await runner.run(cli.exec(name, ["systemctl", "is-system-running"]))
+            switch BootState(result) {
+            case .booted:
+                return
+            case .noSystemd:
+                log.debug("\(name) has no systemctl; taking a working exec as booted")
+                return
+            case .waiting(let why):
+                last = why
+            case .gone(let why):
+                throw VirtError(.testbedFailure, "\(cli.qualified(name)) stopped while booting: \(why)")
+            }
+            do {
+                try await Task.sleep(for: .milliseconds(100))
+            } catch {
+                throw VirtError(.timeout, "waiting for \(name) to boot was cancelled")
+            }
+        }
+        let instanceLog = (try? await runner.check(cli.showLog(name))) ?? "(no log)"
+        throw VirtError(
+            .timeout,
+            "\(cli.qualified(name)) did not finish booting within \(timeout) (last state: \(last)); its log:\n\(instanceLog)"
+        )
+    }
+
+    private func normalUser(_ name: String) async throws(VirtError) -> String? {
+        let script = #"getent passwd | awk -F: '$3 >= 1000 && $3 <= 59999 { print $3 " " $1 }' | sort -n | sed -n '1s/^[0-9]* //p'"#
+        let result = try await runner.run(cli.exec(name, ["/bin/sh", "-c", script]))
+        let user = result.outputText
+        return result.status.succeeded && !user.isEmpty ? user : nil
+    }
+
+    private func delete(_ name: String) async {
+        do {
+            let result = try await runner.run(cli.delete(name))
+            if !result.status.succeeded && !IncusErrors.isNotFound(result) {
+                log.error(
+                    "could not delete the instance \(cli.qualified(name)): \(result.errorText); "
+                        + "`debusine-virt-incus gc` removes it later")
+            }
+        } catch {
+            log.error("could not delete the instance \(cli.qualified(name)): \(error)")
+        }
+    }
+
+    /// A clean shutdown (the instance is ephemeral: stopping deletes it), killed after the stop
+    /// timeout, then a delete in case anything is left.
+    private func stopAndDelete(_ name: String) async {
+        log.debug("stopping \(cli.qualified(name))")
+        let stopped = try? await runner.run(cli.stop(name, timeout: options.stopTimeout))
+        if let stopped, stopped.status.succeeded || IncusErrors.isNotFound(stopped) {
+            // Ephemeral: gone once stopped. Make sure, without waiting long.
+            if let check = try? await runner.run(cli.configGet(name, InstanceOwner.pidKey)), IncusErrors.isNotFound(check)
+            {
+                return
+            }
+        } else {
+            log.info("\(cli.qualified(name)) did not stop within \(options.stopTimeout) s; killing it")
+            _ = try? await runner.run(cli.forceStop(name))
+        }
+        await delete(name)
+    }
+}
+
+/// How far `systemctl is-system-running` says the boot got.
+enum BootState: Equatable {
+    case booted
+    case noSystemd
+    case waiting(String)
+    case gone(String)
+
+    init(_ result: CommandResult) {
+        let state = result.outputText.trimmingCharacters(in: .whitespacesAndNewlines)
+        let error = result.errorText
+        switch state {
+        case "running", "degraded", "maintenance":
+            self = .booted
+        case "stopping", "offline":
+            self = .waiting(state)
+        default:
+            if case .exited(127) = result.status { self = .noSystemd; return }
+            if error.contains("executable file not found") || error.contains("no such file or directory")
+                && error.contains("systemctl")
+            {
+                self = .noSystemd
+            } else if IncusErrors.isNotFound(result) {
+                self = .gone(error)
+            } else {
+                // "initializing"/"starting", "Failed to connect to bus", "VM agent isn't
+                // currently running", "Instance is not running" while it restarts.
+                self = .waiting(state.isEmpty ? error : state)
+            }
+        }
+    }
+}
+

@@ -1,0 +1,106 @@
+import VirtCore
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// Who launched an instance: the labels `open` puts on it and `gc` reads back.
+///
+/// A process is identified by host name, pid and the pid's start time (so a recycled pid is not
+/// mistaken for a live owner).
+public struct InstanceOwner: Sendable, Equatable {
+    public static let hostKey = "user.debusine-virt.host"
+    public static let pidKey = "user.debusine-virt.pid"
+    public static let startKey = "user.debusine-virt.pid-start"
+    public static let launchedKey = "user.debusine-virt.launched"
+
+    public var host: String
+    public var pid: Int32
+    /// Field 22 of /proc/PID/stat: clock ticks after the host's boot.
+    public var startTime: String
+
+    public init(host: String, pid: Int32, startTime: String) {
+        self.host = host
+        self.pid = pid
+        self.startTime = startTime
+    }
+
+    /// This process.
+    public static func current() -> InstanceOwner {
+        let pid = getpid()
+        return InstanceOwner(host: hostName(), pid: pid, startTime: startTime(of: pid) ?? "")
+    }
+
+    /// The labels, as `incus launch --config` pairs.
+    public func labels(launched: Int = Int(time(nil))) -> [(key: String, value: String)] {
+        [
+            (Self.hostKey, host), (Self.pidKey, String(pid)), (Self.startKey, startTime),
+            (Self.launchedKey, String(launched)),
+        ]
+    }
+
+    /// Reads the labels back from an instance's configuration; nil when it is not ours.
+    public init?(configuration: [String: String]) {
+        guard let host = configuration[Self.hostKey], let pidText = configuration[Self.pidKey],
+            let pid = Int32(pidText), let start = configuration[Self.startKey]
+        else { return nil }
+        self.init(host: host, pid: pid, startTime: start)
+    }
+
+    /// Whether the owning process still runs. Only answerable on the owner's own host.
+    public var isAlive: Bool {
+        guard let start = Self.startTime(of: pid) else { return false }
+        return startTime.isEmpty || start == startTime
+    }
+
+    public static func hostName() -> String {
+        var buffer = [CChar](repeating: 0, count: 256)
+        guard gethostname(&buffer, buffer.count - 1) == 0 else { return "localhost" }
+        return String(cString: buffer)
+    }
+
+    /// Field 22 of /proc/PID/stat, or nil when there is no such process.
+    public static func startTime(of pid: Int32) -> String? {
+        guard let stat = readSmallFile("/proc/\(pid)/stat") else { return nil }
+        // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+        guard let close = stat.lastIndex(of: ")") else { return nil }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        // fields[0] is field 3 (state); field 22 is fields[19].
+        guard fields.count > 19 else { return nil }
+        return String(fields[19])
+    }
+
+    static func readSmallFile(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0, count: 4096)
+        let count = read(fd, &bytes, bytes.count)
+        guard count > 0 else { return nil }
+        return String(decoding: bytes[0..<count], as: UTF8.self)
+    }
+}
+
+/// Instance names: valid for Incus (a letter first, then letters, digits and hyphens, at most
+/// 63 characters) and unique enough that two servers never pick the same one.
+public enum InstanceName {
+    public static let prefix = "debusine-virt-"
+
+    /// `debusine-virt-` and 12 random lower-case letters and digits.
+    public static func make() -> String {
+        let alphabet = Array("abcdefghijklmnopqrstuvwxyz0123456789")
+        var generator = SystemRandomNumberGenerator()
+        let suffix = (0..<12).map { _ in alphabet[Int(generator.next(upperBound: UInt(alphabet.count)))] }
+        return prefix + String(suffix)
+    }
+
+    /// Whether Incus accepts `name` as an instance name.
+    public static func isValid(_ name: String) -> Bool {
+        guard let first = name.first, first.isASCII, first.isLetter, name.count <= 63, name.last != "-" else {
+            return false
+        }
+        return name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-") }
+    }
+}
