@@ -105,6 +105,11 @@ let package = Package(
                 "QemuBackend", "GuestChannel", "AuxverbClient", "CommandRunner", "VirtCore", "VirtTestSupport",
             ]
         ),
+        .testTarget(
+            name: "IncusBackendTests",
+            dependencies: ["IncusBackend", "CommandRunner", "VirtCore", "VirtTestSupport"],
+            exclude: ["Fixtures"]
+        ),
         .testTarget(name: "TestImageTests", dependencies: ["CommandRunner", "VirtCore", "VirtTestSupport"]),
     ],
     swiftLanguageModes: [.v6]

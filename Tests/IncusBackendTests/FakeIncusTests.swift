@@ -1,0 +1,126 @@
+import CommandRunner
+import Foundation
+import Testing
+import VirtCore
+import VirtTestSupport
+
+/// Error paths of debusine-virt-incus that a real incusd will not produce on demand, against a
+/// fake `incus` first on PATH (Fixtures/fake-incus). The real daemon is in IncusServerTests.
+@Suite("debusine-virt-incus error paths with a fake incus")
+struct FakeIncusTests {
+    /// A private state directory, a PATH whose `incus` is the fake, and the server started on it.
+    struct Fake {
+        let state: String
+        let server: ServerProcess
+
+        init(_ scenario: String, _ arguments: [String] = []) throws {
+            state = try TestPaths.makeTemporaryDirectory("dv-fake-incus.")
+            let bin = state + "/bin"
+            try FileManager.default.createDirectory(atPath: bin, withIntermediateDirectories: false)
+            try FileManager.default.createSymbolicLink(
+                atPath: bin + "/incus",
+                withDestinationPath: "\(TestPaths.repositoryRoot)/Tests/IncusBackendTests/Fixtures/fake-incus")
+            let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+            server = try ServerProcess(
+                [TestPaths.executable("debusine-virt-incus")] + arguments + ["artifact/1"],
+                environment: [
+                    "PATH": "\(bin):\(path)", "FAKE_INCUS_STATE": state, "FAKE_INCUS_SCENARIO": scenario,
+                    "TMPDIR": state,
+                ])
+        }
+
+        var calls: [String] {
+            ((try? String(contentsOfFile: state + "/calls", encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
+        }
+
+        var instances: [String] { TestPaths.contents(of: state).filter { $0.hasPrefix("instance.") } }
+
+        func request(_ line: String) async throws -> String? {
+            server.write(line: line)
+            return try await server.readLine(timeout: .seconds(60))
+        }
+
+        func cleanUp() { TestPaths.removeTree(state) }
+    }
+
+    @Test("a launch that fails after creating the instance: open fails with incus's reason, the instance is deleted")
+    func launchFailsAfterCreate() async throws {
+        let fake = try Fake("launch-fails")
+        defer { fake.cleanUp() }
+        #expect(try await fake.server.readLine() == "ok")
+        #expect(try await fake.request("open") == nil)
+        #expect(try await fake.server.wait() == .exited(12))
+        #expect(fake.server.standardError.contains("fake start failure"), "\(fake.server.standardError)")
+        #expect(fake.calls.contains { $0.hasPrefix("delete debusine-virt-") }, "\(fake.calls)")
+        #expect(fake.instances.isEmpty)
+    }
+
+    @Test("exec that only returns CLI errors: open times out with the instance's log, and deletes the instance")
+    func execFails() async throws {
+        let fake = try Fake("exec-fails", ["--boot-timeout", "2"])
+        defer { fake.cleanUp() }
+        #expect(try await fake.server.readLine() == "ok")
+        #expect(try await fake.request("open") == nil)
+        #expect(try await fake.server.wait() == .exited(12))
+        let stderr = fake.server.standardError
+        #expect(stderr.contains("did not finish booting within 2"), "\(stderr)")
+        #expect(stderr.contains("Failed to retrieve PID"), "the last CLI error is in the message: \(stderr)")
+        #expect(stderr.contains("fake log line"), "the instance's log is in the message: \(stderr)")
+        #expect(fake.instances.isEmpty, "\(fake.calls)")
+    }
+
+    @Test("a graceful stop that times out is followed by a forced stop; close still succeeds")
+    func stopTimesOut() async throws {
+        let fake = try Fake("stop-hangs", ["--stop-timeout", "1"])
+        defer { fake.cleanUp() }
+        #expect(try await fake.server.readLine() == "ok")
+        let opened = try #require(try await fake.request("open"), "\(fake.server.standardError)")
+        #expect(opened.hasPrefix("ok /"))
+        #expect(try await fake.request("close") == "ok")
+        let calls = fake.calls
+        let graceful = try #require(calls.firstIndex { $0.hasPrefix("stop debusine-virt-") && $0.hasSuffix("--timeout 1") })
+        let forced = try #require(calls.firstIndex { $0.hasPrefix("stop debusine-virt-") && $0.hasSuffix("--force") })
+        #expect(graceful < forced)
+        #expect(fake.server.standardError.contains("did not stop within 1 s"), "\(fake.server.standardError)")
+        #expect(fake.instances.isEmpty)
+        fake.server.write(line: "quit")
+        #expect(try await fake.server.wait() == .exited(0))
+    }
+
+    @Test("incusd going away mid-session: the next request fails clearly, and the leftover is reported for gc")
+    func daemonGoesAway() async throws {
+        let fake = try Fake("daemon-gone")
+        defer { fake.cleanUp() }
+        #expect(try await fake.server.readLine() == "ok")
+        let opened = try #require(try await fake.request("open"), "\(fake.server.standardError)")
+        #expect(opened.hasPrefix("ok /"))
+        FileManager.default.createFile(atPath: fake.state + "/gone", contents: nil)
+        #expect(try await fake.request("revert") == nil)
+        #expect(try await fake.server.wait() == .exited(12))
+        let stderr = fake.server.standardError
+        #expect(stderr.contains("incusd is not running"), "\(stderr)")
+        #expect(stderr.contains("debusine-virt-incus gc"), "the leftover instance is reported: \(stderr)")
+    }
+
+    @Test("a missing image or profile is an error before the banner that says what to do")
+    func preflight() async throws {
+        let state = try TestPaths.makeTemporaryDirectory("dv-fake-incus.")
+        defer { TestPaths.removeTree(state) }
+        let bin = state + "/bin"
+        try FileManager.default.createDirectory(atPath: bin, withIntermediateDirectories: false)
+        // An incus that knows neither images nor profiles.
+        let script = "#!/bin/sh\ncase \"$1 $2\" in 'image info') echo 'Error: Image not found' >&2 ;; *) echo 'Error: Profile not found' >&2 ;; esac\nexit 1\n"
+        FileManager.default.createFile(atPath: bin + "/incus", contents: Data(script.utf8), attributes: [.posixPermissions: 0o755])
+        let path = "\(bin):\(ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin")"
+        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), "artifact/404"], environment: ["PATH": path])
+        #expect(try await server.readLine() == nil, "no banner")
+        #expect(try await server.wait() == .exited(1))
+        #expect(server.standardError.contains("debusine-virt-incus import"), "\(server.standardError)")
+
+        let other = try ServerProcess(
+            [TestPaths.executable("debusine-virt-incus"), "--remote", "r", "x:artifact/1"], environment: ["PATH": path])
+        #expect(try await other.readLine() == nil)
+        #expect(try await other.wait() == .exited(64))
+        #expect(other.standardError.contains("--remote"), "\(other.standardError)")
+    }
+}

@@ -1,0 +1,381 @@
+import CommandRunner
+import Foundation
+import Testing
+import VirtCore
+import VirtTestSupport
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// debusine-virt-incus against the real incusd, as autopkgtest runs it: the built executable
+/// over real pipes, launching containers of the project-built tarball imported as artifact/1
+/// (scripts/test runs `setup` and `import` first and sets DEBUSINE_VIRT_INCUS_IMAGE).
+@Suite("debusine-virt-incus with a real incusd", .serialized)
+struct IncusServerTests {
+    static let image = ProcessInfo.processInfo.environment["DEBUSINE_VIRT_INCUS_IMAGE"]
+    static let enabled = image != nil || TestPaths.isCI
+
+    let runner = SubprocessRunner()
+
+    func requireImage() throws -> String {
+        try #require(Self.image, "DEBUSINE_VIRT_INCUS_IMAGE is not set: run through scripts/test")
+    }
+
+    func auxverb(from reply: String) throws -> [String] {
+        let word = try #require(reply.split(separator: " ").dropFirst().first)
+        return word.split(separator: ",").map { String(decoding: percentDecode(Array($0.utf8)), as: UTF8.self) }
+    }
+
+    func percentDecode(_ bytes: [UInt8]) -> [UInt8] {
+        var result: [UInt8] = []
+        var index = 0
+        while index < bytes.count {
+            if bytes[index] == UInt8(ascii: "%"), index + 2 < bytes.count,
+                let value = UInt8(String(decoding: bytes[(index + 1)...(index + 2)], as: UTF8.self), radix: 16)
+            {
+                result.append(value)
+                index += 3
+            } else {
+                result.append(bytes[index])
+                index += 1
+            }
+        }
+        return result
+    }
+
+    func request(_ server: ServerProcess, _ line: String, timeout: Duration = .seconds(300)) async throws -> String {
+        server.write(line: line)
+        return try #require(try await server.readLine(timeout: timeout), "no reply to \(line):\n\(server.standardError)")
+    }
+
+    /// The instances labelled with `pid` as their server.
+    func instances(ownedBy pid: pid_t, environment: [String: String?] = [:]) async throws -> [String] {
+        let listing = try await runner.check(
+            Command("incus", ["list", "debusine-virt-", "--format", "json"], environment: environment))
+        let value = try JSONSerialization.jsonObject(with: Data(listing.utf8)) as? [[String: Any]] ?? []
+        return value.compactMap { instance in
+            let configuration = instance["config"] as? [String: Any] ?? [:]
+            guard configuration["user.debusine-virt.pid"] as? String == String(pid) else { return nil }
+            return instance["name"] as? String
+        }
+    }
+
+    @Test(
+        "a whole session: capabilities, auxverb contract, streaming, copies, revert, reboot, close; nothing left",
+        .enabled(if: enabled), .timeLimit(.minutes(10)))
+    func wholeSession() async throws {
+        let image = try requireImage()
+        let host = try TestPaths.makeTemporaryDirectory("dv-incus-host.")
+        defer { TestPaths.removeTree(host) }
+        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), image])
+        #expect(try await server.readLine() == "ok")
+        let opened = try await request(server, "open")
+        try #require(opened.hasPrefix("ok /"), "open failed:\n\(server.standardError)")
+        let scratch = String(opened.dropFirst(3))
+        let capabilities = try await request(server, "capabilities")
+        #expect(
+            capabilities == "ok revert revert-full-system reboot root-on-testbed isolation-container",
+            "the test image has no normal user, so no suggested-normal-user")
+
+        let aux = try auxverb(from: try await request(server, "print-execute-command"))
+        func inside(_ argv: [String], input: CommandInput = .none) async throws -> CommandResult {
+            try await runner.run(Command(argv: aux + argv), input: input, output: .capture(limit: 16 << 20), error: .capture)
+        }
+        #expect(try await inside(["stat", "-c", "%a", scratch]).outputText == "777")
+        #expect(try await inside(["sh", "-c", "exit 3"]).status == .exited(3))
+        #expect(try await inside(["sh", "-c", "exit 255"]).status == .exited(253))
+        #expect(try await inside(["sh", "-c", "kill -9 $$"]).status == .exited(137))
+        #expect(try await inside(["no-such-command"]).status == .exited(127))
+        let words = ["a b", "", "ü€", "$(id)", "%2C,x", "-n"]
+        #expect(try await inside(["printf", "[%s]"] + words).outputText == words.map { "[\($0)]" }.joined())
+        // The environment of a root login, not incus exec's.
+        let environment = try await inside(["env"]).outputText.split(separator: "\n").map(String.init)
+        #expect(environment.contains("HOME=/root"))
+        #expect(environment.contains("LOGNAME=root"))
+        #expect(environment.contains { $0.hasPrefix("PATH=") && $0.contains("/usr/sbin") })
+        // A leaked background process holding stdout does not hang the call.
+        let clock = ContinuousClock()
+        let started = clock.now
+        let leaked = try await inside(["sh", "-c", "sleep 600 & echo started"])
+        #expect(leaked.outputText == "started")
+        #expect(clock.now - started < .seconds(30))
+        _ = try await inside(["pkill", "-x", "sleep"])
+        // stderr and stdout stay apart.
+        let both = try await inside(["sh", "-c", "echo out; echo err >&2"])
+        #expect(both.outputText == "out" && both.errorText == "err")
+
+        // 64 MiB through stdin and back through stdout.
+        let source = "\(host)/source"
+        try await runner.check(Command("sh", ["-c", #"head -c 67108864 /dev/urandom > "$1""#, "sh", source]))
+        let input = open(source, O_RDONLY)
+        try #require(input >= 0)
+        let up = try await inside(["sh", "-c", "cat > /root/big"], input: .fileDescriptor(input, closeAfterStart: true))
+        #expect(up.status == .exited(0), "\(up.errorText)")
+        let back = "\(host)/back"
+        let output = open(back, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        try #require(output >= 0)
+        let down = try await runner.run(
+            Command(argv: aux + ["cat", "/root/big"]), input: .none, output: .fileDescriptor(output, closeAfterStart: true),
+            error: .capture)
+        #expect(down.status == .exited(0))
+        #expect(try await runner.run(Command("cmp", [source, back])).status == .exited(0))
+
+        // Four at once.
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for index in 0..<4 {
+                group.addTask {
+                    let result = try await runner.run(Command(argv: aux + ["sh", "-c", "sleep 1; echo \(index)"]))
+                    #expect(result.outputText == "\(index)")
+                }
+            }
+            try await group.waitForAll()
+        }
+
+        // copydown and copyup of a tree with odd names, through the protocol.
+        let tree = "\(host)/tree ü, %"
+        try await runner.check(
+            Command(
+                "sh",
+                [
+                    "-ec",
+                    #"mkdir -p "$1/sub dir"; for i in $(seq 1 200); do echo "$i" > "$1/sub dir/file $i ü"; done; cp "$2" "$1/big""#,
+                    "sh", tree, source,
+                ]))
+        func encode(_ path: String) -> String {
+            path.utf8.map { byte in
+                (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A)
+                    || "/._-".utf8.contains(byte)
+                    ? String(UnicodeScalar(byte)) : "%" + String(byte, radix: 16, uppercase: true)
+            }.joined()
+        }
+        #expect(try await request(server, "copydown \(encode(tree))/ \(encode(scratch))/tree/") == "ok")
+        #expect(try await inside(["sh", "-c", "ls \"$1/sub dir\" | wc -l", "sh", "\(scratch)/tree"]).outputText == "200")
+        let copiedBack = "\(host)/back tree"
+        #expect(try await request(server, "copyup \(encode(scratch))/tree/ \(encode(copiedBack))/") == "ok")
+        #expect(try await runner.run(Command("diff", ["-r", tree, copiedBack])).status == .exited(0))
+
+        // revert: a new instance, same auxverb words except the name, the marker gone.
+        try await runner.check(Command(argv: aux + ["touch", "/root/marker"]))
+        let firstName = aux[3]
+        #expect(try await request(server, "revert") == "ok \(scratch)")
+        #expect(try await request(server, "capabilities") == capabilities, "no duplicated words after revert")
+        let reverted = try auxverb(from: try await request(server, "print-execute-command"))
+        #expect(reverted[3] != firstName)
+        #expect(try await runner.run(Command(argv: reverted + ["test", "-e", "/root/marker"])).status == .exited(1))
+        let gone = try await runner.run(Command("incus", ["info", firstName]))
+        #expect(!gone.status.succeeded, "the first instance was deleted")
+
+        // reboot: the scratch directory survives, the instance really restarted.
+        try await runner.check(Command(argv: reverted + ["sh", "-c", "echo kept > \"$1/kept\"", "sh", scratch]))
+        let before = try await runner.check(Command(argv: reverted + ["sh", "-c", "cut -d' ' -f22 /proc/1/stat"]))
+        #expect(try await request(server, "reboot") == "ok")
+        let after = try await runner.check(Command(argv: reverted + ["sh", "-c", "cut -d' ' -f22 /proc/1/stat"]))
+        #expect(before != after, "init restarted")
+        #expect(try await runner.check(Command(argv: reverted + ["cat", "\(scratch)/kept"])) == "kept")
+
+        #expect(try await request(server, "close") == "ok")
+        #expect(try await instances(ownedBy: server.pid).isEmpty)
+        server.write(line: "quit")
+        #expect(try await server.wait() == .exited(0))
+    }
+
+    @Test(
+        "autopkgtest runs the examples/ fixture package under debusine-virt-incus with the expected summary",
+        .enabled(if: enabled), .timeLimit(.minutes(15)))
+    func autopkgtestFixture() async throws {
+        let image = try requireImage()
+        let work = try TestPaths.makeTemporaryDirectory("dv-autopkgtest.")
+        defer { TestPaths.removeTree(work) }
+        let fixture = "\(TestPaths.repositoryRoot)/examples/fixture"
+        let result = try await runner.run(
+            Command(
+                "autopkgtest",
+                [
+                    "--no-built-binaries", "--summary-file=\(work)/summary", "--output-dir=\(work)/out", "\(fixture)/",
+                    "--", TestPaths.executable("debusine-virt-incus"), image,
+                ]),
+            input: .none, output: .discard, error: .capture(limit: 64 << 20))
+        #expect(result.status == .exited(4), "autopkgtest: \(result.status)\n\(result.errorText.suffix(4000))")
+        let summary = try String(contentsOfFile: "\(work)/summary", encoding: .utf8)
+        let actual = summary.split(separator: "\n").map { $0.split(separator: " ").prefix(2).joined(separator: " ") }
+        let expected = try String(contentsOfFile: "\(fixture)/expected-summary", encoding: .utf8)
+            .split(separator: "\n").map(String.init)
+        #expect(actual == expected, "summary:\n\(summary)")
+        #expect(
+            FileManager.default.fileExists(atPath: "\(work)/out/artifacts/odd dir ü/file, with % and spaces"),
+            "the artifact with an odd name was not copied up")
+    }
+
+    @Test(
+        "SIGTERM while open deletes the instance and dies by the signal; after SIGKILL, gc deletes it and a second gc finds nothing",
+        .enabled(if: enabled), .timeLimit(.minutes(5)))
+    func signalsAndGC() async throws {
+        let image = try requireImage()
+        let terminated = try ServerProcess([TestPaths.executable("debusine-virt-incus"), image])
+        #expect(try await terminated.readLine() == "ok")
+        #expect(try await request(terminated, "open").hasPrefix("ok /"))
+        #expect(try await instances(ownedBy: terminated.pid).count == 1)
+        terminated.signal(SIGTERM)
+        #expect(try await terminated.wait() == .signaled(SIGTERM))
+        #expect(try await instances(ownedBy: terminated.pid).isEmpty)
+
+        let killed = try ServerProcess([TestPaths.executable("debusine-virt-incus"), image])
+        #expect(try await killed.readLine() == "ok")
+        #expect(try await request(killed, "open").hasPrefix("ok /"))
+        let left = try await instances(ownedBy: killed.pid)
+        #expect(left.count == 1)
+        killed.signal(SIGKILL)
+        _ = try await killed.wait()
+        let gc = try await runner.run(Command(TestPaths.executable("debusine-virt-incus"), ["gc"]))
+        #expect(gc.status == .exited(0), "\(gc.errorText)")
+        for name in left { #expect(gc.outputText.contains("deleted instance \(name)"), "\(gc.outputText)") }
+        #expect(try await instances(ownedBy: killed.pid).isEmpty)
+        let again = try await runner.run(Command(TestPaths.executable("debusine-virt-incus"), ["gc"]))
+        #expect(!again.outputText.contains(left.first ?? "-"), "\(again.outputText)")
+    }
+
+    @Test(
+        "--remote addresses image and instance on that remote (a unix-socket remote of the same daemon)",
+        .enabled(if: enabled), .timeLimit(.minutes(5)))
+    func remote() async throws {
+        let image = try requireImage()
+        let configuration = try TestPaths.makeTemporaryDirectory("dv-incus-conf.")
+        defer { TestPaths.removeTree(configuration) }
+        let environment: [String: String?] = ["INCUS_CONF": configuration]
+        try await runner.check(
+            Command("incus", ["remote", "add", "loop", "unix:///var/lib/incus/unix.socket"], environment: environment))
+        let server = try ServerProcess(
+            [TestPaths.executable("debusine-virt-incus"), "--remote", "loop", image],
+            environment: ["INCUS_CONF": configuration])
+        #expect(try await server.readLine() == "ok")
+        #expect(try await request(server, "open").hasPrefix("ok /"), "\(server.standardError)")
+        let aux = try auxverb(from: try await request(server, "print-execute-command"))
+        #expect(aux[3].hasPrefix("loop:debusine-virt-"), "\(aux)")
+        let result = try await runner.run(Command(aux[0], Array(aux.dropFirst()) + ["echo", "hello"], environment: environment))
+        #expect(result.outputText == "hello")
+        #expect(try await request(server, "close") == "ok")
+        #expect(try await instances(ownedBy: server.pid).isEmpty)
+        server.write(line: "quit")
+        #expect(try await server.wait() == .exited(0))
+    }
+
+    @Test("setup is idempotent and --check finds nothing missing afterwards", .enabled(if: enabled))
+    func setup() async throws {
+        let tool = TestPaths.executable("debusine-virt-incus")
+        let first = try await runner.run(Command(tool, ["setup", "--ipv4-address", "none"]))
+        #expect(first.status == .exited(0), "\(first.errorText)")
+        let second = try await runner.run(Command(tool, ["setup", "--ipv4-address", "none"]))
+        #expect(second.outputText == "everything was already set up; nothing changed")
+        let check = try await runner.run(Command(tool, ["setup", "--check"]))
+        #expect(check.status == .exited(0) && check.outputText == "everything is set up", "\(check.outputText)")
+        let profile = try await runner.check(Command("incus", ["profile", "show", "debusine"]))
+        for line in ["raw.lxc: lxc.mount.auto=sys", "security.secureboot: \"false\"", "name: host0", "network: debusinebr0"] {
+            #expect(profile.contains(line), "\(profile)")
+        }
+        let missing = try await runner.run(Command(tool, ["setup", "--check", "--profile", "debusine-virt-absent"]))
+        #expect(missing.status == .exited(1))
+        #expect(missing.outputText.contains("missing: profile debusine-virt-absent"))
+    }
+}
+
+/// `debusine-virt-incus import` with small tarballs made here, against the real incusd.
+@Suite("debusine-virt-incus import with a real incusd", .serialized)
+struct IncusImportTests {
+    let runner = SubprocessRunner()
+    let tool = TestPaths.executable("debusine-virt-incus")
+
+    func makeRootfs(_ work: String, withInit: Bool) async throws -> String {
+        let root = "\(work)/root"
+        try await runner.check(
+            Command(
+                "sh",
+                [
+                    "-ec",
+                    #"""
+                    mkdir -p "$1/usr/bin" "$1/usr/sbin" "$1/usr/lib/systemd/system" "$1/etc"
+                    cp /usr/bin/env "$1/usr/bin/env"
+                    printf 'NAME="Debian GNU/Linux"\nVERSION_CODENAME=testing-x\n' > "$1/usr/lib/os-release"
+                    touch "$1/usr/lib/systemd/system/systemd-networkd.service"
+                    [ "$2" = no ] || ln -s /lib/systemd/systemd "$1/usr/sbin/init"
+                    """#, "sh", root, withInit ? "yes" : "no",
+                ]))
+        let tarball = "\(work)/rootfs.tar.xz"
+        try await runner.check(Command("tar", ["--create", "--xz", "--file", tarball, "--directory", root, "."]))
+        return tarball
+    }
+
+    func aliasExists(_ alias: String) async throws -> Bool {
+        try await runner.run(Command("incus", ["image", "info", alias])).status.succeeded
+    }
+
+    @Test(
+        "import makes a unified image with rootfs/, networkd, the generator, metadata and templates; again is a no-op",
+        .enabled(if: IncusServerTests.enabled))
+    func importsSmallTarball() async throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-import.")
+        defer { TestPaths.removeTree(work) }
+        let tarball = try await makeRootfs(work, withInit: true)
+        let id = "test-\(getpid())"
+        let alias = "artifact/\(id)"
+        defer { _ = try? FileManager.default.removeItem(atPath: work) }
+        let first = try await runner.run(Command(tool, ["import", "--artifact-id", id, tarball]))
+        #expect(first.status == .exited(0), "\(first.errorText)")
+        defer { Task { _ = try? await SubprocessRunner().run(Command("incus", ["image", "delete", alias])) } }
+        let info = try await runner.check(Command("incus", ["image", "info", alias]))
+        for line in [
+            "Architecture: x86_64", "Type: container", "release: testing-x", "artifact_id: \(id)", "architecture: amd64",
+            "os: Debian",
+        ] {
+            #expect(info.contains(line), "\(info)")
+        }
+        let again = try await runner.run(Command(tool, ["import", "--artifact-id", id, tarball]))
+        #expect(again.status == .exited(0))
+        #expect(again.outputText.contains("already imported"), "\(again.outputText)")
+
+        let export = "\(work)/export"
+        try FileManager.default.createDirectory(atPath: export, withIntermediateDirectories: false)
+        try await runner.check(Command("incus", ["image", "export", alias, "\(export)/image"]))
+        let exported = TestPaths.contents(of: export)
+        try #require(exported.count == 1, "a unified image: \(exported)")
+        let listing = try await runner.check(Command("tar", ["--list", "--verbose", "--file", "\(export)/\(exported[0])"]))
+        #expect(listing.contains(" metadata.yaml"))
+        #expect(listing.contains(" templates/hostname.tpl"))
+        #expect(listing.contains(" templates/hosts.tpl"))
+        #expect(listing.contains("rootfs/usr/sbin/init -> /lib/systemd/systemd"))
+        #expect(
+            listing.contains(
+                "rootfs/etc/systemd/system/multi-user.target.wants/systemd-networkd.service -> /usr/lib/systemd/system/systemd-networkd.service"
+            ))
+        #expect(listing.contains("-rwxr-xr-x root/root") && listing.contains("rootfs/etc/systemd/system-generators/lxc"))
+        #expect(try await runner.run(Command("incus", ["image", "delete", alias])).status.succeeded)
+    }
+
+    @Test(
+        "a tarball without init, a corrupt one and a missing file fail clearly and leave no alias",
+        .enabled(if: IncusServerTests.enabled))
+    func refusesBadTarballs() async throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-import.")
+        defer { TestPaths.removeTree(work) }
+        let noInit = try await makeRootfs(work, withInit: false)
+        let id = "bad-\(getpid())"
+        let refused = try await runner.run(Command(tool, ["import", "--artifact-id", id, noInit]))
+        #expect(refused.status == .exited(1))
+        #expect(refused.errorText.contains("no /sbin/init or /usr/sbin/init"), "\(refused.errorText)")
+        #expect(try await !aliasExists("artifact/\(id)"))
+
+        let corrupt = "\(work)/corrupt.tar.xz"
+        try await runner.check(Command("sh", ["-c", #"head -c 3000 "$1" > "$2""#, "sh", noInit, corrupt]))
+        let broken = try await runner.run(Command(tool, ["import", "--artifact-id", id, corrupt]))
+        #expect(broken.status == .exited(1))
+        #expect(broken.errorText.contains("corrupt"), "\(broken.errorText)")
+        #expect(try await !aliasExists("artifact/\(id)"))
+
+        let missing = try await runner.run(Command(tool, ["import", "--artifact-id", id, "\(work)/absent.tar.xz"]))
+        #expect(missing.status == .exited(1))
+        #expect(missing.errorText.contains("does not exist"), "\(missing.errorText)")
+        #expect(TestPaths.contents(of: PrivateDirectory.temporaryParent).filter { $0.hasPrefix("dvi-import.") }.isEmpty)
+    }
+}

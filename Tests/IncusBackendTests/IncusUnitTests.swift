@@ -1,0 +1,155 @@
+import CommandRunner
+import Foundation
+import Testing
+import VirtCore
+
+@testable import IncusBackend
+
+@Suite("Incus commands, names, labels and metadata")
+struct IncusUnitTests {
+    @Test("launch asks for an ephemeral instance with the profiles, labels, target and extra arguments in order")
+    func launchArgv() {
+        let cli = IncusCLI(remote: "worker")
+        let launch = IncusCLI.Launch(
+            image: "artifact/42", name: "debusine-virt-abc", profiles: ["debusine", "extra"], virtualMachine: true,
+            target: "member2", configuration: [("user.a", "1"), ("user.b", "x y")], extraArguments: ["-c", "limits.cpu=2"])
+        #expect(
+            cli.launch(launch).argv == [
+                "incus", "launch", "worker:artifact/42", "worker:debusine-virt-abc", "--ephemeral", "--quiet",
+                "--profile", "debusine", "--profile", "extra", "--vm", "--target", "member2", "--config", "user.a=1",
+                "--config", "user.b=x y", "-c", "limits.cpu=2",
+            ])
+        #expect(cli.launch(launch).environment["LC_ALL"] == "C")
+    }
+
+    @Test("every instance and image command addresses the remote, and none without one")
+    func remoteEverywhere() {
+        let remote = IncusCLI(remote: "r")
+        let local = IncusCLI()
+        #expect(remote.exec("n", ["true"]).argv == ["incus", "exec", "--force-noninteractive", "r:n", "--", "true"])
+        #expect(local.exec("n", ["true"]).argv == ["incus", "exec", "--force-noninteractive", "n", "--", "true"])
+        #expect(remote.stop("n", timeout: 30).argv == ["incus", "stop", "r:n", "--timeout", "30"])
+        #expect(remote.forceStop("n").argv == ["incus", "stop", "r:n", "--force"])
+        #expect(remote.delete("n").argv == ["incus", "delete", "r:n", "--force"])
+        #expect(remote.list(prefix: "debusine-virt-").argv == ["incus", "list", "r:debusine-virt-", "--format", "json"])
+        #expect(remote.list().argv == ["incus", "list", "r:", "--format", "json"])
+        #expect(local.list().argv == ["incus", "list", "--format", "json"])
+        #expect(remote.imageInfo("artifact/1").argv == ["incus", "image", "info", "r:artifact/1"])
+        #expect(
+            remote.imageImport("/x.tar", alias: "artifact/1").argv == [
+                "incus", "image", "import", "/x.tar", "r:", "--alias", "artifact/1", "--quiet",
+            ])
+        #expect(remote.configGet("n", "user.k").argv == ["incus", "config", "get", "r:n", "user.k"])
+        #expect(
+            remote.interactive("n", directory: "/tmp/x y", environment: ["A=1"], ["bash", "-l"]).argv == [
+                "incus", "exec", "--force-interactive", "--cwd", "/tmp/x y", "--env", "A=1", "r:n", "--", "bash", "-l",
+            ])
+    }
+
+    @Test("instance names are valid for Incus and do not repeat")
+    func names() {
+        let names = (0..<2000).map { _ in InstanceName.make() }
+        #expect(Set(names).count == names.count)
+        #expect(names.allSatisfy(InstanceName.isValid))
+        #expect(names.allSatisfy { $0.hasPrefix(InstanceName.prefix) && $0.count <= 63 })
+        for invalid in ["", "1abc", "-abc", "abc-", "a_b", "a b", "ä", String(repeating: "a", count: 64)] {
+            #expect(!InstanceName.isValid(invalid), "\(invalid)")
+        }
+    }
+
+    @Test("owner labels round-trip, and a dead or recycled pid is not a live owner")
+    func owner() {
+        let me = InstanceOwner.current()
+        #expect(me.isAlive)
+        let configuration = Dictionary(uniqueKeysWithValues: me.labels(launched: 7).map { ($0.key, $0.value) })
+        #expect(InstanceOwner(configuration: configuration) == me)
+        #expect(configuration[InstanceOwner.launchedKey] == "7")
+        #expect(InstanceOwner(configuration: ["user.other": "1"]) == nil)
+        var recycled = me
+        recycled.startTime = "1"
+        #expect(!recycled.isAlive)
+        let dead = InstanceOwner(host: me.host, pid: Int32.max - 1, startTime: "5")
+        #expect(!dead.isAlive)
+    }
+
+    @Test("metadata.yaml quotes every string, maps the architecture and has both templates")
+    func metadata() {
+        let metadata = ImageMetadata(
+            debianArchitecture: "arm64", os: "Debian", release: "trixie", artifactID: "42",
+            description: "evil\"\nkey: value \\ ü", creationDate: 1_700_000_000)
+        let yaml = metadata.yaml(incusArchitecture: "aarch64")
+        #expect(yaml.contains("architecture: \"aarch64\"\n"))
+        #expect(yaml.contains("creation_date: 1700000000\n"))
+        #expect(yaml.contains("  description: \"evil\\\"\\nkey: value \\\\ ü\"\n"))
+        #expect(yaml.contains("  artifact_id: \"42\"\n"))
+        #expect(yaml.contains("  architecture: \"arm64\"\n"))
+        #expect(yaml.contains("  /etc/hostname:\n    when:\n    - create\n    - copy\n    create_only: false\n    template: hostname.tpl\n"))
+        #expect(yaml.contains("  /etc/hosts:\n"))
+        #expect(!ImageMetadata(
+            debianArchitecture: "amd64", os: "Debian", release: "x", artifactID: "1", creationDate: 1,
+            withTemplates: false
+        ).yaml(incusArchitecture: "x86_64").contains("templates"))
+        #expect(ImageMetadata.hostnameTemplate == "{{ instance.name }}\n")
+        #expect(ImageMetadata.hostsTemplate.hasPrefix("127.0.1.1 {{ instance.name }}\n127.0.0.1 localhost\n"))
+    }
+
+    @Test("Debian architectures map to Incus names, and ELF headers to Debian architectures")
+    func architectures() throws {
+        #expect(Architecture.incusName(debian: "amd64") == "x86_64")
+        #expect(Architecture.incusName(debian: "armhf") == "armv7l")
+        #expect(Architecture.incusName(debian: "ppc64el") == "ppc64le")
+        #expect(Architecture.incusName(debian: "loong64") == "loongarch64")
+        #expect(Architecture.incusName(debian: "nonsense") == nil)
+        let shell = try Data(contentsOf: URL(fileURLWithPath: "/bin/sh")).prefix(64)
+        #expect(Architecture.debian(elfHeader: Array(shell)) == "amd64")
+        var arm = [UInt8](repeating: 0, count: 64)
+        arm.replaceSubrange(0..<6, with: [0x7f, 0x45, 0x4c, 0x46, 1, 1])
+        arm[18] = 0x28
+        #expect(Architecture.debian(elfHeader: arm) == "armel")
+        arm[37] = 0x04
+        #expect(Architecture.debian(elfHeader: arm) == "armhf")
+        #expect(Architecture.debian(elfHeader: Array("#!/bin/sh\n".utf8) + arm) == nil)
+    }
+
+    @Test("os-release values are read with and without quotes")
+    func osRelease() {
+        let fields = ImageMetadata.parseOSRelease(
+            "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nNAME='Debian GNU/Linux'\nVERSION_CODENAME=bookworm\n# c\n")
+        #expect(fields["VERSION_CODENAME"] == "bookworm")
+        #expect(fields["NAME"] == "Debian GNU/Linux")
+        #expect(fields["PRETTY_NAME"] == "Debian GNU/Linux 12 (bookworm)")
+    }
+
+    @Test("boot states: booted, still booting, agent or bus not ready yet, no systemd, instance gone")
+    func bootStates() {
+        func state(_ out: String, _ err: String = "", _ code: Int32 = 0) -> BootState {
+            BootState(CommandResult(status: .exited(code), standardOutput: Array(out.utf8), standardError: Array(err.utf8)))
+        }
+        #expect(state("running\n") == .booted)
+        #expect(state("degraded\n", "", 1) == .booted)
+        #expect(state("maintenance\n", "", 1) == .booted)
+        #expect(state("starting\n", "", 1) == .waiting("starting"))
+        #expect(state("", "Failed to connect to bus: No such file or directory", 1) != .booted)
+        #expect(state("", "Error: VM agent isn't currently running", 1) != .booted)
+        #expect(state("", "", 127) == .noSystemd)
+        if case .gone = state("", "Error: Instance not found", 1) {} else { Issue.record("not gone") }
+    }
+
+    @Test("setup creates network, pool and the debusine profile exactly as the design says")
+    func setupRequirements() {
+        var options = IncusSetup.Options()
+        options.ipv4Address = "none"
+        let setup = IncusSetup(options: options, runner: SubprocessRunner())
+        let fixes = setup.requirements.flatMap(\.fix).map(\.argv)
+        #expect(fixes.contains(["incus", "storage", "create", "default", "dir"]))
+        #expect(fixes.contains(["incus", "network", "create", "debusinebr0", "ipv4.address=none", "ipv6.address=none"]))
+        #expect(fixes.contains(["incus", "profile", "create", "debusine"]))
+        #expect(fixes.contains(["incus", "profile", "set", "debusine", "raw.lxc=lxc.mount.auto=sys"]))
+        #expect(fixes.contains(["incus", "profile", "set", "debusine", "security.secureboot=false"]))
+        #expect(
+            fixes.contains([
+                "incus", "profile", "device", "add", "debusine", "eth0", "nic", "name=host0", "network=debusinebr0",
+            ]))
+        #expect(fixes.contains(["incus", "profile", "device", "add", "debusine", "root", "disk", "path=/", "pool=default"]))
+    }
+}
