@@ -66,6 +66,8 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
+        // Images downloaded from URLs into a per-user cache shared by concurrent servers.
+        .target(name: "ImageCache", dependencies: ["VirtCore", "CommandRunner"]),
         // A testbed that is a private directory on the host: drives the protocol tests.
         .target(name: "FixtureBackend", dependencies: ["VirtCore", "TestbedCore", "CommandRunner"]),
 
@@ -101,6 +103,8 @@ let package = Package(
             ]
         ),
         .testTarget(name: "TestImageTests", dependencies: ["CommandRunner", "VirtCore", "VirtTestSupport"]),
+        .testTarget(
+            name: "ImageCacheTests", dependencies: ["ImageCache", "CommandRunner", "VirtCore", "VirtTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )
