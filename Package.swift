@@ -73,7 +73,7 @@ let package = Package(
 
         .executableTarget(
             name: "debusine-virt-qemu",
-            dependencies: ["VirtCore", "VirtSession", "QemuBackend", argumentParser]
+            dependencies: ["VirtCore", "VirtSession", "QemuBackend", "ImageCache", argumentParser]
         ),
         .executableTarget(name: "debusine-virt-auxverb", dependencies: ["AuxverbClient"]),
         .executableTarget(name: "debusine-virt-incus", dependencies: ["VirtCore", "VirtSession", argumentParser]),
