@@ -137,7 +137,7 @@ public struct ImageCache: Sendable {
             }
             let actual = try await hash(entry.image)
             if actual == expected {
-                try CacheFiles.writeLine(expected, to: entry.digest)
+                record(expected, for: entry)
                 log.debug("image cache hit for \(url), verified now: \(entry.image)")
                 return
             }
@@ -190,13 +190,16 @@ public struct ImageCache: Sendable {
             CacheFiles.remove(temporary)
             throw error
         }
-        if let expected {
-            // Only saves a later fetch the hashing: the image is in place whether or not this works.
-            do throws(VirtError) {
-                try CacheFiles.writeLine(expected, to: entry.digest)
-            } catch {
-                log.warning("\(error.message)")
-            }
+        if let expected { record(expected, for: entry) }
+    }
+
+    /// Records the digest `entry.image` was verified against. Only saves a later fetch the
+    /// hashing: the image is in place whether or not this works, so a failure is a warning.
+    private func record(_ digest: String, for entry: Entry) {
+        do throws(VirtError) {
+            try CacheFiles.writeLine(digest, to: entry.digest)
+        } catch {
+            log.warning("\(error.message)")
         }
     }
 
