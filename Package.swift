@@ -66,14 +66,16 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
+        // Images downloaded from URLs into a per-user cache shared by concurrent servers.
+        .target(name: "ImageCache", dependencies: ["VirtCore", "CommandRunner"]),
         // The Incus backend: setup, image import, instances through the incus CLI, gc.
-        .target(name: "IncusBackend", dependencies: ["VirtCore", "CommandRunner", "TestbedCore"]),
+        .target(name: "IncusBackend", dependencies: ["VirtCore", "CommandRunner", "TestbedCore", "ImageCache"]),
         // A testbed that is a private directory on the host: drives the protocol tests.
         .target(name: "FixtureBackend", dependencies: ["VirtCore", "TestbedCore", "CommandRunner"]),
 
         .executableTarget(
             name: "debusine-virt-qemu",
-            dependencies: ["VirtCore", "VirtSession", "QemuBackend", argumentParser]
+            dependencies: ["VirtCore", "VirtSession", "QemuBackend", "ImageCache", argumentParser]
         ),
         .executableTarget(name: "debusine-virt-auxverb", dependencies: ["AuxverbClient"]),
         .executableTarget(
@@ -111,6 +113,8 @@ let package = Package(
             exclude: ["Fixtures"]
         ),
         .testTarget(name: "TestImageTests", dependencies: ["CommandRunner", "VirtCore", "VirtTestSupport"]),
+        .testTarget(
+            name: "ImageCacheTests", dependencies: ["ImageCache", "CommandRunner", "VirtCore", "VirtTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,4 +1,5 @@
 import ArgumentParser
+import ImageCache
 import QemuBackend
 import VirtCore
 import VirtSession
@@ -19,6 +20,10 @@ struct QemuServer: AsyncParsableCommand {
             Boots IMAGE (qcow2 or raw, EFI, never modified: every boot gets a fresh qcow2 overlay) \
             and serves the autopkgtest virt-server protocol on stdin/stdout. The image needs \
             qemu-guest-agent and python3-minimal. Use it as: autopkgtest PACKAGE -- debusine-virt-qemu IMAGE
+
+            IMAGE may be an http://, https:// or file:// URL: it is then downloaded once into the \
+            image cache (see --cache-dir), which concurrent servers share; the least recently used \
+            images are removed beyond DEBUSINE_VIRT_CACHE_MAX bytes (default 20 GiB).
 
             debusine-virt-qemu gc removes what servers that died left behind (QEMU processes, \
             instance directories in $TMPDIR) and reports it.
@@ -74,13 +79,26 @@ struct QemuServer: AsyncParsableCommand {
     @Option(help: "The QEMU system emulator to run.")
     var qemu = "qemu-system-x86_64"
 
-    @Argument(help: "The system image: a path to a qcow2 or raw EFI image.")
+    @Option(
+        help: ArgumentHelp(
+            "Verify a downloaded IMAGE against this SHA-256 (64 hex digits); a mismatch is an error.",
+            valueName: "hex"))
+    var sha256: String?
+
+    @Option(
+        help: ArgumentHelp(
+            "Where downloaded images are kept (default: $DEBUSINE_VIRT_CACHE, else "
+                + "$XDG_CACHE_HOME/debusine-virt/images, else ~/.cache/debusine-virt/images).",
+            valueName: "dir"))
+    var cacheDir: String?
+
+    @Argument(help: "The system image: a path to a qcow2 or raw EFI image, or an http(s):// or file:// URL of one.")
     var image: String
 
     func run() async throws {
         VirtServer.prepareProcess(program: "debusine-virt-qemu", debug: debug)
         do {
-            let testbed = try QemuTestbed(options: try options(), auxverbExecutable: try auxverbExecutable())
+            let testbed = try QemuTestbed(options: try await options(), auxverbExecutable: try auxverbExecutable())
             await VirtServer.serve(testbed)
         } catch {
             VirtServer.failBeforeBanner(error)
@@ -88,13 +106,23 @@ struct QemuServer: AsyncParsableCommand {
     }
 
     /// Validates everything that can be checked before the banner, so a bad command line never
-    /// looks like a working server.
-    func options() throws(VirtError) -> QemuOptions {
-        if image.contains("://") {
-            throw VirtError(.unavailable, "downloading images (\(image)) is not supported yet: pass a local path")
+    /// looks like a working server. An image URL is fetched last: a mistyped option should not
+    /// have to wait for a download to be reported.
+    func options() async throws(VirtError) -> QemuOptions {
+        let isURL = ImageCache.isURL(image)
+        if !isURL {
+            if image.contains("://") {
+                throw VirtError(.usage, "the image URL \(image) is not supported: use http://, https:// or file://")
+            }
+            guard sha256 == nil else {
+                throw VirtError(.usage, "--sha256 verifies downloaded images: \(image) is not a URL")
+            }
+            guard access(image, R_OK) == 0 else {
+                throw VirtError(.notFound, "the image \(image) does not exist or is not readable")
+            }
         }
-        guard access(image, R_OK) == 0 else {
-            throw VirtError(.notFound, "the image \(image) does not exist or is not readable")
+        if let sha256, !ImageCache.isDigest(sha256) {
+            throw VirtError(.usage, "--sha256 must be 64 hexadecimal digits, not \(sha256)")
         }
         for (what, path) in [("EFI firmware", efiCode), ("EFI variables template", efiVars)]
         where access(path, R_OK) != 0 {
@@ -107,7 +135,8 @@ struct QemuServer: AsyncParsableCommand {
         guard Self.findExecutable(qemu) else {
             throw VirtError(.unavailable, "\(qemu) was not found: apt-get install qemu-system-x86")
         }
-        var options = QemuOptions(image: absolute(image))
+        let path = isURL ? try await ImageCache(directory: cacheDir).fetch(image, sha256: sha256) : absolute(image)
+        var options = QemuOptions(image: path)
         options.ramMiB = ramSize
         options.cpus = cpus
         options.accelerator = accel

@@ -1,0 +1,71 @@
+import CommandRunner
+import Foundation
+import Testing
+import VirtTestSupport
+
+@testable import ImageCache
+
+@Suite("SHA-256")
+struct SHA256Tests {
+    @Test(
+        "the FIPS 180 and NIST example messages give their published digests",
+        arguments: [
+            ("", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
+            ("abc", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+            (
+                "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq",
+                "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
+            ),
+            (
+                "abcdefghbcdefghicdefghijdefghijkefghijklfghijklmghijklmnhijklmnoijklmnopjklmnopqklmnopqrlmnopqrs"
+                    + "mnopqrstnopqrstu",
+                "cf5b16a778af8380036ce59e7b0492370b249b11e8f07a51afac45037afee9d1"
+            ),
+        ])
+    func vectors(_ message: String, _ digest: String) {
+        #expect(SHA256.hexDigest(of: Array(message.utf8)) == digest)
+    }
+
+    @Test("a million times 'a', fed in uneven pieces, gives the published digest")
+    func millionA() {
+        var hash = SHA256()
+        var fed = 0
+        var piece = 1
+        while fed < 1_000_000 {
+            let count = min(piece, 1_000_000 - fed)
+            hash.update(repeatElement(UInt8(ascii: "a"), count: count))
+            fed += count
+            piece = piece * 3 % 1000 + 1
+        }
+        #expect(hash.hexDigest() == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0")
+    }
+
+    @Test("every length around the block and padding boundaries agrees with sha256sum")
+    func boundaries() async throws {
+        let runner = SubprocessRunner()
+        let bytes = (0..<130).map { UInt8(truncatingIfNeeded: $0 &* 37 &+ 11) }
+        for length in [55, 56, 57, 63, 64, 65, 119, 120, 128, 130] {
+            let message = Array(bytes.prefix(length))
+            let expected = try await runner.check(Command("sha256sum"), input: .bytes(message))
+            #expect(SHA256.hexDigest(of: message) == String(expected.prefix(64)), "length \(length)")
+        }
+    }
+
+    @Test("8 MiB of random bytes fed in odd chunks agrees with sha256sum of the same file")
+    func bigFile() async throws {
+        let directory = try TestPaths.makeTemporaryDirectory()
+        defer { TestPaths.removeTree(directory) }
+        var generator = SystemRandomNumberGenerator()
+        let bytes = (0..<(8 << 20)).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        try Data(bytes).write(to: URL(fileURLWithPath: "\(directory)/big"))
+        var hash = SHA256()
+        var offset = 0
+        while offset < bytes.count {
+            let end = min(offset + 1_000_003, bytes.count)
+            bytes[offset..<end].withUnsafeBytes { hash.update($0) }
+            offset = end
+        }
+        let expected = try await SubprocessRunner().check(Command("sha256sum", ["\(directory)/big"]))
+        #expect(hash.hexDigest() == String(expected.prefix(64)))
+    }
+}
