@@ -1,5 +1,6 @@
 import CommandRunner
 import Foundation
+import ImageCache
 import VirtCore
 
 /// `debusine-virt-incus import`: makes a debusine system tarball (containers) or system image
@@ -12,6 +13,10 @@ public struct ImageImport: Sendable {
         /// the host's (VMs).
         public var architecture: String?
         public var description: String?
+        /// The digest a downloaded file must have.
+        public var sha256: String?
+        /// The image cache for URLs (default: the QEMU backend's per-user cache).
+        public var cacheDirectory: String?
         public var cli = IncusCLI()
         /// Where the work files go (they can be as large as the unpacked image).
         public var workParent = PrivateDirectory.temporaryParent
@@ -31,8 +36,9 @@ public struct ImageImport: Sendable {
 
     var cli: IncusCLI { options.cli }
 
-    /// Imports `path` and returns what happened, for the user.
-    public func run(_ path: String) async throws(VirtError) -> String {
+    /// Imports `source` (a path, or a URL fetched through the image cache) and returns what
+    /// happened, for the user.
+    public func run(_ source: String) async throws(VirtError) -> String {
         guard options.artifactID.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }),
             !options.artifactID.isEmpty
         else {
@@ -40,6 +46,15 @@ public struct ImageImport: Sendable {
         }
         if try await exists() {
             return "\(cli.qualified(options.alias)) is already imported; nothing to do"
+        }
+        let path: String
+        if ImageCache.isURL(source) {
+            path = try await ImageCache(directory: options.cacheDirectory, runner: runner).fetch(source, sha256: options.sha256)
+        } else {
+            guard options.sha256 == nil else {
+                throw VirtError(.usage, "--sha256 verifies downloads: give a URL, or check \(source) yourself")
+            }
+            path = source
         }
         guard access(path, R_OK) == 0 else {
             throw VirtError(.notFound, "\(path) does not exist or is not readable")

@@ -193,10 +193,16 @@ struct ImportCommand: AsyncParsableCommand {
     @Option(help: "The image description (default: OS, release, architecture and artifact id).")
     var description: String?
 
+    @Option(help: "The SHA-256 digest (hex) a downloaded FILE must have.")
+    var sha256: String?
+
+    @Option(help: "The image cache for URLs (default: $DEBUSINE_VIRT_CACHE, else the XDG cache).")
+    var cacheDir: String?
+
     @Flag(name: [.short, .long], help: "Log more on stderr.")
     var debug = false
 
-    @Argument(help: "The tarball or image file.")
+    @Argument(help: "The tarball or image: a path, or an http(s) or file URL downloaded into the image cache.")
     var file: String
 
     func run() async throws {
@@ -206,6 +212,8 @@ struct ImportCommand: AsyncParsableCommand {
         options.cli = IncusCLI(remote: remote)
         options.architecture = architecture
         options.description = description
+        options.sha256 = sha256
+        options.cacheDirectory = cacheDir
         do {
             Output.line(try await ImageImport(options: options).run(file))
         } catch {

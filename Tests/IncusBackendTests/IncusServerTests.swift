@@ -321,7 +321,13 @@ struct IncusImportTests {
         let id = "test-\(getpid())"
         let alias = "artifact/\(id)"
         defer { _ = try? FileManager.default.removeItem(atPath: work) }
-        let first = try await runner.run(Command(tool, ["import", "--artifact-id", id, tarball]))
+        // A file URL goes through the image cache, with its digest checked.
+        let digest = try await runner.check(Command("sha256sum", [tarball])).split(separator: " ").first.map(String.init)
+        let first = try await runner.run(
+            Command(
+                tool,
+                ["import", "--artifact-id", id, "--cache-dir", "\(work)/cache", "--sha256", digest ?? "", "file://\(tarball)"]
+            ))
         #expect(first.status == .exited(0), "\(first.errorText)")
         defer { Task { _ = try? await SubprocessRunner().run(Command("incus", ["image", "delete", alias])) } }
         let info = try await runner.check(Command("incus", ["image", "info", alias]))
@@ -371,6 +377,16 @@ struct IncusImportTests {
         let broken = try await runner.run(Command(tool, ["import", "--artifact-id", id, corrupt]))
         #expect(broken.status == .exited(1))
         #expect(broken.errorText.contains("corrupt"), "\(broken.errorText)")
+        #expect(try await !aliasExists("artifact/\(id)"))
+
+        // Through the image cache: a file URL whose digest does not match is not imported.
+        let cache = "\(work)/cache"
+        let wrong = try await runner.run(
+            Command(
+                tool,
+                ["import", "--artifact-id", id, "--cache-dir", cache, "--sha256", String(repeating: "0", count: 64), "file://\(noInit)"]))
+        #expect(wrong.status == .exited(1))
+        #expect(wrong.errorText.contains("checksum mismatch"), "\(wrong.errorText)")
         #expect(try await !aliasExists("artifact/\(id)"))
 
         let missing = try await runner.run(Command(tool, ["import", "--artifact-id", id, "\(work)/absent.tar.xz"]))
