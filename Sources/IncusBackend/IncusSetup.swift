@@ -27,6 +27,9 @@ public struct IncusSetup: Sendable {
         /// A command that succeeds (and, when `expected` is set, prints it) when it is met.
         public var probe: Command
         public var expected: String?
+        /// The requirement this one refines (a device's key refines the device): when that one
+        /// is missing, fixing it fixes this one too, so it is not reported on its own.
+        public var parent: String?
     }
 
     public let options: Options
@@ -64,7 +67,8 @@ public struct IncusSetup: Sendable {
                 Requirement(
                     description: "profile \(profile): \(key)=\(value)",
                     fix: [cli.profileSet(profile, key, value)],
-                    probe: cli.command(["profile", "get", cli.qualified(profile), key]), expected: value))
+                    probe: cli.command(["profile", "get", cli.qualified(profile), key]), expected: value,
+                    parent: "profile \(profile)"))
         }
         let devices: [(device: String, type: String, properties: [(String, String)])] = [
             ("eth0", "nic", [("name", "host0"), ("network", options.network)]),
@@ -77,14 +81,14 @@ public struct IncusSetup: Sendable {
                     description: "profile \(profile): device \(device) (\(type) \(summary.joined(separator: " ")))",
                     fix: [cli.profileDeviceAdd(profile, device: device, type: type, summary)],
                     probe: cli.command(["profile", "device", "get", cli.qualified(profile), device, "type"]),
-                    expected: type))
+                    expected: type, parent: "profile \(profile)"))
             for (key, value) in properties {
                 list.append(
                     Requirement(
                         description: "profile \(profile): device \(device) \(key)=\(value)",
                         fix: [cli.profileDeviceSet(profile, device: device, key, value)],
                         probe: cli.command(["profile", "device", "get", cli.qualified(profile), device, key]),
-                        expected: value))
+                        expected: value, parent: "profile \(profile): device \(device) (\(type) \(summary.joined(separator: " ")))"))
             }
         }
         return list
@@ -105,7 +109,17 @@ public struct IncusSetup: Sendable {
     /// The requirements that are not met.
     public func missing() async throws(VirtError) -> [Requirement] {
         var missing: [Requirement] = []
-        for requirement in requirements where !(try await isMet(requirement)) { missing.append(requirement) }
+        var covered: Set<String> = []
+        for requirement in requirements {
+            if let parent = requirement.parent, covered.contains(parent) {
+                covered.insert(requirement.description)
+                continue
+            }
+            if !(try await isMet(requirement)) {
+                missing.append(requirement)
+                covered.insert(requirement.description)
+            }
+        }
         return missing
     }
 
