@@ -42,14 +42,16 @@ public struct ImageImport: Sendable {
         guard options.artifactID.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }),
             !options.artifactID.isEmpty
         else {
-            throw VirtError(.usage, "--artifact-id must be letters, digits, `-', `_' or `.' (got \(options.artifactID))")
+            throw VirtError(
+                .usage, "--artifact-id must be letters, digits, `-', `_' or `.' (got \(options.artifactID))")
         }
         if try await exists() {
             return "\(cli.qualified(options.alias)) is already imported; nothing to do"
         }
         let path: String
         if ImageCache.isURL(source) {
-            path = try await ImageCache(directory: options.cacheDirectory, runner: runner).fetch(source, sha256: options.sha256)
+            path = try await ImageCache(directory: options.cacheDirectory, runner: runner).fetch(
+                source, sha256: options.sha256)
         } else {
             guard options.sha256 == nil else {
                 throw VirtError(.usage, "--sha256 verifies downloads: give a URL, or check \(source) yourself")
@@ -92,7 +94,9 @@ public struct ImageImport: Sendable {
 
     /// Units whose presence decides what the import adds.
     static let initPaths = ["sbin/init", "usr/sbin/init"]
-    static let networkdUnits = ["lib/systemd/system/systemd-networkd.service", "usr/lib/systemd/system/systemd-networkd.service"]
+    static let networkdUnits = [
+        "lib/systemd/system/systemd-networkd.service", "usr/lib/systemd/system/systemd-networkd.service",
+    ]
     static let waitOnlineUnits = [
         "lib/systemd/system/systemd-networkd-wait-online.service",
         "usr/lib/systemd/system/systemd-networkd-wait-online.service",
@@ -131,17 +135,20 @@ public struct ImageImport: Sendable {
         guard let incusArchitecture = Architecture.incusName(debian: architecture) else {
             throw VirtError(.usage, "unknown Debian architecture \(architecture)")
         }
-        let osRelease = Self.osReleasePaths.lazy.compactMap { findings.captured[$0] }.first
+        let osRelease =
+            Self.osReleasePaths.lazy.compactMap { findings.captured[$0] }.first
             .map { ImageMetadata.parseOSRelease(String(decoding: $0, as: UTF8.self)) } ?? [:]
         let metadata = ImageMetadata(
             debianArchitecture: architecture,
             os: osRelease["NAME"].flatMap { $0.split(separator: " ").first.map(String.init) } ?? "Debian",
-            release: osRelease["VERSION_CODENAME"].flatMap { $0.isEmpty ? nil : $0 } ?? osRelease["VERSION_ID"] ?? "unknown",
+            release: osRelease["VERSION_CODENAME"].flatMap { $0.isEmpty ? nil : $0 } ?? osRelease["VERSION_ID"]
+                ?? "unknown",
             artifactID: options.artifactID, description: options.description,
             creationDate: Int(time(nil)))
 
         let mtime = Int(time(nil))
-        func member(_ name: String, type: Character, mode: Int, link: String = "", data: [UInt8] = []) throws(VirtError) {
+        func member(_ name: String, type: Character, mode: Int, link: String = "", data: [UInt8] = []) throws(VirtError)
+        {
             try writer.writeMember(
                 TarHeader(
                     name: name, type: UInt8(ascii: type.unicodeScalars.first ?? "0"), mode: mode, size: data.count,
@@ -167,7 +174,9 @@ public struct ImageImport: Sendable {
         try member(
             RootfsRewriter.prefix + ContainerGenerator.path, type: "0", mode: 0o755,
             data: Array(ContainerGenerator.script.utf8))
-        try member("metadata.yaml", type: "0", mode: 0o644, data: Array(metadata.yaml(incusArchitecture: incusArchitecture).utf8))
+        try member(
+            "metadata.yaml", type: "0", mode: 0o644,
+            data: Array(metadata.yaml(incusArchitecture: incusArchitecture).utf8))
         try member("templates/", type: "5", mode: 0o755)
         try member("templates/hostname.tpl", type: "0", mode: 0o644, data: Array(ImageMetadata.hostnameTemplate.utf8))
         try member("templates/hosts.tpl", type: "0", mode: 0o644, data: Array(ImageMetadata.hostsTemplate.utf8))
@@ -246,7 +255,8 @@ public struct ImageImport: Sendable {
         try Self.makeDirectory(metaDirectory)
         try Self.writeFile(metaDirectory + "/metadata.yaml", metadata.yaml(incusArchitecture: incusArchitecture))
         let metaTar = work + "/meta.tar"
-        try await runner.check(Command("tar", ["--create", "--file", metaTar, "--directory", metaDirectory, "metadata.yaml"]))
+        try await runner.check(
+            Command("tar", ["--create", "--file", metaTar, "--directory", metaDirectory, "metadata.yaml"]))
         return [metaTar, disk]
     }
 
@@ -262,7 +272,9 @@ public struct ImageImport: Sendable {
         let directory = work + "/unpacked"
         try Self.makeDirectory(directory)
         try await runner.check(
-            Command("tar", ["--extract", "--file", path, "--directory", directory, "--no-same-owner", "--", String(member)]))
+            Command(
+                "tar", ["--extract", "--file", path, "--directory", directory, "--no-same-owner", "--", String(member)])
+        )
         return directory + "/" + member
     }
 
@@ -282,4 +294,3 @@ public struct ImageImport: Sendable {
         try writer.flush()
     }
 }
-

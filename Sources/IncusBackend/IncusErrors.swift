@@ -29,7 +29,8 @@ enum IncusErrors {
             || text.contains("Network not found") || text.contains("network") && text.contains("not found")
         {
             return VirtError(
-                .unavailable, "the Incus host is not set up: run `debusine-virt-incus setup`; `\(command)` said: \(text)")
+                .unavailable,
+                "the Incus host is not set up: run `debusine-virt-incus setup`; `\(command)` said: \(text)")
         }
         return VirtError.failed(command, result)
     }

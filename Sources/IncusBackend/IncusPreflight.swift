@@ -4,7 +4,9 @@ import VirtCore
 /// What the server checks before its banner, so that a host or image that cannot work gives an
 /// error that says what to do instead of a failing `open`.
 public enum IncusPreflight {
-    public static func check(_ options: IncusOptions, runner: any CommandRunner = SubprocessRunner())
+    public static func check(
+        _ options: IncusOptions, runner: any CommandRunner = SubprocessRunner()
+    )
         async throws(VirtError)
     {
         let cli = options.cli

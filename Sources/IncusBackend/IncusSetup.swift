@@ -88,7 +88,8 @@ public struct IncusSetup: Sendable {
                         description: "profile \(profile): device \(device) \(key)=\(value)",
                         fix: [cli.profileDeviceSet(profile, device: device, key, value)],
                         probe: cli.command(["profile", "device", "get", cli.qualified(profile), device, key]),
-                        expected: value, parent: "profile \(profile): device \(device) (\(type) \(summary.joined(separator: " ")))"))
+                        expected: value,
+                        parent: "profile \(profile): device \(device) (\(type) \(summary.joined(separator: " ")))"))
             }
         }
         return list

@@ -86,7 +86,8 @@ public final class IncusTestbed: Testbed {
         return try await runner.check(cli.exec(name, ["/bin/sh", "-c", Self.bootIDScript]))
     }
 
-    static let bootIDScript = #"read -r id < /proc/sys/kernel/random/boot_id; read -r stat < /proc/1/stat; set -- ${stat##*) }; shift 19; echo "$id/$1""#
+    static let bootIDScript =
+        #"read -r id < /proc/sys/kernel/random/boot_id; read -r stat < /proc/1/stat; set -- ${stat##*) }; shift 19; echo "$id/$1""#
 
     public func waitForReboot(
         _ testbed: InTestbed, previousBootID: String, requested: Bool
@@ -223,7 +224,8 @@ public final class IncusTestbed: Testbed {
     }
 
     private func normalUser(_ name: String) async throws(VirtError) -> String? {
-        let script = #"getent passwd | awk -F: '$3 >= 1000 && $3 <= 59999 { print $3 " " $1 }' | sort -n | sed -n '1s/^[0-9]* //p'"#
+        let script =
+            #"getent passwd | awk -F: '$3 >= 1000 && $3 <= 59999 { print $3 " " $1 }' | sort -n | sed -n '1s/^[0-9]* //p'"#
         let result = try await runner.run(cli.exec(name, ["/bin/sh", "-c", script]))
         let user = result.outputText
         return result.status.succeeded && !user.isEmpty ? user : nil
@@ -249,7 +251,8 @@ public final class IncusTestbed: Testbed {
         let stopped = try? await runner.run(cli.stop(name, timeout: options.stopTimeout))
         if let stopped, stopped.status.succeeded || IncusErrors.isNotFound(stopped) {
             // Ephemeral: gone once stopped. Make sure, without waiting long.
-            if let check = try? await runner.run(cli.configGet(name, InstanceOwner.pidKey)), IncusErrors.isNotFound(check)
+            if let check = try? await runner.run(cli.configGet(name, InstanceOwner.pidKey)),
+                IncusErrors.isNotFound(check)
             {
                 return
             }
@@ -278,8 +281,9 @@ enum BootState: Equatable {
             self = .waiting(state)
         default:
             if case .exited(127) = result.status { self = .noSystemd; return }
-            if error.contains("executable file not found") || error.contains("no such file or directory")
-                && error.contains("systemctl")
+            if error.contains("executable file not found")
+                || error.contains("no such file or directory")
+                    && error.contains("systemctl")
             {
                 self = .noSystemd
             } else if IncusErrors.isNotFound(result) {
@@ -292,4 +296,3 @@ enum BootState: Equatable {
         }
     }
 }
-

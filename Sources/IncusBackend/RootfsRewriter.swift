@@ -90,8 +90,12 @@ struct RootfsRewriter {
             var records = pax
             if pax["path"] != nil || newName.utf8.count > 100 { records["path"] = newName }
             if pax["linkpath"] != nil || newLink.utf8.count > 100 { records["linkpath"] = newLink }
-            if let sparseName = pax["GNU.sparse.name"] { records["GNU.sparse.name"] = Self.prefix + Self.relative(sparseName) }
-            let mtime = Int(String(decoding: header.block[136..<148].prefix { $0 != 0 && $0 != 0x20 }, as: UTF8.self), radix: 8) ?? 0
+            if let sparseName = pax["GNU.sparse.name"] {
+                records["GNU.sparse.name"] = Self.prefix + Self.relative(sparseName)
+            }
+            let mtime =
+                Int(String(decoding: header.block[136..<148].prefix { $0 != 0 && $0 != 0x20 }, as: UTF8.self), radix: 8)
+                ?? 0
             findings.newestTime = max(findings.newestTime, mtime)
             if !records.isEmpty { try writer.writePax(records, mtime: mtime) }
             header.setString(0, 100, newName)
@@ -100,8 +104,10 @@ struct RootfsRewriter {
             header.updateChecksum()
             try writer.write(header.block)
 
-            let hasData = ![UInt8(ascii: "2"), UInt8(ascii: "3"), UInt8(ascii: "4"), UInt8(ascii: "5"), UInt8(ascii: "6")]
-                .contains(header.type)
+            let hasData = ![
+                UInt8(ascii: "2"), UInt8(ascii: "3"), UInt8(ascii: "4"), UInt8(ascii: "5"), UInt8(ascii: "6"),
+            ]
+            .contains(header.type)
             if hasData && size > 0 {
                 let capture = capturedFiles.contains(name) && findings.captured[name] == nil
                 var kept: [UInt8] = []

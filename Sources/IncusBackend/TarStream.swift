@@ -89,7 +89,10 @@ final class BlockWriter {
     func flush() throws(VirtError) {
         var offset = 0
         while offset < buffer.count {
-            let written = buffer.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
+            let written = buffer.withUnsafeBytes { bytes -> Int in
+                guard let base = bytes.baseAddress else { return 0 }
+                return Glibc.write(fd, base + offset, bytes.count - offset)
+            }
             if written < 0 {
                 if errno == EINTR { continue }
                 throw VirtError.io("cannot write \(path)")
@@ -160,7 +163,8 @@ struct TarHeader {
     }
 
     var checksumIsValid: Bool {
-        let stored = String(decoding: block[148..<156].prefix { $0 != 0 && $0 != 0x20 }.drop { $0 == 0x20 }, as: UTF8.self)
+        let stored = String(
+            decoding: block[148..<156].prefix { $0 != 0 && $0 != 0x20 }.drop { $0 == 0x20 }, as: UTF8.self)
         guard let value = Int(stored, radix: 8) else { return false }
         return value == computedChecksum
     }
@@ -179,7 +183,8 @@ struct TarHeader {
 
     mutating func setString(_ offset: Int, _ length: Int, _ value: String) {
         let bytes = Array(value.utf8.prefix(length))
-        block.replaceSubrange(offset..<(offset + length), with: bytes + [UInt8](repeating: 0, count: length - bytes.count))
+        block.replaceSubrange(
+            offset..<(offset + length), with: bytes + [UInt8](repeating: 0, count: length - bytes.count))
     }
 
     mutating func setOctal(_ offset: Int, _ length: Int, _ value: Int) {
@@ -248,6 +253,8 @@ extension BlockWriter {
     func writePax(_ records: PaxRecords, mtime: Int) throws(VirtError) {
         let data = records.encoded()
         // The member's own name is in the records; this one is only what old tars extract.
-        try writeMember(TarHeader(name: "PaxHeaders/member", type: UInt8(ascii: "x"), mode: 0o644, size: data.count, mtime: mtime), data: data)
+        try writeMember(
+            TarHeader(name: "PaxHeaders/member", type: UInt8(ascii: "x"), mode: 0o644, size: data.count, mtime: mtime),
+            data: data)
     }
 }

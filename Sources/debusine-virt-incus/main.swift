@@ -157,7 +157,8 @@ struct SetupCommand: AsyncParsableCommand {
                 Glibc.exit(1)
             }
             let changes = try await setup.apply()
-            Output.line(changes.isEmpty ? "everything was already set up; nothing changed" : changes.joined(separator: "\n"))
+            Output.line(
+                changes.isEmpty ? "everything was already set up; nothing changed" : changes.joined(separator: "\n"))
         } catch {
             Output.fail(error)
         }

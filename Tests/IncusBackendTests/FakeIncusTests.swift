@@ -30,7 +30,8 @@ struct FakeIncusTests {
         }
 
         var calls: [String] {
-            ((try? String(contentsOfFile: state + "/calls", encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
+            ((try? String(contentsOfFile: state + "/calls", encoding: .utf8)) ?? "").split(separator: "\n").map(
+                String.init)
         }
 
         var instances: [String] { TestPaths.contents(of: state).filter { $0.hasPrefix("instance.") } }
@@ -78,7 +79,8 @@ struct FakeIncusTests {
         #expect(opened.hasPrefix("ok /"))
         #expect(try await fake.request("close") == "ok")
         let calls = fake.calls
-        let graceful = try #require(calls.firstIndex { $0.hasPrefix("stop debusine-virt-") && $0.hasSuffix("--timeout 1") })
+        let graceful = try #require(
+            calls.firstIndex { $0.hasPrefix("stop debusine-virt-") && $0.hasSuffix("--timeout 1") })
         let forced = try #require(calls.firstIndex { $0.hasPrefix("stop debusine-virt-") && $0.hasSuffix("--force") })
         #expect(graceful < forced)
         #expect(fake.server.standardError.contains("did not stop within 1 s"), "\(fake.server.standardError)")
@@ -109,10 +111,13 @@ struct FakeIncusTests {
         let bin = state + "/bin"
         try FileManager.default.createDirectory(atPath: bin, withIntermediateDirectories: false)
         // An incus that knows neither images nor profiles.
-        let script = "#!/bin/sh\ncase \"$1 $2\" in 'image info') echo 'Error: Image not found' >&2 ;; *) echo 'Error: Profile not found' >&2 ;; esac\nexit 1\n"
-        FileManager.default.createFile(atPath: bin + "/incus", contents: Data(script.utf8), attributes: [.posixPermissions: 0o755])
+        let script =
+            "#!/bin/sh\ncase \"$1 $2\" in 'image info') echo 'Error: Image not found' >&2 ;; *) echo 'Error: Profile not found' >&2 ;; esac\nexit 1\n"
+        FileManager.default.createFile(
+            atPath: bin + "/incus", contents: Data(script.utf8), attributes: [.posixPermissions: 0o755])
         let path = "\(bin):\(ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin")"
-        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), "artifact/404"], environment: ["PATH": path])
+        let server = try ServerProcess(
+            [TestPaths.executable("debusine-virt-incus"), "artifact/404"], environment: ["PATH": path])
         #expect(try await server.readLine() == nil, "no banner")
         #expect(try await server.wait() == .exited(1))
         #expect(server.standardError.contains("debusine-virt-incus import"), "\(server.standardError)")

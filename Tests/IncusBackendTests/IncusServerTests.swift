@@ -48,7 +48,8 @@ struct IncusServerTests {
 
     func request(_ server: ServerProcess, _ line: String, timeout: Duration = .seconds(300)) async throws -> String {
         server.write(line: line)
-        return try #require(try await server.readLine(timeout: timeout), "no reply to \(line):\n\(server.standardError)")
+        return try #require(
+            try await server.readLine(timeout: timeout), "no reply to \(line):\n\(server.standardError)")
     }
 
     /// The instances labelled with `pid` as their server.
@@ -82,7 +83,8 @@ struct IncusServerTests {
 
         let aux = try auxverb(from: try await request(server, "print-execute-command"))
         func inside(_ argv: [String], input: CommandInput = .none) async throws -> CommandResult {
-            try await runner.run(Command(argv: aux + argv), input: input, output: .capture(limit: 16 << 20), error: .capture)
+            try await runner.run(
+                Command(argv: aux + argv), input: input, output: .capture(limit: 16 << 20), error: .capture)
         }
         #expect(try await inside(["stat", "-c", "%a", scratch]).outputText == "777")
         #expect(try await inside(["sh", "-c", "exit 3"]).status == .exited(3))
@@ -112,13 +114,15 @@ struct IncusServerTests {
         try await runner.check(Command("sh", ["-c", #"head -c 67108864 /dev/urandom > "$1""#, "sh", source]))
         let input = open(source, O_RDONLY)
         try #require(input >= 0)
-        let up = try await inside(["sh", "-c", "cat > /root/big"], input: .fileDescriptor(input, closeAfterStart: true))
+        let up = try await inside(
+            ["sh", "-c", "cat > /root/big"], input: .fileDescriptor(input, closeAfterStart: true))
         #expect(up.status == .exited(0), "\(up.errorText)")
         let back = "\(host)/back"
         let output = open(back, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
         try #require(output >= 0)
         let down = try await runner.run(
-            Command(argv: aux + ["cat", "/root/big"]), input: .none, output: .fileDescriptor(output, closeAfterStart: true),
+            Command(argv: aux + ["cat", "/root/big"]), input: .none,
+            output: .fileDescriptor(output, closeAfterStart: true),
             error: .capture)
         #expect(down.status == .exited(0))
         #expect(try await runner.run(Command("cmp", [source, back])).status == .exited(0))
@@ -152,7 +156,8 @@ struct IncusServerTests {
             }.joined()
         }
         #expect(try await request(server, "copydown \(encode(tree))/ \(encode(scratch))/tree/") == "ok")
-        #expect(try await inside(["sh", "-c", "ls \"$1/sub dir\" | wc -l", "sh", "\(scratch)/tree"]).outputText == "200")
+        #expect(
+            try await inside(["sh", "-c", "ls \"$1/sub dir\" | wc -l", "sh", "\(scratch)/tree"]).outputText == "200")
         let copiedBack = "\(host)/back tree"
         #expect(try await request(server, "copyup \(encode(scratch))/tree/ \(encode(copiedBack))/") == "ok")
         #expect(try await runner.run(Command("diff", ["-r", tree, copiedBack])).status == .exited(0))
@@ -254,7 +259,8 @@ struct IncusServerTests {
         #expect(try await request(server, "open").hasPrefix("ok /"), "\(server.standardError)")
         let aux = try auxverb(from: try await request(server, "print-execute-command"))
         #expect(aux[3].hasPrefix("loop:debusine-virt-"), "\(aux)")
-        let result = try await runner.run(Command(aux[0], Array(aux.dropFirst()) + ["echo", "hello"], environment: environment))
+        let result = try await runner.run(
+            Command(aux[0], Array(aux.dropFirst()) + ["echo", "hello"], environment: environment))
         #expect(result.outputText == "hello")
         #expect(try await request(server, "close") == "ok")
         #expect(try await instances(ownedBy: server.pid).isEmpty)
@@ -272,7 +278,9 @@ struct IncusServerTests {
         let check = try await runner.run(Command(tool, ["setup", "--check"]))
         #expect(check.status == .exited(0) && check.outputText == "everything is set up", "\(check.outputText)")
         let profile = try await runner.check(Command("incus", ["profile", "show", "debusine"]))
-        for line in ["raw.lxc: lxc.mount.auto=sys", "security.secureboot: \"false\"", "name: host0", "network: debusinebr0"] {
+        for line in [
+            "raw.lxc: lxc.mount.auto=sys", "security.secureboot: \"false\"", "name: host0", "network: debusinebr0",
+        ] {
             #expect(profile.contains(line), "\(profile)")
         }
         let missing = try await runner.run(Command(tool, ["setup", "--check", "--profile", "debusine-virt-absent"]))
@@ -322,17 +330,22 @@ struct IncusImportTests {
         let alias = "artifact/\(id)"
         defer { _ = try? FileManager.default.removeItem(atPath: work) }
         // A file URL goes through the image cache, with its digest checked.
-        let digest = try await runner.check(Command("sha256sum", [tarball])).split(separator: " ").first.map(String.init)
+        let digest = try await runner.check(Command("sha256sum", [tarball])).split(separator: " ").first.map(
+            String.init)
         let first = try await runner.run(
             Command(
                 tool,
-                ["import", "--artifact-id", id, "--cache-dir", "\(work)/cache", "--sha256", digest ?? "", "file://\(tarball)"]
+                [
+                    "import", "--artifact-id", id, "--cache-dir", "\(work)/cache", "--sha256", digest ?? "",
+                    "file://\(tarball)",
+                ]
             ))
         #expect(first.status == .exited(0), "\(first.errorText)")
         defer { Task { _ = try? await SubprocessRunner().run(Command("incus", ["image", "delete", alias])) } }
         let info = try await runner.check(Command("incus", ["image", "info", alias]))
         for line in [
-            "Architecture: x86_64", "Type: container", "release: testing-x", "artifact_id: \(id)", "architecture: amd64",
+            "Architecture: x86_64", "Type: container", "release: testing-x", "artifact_id: \(id)",
+            "architecture: amd64",
             "os: Debian",
         ] {
             #expect(info.contains(line), "\(info)")
@@ -346,7 +359,8 @@ struct IncusImportTests {
         try await runner.check(Command("incus", ["image", "export", alias, "\(export)/image"]))
         let exported = TestPaths.contents(of: export)
         try #require(exported.count == 1, "a unified image: \(exported)")
-        let listing = try await runner.check(Command("tar", ["--list", "--verbose", "--file", "\(export)/\(exported[0])"]))
+        let listing = try await runner.check(
+            Command("tar", ["--list", "--verbose", "--file", "\(export)/\(exported[0])"]))
         #expect(listing.contains(" metadata.yaml"))
         #expect(listing.contains(" templates/hostname.tpl"))
         #expect(listing.contains(" templates/hosts.tpl"))
@@ -355,7 +369,8 @@ struct IncusImportTests {
             listing.contains(
                 "rootfs/etc/systemd/system/multi-user.target.wants/systemd-networkd.service -> /usr/lib/systemd/system/systemd-networkd.service"
             ))
-        #expect(listing.contains("-rwxr-xr-x root/root") && listing.contains("rootfs/etc/systemd/system-generators/lxc"))
+        #expect(
+            listing.contains("-rwxr-xr-x root/root") && listing.contains("rootfs/etc/systemd/system-generators/lxc"))
         #expect(try await runner.run(Command("incus", ["image", "delete", alias])).status.succeeded)
     }
 
@@ -384,7 +399,10 @@ struct IncusImportTests {
         let wrong = try await runner.run(
             Command(
                 tool,
-                ["import", "--artifact-id", id, "--cache-dir", cache, "--sha256", String(repeating: "0", count: 64), "file://\(noInit)"]))
+                [
+                    "import", "--artifact-id", id, "--cache-dir", cache, "--sha256", String(repeating: "0", count: 64),
+                    "file://\(noInit)",
+                ]))
         #expect(wrong.status == .exited(1))
         #expect(wrong.errorText.contains("checksum mismatch"), "\(wrong.errorText)")
         #expect(try await !aliasExists("artifact/\(id)"))

@@ -12,7 +12,8 @@ struct IncusUnitTests {
         let cli = IncusCLI(remote: "worker")
         let launch = IncusCLI.Launch(
             image: "artifact/42", name: "debusine-virt-abc", profiles: ["debusine", "extra"], virtualMachine: true,
-            target: "member2", configuration: [("user.a", "1"), ("user.b", "x y")], extraArguments: ["-c", "limits.cpu=2"])
+            target: "member2", configuration: [("user.a", "1"), ("user.b", "x y")],
+            extraArguments: ["-c", "limits.cpu=2"])
         #expect(
             cli.launch(launch).argv == [
                 "incus", "launch", "worker:artifact/42", "worker:debusine-virt-abc", "--ephemeral", "--quiet",
@@ -31,7 +32,8 @@ struct IncusUnitTests {
         #expect(remote.stop("n", timeout: 30).argv == ["incus", "stop", "r:n", "--timeout", "30"])
         #expect(remote.forceStop("n").argv == ["incus", "stop", "r:n", "--force"])
         #expect(remote.delete("n").argv == ["incus", "delete", "r:n", "--force"])
-        #expect(remote.list(prefix: "debusine-virt-").argv == ["incus", "list", "r:debusine-virt-", "--format", "json"])
+        #expect(
+            remote.list(prefix: "debusine-virt-").argv == ["incus", "list", "r:debusine-virt-", "--format", "json"])
         #expect(remote.list().argv == ["incus", "list", "r:", "--format", "json"])
         #expect(local.list().argv == ["incus", "list", "--format", "json"])
         #expect(remote.imageInfo("artifact/1").argv == ["incus", "image", "info", "r:artifact/1"])
@@ -83,12 +85,16 @@ struct IncusUnitTests {
         #expect(yaml.contains("  description: \"evil\\\"\\nkey: value \\\\ ü\"\n"))
         #expect(yaml.contains("  artifact_id: \"42\"\n"))
         #expect(yaml.contains("  architecture: \"arm64\"\n"))
-        #expect(yaml.contains("  /etc/hostname:\n    when:\n    - create\n    - copy\n    create_only: false\n    template: hostname.tpl\n"))
+        #expect(
+            yaml.contains(
+                "  /etc/hostname:\n    when:\n    - create\n    - copy\n    create_only: false\n    template: hostname.tpl\n"
+            ))
         #expect(yaml.contains("  /etc/hosts:\n"))
-        #expect(!ImageMetadata(
-            debianArchitecture: "amd64", os: "Debian", release: "x", artifactID: "1", creationDate: 1,
-            withTemplates: false
-        ).yaml(incusArchitecture: "x86_64").contains("templates"))
+        #expect(
+            !ImageMetadata(
+                debianArchitecture: "amd64", os: "Debian", release: "x", artifactID: "1", creationDate: 1,
+                withTemplates: false
+            ).yaml(incusArchitecture: "x86_64").contains("templates"))
         #expect(ImageMetadata.hostnameTemplate == "{{ instance.name }}\n")
         #expect(ImageMetadata.hostsTemplate.hasPrefix("127.0.1.1 {{ instance.name }}\n127.0.0.1 localhost\n"))
     }
@@ -123,7 +129,8 @@ struct IncusUnitTests {
     @Test("boot states: booted, still booting, agent or bus not ready yet, no systemd, instance gone")
     func bootStates() {
         func state(_ out: String, _ err: String = "", _ code: Int32 = 0) -> BootState {
-            BootState(CommandResult(status: .exited(code), standardOutput: Array(out.utf8), standardError: Array(err.utf8)))
+            BootState(
+                CommandResult(status: .exited(code), standardOutput: Array(out.utf8), standardError: Array(err.utf8)))
         }
         #expect(state("running\n") == .booted)
         #expect(state("degraded\n", "", 1) == .booted)
@@ -142,7 +149,8 @@ struct IncusUnitTests {
         let setup = IncusSetup(options: options, runner: SubprocessRunner())
         let fixes = setup.requirements.flatMap(\.fix).map(\.argv)
         #expect(fixes.contains(["incus", "storage", "create", "default", "dir"]))
-        #expect(fixes.contains(["incus", "network", "create", "debusinebr0", "ipv4.address=none", "ipv6.address=none"]))
+        #expect(
+            fixes.contains(["incus", "network", "create", "debusinebr0", "ipv4.address=none", "ipv6.address=none"]))
         #expect(fixes.contains(["incus", "profile", "create", "debusine"]))
         #expect(fixes.contains(["incus", "profile", "set", "debusine", "raw.lxc=lxc.mount.auto=sys"]))
         #expect(fixes.contains(["incus", "profile", "set", "debusine", "security.secureboot=false"]))
@@ -150,6 +158,7 @@ struct IncusUnitTests {
             fixes.contains([
                 "incus", "profile", "device", "add", "debusine", "eth0", "nic", "name=host0", "network=debusinebr0",
             ]))
-        #expect(fixes.contains(["incus", "profile", "device", "add", "debusine", "root", "disk", "path=/", "pool=default"]))
+        #expect(
+            fixes.contains(["incus", "profile", "device", "add", "debusine", "root", "disk", "path=/", "pool=default"]))
     }
 }

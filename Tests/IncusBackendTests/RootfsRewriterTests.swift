@@ -45,10 +45,12 @@ struct RootfsRewriterTests {
         for format in ["gnu", "posix"] {
             let input = "\(work)/in-\(format).tar"
             try await runner.check(
-                Command("tar", ["--create", "--format=\(format)", "--xattrs", "--file", input, "--directory", tree, "."]))
+                Command(
+                    "tar", ["--create", "--format=\(format)", "--xattrs", "--file", input, "--directory", tree, "."]))
             let output = "\(work)/out-\(format).tar"
             let writer = try BlockWriter(path: output)
-            let rewriter = RootfsRewriter(watchedPaths: ["usr/sbin/init", "sbin/init"], capturedFiles: ["usr/sbin/real"])
+            let rewriter = RootfsRewriter(
+                watchedPaths: ["usr/sbin/init", "sbin/init"], capturedFiles: ["usr/sbin/real"])
             let findings = try rewriter.rewrite(try BlockReader(path: input), into: writer)
             try writer.write([UInt8](repeating: 0, count: 1024))
             try writer.flush()
@@ -62,7 +64,8 @@ struct RootfsRewriterTests {
 
             let extracted = "\(work)/x-\(format)"
             try FileManager.default.createDirectory(atPath: extracted, withIntermediateDirectories: false)
-            try await runner.check(Command("tar", ["--extract", "--xattrs", "--file", output, "--directory", extracted]))
+            try await runner.check(
+                Command("tar", ["--extract", "--xattrs", "--file", output, "--directory", extracted]))
             let diff = try await runner.run(Command("diff", ["-r", "--no-dereference", tree, "\(extracted)/rootfs"]))
             #expect(diff.status == .exited(0), "\(diff.outputText)")
             let root = "\(extracted)/rootfs"
