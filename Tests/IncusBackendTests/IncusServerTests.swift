@@ -1,5 +1,6 @@
 import CommandRunner
 import Foundation
+import IncusBackend
 import Testing
 import VirtCore
 import VirtTestSupport
@@ -212,6 +213,9 @@ struct IncusServerTests {
         #expect(
             FileManager.default.fileExists(atPath: "\(work)/out/artifacts/odd dir ü/file, with % and spaces"),
             "the artifact with an odd name was not copied up")
+        // Every server autopkgtest started is gone, and none left an instance behind.
+        let orphans = try await IncusGarbageCollector().orphans()
+        #expect(orphans.isEmpty, "left behind: \(orphans.map(\.name))")
     }
 
     @Test(

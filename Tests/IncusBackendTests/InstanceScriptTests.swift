@@ -42,7 +42,7 @@ struct InstanceScriptTests {
         let clock = ContinuousClock()
         let start = clock.now
         let leaked = try await run(["sh", "-c", "sleep 300 & echo $!"])
-        #expect(clock.now - start < .seconds(10))
+        #expect(clock.now - start < .seconds(60))
         if let pid = Int32(leaked.outputText) { kill(pid, SIGKILL) }
         // 32 MiB through stdout, byte for byte.
         let big = try await runner.run(

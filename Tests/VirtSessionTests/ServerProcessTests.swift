@@ -111,12 +111,12 @@ struct ServerProcessTests {
         #expect(TestPaths.contents(of: parent) == [])
     }
 
-    @Test("debusine-virt-incus refuses to start until its backend lands, says why, and prints no banner")
-    func incusNotAvailableYet() async throws {
-        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), "artifact/1"])
-        #expect(try await server.wait() == .exited(69))
+    @Test("debusine-virt-incus with a bad command line fails before the banner with a usage error")
+    func incusBadCommandLine() async throws {
+        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), "--boot-timeout", "0", "artifact/1"])
+        #expect(try await server.wait() == .exited(64))
         #expect(try await server.readLine() == nil, "nothing may reach stdout")
-        #expect(server.standardError.contains("backend is not available yet"))
+        #expect(server.standardError.contains("timeouts must be positive"), "\(server.standardError)")
     }
 
     @Test("debusine-virt-qemu with a missing image fails before the banner and names the image")
