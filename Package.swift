@@ -100,7 +100,8 @@ let package = Package(
             name: "VirtSessionTests",
             dependencies: ["VirtSession", "VirtProtocol", "TestbedCore", "FixtureBackend", "CommandRunner", "VirtCore"]
         ),
-        .testTarget(name: "QemuMonitorTests", dependencies: ["QemuMonitor", "VirtCore", "CommandRunner"]),
+        .testTarget(
+            name: "QemuMonitorTests", dependencies: ["QemuMonitor", "VirtCore", "CommandRunner", "VirtTestSupport"]),
         .testTarget(
             name: "QemuBackendTests",
             dependencies: [

@@ -259,7 +259,10 @@ struct ImageCacheTests {
             let a = try await cache.fetch(server.url("a.img"), sha256: nil)
             cache.release(a)
             // Another process uses a: a shared flock, as a server holds on its image.
-            let holder = try ServerProcess(["/usr/bin/flock", "--shared", a, "sh", "-c", "echo locked; exec sleep 600"])
+            // --no-fork: flock itself becomes the holder, so killing it leaves nothing behind.
+            let holder = try ServerProcess(
+                ["/usr/bin/flock", "--no-fork", "--shared", a, "sh", "-c", "echo locked; exec sleep 600"])
+            defer { holder.signal(SIGKILL) }
             #expect(try await holder.readLine(timeout: .seconds(10)) == "locked")
             try await Task.sleep(for: .milliseconds(20))
             let b = try await cache.fetch(server.url("b.img"), sha256: nil)

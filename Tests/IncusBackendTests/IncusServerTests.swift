@@ -272,6 +272,28 @@ struct IncusServerTests {
         #expect(try await server.wait() == .exited(0))
     }
 
+    @Test(
+        "shell gives an interactive root shell on the caller's terminal, in the directory asked for",
+        .enabled(if: enabled), .timeLimit(.minutes(5)))
+    func shell() async throws {
+        let image = try requireImage()
+        let harness = "\(TestPaths.repositoryRoot)/Tests/IncusBackendTests/Fixtures/with-terminal"
+        let server = try ServerProcess([
+            harness, "-42 0", "echo in-$(basename \"$PWD\")-$((6*7)) $(id -u); exit\r",
+            TestPaths.executable("debusine-virt-incus"), image,
+        ])
+        #expect(try await server.readLine() == "ok")
+        let opened = try await request(server, "open")
+        try #require(opened.hasPrefix("ok /"), "\(server.standardError)")
+        let scratch = String(opened.dropFirst(3))
+        #expect(try await request(server, "shell \(scratch)") == "ok", "\(server.standardError)")
+        #expect(try await request(server, "close") == "ok")
+        server.write(line: "quit")
+        #expect(try await server.wait() == .exited(0), "the terminal did not show the shell's answer: \(server.standardError)")
+        let name = scratch.split(separator: "/").last.map(String.init) ?? scratch
+        #expect(server.standardError.contains("in-\(name)-42 0"), "\(server.standardError)")
+    }
+
     @Test("setup is idempotent and --check finds nothing missing afterwards", .enabled(if: enabled))
     func setup() async throws {
         let tool = TestPaths.executable("debusine-virt-incus")

@@ -24,13 +24,15 @@ public final class ServerProcess: Sendable {
     /// Starts `argv` (argv[0] a path) with `environment` added to ours.
     public init(_ argv: [String], environment: [String: String] = [:]) throws {
         Self.ignoreSIGPIPE
-        var stdinPipe: [Int32] = [-1, -1]
-        var stdoutPipe: [Int32] = [-1, -1]
-        var stderrPipe: [Int32] = [-1, -1]
-        guard pipe(&stdinPipe) == 0, pipe(&stdoutPipe) == 0, pipe(&stderrPipe) == 0 else {
+        guard let stdinEnds = SpawnHygiene.pipe(), let stdoutEnds = SpawnHygiene.pipe(),
+            let stderrEnds = SpawnHygiene.pipe()
+        else {
             throw VirtError(.io, "pipe failed")
         }
-        for fd in [stdinPipe[1], stdoutPipe[0], stderrPipe[0]] { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        // dup2 onto 0, 1 and 2 clears close-on-exec there; every other end stays ours.
+        let stdinPipe = [stdinEnds.read, stdinEnds.write]
+        let stdoutPipe = [stdoutEnds.read, stdoutEnds.write]
+        let stderrPipe = [stderrEnds.read, stderrEnds.write]
 
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
@@ -38,7 +40,7 @@ public final class ServerProcess: Sendable {
         posix_spawn_file_actions_adddup2(&actions, stdinPipe[0], 0)
         posix_spawn_file_actions_adddup2(&actions, stdoutPipe[1], 1)
         posix_spawn_file_actions_adddup2(&actions, stderrPipe[1], 2)
-        for fd in [stdinPipe[0], stdoutPipe[1], stderrPipe[1]] { posix_spawn_file_actions_addclose(&actions, fd) }
+        SpawnHygiene.closeStrayDescriptors(&actions)
 
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)

@@ -1,0 +1,47 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// What the tests' own posix_spawn calls need so that a child holds no descriptor but its
+/// stdin, stdout and stderr.
+///
+/// Tests run in parallel in one process: a child that inherits another test's pipe end keeps
+/// that test from ever seeing end of file, and one that outlives its test (a process it
+/// forked) keeps it for ever. Glibc's Swift module hides pipe2 and
+/// posix_spawn_file_actions_addclosefrom_np, so they are looked up at run time.
+public enum SpawnHygiene {
+    private typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
+    private typealias Pipe2 = @convention(c) (UnsafeMutablePointer<Int32>, Int32) -> Int32
+
+    private static let closeFrom: CloseFrom? = {
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "posix_spawn_file_actions_addclosefrom_np")
+        else { return nil }
+        return unsafeBitCast(symbol, to: CloseFrom.self)
+    }()
+
+    private static let pipe2: Pipe2? = {
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "pipe2") else { return nil }
+        return unsafeBitCast(symbol, to: Pipe2.self)
+    }()
+
+    /// Makes the child close every descriptor from 3 up (glibc 2.34 and later).
+    public static func closeStrayDescriptors(_ actions: inout posix_spawn_file_actions_t) {
+        _ = closeFrom?(&actions, 3)
+    }
+
+    /// A pipe whose both ends are close-on-exec from the start, with no window in which
+    /// another thread's spawn could inherit them.
+    public static func pipe() -> (read: Int32, write: Int32)? {
+        var fds: [Int32] = [-1, -1]
+        if let pipe2 {
+            guard pipe2(&fds, O_CLOEXEC) == 0 else { return nil }
+        } else {
+            guard Glibc.pipe(&fds) == 0 else { return nil }
+            _ = fcntl(fds[0], F_SETFD, FD_CLOEXEC)
+            _ = fcntl(fds[1], F_SETFD, FD_CLOEXEC)
+        }
+        return (fds[0], fds[1])
+    }
+}
