@@ -25,34 +25,6 @@ struct IncusServerTests {
         try #require(Self.image, "DEBUSINE_VIRT_INCUS_IMAGE is not set: run through scripts/test")
     }
 
-    func auxverb(from reply: String) throws -> [String] {
-        let word = try #require(reply.split(separator: " ").dropFirst().first)
-        return word.split(separator: ",").map { String(decoding: percentDecode(Array($0.utf8)), as: UTF8.self) }
-    }
-
-    func percentDecode(_ bytes: [UInt8]) -> [UInt8] {
-        var result: [UInt8] = []
-        var index = 0
-        while index < bytes.count {
-            if bytes[index] == UInt8(ascii: "%"), index + 2 < bytes.count,
-                let value = UInt8(String(decoding: bytes[(index + 1)...(index + 2)], as: UTF8.self), radix: 16)
-            {
-                result.append(value)
-                index += 3
-            } else {
-                result.append(bytes[index])
-                index += 1
-            }
-        }
-        return result
-    }
-
-    func request(_ server: ServerProcess, _ line: String, timeout: Duration = .seconds(300)) async throws -> String {
-        server.write(line: line)
-        return try #require(
-            try await server.readLine(timeout: timeout), "no reply to \(line):\n\(server.standardError)")
-    }
-
     /// The instances labelled with `pid` as their server.
     func instances(ownedBy pid: pid_t, environment: [String: String?] = [:]) async throws -> [String] {
         let listing = try await runner.check(
@@ -74,15 +46,15 @@ struct IncusServerTests {
         defer { TestPaths.removeTree(host) }
         let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), image])
         #expect(try await server.readLine() == "ok")
-        let opened = try await request(server, "open")
+        let opened = try await server.request("open")
         try #require(opened.hasPrefix("ok /"), "open failed:\n\(server.standardError)")
         let scratch = String(opened.dropFirst(3))
-        let capabilities = try await request(server, "capabilities")
+        let capabilities = try await server.request("capabilities")
         #expect(
             capabilities == "ok revert revert-full-system reboot root-on-testbed isolation-container",
             "the test image has no normal user, so no suggested-normal-user")
 
-        let aux = try auxverb(from: try await request(server, "print-execute-command"))
+        let aux = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
         func inside(_ argv: [String], input: CommandInput = .none) async throws -> CommandResult {
             try await runner.run(
                 Command(argv: aux + argv), input: input, output: .capture(limit: 16 << 20), error: .capture)
@@ -156,19 +128,19 @@ struct IncusServerTests {
                     ? String(UnicodeScalar(byte)) : "%" + String(byte, radix: 16, uppercase: true)
             }.joined()
         }
-        #expect(try await request(server, "copydown \(encode(tree))/ \(encode(scratch))/tree/") == "ok")
+        #expect(try await server.request("copydown \(encode(tree))/ \(encode(scratch))/tree/") == "ok")
         #expect(
             try await inside(["sh", "-c", "ls \"$1/sub dir\" | wc -l", "sh", "\(scratch)/tree"]).outputText == "200")
         let copiedBack = "\(host)/back tree"
-        #expect(try await request(server, "copyup \(encode(scratch))/tree/ \(encode(copiedBack))/") == "ok")
+        #expect(try await server.request("copyup \(encode(scratch))/tree/ \(encode(copiedBack))/") == "ok")
         #expect(try await runner.run(Command("diff", ["-r", tree, copiedBack])).status == .exited(0))
 
         // revert: a new instance, same auxverb words except the name, the marker gone.
         try await runner.check(Command(argv: aux + ["touch", "/root/marker"]))
         let firstName = aux[3]
-        #expect(try await request(server, "revert") == "ok \(scratch)")
-        #expect(try await request(server, "capabilities") == capabilities, "no duplicated words after revert")
-        let reverted = try auxverb(from: try await request(server, "print-execute-command"))
+        #expect(try await server.request("revert") == "ok \(scratch)")
+        #expect(try await server.request("capabilities") == capabilities, "no duplicated words after revert")
+        let reverted = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
         #expect(reverted[3] != firstName)
         #expect(try await runner.run(Command(argv: reverted + ["test", "-e", "/root/marker"])).status == .exited(1))
         let gone = try await runner.run(Command("incus", ["info", firstName]))
@@ -177,12 +149,12 @@ struct IncusServerTests {
         // reboot: the scratch directory survives, the instance really restarted.
         try await runner.check(Command(argv: reverted + ["sh", "-c", "echo kept > \"$1/kept\"", "sh", scratch]))
         let before = try await runner.check(Command(argv: reverted + ["sh", "-c", "cut -d' ' -f22 /proc/1/stat"]))
-        #expect(try await request(server, "reboot") == "ok")
+        #expect(try await server.request("reboot") == "ok")
         let after = try await runner.check(Command(argv: reverted + ["sh", "-c", "cut -d' ' -f22 /proc/1/stat"]))
         #expect(before != after, "init restarted")
         #expect(try await runner.check(Command(argv: reverted + ["cat", "\(scratch)/kept"])) == "kept")
 
-        #expect(try await request(server, "close") == "ok")
+        #expect(try await server.request("close") == "ok")
         #expect(try await instances(ownedBy: server.pid).isEmpty)
         server.write(line: "quit")
         #expect(try await server.wait() == .exited(0))
@@ -225,7 +197,7 @@ struct IncusServerTests {
         let image = try requireImage()
         let terminated = try ServerProcess([TestPaths.executable("debusine-virt-incus"), image])
         #expect(try await terminated.readLine() == "ok")
-        #expect(try await request(terminated, "open").hasPrefix("ok /"))
+        #expect(try await terminated.request("open").hasPrefix("ok /"))
         #expect(try await instances(ownedBy: terminated.pid).count == 1)
         terminated.signal(SIGTERM)
         #expect(try await terminated.wait() == .signaled(SIGTERM))
@@ -233,7 +205,7 @@ struct IncusServerTests {
 
         let killed = try ServerProcess([TestPaths.executable("debusine-virt-incus"), image])
         #expect(try await killed.readLine() == "ok")
-        #expect(try await request(killed, "open").hasPrefix("ok /"))
+        #expect(try await killed.request("open").hasPrefix("ok /"))
         let left = try await instances(ownedBy: killed.pid)
         #expect(left.count == 1)
         killed.signal(SIGKILL)
@@ -260,13 +232,13 @@ struct IncusServerTests {
             [TestPaths.executable("debusine-virt-incus"), "--remote", "loop", image],
             environment: ["INCUS_CONF": configuration])
         #expect(try await server.readLine() == "ok")
-        #expect(try await request(server, "open").hasPrefix("ok /"), "\(server.standardError)")
-        let aux = try auxverb(from: try await request(server, "print-execute-command"))
+        #expect(try await server.request("open").hasPrefix("ok /"), "\(server.standardError)")
+        let aux = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
         #expect(aux[3].hasPrefix("loop:debusine-virt-"), "\(aux)")
         let result = try await runner.run(
             Command(aux[0], Array(aux.dropFirst()) + ["echo", "hello"], environment: environment))
         #expect(result.outputText == "hello")
-        #expect(try await request(server, "close") == "ok")
+        #expect(try await server.request("close") == "ok")
         #expect(try await instances(ownedBy: server.pid).isEmpty)
         server.write(line: "quit")
         #expect(try await server.wait() == .exited(0))
@@ -283,13 +255,15 @@ struct IncusServerTests {
             TestPaths.executable("debusine-virt-incus"), image,
         ])
         #expect(try await server.readLine() == "ok")
-        let opened = try await request(server, "open")
+        let opened = try await server.request("open")
         try #require(opened.hasPrefix("ok /"), "\(server.standardError)")
         let scratch = String(opened.dropFirst(3))
-        #expect(try await request(server, "shell \(scratch)") == "ok", "\(server.standardError)")
-        #expect(try await request(server, "close") == "ok")
+        #expect(try await server.request("shell \(scratch)") == "ok", "\(server.standardError)")
+        #expect(try await server.request("close") == "ok")
         server.write(line: "quit")
-        #expect(try await server.wait() == .exited(0), "the terminal did not show the shell's answer: \(server.standardError)")
+        #expect(
+            try await server.wait() == .exited(0),
+            "the terminal did not show the shell's answer: \(server.standardError)")
         let name = scratch.split(separator: "/").last.map(String.init) ?? scratch
         #expect(server.standardError.contains("in-\(name)-42 0"), "\(server.standardError)")
     }

@@ -22,37 +22,6 @@ struct QemuServerTests {
 
     let runner = SubprocessRunner()
 
-    /// Splits a print-execute-command reply the way autopkgtest does.
-    func auxverb(from reply: String) throws -> [String] {
-        let word = try #require(reply.split(separator: " ").dropFirst().first)
-        return word.split(separator: ",").map { element in
-            String(decoding: Self.percentDecode(Array(element.utf8)), as: UTF8.self)
-        }
-    }
-
-    static func percentDecode(_ bytes: [UInt8]) -> [UInt8] {
-        var result: [UInt8] = []
-        var index = 0
-        while index < bytes.count {
-            if bytes[index] == UInt8(ascii: "%"), index + 2 < bytes.count,
-                let value = UInt8(String(decoding: bytes[(index + 1)...(index + 2)], as: UTF8.self), radix: 16)
-            {
-                result.append(value)
-                index += 3
-            } else {
-                result.append(bytes[index])
-                index += 1
-            }
-        }
-        return result
-    }
-
-    func request(_ server: ServerProcess, _ line: String, timeout: Duration = .seconds(600)) async throws -> String {
-        server.write(line: line)
-        return try #require(
-            try await server.readLine(timeout: timeout), "no reply to \(line):\n\(server.standardError)")
-    }
-
     @Test(
         "a whole session: open, auxverb contract, streaming, copies, revert, reboot, quit; nothing left behind",
         .enabled(if: enabled), .timeLimit(.minutes(20)))
@@ -72,17 +41,17 @@ struct QemuServerTests {
             environment: ["TMPDIR": parent])
         #expect(try await server.readLine() == "ok")
 
-        let capabilities = try await request(server, "capabilities")
+        let capabilities = try await server.request("capabilities")
         for word in ["revert", "revert-full-system", "reboot", "root-on-testbed", "isolation-machine"] {
             #expect(capabilities.split(separator: " ").contains(Substring(word)), "\(capabilities)")
         }
 
-        let opened = try await request(server, "open")
+        let opened = try await server.request("open")
         try #require(opened.hasPrefix("ok /"), "open failed:\n\(server.standardError)")
         let scratch = String(opened.dropFirst(3))
         #expect(TestPaths.contents(of: parent).count == 1, "one private instance directory")
 
-        let aux = try auxverb(from: try await request(server, "print-execute-command"))
+        let aux = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
         func inGuest(_ argv: [String], input: CommandInput = .none) async throws -> CommandResult {
             try await runner.run(
                 Command(argv: aux + argv), input: input, output: .capture(limit: 16 << 20), error: .capture)
@@ -135,23 +104,23 @@ struct QemuServerTests {
                     "sh", host,
                 ]))
         let encodedHost = host.replacingOccurrences(of: " ", with: "%20")
-        #expect(try await request(server, "copydown \(encodedHost)/tool \(scratch)/tool") == "ok")
+        #expect(try await server.request("copydown \(encodedHost)/tool \(scratch)/tool") == "ok")
         #expect(try await inGuest(["test", "-x", "\(scratch)/tool"]).status == .exited(0))
-        #expect(try await request(server, "copydown \(encodedHost)/tree/ \(scratch)/tree/") == "ok")
-        #expect(try await request(server, "copyup \(scratch)/tree/ \(encodedHost)/tree-back/") == "ok")
+        #expect(try await server.request("copydown \(encodedHost)/tree/ \(scratch)/tree/") == "ok")
+        #expect(try await server.request("copyup \(scratch)/tree/ \(encodedHost)/tree-back/") == "ok")
         #expect(
             try await runner.run(Command("diff", ["-r", "\(host)/tree", "\(host)/tree-back"])).status == .exited(0))
-        #expect(try await request(server, "copyup /nonexistent \(encodedHost)/x") == "copy-failed")
+        #expect(try await server.request("copyup /nonexistent \(encodedHost)/x") == "copy-failed")
 
         // reboot: a new boot, the scratch directory still there.
         let bootBefore = try await inGuest(["cat", "/proc/sys/kernel/random/boot_id"]).outputText
-        #expect(try await request(server, "reboot") == "ok")
+        #expect(try await server.request("reboot") == "ok")
         let bootAfter = try await inGuest(["cat", "/proc/sys/kernel/random/boot_id"]).outputText
         #expect(!bootAfter.isEmpty && bootAfter != bootBefore)
         #expect(try await inGuest(["test", "-x", "\(scratch)/tool"]).status == .exited(0))
 
         // revert: same scratch path, a clean machine.
-        #expect(try await request(server, "revert") == "ok \(scratch)")
+        #expect(try await server.request("revert") == "ok \(scratch)")
         #expect(try await inGuest(["test", "-e", "/root/big"]).status == .exited(1))
         #expect(try await inGuest(["test", "-d", scratch]).status == .exited(0))
 
@@ -219,7 +188,7 @@ struct QemuServerTests {
             ],
             environment: ["TMPDIR": parent])
         #expect(try await server.readLine() == "ok")
-        #expect(try await request(server, "open").hasPrefix("ok /"))
+        #expect(try await server.request("open").hasPrefix("ok /"))
         server.signal(SIGKILL)
         #expect(try await server.wait() == .signaled(SIGKILL))
         #expect(TestPaths.contents(of: parent).count == 1, "the instance directory should still be there")
