@@ -375,6 +375,34 @@ struct IncusImportTests {
     }
 
     @Test(
+        "--vm imports a qcow2 image, or a tarball holding one raw image converted to qcow2, as a VM image",
+        .enabled(if: IncusServerTests.enabled))
+    func importsVirtualMachineImages() async throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-import.")
+        defer { TestPaths.removeTree(work) }
+        try await runner.check(Command("truncate", ["--size=16M", "\(work)/disk.raw"]))
+        try await runner.check(Command("tar", ["--create", "--file", "\(work)/disk.tar", "--directory", work, "disk.raw"]))
+        try await runner.check(Command("qemu-img", ["convert", "-O", "qcow2", "\(work)/disk.raw", "\(work)/disk.qcow2"]))
+        for (index, file) in ["disk.qcow2", "disk.tar"].enumerated() {
+            let alias = "artifact/vm-\(getpid())-\(index)"
+            let result = try await runner.run(
+                Command(tool, ["import", "--artifact-id", "vm-\(getpid())-\(index)", "--vm", "\(work)/\(file)"]))
+            #expect(result.status == .exited(0), "\(file): \(result.errorText)")
+            let info = try await runner.run(Command("incus", ["image", "info", alias]))
+            #expect(info.outputText.contains("Type: virtual-machine"), "\(file): \(info.outputText)")
+            #expect(info.outputText.contains("Architecture: x86_64"))
+            _ = try await runner.run(Command("incus", ["image", "delete", alias]))
+        }
+        let two = "\(work)/two.tar"
+        try await runner.check(Command("cp", ["\(work)/disk.raw", "\(work)/other.raw"]))
+        try await runner.check(Command("tar", ["--create", "--file", two, "--directory", work, "disk.raw", "other.raw"]))
+        let refused = try await runner.run(Command(tool, ["import", "--artifact-id", "vm-two-\(getpid())", "--vm", two]))
+        #expect(refused.status != .exited(0))
+        #expect(refused.errorText.contains("exactly one raw image"), "\(refused.errorText)")
+        #expect(try await !aliasExists("artifact/vm-two-\(getpid())"))
+    }
+
+    @Test(
         "a tarball without init, a corrupt one and a missing file fail clearly and leave no alias",
         .enabled(if: IncusServerTests.enabled))
     func refusesBadTarballs() async throws {
