@@ -113,6 +113,8 @@ let package = Package(
             dependencies: ["IncusBackend", "CommandRunner", "VirtCore", "VirtTestSupport"],
             exclude: ["Fixtures"]
         ),
+        // The real clients (sbuild, and autopkgtest through the installed names) over the servers.
+        .testTarget(name: "ClientTests", dependencies: ["CommandRunner", "VirtCore", "VirtTestSupport"]),
         .testTarget(name: "TestImageTests", dependencies: ["CommandRunner", "VirtCore", "VirtTestSupport"]),
         .testTarget(
             name: "ImageCacheTests", dependencies: ["ImageCache", "CommandRunner", "VirtCore", "VirtTestSupport"]),
