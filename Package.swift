@@ -106,7 +106,7 @@ let package = Package(
             name: "QemuBackendTests",
             dependencies: [
                 "QemuBackend", "GuestChannel", "AuxverbClient", "CommandRunner", "VirtCore", "VirtTestSupport",
-            ]
+            ], exclude: ["Fixtures"]
         ),
         .testTarget(
             name: "IncusBackendTests",

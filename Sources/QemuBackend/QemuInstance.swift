@@ -82,8 +82,11 @@ final class QemuInstance: Sendable {
         try await startHelper(qga, previousBootID: nil)
     }
 
-    /// Waits for the guest agent to answer, watching for QEMU dying meanwhile.
+    /// Waits for the guest agent to answer, watching for QEMU dying meanwhile, and for a guest
+    /// that booted to a login prompt without ever starting an agent (an image without
+    /// qemu-guest-agent), which fails soon after instead of at the boot timeout.
     func waitForAgent(_ qga: QGAClient, until deadline: ContinuousClock.Instant) async throws(VirtError) {
+        var promptSince: ContinuousClock.Instant?
         while true {
             try checkAlive("while booting")
             do {
@@ -92,7 +95,19 @@ final class QemuInstance: Sendable {
             } catch  where error.code == .timeout {
                 log.debug("guest agent not answering yet")
             }
-            guard ContinuousClock.now < deadline else {
+            let now = ContinuousClock.now
+            if promptSince == nil, ConsoleWatch.showsLoginPrompt(consoleTail(8192)) {
+                log.debug("a login prompt is on the serial console; the agent has \(ConsoleWatch.agentGrace) from now")
+                promptSince = now
+            }
+            if let promptSince, now - promptSince > ConsoleWatch.agentGrace {
+                throw VirtError(
+                    .testbedFailure,
+                    "the guest booted to a login prompt, but no guest agent answered within "
+                        + "\(ConsoleWatch.agentGrace.formattedSeconds) after it: the image needs qemu-guest-agent installed "
+                        + "and enabled (debusine-virt-qemu reaches the guest only through it)\(consoleTail())")
+            }
+            guard now < deadline else {
                 throw VirtError(
                     .testbedFailure,
                     "the guest agent did not answer within \(options.bootTimeout.formattedSeconds): does the image "
@@ -244,6 +259,23 @@ final class QemuInstance: Sendable {
             try Data(text.utf8).write(to: URL(fileURLWithPath: path))
         } catch {
             throw VirtError(.io, "cannot write \(path): \(error)")
+        }
+    }
+}
+
+/// What the serial console tells about a boot.
+enum ConsoleWatch {
+    /// How long the guest agent may take to answer once a login prompt is up. Debian starts
+    /// the agent with the virtio-serial port, well before getty; this is room for a slow TCG
+    /// guest on a loaded host.
+    static let agentGrace: Duration = .seconds(45)
+
+    /// Whether the end of the console output is a getty login prompt (`HOST login:`).
+    static func showsLoginPrompt(_ text: String) -> Bool {
+        text.split(separator: "\n").suffix(5).contains { line in
+            var line = Substring(line)
+            while let last = line.last, last == "\r" || last == " " { line = line.dropLast() }
+            return line.hasSuffix(" login:") && !line.contains("Last login:")
         }
     }
 }

@@ -1,9 +1,10 @@
 import CommandRunner
 import Foundation
-import QemuBackend
 import Testing
 import VirtCore
 import VirtTestSupport
+
+@testable import QemuBackend
 
 @Suite("QEMU command lines and host probes")
 struct QemuCommandTests {
@@ -82,5 +83,19 @@ struct QemuCommandTests {
         #expect(try ImageFormat.detect(path: "\(directory)/a.qcow2") == .qcow2)
         #expect(try ImageFormat.detect(path: "\(directory)/b.img") == .raw)
         #expect(throws: VirtError.self) { try ImageFormat.detect(path: "\(directory)/missing") }
+    }
+}
+
+@Suite("Reading the serial console")
+struct ConsoleWatchTests {
+    @Test("a getty login prompt at the end of the console is recognised, and nothing else is")
+    func loginPrompt() {
+        #expect(
+            ConsoleWatch.showsLoginPrompt(
+                "[  OK  ] Started getty.\r\n\r\nDebian GNU/Linux 12 vm ttyS0\r\n\r\nvm login: "))
+        #expect(ConsoleWatch.showsLoginPrompt("debusine-virt login:\n"))
+        #expect(!ConsoleWatch.showsLoginPrompt("[  OK  ] Reached target multi-user.target\r\n"))
+        #expect(!ConsoleWatch.showsLoginPrompt("Last login: Sun Nov 22 on ttyS0\n"))
+        #expect(!ConsoleWatch.showsLoginPrompt(""))
     }
 }

@@ -227,4 +227,33 @@ struct QemuServerTests {
         #expect(server.standardError.contains("guest agent did not answer"), "\(server.standardError)")
         #expect(TestPaths.contents(of: parent) == ["not-an-image.raw"], "the instance directory was left behind")
     }
+
+    @Test(
+        "an image whose guest agent never starts fails soon after its login prompt, naming qemu-guest-agent",
+        .enabled(if: enabled), .timeLimit(.minutes(8)))
+    func noGuestAgent() async throws {
+        let directory = try #require(
+            Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-test.")
+        defer { TestPaths.removeTree(parent) }
+        let server = try ServerProcess(
+            [
+                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--qemu",
+                "\(TestPaths.repositoryRoot)/Tests/QemuBackendTests/Fixtures/qemu-without-agent",
+                "--shutdown-timeout", "5", "\(directory)/bookworm-amd64.qcow2",
+            ],
+            environment: ["TMPDIR": parent])
+        #expect(try await server.readLine() == "ok")
+        let clock = ContinuousClock()
+        let start = clock.now
+        server.write(line: "open")
+        #expect(try await server.wait(timeout: .seconds(420)) == .exited(12))
+        // Well before the 300 s boot timeout.
+        #expect(clock.now - start < .seconds(240), "took \(clock.now - start)")
+        #expect(server.standardError.contains("needs qemu-guest-agent installed"), "\(server.standardError)")
+        #expect(server.standardError.contains("login:"), "the console's end is shown")
+        #expect(TestPaths.contents(of: parent).isEmpty, "the instance directory was left behind")
+        let leftover = try await runner.run(Command("pgrep", ["-f", parent]))
+        #expect(leftover.outputText.isEmpty, "QEMU processes left behind: \(leftover.outputText)")
+    }
 }
