@@ -139,7 +139,7 @@ public final class IncusTestbed: Testbed {
             try await runner.check(
                 cli.exec(name, ["/bin/sh", "-c", AuxverbWrapper.installScript, "sh", AuxverbWrapper.path]),
                 input: .bytes(Array(AuxverbWrapper.script.utf8)))
-            let user = try await normalUser(name)
+            let user = await NormalUser.find(in: InTestbed(auxverb: auxverb(name), runner: runner))
             state.withLock { $0.normalUser = user }
         } catch {
             log.debug("\(name) did not come up, deleting it: \(error)")
@@ -221,14 +221,6 @@ public final class IncusTestbed: Testbed {
             .timeout,
             "\(cli.qualified(name)) did not finish booting within \(timeout) (last state: \(last)); its log:\n\(instanceLog)"
         )
-    }
-
-    private func normalUser(_ name: String) async throws(VirtError) -> String? {
-        let script =
-            #"getent passwd | awk -F: '$3 >= 1000 && $3 <= 59999 { print $3 " " $1 }' | sort -n | sed -n '1s/^[0-9]* //p'"#
-        let result = try await runner.run(cli.exec(name, ["/bin/sh", "-c", script]))
-        let user = result.outputText
-        return result.status.succeeded && !user.isEmpty ? user : nil
     }
 
     private func delete(_ name: String) async {

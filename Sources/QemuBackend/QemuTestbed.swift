@@ -21,6 +21,8 @@ public final class QemuTestbed: Testbed {
     private let current = Mutex<QemuInstance?>(nil)
     /// The private directory of this server's VM, kept from open to close.
     private let directory = Mutex<String?>(nil)
+    /// The account `suggested-normal-user=` names, found at each boot.
+    private let normalUser = Mutex<String?>(nil)
 
     public init(
         options: QemuOptions, runner: any CommandRunner = SubprocessRunner(), auxverbExecutable: String,
@@ -48,7 +50,7 @@ public final class QemuTestbed: Testbed {
         [
             Capability.revert, Capability.revertFullSystem, Capability.reboot, Capability.rootOnTestbed,
             Capability.isolationMachine,
-        ]
+        ] + (normalUser.withLock { $0 }.map { [Capability.suggestedNormalUser($0)] } ?? [])
     }
 
     public func open() async throws(VirtError) -> [String] {
@@ -116,6 +118,8 @@ public final class QemuTestbed: Testbed {
         current.withLock { $0 = instance }
         do {
             try await instance.boot(kvm: kvm)
+            let user = await NormalUser.find(in: InTestbed(auxverb: auxverb, runner: runner))
+            normalUser.withLock { $0 = user }
         } catch {
             log.debug("boot failed, cleaning up: \(error)")
             current.withLock { if $0 === instance { $0 = nil } }

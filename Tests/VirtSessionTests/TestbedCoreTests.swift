@@ -225,3 +225,43 @@ struct TestbedCoreTests {
         #expect(up == CopyRequest(direction: .up, hostPath: "/host/", testbedPath: "/tb/", isDirectory: true))
     }
 }
+
+@Suite("suggested-normal-user")
+struct NormalUserTests {
+    @Test("the lowest uid in 1000-59999 is chosen; system users and nobody are not")
+    func choosesLowestDynamicUser() async throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-normal-user.")
+        defer { TestPaths.removeTree(work) }
+        let passwd = """
+            root:x:0:0:root:/root:/bin/bash
+            nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin
+            zed:x:1002:1002::/home/zed:/bin/bash
+            debci:x:1001:1001::/home/debci:/bin/bash
+            _apt:x:42:65534::/nonexistent:/usr/sbin/nologin
+            big:x:60000:60000::/home/big:/bin/sh
+
+            """
+        let getent = "\(work)/getent"
+        FileManager.default.createFile(
+            atPath: getent, contents: Data("#!/bin/sh\ncat <<'EOF'\n\(passwd)EOF\n".utf8),
+            attributes: [.posixPermissions: 0o755])
+        let runner = SubprocessRunner()
+        let path = "\(work):\(ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin")"
+        let found = try await runner.run(Command(argv: NormalUser.argv).with(environment: ["PATH": path]))
+        #expect(NormalUser.parse(found) == "debci")
+
+        FileManager.default.createFile(
+            atPath: getent, contents: Data("#!/bin/sh\necho root:x:0:0:root:/root:/bin/bash\n".utf8),
+            attributes: [.posixPermissions: 0o755])
+        let none = try await runner.run(Command(argv: NormalUser.argv).with(environment: ["PATH": path]))
+        #expect(NormalUser.parse(none) == nil)
+    }
+}
+
+extension Command {
+    fileprivate func with(environment: [String: String?]) -> Command {
+        var copy = self
+        copy.environment = environment
+        return copy
+    }
+}
