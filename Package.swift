@@ -77,7 +77,7 @@ let package = Package(
             name: "debusine-virt-qemu",
             dependencies: ["VirtCore", "VirtSession", "QemuBackend", "ImageCache", argumentParser]
         ),
-        .executableTarget(name: "debusine-virt-auxverb", dependencies: ["AuxverbClient"]),
+        .executableTarget(name: "debusine-virt-auxverb", dependencies: ["AuxverbClient", "GuestChannel"]),
         .executableTarget(
             name: "debusine-virt-incus",
             dependencies: ["VirtCore", "VirtSession", "CommandRunner", "IncusBackend", argumentParser]

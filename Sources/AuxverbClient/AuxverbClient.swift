@@ -15,7 +15,7 @@ import GuestChannel
 public enum AuxverbClient {
     /// Runs `argv` and returns the exit status to end with. Failures of the auxverb itself
     /// (server gone, protocol error) are reported on stderr and give 255.
-    public static func run(socketPath: String, argv: [String]) -> Int32 {
+    public static func run(socketPath: String, argv: [String], terminal: Frame.TerminalSize? = nil) -> Int32 {
         signal(SIGPIPE, SIG_IGN)
         guard !argv.isEmpty else { return fail("no command given") }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
@@ -44,7 +44,7 @@ public enum AuxverbClient {
         for number in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&forwarded, number) }
         pthread_sigmask(SIG_BLOCK, &forwarded, nil)
 
-        guard connection.send(.spawn(argv: argv)) else {
+        guard connection.send(.spawn(argv: argv, terminal: terminal)) else {
             return fail("the testbed went away")
         }
         let signalSet = forwarded

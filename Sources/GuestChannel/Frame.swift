@@ -59,9 +59,35 @@ public struct Frame: Sendable, Equatable {
             channel: channel, kind, [UInt8(v >> 24), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)])
     }
 
+    /// The size of the terminal a command gets instead of pipes (for an interactive shell).
+    public struct TerminalSize: Sendable, Equatable {
+        public var rows: Int
+        public var columns: Int
+
+        public init(rows: Int, columns: Int) {
+            self.rows = rows
+            self.columns = columns
+        }
+
+        /// `ROWSxCOLUMNS`, as the auxverb's `--terminal` option takes it.
+        public init?(_ text: String) {
+            let parts = text.split(separator: "x")
+            guard parts.count == 2, let rows = Int(parts[0]), let columns = Int(parts[1]), rows >= 0, columns >= 0,
+                rows < 65536, columns < 65536
+            else { return nil }
+            self.init(rows: rows, columns: columns)
+        }
+    }
+
     /// A spawn request (JSON is not available in the guest's python3-minimal, so plain fields).
-    public static func spawn(argv: [String], environment: [String] = [], directory: String = "/") -> Frame {
-        let fields = ["\(window)", directory, "\(environment.count)"] + environment + argv
+    /// With a terminal size the command runs on a new pseudo-terminal in the guest (stdin and
+    /// stdout are its master side, there is no separate stderr): the first field is then
+    /// `WINDOW pty ROWS COLUMNS`.
+    public static func spawn(
+        argv: [String], environment: [String] = [], directory: String = "/", terminal: TerminalSize? = nil
+    ) -> Frame {
+        let head = terminal.map { "\(window) pty \($0.rows) \($0.columns)" } ?? "\(window)"
+        let fields = [head, directory, "\(environment.count)"] + environment + argv
         return Frame(.spawn, Array(fields.joined(separator: "\u{0}").utf8))
     }
 

@@ -8,7 +8,7 @@
 /// instead of a port, so the tests run it on the host.
 public enum GuestHelperScript {
     /// Bumped with every change, so a stale helper left in a guest is recognised.
-    public static let version = 2
+    public static let version = 3
 
     /// Where the server installs it in the guest (a tmpfs: gone after reboot, like the helper).
     public static let guestPath = "/run/debusine-virt-helper.py"
@@ -22,11 +22,14 @@ public enum GuestHelperScript {
         # Only modules of Debian's python3-minimal: debusine's images promise no more.
         import errno, fcntl, os, select, signal, struct, sys, time
 
-        VERSION = 2
+        VERSION = 3
         HEADER = struct.Struct('>IBI')
         SPAWN, STDIN, STDIN_EOF, KILL, CREDIT, PING = 1, 2, 3, 4, 5, 6
         STDOUT, STDERR, EXIT, STDIN_CREDIT, PONG, HELLO = 0x11, 0x12, 0x13, 0x14, 0x15, 0x16
         CHUNK = 256 << 10
+        # termios is not in python3-minimal: Linux's TIOCSWINSZ, asm-generic or the old ioctl
+        # encoding of powerpc, mips and sparc.
+        TIOCSWINSZ = 0x80087467 if os.uname().machine.startswith(('ppc', 'mips', 'sparc')) else 0x5414
         OUTBUF_LIMIT = 1 << 20
         # Output still arriving this long after a command exited belongs to processes it left
         # behind; waiting for them to close their end would hang the caller.
@@ -101,7 +104,9 @@ public enum GuestHelperScript {
                 self.commands[channel] = command
                 try:
                     fields = [os.fsdecode(f) for f in request.split(b'\0')]
-                    command.credit = int(fields[0])
+                    head = fields[0].split(' ')
+                    command.credit = int(head[0])
+                    terminal = (int(head[2]), int(head[3])) if len(head) == 4 and head[1] == 'pty' else None
                     cwd = fields[1] or '/'
                     count = int(fields[2])
                     env = dict(BASE_ENV)
@@ -114,14 +119,24 @@ public enum GuestHelperScript {
                 except (ValueError, IndexError) as e:
                     self.finish(command, 'error bad spawn request: %s' % e)
                     return
-                in_r, in_w = os.pipe()
-                out_r, out_w = os.pipe()
-                err_r, err_w = os.pipe()
+                if terminal is not None:
+                    # A pseudo-terminal: the master is the command's stdin and stdout.
+                    master, slave = os.openpty()
+                    fcntl.ioctl(slave, TIOCSWINSZ, struct.pack('HHHH', terminal[0], terminal[1], 0, 0))
+                    in_r, in_w, out_r, out_w, err_r, err_w = slave, os.dup(master), master, slave, None, slave
+                else:
+                    in_r, in_w = os.pipe()
+                    out_r, out_w = os.pipe()
+                    err_r, err_w = os.pipe()
                 report_r, report_w = os.pipe()
                 pid = os.fork()
                 if pid == 0:
                     try:
                         os.setsid()
+                        if terminal is not None:
+                            # Opening the terminal as a session leader makes it the controlling one.
+                            os.close(out_r)
+                            os.close(os.open(os.ttyname(slave), os.O_RDWR))
                         os.dup2(in_r, 0)
                         os.dup2(out_w, 1)
                         os.dup2(err_w, 2)
@@ -135,7 +150,7 @@ public enum GuestHelperScript {
                     except BaseException as e:
                         os.write(report_w, ('0 %s' % e).encode())
                     os._exit(127)
-                for fd in (in_r, out_w, err_w, report_w):
+                for fd in {in_r, out_w, err_w, report_w}:
                     os.close(fd)
                 report = b''
                 while True:
@@ -148,7 +163,8 @@ public enum GuestHelperScript {
                 self.by_pid[pid] = command
                 command.stdin, command.stdout, command.stderr = in_w, out_r, err_r
                 for fd in (in_w, out_r, err_r):
-                    nonblocking(fd)
+                    if fd is not None:
+                        nonblocking(fd)
                 if report:
                     number, _, text = report.decode(errors='replace').partition(' ')
                     message = 'debusine-virt-helper: cannot run %s: %s\n' % (argv[0], text)
@@ -271,6 +287,11 @@ public enum GuestHelperScript {
                     data = os.read(getattr(command, name), min(CHUNK, command.credit))
                 except (BlockingIOError, InterruptedError):
                     return
+                except OSError as e:
+                    # A pseudo-terminal's master reads EIO once no process has it open.
+                    if e.errno != errno.EIO:
+                        raise
+                    data = b''
                 if not data:
                     self.close_fd(command, name)
                     return

@@ -98,12 +98,51 @@ public final class QemuTestbed: Testbed {
         return auxverb
     }
 
+    /// An interactive shell on a pseudo-terminal in the guest, wired to the caller's terminal
+    /// (put in raw mode meanwhile, so keys like ^C and ^Z reach the guest's shell).
+    public func shell(_ testbed: InTestbed, directory: String, environment: [String]) async throws(VirtError) {
+        let tty = Glibc.open("/dev/tty", O_RDWR | O_CLOEXEC)
+        guard tty >= 0 else {
+            log.error("cannot run a shell: /dev/tty: \(String(cString: strerror(errno)))")
+            return
+        }
+        defer { Glibc.close(tty) }
+        var saved = termios()
+        guard tcgetattr(tty, &saved) == 0 else {
+            // Not a terminal after all: the plain shell through the auxverb still works.
+            try await InteractiveShell.run(testbed, directory: directory, environment: environment)
+            return
+        }
+        let size = try? await runner.run(
+            Command("stty", ["size"]), input: .fileDescriptor(tty, closeAfterStart: false), output: .capture,
+            error: .discard)
+        let words = size?.outputText.split(separator: " ").compactMap { Int($0) } ?? []
+        let dimensions = words.count == 2 ? "\(words[0])x\(words[1])" : "24x80"
+        var assignments = environment
+        if let term = getenv("TERM") { assignments.append("TERM=\(String(cString: term))") }
+        var raw = saved
+        cfmakeraw(&raw)
+        tcsetattr(tty, TCSANOW, &raw)
+        defer { tcsetattr(tty, TCSANOW, &saved) }
+        let socket = instancePaths.auxverb
+        let result = try await runner.run(
+            Command(
+                auxverbExecutable,
+                ["--terminal", dimensions, socket, "sh", "-c", InteractiveShell.script, "sh", directory] + assignments),
+            input: .fileDescriptor(tty, closeAfterStart: false),
+            output: .fileDescriptor(tty, closeAfterStart: false),
+            error: .fileDescriptor(tty, closeAfterStart: false))
+        log.debug("shell ended with \(result.status)")
+    }
+
+    var instancePaths: InstancePaths { InstancePaths(directory: directory.withLock { $0 } ?? "") }
+
     public func debugFailureReport() async -> String? {
         current.withLock { $0 }?.consoleTail()
     }
 
     var auxverb: [String] {
-        [auxverbExecutable, InstancePaths(directory: directory.withLock { $0 } ?? "").auxverb]
+        [auxverbExecutable, instancePaths.auxverb]
     }
 
     private func boot() async throws(VirtError) {

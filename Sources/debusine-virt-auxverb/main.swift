@@ -1,4 +1,5 @@
 import AuxverbClient
+import GuestChannel
 
 #if canImport(Glibc)
     import Glibc
@@ -6,15 +7,24 @@ import AuxverbClient
     import Musl
 #endif
 
-// debusine-virt-auxverb SOCKET COMMAND [ARG...]
+// debusine-virt-auxverb [--terminal ROWSxCOLUMNS] SOCKET COMMAND [ARG...]
+//
+// --terminal runs the command on a pseudo-terminal in the testbed (the server's `shell`).
 //
 // The program print-execute-command names: it runs for every command autopkgtest and sbuild
 // send, so it is its own small executable without Foundation, NIO or ArgumentParser (the
 // server binary takes ~75 ms just to load those).
-let arguments = CommandLine.arguments
-guard arguments.count >= 3 else {
-    let usage = "usage: debusine-virt-auxverb SOCKET COMMAND [ARG...]\n"
+var arguments = Array(CommandLine.arguments.dropFirst())
+var terminal: Frame.TerminalSize?
+var usable = true
+if arguments.first == "--terminal" {
+    terminal = arguments.count >= 2 ? Frame.TerminalSize(arguments[1]) : nil
+    usable = terminal != nil
+    arguments.removeFirst(min(2, arguments.count))
+}
+guard usable, arguments.count >= 2 else {
+    let usage = "usage: debusine-virt-auxverb [--terminal ROWSxCOLUMNS] SOCKET COMMAND [ARG...]\n"
     _ = usage.withCString { write(2, $0, strlen($0)) }
     exit(255)
 }
-exit(AuxverbClient.run(socketPath: arguments[1], argv: Array(arguments.dropFirst(2))))
+exit(AuxverbClient.run(socketPath: arguments[0], argv: Array(arguments.dropFirst()), terminal: terminal))

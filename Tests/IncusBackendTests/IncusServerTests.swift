@@ -249,7 +249,7 @@ struct IncusServerTests {
         .enabled(if: enabled), .timeLimit(.minutes(5)))
     func shell() async throws {
         let image = try requireImage()
-        let harness = "\(TestPaths.repositoryRoot)/Tests/IncusBackendTests/Fixtures/with-terminal"
+        let harness = "\(TestPaths.repositoryRoot)/Tests/Fixtures/with-terminal"
         let server = try ServerProcess([
             harness, "-42 0", "echo in-$(basename \"$PWD\")-$((6*7)) $(id -u); exit\r",
             TestPaths.executable("debusine-virt-incus"), image,

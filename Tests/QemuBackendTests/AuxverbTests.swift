@@ -206,6 +206,36 @@ struct AuxverbTests {
             #expect(result.errorText.contains("not ready") || result.errorText.contains("gone"))
         }
     }
+
+    @Test("--terminal runs the command on a pseudo-terminal of the given size, output and status intact")
+    func terminal() async throws {
+        try await withHelper { host in
+            let result = try await SubprocessRunner().run(
+                Command(
+                    argv: [
+                        TestPaths.executable("debusine-virt-auxverb"), "--terminal", "30x100", host.relay.socketPath,
+                    ]
+                        + ["sh", "-c", "tty; stty size; test -t 0 && echo stdin-is-a-tty; exit 7"]),
+                input: .none, output: .capture, error: .capture)
+            #expect(result.status == .exited(7))
+            // A terminal ends lines with CR LF, which Swift counts as one character.
+            let lines = result.outputText.split(whereSeparator: { $0 == "\n" || $0 == "\r\n" }).map(String.init)
+            #expect(lines.first?.hasPrefix("/dev/pts/") == true, "\(lines)")
+            #expect(lines.contains("30 100"), "\(lines)")
+            #expect(lines.contains("stdin-is-a-tty"), "\(lines)")
+            // Pipes as before without it.
+            let plain = try await host.run(["sh", "-c", "test -t 0 || echo not-a-tty"])
+            #expect(plain.outputText == "not-a-tty")
+        }
+    }
+
+    @Test("a malformed --terminal is an auxverb failure (255) with a usage message")
+    func badTerminal() async throws {
+        let result = try await SubprocessRunner().run(
+            Command(TestPaths.executable("debusine-virt-auxverb"), ["--terminal", "big", "/nonexistent.sock", "true"]))
+        #expect(result.status == .exited(255))
+        #expect(result.errorText.contains("usage"))
+    }
 }
 
 @Suite("Guest helper script")

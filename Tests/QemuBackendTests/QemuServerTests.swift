@@ -256,4 +256,35 @@ struct QemuServerTests {
         let leftover = try await runner.run(Command("pgrep", ["-f", parent]))
         #expect(leftover.outputText.isEmpty, "QEMU processes left behind: \(leftover.outputText)")
     }
+
+    @Test(
+        "shell gives an interactive root shell on a pseudo-terminal in the guest, on the caller's terminal",
+        .enabled(if: enabled), .timeLimit(.minutes(8)))
+    func shell() async throws {
+        let directory = try #require(
+            Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-test.")
+        defer { TestPaths.removeTree(parent) }
+        let server = try ServerProcess(
+            [
+                "\(TestPaths.repositoryRoot)/Tests/Fixtures/with-terminal", "-42 0 /dev/pts/",
+                "echo in-$(basename \"$PWD\")-$((6*7)) $(id -u) $(tty); exit\r",
+                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--shutdown-timeout",
+                "10", "\(directory)/bookworm-amd64.qcow2",
+            ],
+            environment: ["TMPDIR": parent])
+        #expect(try await server.readLine() == "ok")
+        let opened = try await server.request("open")
+        try #require(opened.hasPrefix("ok /"), "\(server.standardError)")
+        let scratch = String(opened.dropFirst(3))
+        #expect(try await server.request("shell \(scratch)") == "ok", "\(server.standardError)")
+        #expect(try await server.request("close") == "ok")
+        server.write(line: "quit")
+        #expect(
+            try await server.wait() == .exited(0),
+            "the terminal did not show the shell's answer: \(server.standardError)")
+        let name = scratch.split(separator: "/").last.map(String.init) ?? scratch
+        #expect(server.standardError.contains("in-\(name)-42 0 /dev/pts/"), "\(server.standardError)")
+        #expect(TestPaths.contents(of: parent).isEmpty, "the instance directory was left behind")
+    }
 }

@@ -30,7 +30,14 @@ private func withRealAgent(_ body: (QGAClient, String) async throws -> Void) asy
             [qemuGA, "-m", "unix-listen", "-p", socket, "-t", directory, "-b", blockedCommands.joined(separator: ",")],
             outputPath: directory + "/qemu-ga.log")
         do {
-            let client = try await QGAClient.connect(path: socket, timeout: .seconds(10))
+            // Generous: with VMs booting beside it under TCG, even qemu-ga can be slow to start.
+            let client: QGAClient
+            do {
+                client = try await QGAClient.connect(path: socket, timeout: .seconds(60))
+            } catch {
+                let output = (try? String(contentsOfFile: directory + "/qemu-ga.log", encoding: .utf8)) ?? ""
+                throw VirtError(.testbedFailure, "\(error); qemu-ga said: \(output)")
+            }
             do {
                 try await body(client, directory)
             } catch {
