@@ -23,8 +23,8 @@ struct QemuServerTests {
     let runner = SubprocessRunner()
 
     @Test(
-        "a whole session: open, auxverb contract, streaming, copies, revert, reboot, quit; nothing left behind",
-        .enabled(if: enabled), .timeLimit(.minutes(20)))
+        "a whole session: open, auxverb contract, 256 MiB streams, 1 GiB and 2000-file copies, revert, reboot, quit; nothing left behind",
+        .enabled(if: enabled), .timeLimit(.minutes(30)))
     func wholeSession() async throws {
         let directory = try #require(
             Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
@@ -38,7 +38,8 @@ struct QemuServerTests {
                 TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--shutdown-timeout",
                 "10", image,
             ],
-            environment: ["TMPDIR": parent])
+            // The 1 GiB copy below takes minutes under TCG: more than the default 300 s allow.
+            environment: ["TMPDIR": parent, "AUTOPKGTEST_VIRT_COPY_TIMEOUT": "1200"])
         #expect(try await server.readLine() == "ok")
 
         let capabilities = try await server.request("capabilities")
@@ -66,9 +67,9 @@ struct QemuServerTests {
         #expect(try await inGuest(["printf", "[%s]"] + words).outputText == words.map { "[\($0)]" }.joined())
         #expect(try await inGuest(["id", "-u"]).outputText == "0")
 
-        // 64 MiB through stdin and back through stdout.
+        // 256 MiB through stdin and back through stdout, as sbuild moves files.
         let source = "\(host)/source"
-        try await runner.check(Command("sh", ["-c", #"head -c 67108864 /dev/urandom > "$1""#, "sh", source]))
+        try await runner.check(Command("sh", ["-c", #"head -c 268435456 /dev/urandom > "$1""#, "sh", source]))
         let input = open(source, O_RDONLY)
         try #require(input >= 0)
         let up = try await inGuest(
@@ -82,6 +83,9 @@ struct QemuServerTests {
             output: .fileDescriptor(output, closeAfterStart: true), error: .capture)
         #expect(down.status == .exited(0))
         #expect(try await runner.run(Command("cmp", [source, back])).status == .exited(0))
+        _ = try await inGuest(["rm", "-f", "/root/big"])
+        unlink(source)
+        unlink(back)
 
         // Four auxverbs at once.
         try await withThrowingTaskGroup(of: Void.self) { group in
@@ -100,7 +104,7 @@ struct QemuServerTests {
                 "sh",
                 [
                     "-c",
-                    #"mkdir -p "$1/tree/sub ü" && for i in $(seq 1 200); do echo "$i" > "$1/tree/sub ü/f $i"; done && printf '#!/bin/sh\n' > "$1/tool" && chmod 755 "$1/tool""#,
+                    #"mkdir -p "$1/tree/sub ü" && for i in $(seq 1 2000); do echo "$i" > "$1/tree/sub ü/f $i"; done && printf '#!/bin/sh\n' > "$1/tool" && chmod 755 "$1/tool""#,
                     "sh", host,
                 ]))
         let encodedHost = host.replacingOccurrences(of: " ", with: "%20")
@@ -111,6 +115,15 @@ struct QemuServerTests {
         #expect(
             try await runner.run(Command("diff", ["-r", "\(host)/tree", "\(host)/tree-back"])).status == .exited(0))
         #expect(try await server.request("copyup /nonexistent \(encodedHost)/x") == "copy-failed")
+
+        // A 1 GiB file of random data down and back up, byte for byte.
+        try await runner.check(Command("sh", ["-c", #"head -c 1073741824 /dev/urandom > "$1/huge""#, "sh", host]))
+        #expect(try await server.request("copydown \(encodedHost)/huge \(scratch)/huge", timeout: .seconds(1200)) == "ok")
+        #expect(try await server.request("copyup \(scratch)/huge \(encodedHost)/huge-back", timeout: .seconds(1200)) == "ok")
+        #expect(try await runner.run(Command("cmp", ["\(host)/huge", "\(host)/huge-back"])).status == .exited(0))
+        _ = try await inGuest(["rm", "-f", "\(scratch)/huge"])
+        unlink("\(host)/huge")
+        unlink("\(host)/huge-back")
 
         // reboot: a new boot, the scratch directory still there.
         let bootBefore = try await inGuest(["cat", "/proc/sys/kernel/random/boot_id"]).outputText
