@@ -66,11 +66,9 @@ struct InstalledNameTests {
         #expect(
             try FileManager.default.destinationOfSymbolicLink(atPath: "\(copy)/bin/autopkgtest-virt-debusine-virt-qemu")
                 == "debusine-virt-qemu")
-        let man = try await runner.run(
-            Command(
-                "man", ["-l", "\(copy)/share/man/man1/debusine-virt-incus.1"],
-                environment: ["MANPAGER": "cat", "PAGER": "cat"]))
-        #expect(man.outputText.contains("--remote"), "the man page documents the options")
+        // The page itself (mdoc source), so the check needs no man-db on the machine.
+        let page = try String(contentsOfFile: "\(copy)/share/man/man1/debusine-virt-incus.1", encoding: .utf8)
+        #expect(page.contains(".Nm debusine-virt-incus") && page.contains("-remote"), "the man page documents the options")
         let removed = try await runner.run(
             Command("\(TestPaths.repositoryRoot)/scripts/install", ["--prefix", copy, "--uninstall"]))
         #expect(removed.status == .exited(0), "\(removed.errorText)")
