@@ -90,7 +90,9 @@ let package = Package(
         // Drives servers through real pipes and replays transcripts, for the test targets.
         .target(
             name: "VirtTestSupport",
-            dependencies: ["VirtCore", "VirtSession", "TestbedCore", "FixtureBackend", "CommandRunner"],
+            dependencies: [
+                "VirtCore", "VirtProtocol", "VirtSession", "TestbedCore", "FixtureBackend", "CommandRunner",
+            ],
             path: "Tests/VirtTestSupport"
         ),
 

@@ -66,8 +66,7 @@ public struct ImageImport: Sendable {
         let files =
             options.virtualMachine
             ? try await prepareVirtualMachine(path, work: work) : try await prepareContainer(path, work: work)
-        let command = cli.command(
-            ["image", "import"] + files + (cli.remote.map { ["\($0):"] } ?? []) + ["--alias", options.alias, "--quiet"])
+        let command = cli.imageImport(files, alias: options.alias)
         log.info("importing \(path) as \(cli.qualified(options.alias))")
         let result = try await runner.run(command)
         if !result.status.succeeded {

@@ -123,9 +123,10 @@ public struct IncusCLI: Sendable, Equatable {
         command(["image", "info", qualified(alias)])
     }
 
-    /// `incus image import FILE --alias ALIAS` into the remote's store.
-    public func imageImport(_ path: String, alias: String) -> Command {
-        var arguments = ["image", "import", path]
+    /// `incus image import FILE... --alias ALIAS` into the remote's store: a unified image, or
+    /// the metadata tarball and the disk of a split one.
+    public func imageImport(_ files: [String], alias: String) -> Command {
+        var arguments = ["image", "import"] + files
         if let remote { arguments.append("\(remote):") }
         return command(arguments + ["--alias", alias, "--quiet"])
     }

@@ -38,7 +38,7 @@ struct IncusUnitTests {
         #expect(local.list().argv == ["incus", "list", "--format", "json"])
         #expect(remote.imageInfo("artifact/1").argv == ["incus", "image", "info", "r:artifact/1"])
         #expect(
-            remote.imageImport("/x.tar", alias: "artifact/1").argv == [
+            remote.imageImport(["/x.tar"], alias: "artifact/1").argv == [
                 "incus", "image", "import", "/x.tar", "r:", "--alias", "artifact/1", "--quiet",
             ])
         #expect(remote.configGet("n", "user.k").argv == ["incus", "config", "get", "r:n", "user.k"])

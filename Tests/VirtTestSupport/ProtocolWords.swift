@@ -1,4 +1,5 @@
 import VirtCore
+import VirtProtocol
 
 /// The client side of the protocol's words, as autopkgtest reads them.
 public enum ProtocolWords {
@@ -9,25 +10,7 @@ public enum ProtocolWords {
         guard words.first == "ok", let word = words.dropFirst().first else {
             throw VirtError(.protocolMisuse, "not a print-execute-command reply: \(reply)")
         }
-        return word.split(separator: ",").map { String(decoding: percentDecode(Array($0.utf8)), as: UTF8.self) }
-    }
-
-    /// Python's unquote on bytes: `%XX` becomes the byte, anything else stays.
-    public static func percentDecode(_ bytes: [UInt8]) -> [UInt8] {
-        var result: [UInt8] = []
-        var index = 0
-        while index < bytes.count {
-            if bytes[index] == UInt8(ascii: "%"), index + 2 < bytes.count,
-                let value = UInt8(String(decoding: bytes[(index + 1)...(index + 2)], as: UTF8.self), radix: 16)
-            {
-                result.append(value)
-                index += 3
-            } else {
-                result.append(bytes[index])
-                index += 1
-            }
-        }
-        return result
+        return word.split(separator: ",").map { PercentCoding.decode(Array($0.utf8)) }
     }
 }
 
