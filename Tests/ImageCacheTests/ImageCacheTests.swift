@@ -263,7 +263,7 @@ struct ImageCacheTests {
             let holder = try ServerProcess(
                 ["/usr/bin/flock", "--no-fork", "--shared", a, "sh", "-c", "echo locked; exec sleep 600"])
             defer { holder.signal(SIGKILL) }
-            #expect(try await holder.readLine(timeout: .seconds(10)) == "locked")
+            #expect(try await holder.readLine(timeout: .seconds(60)) == "locked")
             try await Task.sleep(for: .milliseconds(20))
             let b = try await cache.fetch(server.url("b.img"), sha256: nil)
             cache.release(b)

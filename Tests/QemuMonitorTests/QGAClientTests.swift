@@ -111,8 +111,8 @@ struct QGAClientTests {
     @Test("sync discards stale replies and garbage until the 0xFF-delimited reply with its own id")
     func syncDiscardsStaleLines() async throws {
         try await withFakePeer { peer in
-            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(10))
-            async let syncing: Void = client.sync(timeout: .seconds(10))
+            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(60))
+            async let syncing: Void = client.sync(timeout: .seconds(60))
             let id = try await expectSync(peer)
             peer.send(#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#)
             peer.send(#"{"return": {"pid": 42}}"#)
@@ -122,7 +122,7 @@ struct QGAClientTests {
             peer.send(bytes: Array("\(id)}\n".utf8))
             try await syncing
 
-            async let ping: Void = client.ping(timeout: .seconds(10))
+            async let ping: Void = client.ping(timeout: .seconds(60))
             #expect(try await peer.nextMessage() == ["execute": "guest-ping"], "no second sync once in step")
             peer.send(#"{"return": {}}"#)
             try await ping
@@ -133,7 +133,7 @@ struct QGAClientTests {
     @Test("sync times out when the agent is silent, as it is before the guest has booted")
     func syncTimesOut() async throws {
         try await withFakePeer { peer in
-            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(10))
+            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(60))
             await #expect(throws: VirtError.self) { try await client.sync(timeout: .milliseconds(150)) }
             let error = await caughtError { try await client.sync(timeout: .milliseconds(150)) }
             #expect(error?.code == .timeout)
@@ -144,15 +144,15 @@ struct QGAClientTests {
     @Test("the first command syncs first; after a timed-out command the next one resyncs and skips the late reply")
     func resyncAfterTimeout() async throws {
         try await withFakePeer { peer in
-            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(10))
+            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(60))
             // Long enough for the sync exchange below even on a loaded machine.
-            let slow = Task { try await client.execute("guest-info", timeout: .milliseconds(1500)) }
+            let slow = Task { try await client.execute("guest-info", timeout: .seconds(5)) }
             let firstID = try await expectSync(peer)
             peer.send(bytes: [0xFF] + JSONValue.object(["return": firstID]).serializedBytes + [0x0A])
             #expect(try await peer.nextMessage() == ["execute": "guest-info"])
             #expect(await caughtError { _ = try await slow.value }?.code == .timeout)
 
-            async let next = client.execute("guest-get-host-name", timeout: .seconds(10))
+            async let next = client.execute("guest-get-host-name", timeout: .seconds(60))
             let secondID = try await expectSync(peer)
             #expect(secondID != firstID)
             peer.send(#"{"return": {"version": "late guest-info reply"}}"#)
@@ -167,15 +167,15 @@ struct QGAClientTests {
     @Test("cancelling a waiting command does not wedge the client: the next command resyncs")
     func cancellation() async throws {
         try await withFakePeer { peer in
-            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(10))
+            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(60))
             let agent = Task { try await serveAgent(peer) }
-            try await client.sync(timeout: .seconds(10))
+            try await client.sync(timeout: .seconds(60))
             let waiting = Task { try await client.execute("guest-get-time", timeout: .seconds(30)) }
             try await Task.sleep(for: .milliseconds(200))
             waiting.cancel()
             await #expect(throws: VirtError.self) { try await waiting.value }
-            try await client.ping(timeout: .seconds(10))
-            try await client.ping(timeout: .seconds(10))
+            try await client.ping(timeout: .seconds(60))
+            try await client.ping(timeout: .seconds(60))
             await client.close()
             let record = try await agent.value
             #expect(record.syncs == 2, "the command after the cancelled one resynced")
@@ -185,7 +185,7 @@ struct QGAClientTests {
     @Test("commands run one at a time even when callers overlap")
     func serialisesCommands() async throws {
         try await withFakePeer { peer in
-            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(10))
+            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(60))
             let agent = Task { try await serveAgent(peer, files: ["/a": [1], "/b": [2, 2]]) }
             async let first = client.readFile(path: "/a")
             async let second = client.readFile(path: "/b")
@@ -201,7 +201,7 @@ struct QGAClientTests {
     @Test("an error reply becomes a testbed failure with the agent's class and description")
     func errorReply() async throws {
         try await withFakePeer { peer in
-            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(10))
+            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(60))
             let agent = Task { try await serveAgent(peer) }
             await #expect(
                 throws: VirtError(
@@ -211,7 +211,7 @@ struct QGAClientTests {
             ) {
                 try await client.readFile(path: "/missing")
             }
-            try await client.ping(timeout: .seconds(10))
+            try await client.ping(timeout: .seconds(60))
             await client.close()
             _ = try await agent.value
         }
@@ -220,7 +220,7 @@ struct QGAClientTests {
     @Test("writeFile sends 1 MiB chunks that arrive intact")
     func writeFileChunks() async throws {
         try await withFakePeer { peer in
-            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(10))
+            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(60))
             let agent = Task { try await serveAgent(peer) }
             let contents = randomBytes(3 << 20 + 17)
             try await client.writeFile(path: "/tmp/file", contents: contents)
@@ -237,7 +237,7 @@ struct QGAClientTests {
     func readFile() async throws {
         try await withFakePeer { peer in
             let contents = randomBytes(QGAClient.readChunkSize + 5)
-            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(10))
+            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(60))
             let agent = Task { try await serveAgent(peer, files: ["/data": contents, "/empty": []]) }
             #expect(try await client.readFile(path: "/data") == contents)
             #expect(try await client.readFile(path: "/empty") == [])
@@ -252,13 +252,13 @@ struct QGAClientTests {
     @Test("exec sends argv, environment and input; waitForExec polls until exit and decodes the output")
     func execAndWait() async throws {
         try await withFakePeer { peer in
-            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(10))
+            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(60))
             let agent = Task { try await serveAgent(peer, exitAfterPolls: 4) }
             let pid = try await client.exec(
                 path: "/bin/echo", arguments: ["hello"], environment: ["LANG=C"], input: [1, 2, 3],
                 captureOutput: true)
             #expect(pid == 4242)
-            let result = try await client.waitForExec(pid: pid, timeout: .seconds(10))
+            let result = try await client.waitForExec(pid: pid, timeout: .seconds(60))
             #expect(
                 result
                     == GuestExecResult(
@@ -280,12 +280,12 @@ struct QGAClientTests {
     @Test("waitForExec gives up after its timeout while the process keeps running")
     func waitTimesOut() async throws {
         try await withFakePeer { peer in
-            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(10))
+            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(60))
             let agent = Task { try await serveAgent(peer, exitAfterPolls: .max) }
-            try await client.sync(timeout: .seconds(10))
+            try await client.sync(timeout: .seconds(60))
             let error = await caughtError { _ = try await client.waitForExec(pid: 4242, timeout: .milliseconds(500)) }
             #expect(error?.code == .timeout)
-            try await client.ping(timeout: .seconds(10))
+            try await client.ping(timeout: .seconds(60))
             await client.close()
             #expect(try await agent.value.statusPolls >= 1)
         }
@@ -294,14 +294,14 @@ struct QGAClientTests {
     @Test("the agent going away fails the waiting call promptly and every later one")
     func peerCloses() async throws {
         try await withFakePeer { peer in
-            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(10))
+            let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(60))
             let result = Task { try await client.execute("guest-info", timeout: .seconds(30)) }
             _ = try await expectSync(peer)
             peer.disconnect()
             let error = await caughtError { _ = try await result.value }
             #expect(error == VirtError(.testbedFailure, "QGA \(peer.path): connection closed"))
             await #expect(throws: VirtError(.testbedFailure, "QGA \(peer.path): connection closed")) {
-                try await client.ping(timeout: .seconds(10))
+                try await client.ping(timeout: .seconds(60))
             }
         }
     }

@@ -5,7 +5,7 @@ import VirtCore
 
 /// Plays QEMU's side of the greeting and capabilities handshake.
 private func connectedClient(_ peer: FakePeer) async throws -> QMPClient {
-    async let connecting = QMPClient.connect(path: peer.path, timeout: .seconds(10))
+    async let connecting = QMPClient.connect(path: peer.path, timeout: .seconds(60))
     try await peer.waitForClient()
     peer.send(#"{"QMP": {"version": {"qemu": {"major": 10}}, "capabilities": ["oob"]}}"# + "\r")
     let negotiation = try await peer.nextMessage()
@@ -45,7 +45,7 @@ struct QMPClientTests {
     @Test("a peer that is not QMP fails the handshake instead of being trusted")
     func notAGreeting() async throws {
         try await withFakePeer { peer in
-            let connecting = Task { try await QMPClient.connect(path: peer.path, timeout: .seconds(10)) }
+            let connecting = Task { try await QMPClient.connect(path: peer.path, timeout: .seconds(60)) }
             try await peer.waitForClient()
             peer.send(#"{"return": {}}"#)
             let error = await caughtError { _ = try await connecting.value }

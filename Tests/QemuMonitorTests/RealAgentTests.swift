@@ -58,8 +58,8 @@ struct RealAgentTests {
     @Test("sync, ping, guest-info and a refused command behave as the agent really answers")
     func basics() async throws {
         try await withRealAgent { client, _ in
-            try await client.sync(timeout: .seconds(10))
-            try await client.ping(timeout: .seconds(10))
+            try await client.sync(timeout: .seconds(60))
+            try await client.ping(timeout: .seconds(60))
             let info = try await client.execute("guest-info")
             #expect(info["version"]?.stringValue?.isEmpty == false)
             let commands = info["supported_commands"]?.arrayValue ?? []
@@ -67,8 +67,8 @@ struct RealAgentTests {
             #expect(commands.contains { $0["name"] == "guest-shutdown" && $0["enabled"] == false })
             await #expect(throws: VirtError.self) { try await client.execute("guest-shutdown") }
             // A second explicit sync mid-session is harmless.
-            try await client.sync(timeout: .seconds(10))
-            try await client.ping(timeout: .seconds(10))
+            try await client.sync(timeout: .seconds(60))
+            try await client.ping(timeout: .seconds(60))
         }
     }
 
@@ -91,18 +91,18 @@ struct RealAgentTests {
     func exec() async throws {
         try await withRealAgent { client, _ in
             let echo = try await client.exec(path: "/bin/echo", arguments: ["hello", "world"], captureOutput: true)
-            let echoed = try await client.waitForExec(pid: echo, timeout: .seconds(10))
+            let echoed = try await client.waitForExec(pid: echo, timeout: .seconds(60))
             #expect(echoed == GuestExecResult(exitCode: 0, standardOutput: Array("hello world\n".utf8)))
 
             let failing = try await client.exec(
                 path: "/bin/sh", arguments: ["-c", "echo oops >&2; exit 3"], captureOutput: true)
-            let failed = try await client.waitForExec(pid: failing, timeout: .seconds(10))
+            let failed = try await client.waitForExec(pid: failing, timeout: .seconds(60))
             #expect(failed.exitCode == 3)
             #expect(failed.signal == nil)
             #expect(failed.standardError == Array("oops\n".utf8))
 
             let killed = try await client.exec(path: "/bin/sh", arguments: ["-c", "kill -9 $$"], captureOutput: false)
-            let killedResult = try await client.waitForExec(pid: killed, timeout: .seconds(10))
+            let killedResult = try await client.waitForExec(pid: killed, timeout: .seconds(60))
             #expect(killedResult.signal == 9)
             #expect(killedResult.exitCode == nil)
 
@@ -110,7 +110,7 @@ struct RealAgentTests {
             let cat = try await client.exec(
                 path: "/bin/sh", arguments: ["-c", "cat; echo \"[$FOO]\""], environment: ["FOO=bar"], input: input,
                 captureOutput: true)
-            let catted = try await client.waitForExec(pid: cat, timeout: .seconds(10))
+            let catted = try await client.waitForExec(pid: cat, timeout: .seconds(60))
             #expect(catted.standardOutput == input + Array("[bar]\n".utf8))
 
             await #expect(throws: VirtError.self) {
@@ -122,14 +122,14 @@ struct RealAgentTests {
     @Test("only one client is served at a time: a second one gets answers once the first has closed")
     func oneClientAtATime() async throws {
         try await withRealAgent { first, directory in
-            try await first.ping(timeout: .seconds(10))
-            let second = try await QGAClient.connect(path: directory + "/qga.sock", timeout: .seconds(10))
+            try await first.ping(timeout: .seconds(60))
+            let second = try await QGAClient.connect(path: directory + "/qga.sock", timeout: .seconds(60))
             let error = await caughtError { try await second.sync(timeout: .milliseconds(300)) }
             #expect(error?.code == .timeout, "the agent must not answer a second client while the first is connected")
             await first.close()
             // A bound on waiting, not on the agent: this suite shares 2 cores with VM tests in CI.
             try await second.sync(timeout: .seconds(60))
-            try await second.ping(timeout: .seconds(10))
+            try await second.ping(timeout: .seconds(60))
             await second.close()
         }
     }

@@ -41,11 +41,11 @@ struct RealQEMUTests {
 
                 // QEMU may hang up before its reply to quit is read: both outcomes mean it quit.
                 do {
-                    _ = try await client.execute("quit", timeout: .seconds(10))
+                    _ = try await client.execute("quit", timeout: .seconds(60))
                 } catch let error as VirtError {
                     #expect(error.message.hasSuffix("connection closed"))
                 }
-                #expect(await qemu.waitForExit(timeout: .seconds(10)) == 0)
+                #expect(await qemu.waitForExit(timeout: .seconds(60)) == 0)
                 var remaining: [String] = []
                 while let event = await events.next() { remaining.append(event.name) }
                 #expect(remaining.allSatisfy { $0 == "SHUTDOWN" })

@@ -86,12 +86,12 @@ final class FakePeer: Sendable {
 
     /// Waits until the client has connected.
     func waitForClient() async throws {
-        try await withDeadline(.seconds(10), "waiting for the client to connect") { try await self.connected.next() }
+        try await withDeadline(.seconds(60), "waiting for the client to connect") { try await self.connected.next() }
     }
 
     /// The next line the client sent, as sent.
     func nextLine() async throws -> [UInt8] {
-        try await withDeadline(.seconds(10), "waiting for a line from the client") { try await self.received.next() }
+        try await withDeadline(.seconds(60), "waiting for a line from the client") { try await self.received.next() }
     }
 
     /// The next line the client sent, parsed as JSON.
@@ -133,7 +133,7 @@ final class FakePeer: Sendable {
         shutdown(listener, Int32(SHUT_RDWR))
         disconnect()
         do {
-            try await withDeadline(.seconds(10), "fake peer shutdown") { try await self.threadEnded.next() }
+            try await withDeadline(.seconds(60), "fake peer shutdown") { try await self.threadEnded.next() }
         } catch {
             Issue.record("the fake peer's thread did not stop: \(error)")
         }
@@ -222,7 +222,7 @@ final class ChildProcess: Sendable {
         kill(pid, SIGTERM)
         if await waitForExit(timeout: .seconds(2)) != nil { return }
         kill(pid, SIGKILL)
-        _ = await waitForExit(timeout: .seconds(10))
+        _ = await waitForExit(timeout: .seconds(60))
     }
 }
 

@@ -20,14 +20,14 @@ struct ServerProcessTests {
         defer { TestPaths.removeTree(parent) }
         let server = try ServerProcess([Self.fixtureServer, "--fixture", "parent=\(parent)"])
         // A block-buffered stdout would hold these lines back and the reads would time out.
-        #expect(try await server.readLine(timeout: .seconds(10)) == "ok")
+        #expect(try await server.readLine(timeout: .seconds(60)) == "ok")
         server.write(line: "capabilities")
-        #expect(try await server.readLine(timeout: .seconds(10)) == "ok revert reboot")
+        #expect(try await server.readLine(timeout: .seconds(60)) == "ok revert reboot")
         server.write(line: "open")
-        let opened = try #require(try await server.readLine(timeout: .seconds(10)))
+        let opened = try #require(try await server.readLine(timeout: .seconds(60)))
         #expect(opened.hasPrefix("ok /"))
         server.write(line: "print-execute-command")
-        let auxverb = try #require(try await server.readLine(timeout: .seconds(10)))
+        let auxverb = try #require(try await server.readLine(timeout: .seconds(60)))
         #expect(auxverb.hasPrefix("ok env,TMPDIR%3D/"))
         server.write(line: "quit")
         #expect(try await server.wait() == .exited(0))
@@ -70,7 +70,7 @@ struct ServerProcessTests {
         server.write(line: "open")
         try await waitUntil { (try? String(contentsOfFile: events, encoding: .utf8)) == "open\n" }
         server.signal(SIGTERM)
-        #expect(try await server.wait(timeout: .seconds(10)) == .signaled(SIGTERM))
+        #expect(try await server.wait(timeout: .seconds(60)) == .signaled(SIGTERM))
         #expect(try String(contentsOfFile: events, encoding: .utf8) == "open\nclose\n")
         #expect(try await server.readLine() == nil, "no reply may follow the banner")
         #expect(TestPaths.contents(of: parent) == [])
@@ -149,7 +149,7 @@ struct ServerProcessTests {
 
 /// Polls `condition` every 10 ms for up to 10 s.
 func waitUntil(_ condition: () -> Bool) async throws {
-    let deadline = ContinuousClock.now + .seconds(10)
+    let deadline = ContinuousClock.now + .seconds(60)
     while !condition() {
         guard ContinuousClock.now < deadline else {
             Issue.record("condition not met within 10 s")
