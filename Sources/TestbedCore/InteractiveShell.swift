@@ -10,7 +10,8 @@ import VirtCore
 /// The default `shell`: `bash -i` through the auxverb, wired to the caller's terminal.
 public enum InteractiveShell {
     /// cd to $1, export the remaining `VAR=value` words, then an interactive bash.
-    public static let script = #"cd -- "$1" || exit 1; shift; for assignment do export "$assignment"; done; exec bash -i"#
+    public static let script =
+        #"cd -- "$1" || exit 1; shift; for assignment do export "$assignment"; done; exec bash -i"#
 
     public static func run(_ testbed: InTestbed, directory: String, environment: [String]) async throws(VirtError) {
         var assignments = environment

@@ -68,7 +68,8 @@ struct InstalledNameTests {
                 == "debusine-virt-qemu")
         // The page itself (mdoc source), so the check needs no man-db on the machine.
         let page = try String(contentsOfFile: "\(copy)/share/man/man1/debusine-virt-incus.1", encoding: .utf8)
-        #expect(page.contains(".Nm debusine-virt-incus") && page.contains("-remote"), "the man page documents the options")
+        #expect(
+            page.contains(".Nm debusine-virt-incus") && page.contains("-remote"), "the man page documents the options")
         let removed = try await runner.run(
             Command("\(TestPaths.repositoryRoot)/scripts/install", ["--prefix", copy, "--uninstall"]))
         #expect(removed.status == .exited(0), "\(removed.errorText)")

@@ -381,8 +381,10 @@ struct IncusImportTests {
         let work = try TestPaths.makeTemporaryDirectory("dv-import.")
         defer { TestPaths.removeTree(work) }
         try await runner.check(Command("truncate", ["--size=16M", "\(work)/disk.raw"]))
-        try await runner.check(Command("tar", ["--create", "--file", "\(work)/disk.tar", "--directory", work, "disk.raw"]))
-        try await runner.check(Command("qemu-img", ["convert", "-O", "qcow2", "\(work)/disk.raw", "\(work)/disk.qcow2"]))
+        try await runner.check(
+            Command("tar", ["--create", "--file", "\(work)/disk.tar", "--directory", work, "disk.raw"]))
+        try await runner.check(
+            Command("qemu-img", ["convert", "-O", "qcow2", "\(work)/disk.raw", "\(work)/disk.qcow2"]))
         for (index, file) in ["disk.qcow2", "disk.tar"].enumerated() {
             let alias = "artifact/vm-\(getpid())-\(index)"
             let result = try await runner.run(
@@ -395,8 +397,10 @@ struct IncusImportTests {
         }
         let two = "\(work)/two.tar"
         try await runner.check(Command("cp", ["\(work)/disk.raw", "\(work)/other.raw"]))
-        try await runner.check(Command("tar", ["--create", "--file", two, "--directory", work, "disk.raw", "other.raw"]))
-        let refused = try await runner.run(Command(tool, ["import", "--artifact-id", "vm-two-\(getpid())", "--vm", two]))
+        try await runner.check(
+            Command("tar", ["--create", "--file", two, "--directory", work, "disk.raw", "other.raw"]))
+        let refused = try await runner.run(
+            Command(tool, ["import", "--artifact-id", "vm-two-\(getpid())", "--vm", two]))
         #expect(refused.status != .exited(0))
         #expect(refused.errorText.contains("exactly one raw image"), "\(refused.errorText)")
         #expect(try await !aliasExists("artifact/vm-two-\(getpid())"))

@@ -118,8 +118,11 @@ struct QemuServerTests {
 
         // A 1 GiB file of random data down and back up, byte for byte.
         try await runner.check(Command("sh", ["-c", #"head -c 1073741824 /dev/urandom > "$1/huge""#, "sh", host]))
-        #expect(try await server.request("copydown \(encodedHost)/huge \(scratch)/huge", timeout: .seconds(1200)) == "ok")
-        #expect(try await server.request("copyup \(scratch)/huge \(encodedHost)/huge-back", timeout: .seconds(1200)) == "ok")
+        #expect(
+            try await server.request("copydown \(encodedHost)/huge \(scratch)/huge", timeout: .seconds(1200)) == "ok")
+        #expect(
+            try await server.request("copyup \(scratch)/huge \(encodedHost)/huge-back", timeout: .seconds(1200)) == "ok"
+        )
         #expect(try await runner.run(Command("cmp", ["\(host)/huge", "\(host)/huge-back"])).status == .exited(0))
         _ = try await inGuest(["rm", "-f", "\(scratch)/huge"])
         unlink("\(host)/huge")
