@@ -70,6 +70,8 @@ let package = Package(
         .target(name: "ImageCache", dependencies: ["VirtCore", "CommandRunner"]),
         // The Incus backend: setup, image import, instances through the incus CLI, gc.
         .target(name: "IncusBackend", dependencies: ["VirtCore", "CommandRunner", "TestbedCore", "ImageCache"]),
+        // The client side: a virt server as a child process, driven over pipes as autopkgtest does.
+        .target(name: "VirtClient", dependencies: ["VirtCore", "VirtProtocol", "CommandRunner"]),
         // A testbed that is a private directory on the host: drives the protocol tests.
         .target(name: "FixtureBackend", dependencies: ["VirtCore", "TestbedCore", "CommandRunner"]),
 
@@ -82,6 +84,13 @@ let package = Package(
             name: "debusine-virt-incus",
             dependencies: ["VirtCore", "VirtSession", "CommandRunner", "IncusBackend", argumentParser]
         ),
+        // The benchmark: times any virt server over the protocol and compares two of them.
+        .target(
+            name: "VirtBenchmark", dependencies: ["VirtCore", "VirtProtocol", "VirtClient", "CommandRunner"],
+            path: "Benchmarks/VirtBenchmark"),
+        .executableTarget(
+            name: "virt-bench", dependencies: ["VirtBenchmark", "VirtCore", argumentParser],
+            path: "Benchmarks/virt-bench"),
         .executableTarget(
             name: "virt-fixture-server",
             dependencies: ["VirtCore", "VirtSession", "FixtureBackend", argumentParser]
@@ -92,6 +101,7 @@ let package = Package(
             name: "VirtTestSupport",
             dependencies: [
                 "VirtCore", "VirtProtocol", "VirtSession", "TestbedCore", "FixtureBackend", "CommandRunner",
+                "VirtClient",
             ],
             path: "Tests/VirtTestSupport"
         ),
@@ -100,7 +110,10 @@ let package = Package(
         .testTarget(name: "CommandRunnerTests", dependencies: ["CommandRunner", "VirtCore"]),
         .testTarget(
             name: "VirtSessionTests",
-            dependencies: ["VirtSession", "VirtProtocol", "TestbedCore", "FixtureBackend", "CommandRunner", "VirtCore"]
+            dependencies: [
+                "VirtSession", "VirtProtocol", "TestbedCore", "FixtureBackend", "CommandRunner", "VirtCore",
+                "VirtTestSupport",
+            ]
         ),
         .testTarget(
             name: "QemuMonitorTests", dependencies: ["QemuMonitor", "VirtCore", "CommandRunner", "VirtTestSupport"]),
@@ -118,6 +131,8 @@ let package = Package(
         // The real clients (sbuild, and autopkgtest through the installed names) over the servers.
         .testTarget(name: "ClientTests", dependencies: ["CommandRunner", "VirtCore", "VirtTestSupport"]),
         .testTarget(name: "TestImageTests", dependencies: ["CommandRunner", "VirtCore", "VirtTestSupport"]),
+        .testTarget(
+            name: "BenchmarkTests", dependencies: ["VirtBenchmark", "CommandRunner", "VirtCore", "VirtTestSupport"]),
         .testTarget(
             name: "ImageCacheTests", dependencies: ["ImageCache", "CommandRunner", "VirtCore", "VirtTestSupport"]),
     ],

@@ -18,7 +18,7 @@ public final class ServerProcess: Sendable {
     private let errorBytes: ByteSink
     private let exitStatus: ExitWaiter
 
-    /// Writing to a server that has exited must be an error here, not the test runner's death.
+    /// Writing to a server that has exited must be an error here, not the client's death.
     private static let ignoreSIGPIPE: Void = { _ = Glibc.signal(SIGPIPE, SIG_IGN) }()
 
     /// Starts `argv` (argv[0] a path) with `environment` added to ours.

@@ -4,12 +4,12 @@
     import Musl
 #endif
 
-/// What the tests' own posix_spawn calls need so that a child holds no descriptor but its
-/// stdin, stdout and stderr.
+/// What our own posix_spawn calls need so that a child holds no descriptor but its stdin,
+/// stdout and stderr.
 ///
-/// Tests run in parallel in one process: a child that inherits another test's pipe end keeps
-/// that test from ever seeing end of file, and one that outlives its test (a process it
-/// forked) keeps it for ever. Glibc's Swift module hides pipe2 and
+/// Clients run servers concurrently in one process (the tests do, in parallel): a child that
+/// inherits another one's pipe end keeps that one from ever seeing end of file, and a child
+/// that outlives its user (a process it forked) keeps it for ever. Glibc's Swift module hides pipe2 and
 /// posix_spawn_file_actions_addclosefrom_np, so they are looked up at run time.
 public enum SpawnHygiene {
     private typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32

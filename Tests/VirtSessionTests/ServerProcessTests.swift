@@ -113,7 +113,9 @@ struct ServerProcessTests {
 
     @Test("debusine-virt-incus with a bad command line fails before the banner with a usage error")
     func incusBadCommandLine() async throws {
-        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), "--boot-timeout", "0", "artifact/1"])
+        let server = try ServerProcess([
+            TestPaths.executable("debusine-virt-incus"), "--boot-timeout", "0", "artifact/1",
+        ])
         #expect(try await server.wait() == .exited(64))
         #expect(try await server.readLine() == nil, "nothing may reach stdout")
         #expect(server.standardError.contains("timeouts must be positive"), "\(server.standardError)")
