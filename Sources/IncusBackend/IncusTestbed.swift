@@ -58,14 +58,25 @@ public final class IncusTestbed: Testbed {
     }
 
     public func revert() async throws(VirtError) -> [String] {
-        if let old = state.withLock({ state -> String? in
+        let old = state.withLock { state -> String? in
             defer { state.name = nil }
             return state.name
-        }) {
-            // The old instance's state is thrown away: no need to let it shut down cleanly.
-            await delete(old)
         }
-        return try await launch()
+        // The old instance's state is thrown away: it is force-deleted while the new one is
+        // launched, rather than shut down cleanly first.
+        async let deletion: Void = deleteIfAny(old)
+        let launched: Result<[String], VirtError>
+        do {
+            launched = .success(try await launch())
+        } catch {
+            launched = .failure(error)
+        }
+        await deletion
+        return try launched.get()
+    }
+
+    private func deleteIfAny(_ name: String?) async {
+        if let name { await delete(name) }
     }
 
     public func close() async {
