@@ -8,7 +8,7 @@
 /// instead of a port, so the tests run it on the host.
 public enum GuestHelperScript {
     /// Bumped with every change, so a stale helper left in a guest is recognised.
-    public static let version = 3
+    public static let version = 4
 
     /// Where the server installs it in the guest (a tmpfs: gone after reboot, like the helper).
     public static let guestPath = "/run/debusine-virt-helper.py"
@@ -22,7 +22,7 @@ public enum GuestHelperScript {
         # Only modules of Debian's python3-minimal: debusine's images promise no more.
         import errno, fcntl, os, select, signal, struct, sys, time
 
-        VERSION = 3
+        VERSION = 4
         HEADER = struct.Struct('>IBI')
         SPAWN, STDIN, STDIN_EOF, KILL, CREDIT, PING = 1, 2, 3, 4, 5, 6
         STDOUT, STDERR, EXIT, STDIN_CREDIT, PONG, HELLO = 0x11, 0x12, 0x13, 0x14, 0x15, 0x16
@@ -31,6 +31,7 @@ public enum GuestHelperScript {
         # encoding of powerpc, mips and sparc.
         TIOCSWINSZ = 0x80087467 if os.uname().machine.startswith(('ppc', 'mips', 'sparc')) else 0x5414
         OUTBUF_LIMIT = 1 << 20
+        PORT_BATCH = 4 << 20
         # Output still arriving this long after a command exited belongs to processes it left
         # behind; waiting for them to close their end would hang the caller.
         LINGER = 0.2
@@ -128,6 +129,12 @@ public enum GuestHelperScript {
                     in_r, in_w = os.pipe()
                     out_r, out_w = os.pipe()
                     err_r, err_w = os.pipe()
+                    # 1 MiB pipes (F_SETPIPE_SZ) let the command run on while this loop is busy.
+                    for fd in (in_w, out_w):
+                        try:
+                            fcntl.fcntl(fd, 1031, 1 << 20)
+                        except OSError:
+                            pass
                 report_r, report_w = os.pipe()
                 pid = os.fork()
                 if pid == 0:
@@ -232,17 +239,25 @@ public enum GuestHelperScript {
                     command.credit += struct.unpack('>I', payload)[0]
 
             def read_port(self):
-                try:
-                    data = os.read(self.port, 1 << 20)
-                except BlockingIOError:
-                    return True
-                except OSError as e:
-                    if e.errno in (errno.EAGAIN, errno.EINTR):
-                        return True
-                    return False
-                if not data:
-                    return False
-                self.inbuf += data
+                # A virtio-serial port hands out one page-sized buffer per read(): reading on
+                # until it is empty, before parsing and polling again, keeps the per-read cost
+                # to a system call (under TCG the rest of a loop turn costs far more).
+                got = 0
+                while got < PORT_BATCH:
+                    try:
+                        data = os.read(self.port, 1 << 20)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as e:
+                        if got:
+                            break
+                        return False
+                    if not data:
+                        if got:
+                            break
+                        return False
+                    self.inbuf += data
+                    got += len(data)
                 offset = 0
                 while len(self.inbuf) - offset >= HEADER.size:
                     channel, kind, length = HEADER.unpack_from(self.inbuf, offset)
@@ -259,12 +274,14 @@ public enum GuestHelperScript {
                 return len(self.outbuf) - self.outbuf_offset
 
             def write_port(self):
-                try:
-                    with memoryview(self.outbuf) as view:
-                        written = os.write(self.port, view[self.outbuf_offset:])
-                except (BlockingIOError, InterruptedError):
-                    return
-                self.outbuf_offset = consume(self.outbuf, self.outbuf_offset, written)
+                # The port takes a few KiB per write(): write on until it is full or we are empty.
+                while self.outbuf_size():
+                    try:
+                        with memoryview(self.outbuf) as view:
+                            written = os.write(self.port, view[self.outbuf_offset:])
+                    except (BlockingIOError, InterruptedError):
+                        return
+                    self.outbuf_offset = consume(self.outbuf, self.outbuf_offset, written)
 
             def write_stdin(self, command):
                 try:
@@ -283,20 +300,31 @@ public enum GuestHelperScript {
                     self.close_fd(command, 'stdin')
 
             def read_output(self, command, name, kind):
-                try:
-                    data = os.read(getattr(command, name), min(CHUNK, command.credit))
-                except (BlockingIOError, InterruptedError):
+                # A pipe holds 64 KiB: read on while the command keeps it filled, up to a frame.
+                collected = []
+                size = 0
+                while size < min(CHUNK, command.credit):
+                    try:
+                        data = os.read(getattr(command, name), min(CHUNK, command.credit) - size)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as e:
+                        # A pseudo-terminal's master reads EIO once no process has it open.
+                        if e.errno != errno.EIO:
+                            raise
+                        data = b''
+                    if not data:
+                        if size:
+                            break
+                        self.close_fd(command, name)
+                        return
+                    collected.append(data)
+                    size += len(data)
+                if not size:
                     return
-                except OSError as e:
-                    # A pseudo-terminal's master reads EIO once no process has it open.
-                    if e.errno != errno.EIO:
-                        raise
-                    data = b''
-                if not data:
-                    self.close_fd(command, name)
-                    return
-                command.credit -= len(data)
-                self.send(command.channel, kind, data)
+                command.credit -= size
+                self.send(command.channel, kind, b''.join(collected))
+                self.write_port()
 
             def run(self):
                 self.hello()
