@@ -38,6 +38,10 @@ public struct CopyRequest: Sendable, Equatable {
         guard !source.isEmpty, !destination.isEmpty else {
             throw VirtError(.protocolMisuse, "\(verb) paths must be nonempty")
         }
+        // Clients send absolute paths; a relative one would land wherever the server runs.
+        guard source.hasPrefix("/"), destination.hasPrefix("/") else {
+            throw VirtError(.protocolMisuse, "\(verb) paths must be absolute")
+        }
         let isDirectory = source.hasSuffix("/")
         guard isDirectory == destination.hasSuffix("/") else {
             throw VirtError(
