@@ -8,10 +8,23 @@
 /// instead of a port, so the tests run it on the host.
 public enum GuestHelperScript {
     /// Bumped with every change, so a stale helper left in a guest is recognised.
-    public static let version = 4
+    public static let version = 5
 
     /// Where the server installs it in the guest (a tmpfs: gone after reboot, like the helper).
     public static let guestPath = "/run/debusine-virt-helper.py"
+
+    /// Starts the helper (its argv follows) as a transient systemd service when the guest runs
+    /// systemd, so that it lives outside qemu-guest-agent's cgroup: a test that restarts or
+    /// upgrades the agent would otherwise kill the helper and every command it runs. Without
+    /// systemd it runs as the agent's child, as before.
+    public static let launcher = #"""
+        if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1 &&
+            systemd-run --quiet --collect --unit="debusine-virt-helper-$$" \
+                --description="debusine-virt guest helper" "$@"; then
+            exit 0
+        fi
+        exec "$@"
+        """#
 
     /// The virtio-serial port name it talks over.
     public static let portName = "org.debusine.virt.0"
@@ -22,7 +35,7 @@ public enum GuestHelperScript {
         # Only modules of Debian's python3-minimal: debusine's images promise no more.
         import errno, fcntl, os, select, signal, struct, sys, time
 
-        VERSION = 4
+        VERSION = 5
         HEADER = struct.Struct('>IBI')
         SPAWN, STDIN, STDIN_EOF, KILL, CREDIT, PING = 1, 2, 3, 4, 5, 6
         STDOUT, STDERR, EXIT, STDIN_CREDIT, PONG, HELLO = 0x11, 0x12, 0x13, 0x14, 0x15, 0x16

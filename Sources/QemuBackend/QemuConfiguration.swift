@@ -115,6 +115,10 @@ public struct InstancePaths: Sendable, Equatable {
 
 /// The external commands of the QEMU backend, as argv values.
 public enum QemuCommands {
+    /// The QEMU device id of the helper's port: QMP reports its guest side opening and closing
+    /// (VSERPORT_CHANGE) under it.
+    public static let helperPortID = "helperport"
+
     public static func createOverlay(base: String, format: ImageFormat, overlay: String) -> Command {
         Command("qemu-img", ["create", "-q", "-f", "qcow2", "-F", format.rawValue, "-b", base, overlay])
     }
@@ -141,7 +145,8 @@ public enum QemuCommands {
             "-chardev", "socket,id=qga,path=\(escaped(paths.qga)),server=on,wait=off",
             "-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
             "-chardev", "socket,id=helper,path=\(escaped(paths.helperPort)),server=on,wait=off",
-            "-device", "virtserialport,chardev=helper,name=\(GuestHelperScript.portName)",
+            "-device",
+            "virtserialport,chardev=helper,id=\(QemuCommands.helperPortID),name=\(GuestHelperScript.portName)",
             "-chardev",
             "socket,id=console,path=\(escaped(paths.console)),server=on,wait=off,logfile=\(escaped(paths.consoleLog))",
             "-serial", "chardev:console",

@@ -28,6 +28,9 @@ final class QemuInstance: Sendable {
         var qmp: QMPClient?
         var qga: QGAClient?
         var destroyed = false
+        /// Set while the helper goes away on purpose (a reboot): its port closing is no news.
+        var helperLossExpected = false
+        var portWatch: Task<Void, Never>?
     }
     private let handles = Mutex(Handles())
     private let qemuEnded = Mutex(false)
@@ -56,16 +59,22 @@ final class QemuInstance: Sendable {
         log.debug("starting \(command)")
         let runner = self.runner
         let qemu = Task<CommandResult?, Never> {
-            defer { self.qemuEnded.withLock { $0 = true } }
-            return try? await runner.run(
+            let result = try? await runner.run(
                 command, input: .none, output: .fileDescriptor(logFD, closeAfterStart: false),
                 error: .fileDescriptor(logFD, closeAfterStart: true))
+            self.qemuEnded.withLock { $0 = true }
+            await self.reportEnd(result)
+            return result
         }
         try store { $0.qemu = qemu }
 
         let deadline = ContinuousClock.now + options.bootTimeout
         let qmp = try await QMPClient.connect(path: paths.qmp, timeout: .seconds(30))
         try store { $0.qmp = qmp }
+        // QEMU made its sockets with our umask; the directory is private, the sockets are too.
+        for socket in [paths.qmp, paths.qga, paths.helperPort, paths.console] { chmod(socket, 0o600) }
+        let portWatch = Task { await self.watchHelperPort(qmp) }
+        try store { $0.portWatch = portWatch }
         let relay = self.relay
         let helperPort = paths.helperPort
         let relayTask = Task {
@@ -94,6 +103,11 @@ final class QemuInstance: Sendable {
                 return
             } catch  where error.code == .timeout {
                 log.debug("guest agent not answering yet")
+            } catch {
+                // The agent's socket closing is how QEMU dying shows here first: name QEMU.
+                await waitForEnd(.seconds(3))
+                try checkAlive("while booting")
+                throw error
             }
             let now = ContinuousClock.now
             if promptSince == nil, ConsoleWatch.showsLoginPrompt(consoleTail(8192)) {
@@ -122,8 +136,11 @@ final class QemuInstance: Sendable {
         let pid: Int
         do {
             pid = try await qga.exec(
-                path: "/usr/bin/python3",
-                arguments: [GuestHelperScript.guestPath, "/dev/virtio-ports/\(GuestHelperScript.portName)"],
+                path: "/bin/sh",
+                arguments: [
+                    "-c", GuestHelperScript.launcher, "sh", "/usr/bin/python3", GuestHelperScript.guestPath,
+                    "/dev/virtio-ports/\(GuestHelperScript.portName)",
+                ],
                 captureOutput: true)
         } catch {
             throw VirtError(
@@ -144,8 +161,54 @@ final class QemuInstance: Sendable {
         }
     }
 
+    /// QEMU ended. Unless the server stopped it, that is news: say so, with the exit status,
+    /// and fail the commands in flight naming QEMU.
+    private func reportEnd(_ result: CommandResult?) async {
+        guard !handles.withLock({ $0.destroyed }) else { return }
+        let how = result.map { "\($0.status)" } ?? "unknown status"
+        let qemuLog = (try? String(contentsOfFile: paths.qemuLog, encoding: .utf8)) ?? ""
+        let detail = qemuLog.isEmpty ? "" : ": \(qemuLog.suffix(500))"
+        log.error("QEMU exited unexpectedly (\(how))\(detail)")
+        await relay.helperGone("QEMU exited unexpectedly (\(how))")
+    }
+
+    /// Notices the helper dying in the guest (killed, out of memory): its port closes on the
+    /// guest side. Commands in flight then fail at once instead of waiting for ever, and a new
+    /// helper is started through the agent.
+    private func watchHelperPort(_ qmp: QMPClient) async {
+        for await event in qmp.events
+        where event.name == "VSERPORT_CHANGE" && event.data["id"]?.stringValue == QemuCommands.helperPortID
+            && event.data["open"]?.boolValue == false
+        {
+            let expected = handles.withLock { $0.helperLossExpected || $0.destroyed }
+            guard !expected, let qga else { continue }
+            await relay.helperGone("the guest helper went away inside the guest")
+            // A guest going down closes the port too: restart only in a guest that still runs.
+            try? await Task.sleep(for: .seconds(3))
+            guard !handles.withLock({ $0.helperLossExpected || $0.destroyed }), !hasEnded,
+                (try? await qga.sync(timeout: .seconds(5))) != nil
+            else {
+                log.debug("the helper's port closed and the guest is going down")
+                continue
+            }
+            log.warning("the guest helper went away inside the guest; starting a new one")
+            do {
+                try await startHelper(qga, previousBootID: nil)
+            } catch {
+                log.error("cannot restart the guest helper: \(error.message)")
+            }
+        }
+    }
+
+    /// The helper is about to go away with a reboot the server asked for.
+    func expectHelperLoss() {
+        handles.withLock { $0.helperLossExpected = true }
+    }
+
     /// Waits until the guest runs a boot with a different id, then restarts the helper in it.
     func waitForReboot(previousBootID: String, timeout: Duration) async throws(VirtError) {
+        handles.withLock { $0.helperLossExpected = true }
+        defer { handles.withLock { $0.helperLossExpected = false } }
         await relay.helperGone("the testbed is rebooting")
         guard let qga else { throw VirtError(.testbedFailure, "no guest agent connection") }
         let deadline = ContinuousClock.now + timeout
@@ -208,6 +271,7 @@ final class QemuInstance: Sendable {
             }
             _ = await qemu.value
         }
+        current.portWatch?.cancel()
         await current.qmp?.close()
         await current.qga?.close()
         current.relay?.cancel()

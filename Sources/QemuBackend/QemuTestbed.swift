@@ -79,11 +79,20 @@ public final class QemuTestbed: Testbed {
         }
     }
 
+    /// Through the helper when it is up (a test may have stopped the agent), else the agent.
     public func bootID(_ testbed: InTestbed) async throws(VirtError) -> String {
         guard let instance = current.withLock({ $0 }), let qga = instance.qga else {
             throw VirtError(.testbedFailure, "the testbed is not running")
         }
+        if let id = try? await testbed.check(["cat", "/proc/sys/kernel/random/boot_id"]), !id.isEmpty {
+            return id
+        }
         return try await instance.bootID(qga)
+    }
+
+    public func requestReboot(_ testbed: InTestbed) async throws(VirtError) {
+        current.withLock { $0 }?.expectHelperLoss()
+        try await RebootRequest.viaSystemd(testbed)
     }
 
     public func waitForReboot(

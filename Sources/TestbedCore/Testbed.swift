@@ -72,15 +72,7 @@ public protocol Testbed: Sendable {
 
 extension Testbed {
     public func requestReboot(_ testbed: InTestbed) async throws(VirtError) {
-        let hasSystemd = (try? await testbed.run(["test", "-d", "/run/systemd/system"]))?.status.succeeded ?? false
-        if hasSystemd {
-            let result = try await testbed.run([
-                "systemd-run", "--no-block", "--quiet", "sh", "-c", "sleep 3; reboot",
-            ])
-            if result.status.succeeded { return }
-            log.debug("systemd-run reboot failed (\(result.status)): \(result.errorText); trying sh")
-        }
-        try await testbed.check(["sh", "-c", "(sleep 3; reboot) >/dev/null 2>&1 &"])
+        try await RebootRequest.viaSystemd(testbed)
     }
 
     public func bootID(_ testbed: InTestbed) async throws(VirtError) -> String {
@@ -107,4 +99,20 @@ extension Testbed {
     }
 
     public func debugFailureReport() async -> String? { nil }
+}
+
+/// The default way to ask a testbed to reboot, for backends that do more around it.
+public enum RebootRequest {
+    /// `systemd-run` a delayed `reboot`, or a backgrounded `reboot` where systemd does not run.
+    public static func viaSystemd(_ testbed: InTestbed) async throws(VirtError) {
+        let hasSystemd = (try? await testbed.run(["test", "-d", "/run/systemd/system"]))?.status.succeeded ?? false
+        if hasSystemd {
+            let result = try await testbed.run([
+                "systemd-run", "--no-block", "--quiet", "sh", "-c", "sleep 3; reboot",
+            ])
+            if result.status.succeeded { return }
+            log.debug("systemd-run reboot failed (\(result.status)): \(result.errorText); trying sh")
+        }
+        try await testbed.check(["sh", "-c", "(sleep 3; reboot) >/dev/null 2>&1 &"])
+    }
 }

@@ -45,7 +45,8 @@ struct QemuCommandTests {
         #expect(drives.contains("file=/tmp/dvq.abc123/overlay.qcow2,format=qcow2,if=virtio,cache=unsafe,discard=unmap"))
         #expect(value(after: "-device").contains("virtio-rng-pci"))
         #expect(value(after: "-device").contains("virtserialport,chardev=qga,name=org.qemu.guest_agent.0"))
-        #expect(value(after: "-device").contains("virtserialport,chardev=helper,name=org.debusine.virt.0"))
+        #expect(
+            value(after: "-device").contains("virtserialport,chardev=helper,id=helperport,name=org.debusine.virt.0"))
         #expect(value(after: "-chardev").allSatisfy { $0.contains("path=/tmp/dvq.abc123/") })
         #expect(QemuCommands.qemu(options, paths, kvm: false).newSession, "QEMU must not share our terminal's signals")
         // Every socket path fits sockaddr_un even under a long TMPDIR prefix of this size.
@@ -72,6 +73,22 @@ struct QemuCommandTests {
         #expect(!KVMProbe.cpuHasVirtualization(cpuinfo: "flags\t\t: fpu vme de pse sse hypervisor\n"))
         #expect(!KVMProbe.cpuHasVirtualization(cpuinfo: "vmx flags\t: ept\n"))
         #expect(!KVMProbe.usable(devicePath: "/nonexistent/kvm"))
+    }
+
+    @Test("the helper's launcher runs its argv as given where systemd does not run (as on this host)")
+    func launcherWithoutSystemd() async throws {
+        try #require(access("/run/systemd/system", F_OK) != 0, "this host runs systemd")
+        let result = try await SubprocessRunner().run(
+            Command("/bin/sh", ["-c", GuestHelperScript.launcher, "sh", "/bin/echo", "a b", "$(c)"]))
+        #expect(result.status == .exited(0))
+        #expect(result.outputText == "a b $(c)")
+    }
+
+    @Test("the helper's port has the device id the port watcher looks for")
+    func helperPortID() throws {
+        let paths = InstancePaths(directory: "/tmp/x")
+        let argv = QemuCommands.qemu(QemuOptions(image: "/i.qcow2"), paths, kvm: false).argv
+        #expect(argv.contains { $0.hasPrefix("virtserialport,chardev=helper,id=\(QemuCommands.helperPortID),") })
     }
 
     @Test("images are qcow2 by their magic, raw otherwise; a missing image is a clear error")
