@@ -33,6 +33,9 @@ public final class IncusTestbed: Testbed {
         var name: String?
         var normalUser: String?
         var closed = false
+        /// `incus launch` and `incus delete` commands running now: a close must outwait them,
+        /// or an instance a launch is still making, or one half deleted, outlives the server.
+        var commandsInFlight = 0
     }
 
     public init(options: IncusOptions, runner: any CommandRunner = SubprocessRunner()) {
@@ -59,8 +62,10 @@ public final class IncusTestbed: Testbed {
 
     public func revert() async throws(VirtError) -> [String] {
         let old = state.withLock { state -> String? in
-            defer { state.name = nil }
-            return state.name
+            let old = state.name
+            state.name = nil
+            if old != nil { state.commandsInFlight += 1 }
+            return old
         }
         // The old instance's state is thrown away: it is force-deleted while the new one is
         // launched, rather than shut down cleanly first.
@@ -75,17 +80,34 @@ public final class IncusTestbed: Testbed {
         return try launched.get()
     }
 
+    /// Deletes the instance a revert replaced; revert counted it for ``close()`` already.
     private func deleteIfAny(_ name: String?) async {
-        if let name { await delete(name) }
+        guard let name else { return }
+        defer { state.withLock { $0.commandsInFlight -= 1 } }
+        await delete(name)
     }
 
     public func close() async {
+        state.withLock { $0.closed = true }
+        // After `closed`, nothing new starts; what runs now (a launch for open or revert, the
+        // deletion of the instance a revert replaced) is waited for, so its result is known.
+        let clock = ContinuousClock()
+        let deadline = clock.now + options.bootTimeout
+        while state.withLock({ $0.commandsInFlight > 0 }) && clock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(50))
+        }
         let name = state.withLock { state -> String? in
-            state.closed = true
             defer { state.name = nil }
             return state.name
         }
         if let name { await stopAndDelete(name) }
+    }
+
+    /// Runs an instance-making or -deleting command, counted for ``close()``.
+    private func counted(_ command: Command) async throws(VirtError) -> CommandResult {
+        state.withLock { $0.commandsInFlight += 1 }
+        defer { state.withLock { $0.commandsInFlight -= 1 } }
+        return try await runner.run(command)
     }
 
     public var rebootTimeout: Duration { .seconds(300) }
@@ -166,8 +188,13 @@ public final class IncusTestbed: Testbed {
         var lastError = VirtError(.internalError, "no launch attempted")
         for _ in 0..<3 {
             let name = InstanceName.make()
+            // Counted in the same step as the check, so a close either stops this launch or
+            // waits for it.
             let isClosed = state.withLock { state -> Bool in
-                if !state.closed { state.name = name }
+                if !state.closed {
+                    state.name = name
+                    state.commandsInFlight += 1
+                }
                 return state.closed
             }
             if isClosed { throw VirtError(.testbedFailure, "the server is shutting down") }
@@ -177,7 +204,11 @@ public final class IncusTestbed: Testbed {
                 configuration: owner.labels(), extraArguments: options.extraLaunchArguments)
             log.info("launching \(cli.qualified(name)) from \(cli.qualified(options.image))")
             let command = cli.launch(launch)
-            let result = try await runner.run(command)
+            let result: CommandResult
+            do {
+                defer { state.withLock { $0.commandsInFlight -= 1 } }
+                result = try await runner.run(command)
+            }
             if result.status.succeeded { return name }
             lastError = IncusErrors.launchFailed(command, result, image: cli.qualified(options.image))
             if result.errorText.contains("already exists") {
@@ -236,7 +267,7 @@ public final class IncusTestbed: Testbed {
 
     private func delete(_ name: String) async {
         do {
-            let result = try await runner.run(cli.delete(name))
+            let result = try await counted(cli.delete(name))
             if !result.status.succeeded && !IncusErrors.isNotFound(result) {
                 log.error(
                     "could not delete the instance \(cli.qualified(name)): \(result.errorText); "
