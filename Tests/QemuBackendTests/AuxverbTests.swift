@@ -53,6 +53,8 @@ final class HostHelper: Sendable {
         relayTask.cancel()
         helper.signal(SIGTERM)
         _ = try? await helper.wait(timeout: .seconds(60))
+        // The relay removes its socket as it ends: removing the directory under it would race.
+        await relayTask.value
         TestPaths.removeTree(directory)
     }
 }
