@@ -131,6 +131,9 @@ let package = Package(
         // The real clients (sbuild, and autopkgtest through the installed names) over the servers.
         .testTarget(name: "ClientTests", dependencies: ["CommandRunner", "VirtCore", "VirtTestSupport"]),
         .testTarget(name: "TestImageTests", dependencies: ["CommandRunner", "VirtCore", "VirtTestSupport"]),
+        // Faults, fuzzing, load and security against both real backends (issue 7).
+        .testTarget(
+            name: "FaultTests", dependencies: ["CommandRunner", "VirtCore", "VirtProtocol", "VirtTestSupport"]),
         .testTarget(
             name: "BenchmarkTests", dependencies: ["VirtBenchmark", "CommandRunner", "VirtCore", "VirtTestSupport"]),
         .testTarget(

@@ -1,0 +1,130 @@
+import CommandRunner
+import Foundation
+import Testing
+import VirtCore
+import VirtProtocol
+import VirtTestSupport
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// One server's share of the load: concurrent auxverb commands and copies both ways, verified.
+func loadSession(_ backend: Backend, options: [String], work: String, index: Int) async throws -> (pid_t, [String]) {
+    let server = try await ServerUnderTest.start(backend, options: options)
+    do {
+        let scratch = try await server.open()
+        let auxverb = try await server.auxverb()
+        let runner = SubprocessRunner()
+        let source = "\(work)/data-\(index)"
+        try await runner.check(Command("sh", ["-c", #"head -c 16777216 /dev/urandom > "$1""#, "sh", source]))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for worker in 0..<4 {
+                group.addTask {
+                    let result = try await runner.run(
+                        Command(
+                            argv: auxverb + ["sh", "-c", #"seq 1 200000 | sed "s/^/$1 /" | md5sum"#, "sh", "\(worker)"])
+                    )
+                    let expected = try await runner.check(
+                        Command("sh", ["-c", #"seq 1 200000 | sed "s/^/$1 /" | md5sum"#, "sh", "\(worker)"]))
+                    guard result.status.succeeded, result.outputText == expected else {
+                        throw VirtError(
+                            .testbedFailure, "server \(index) worker \(worker): \(result.status) \(result.errorText)")
+                    }
+                }
+            }
+            group.addTask {
+                // Copies go through the protocol one at a time, as the session serves them.
+                for round in 0..<2 {
+                    let inside = "\(scratch)/copy \(round) ü"
+                    let back = "\(work)/back-\(index)-\(round)"
+                    let down = try await server.process.request(
+                        "copydown \(PercentCoding.encode(source)) \(PercentCoding.encode(inside))")
+                    let up = try await server.process.request(
+                        "copyup \(PercentCoding.encode(inside)) \(PercentCoding.encode(back))")
+                    guard down == "ok", up == "ok" else {
+                        throw VirtError(.copyFailed, "server \(index): copydown \(down), copyup \(up)")
+                    }
+                    try await runner.check(Command("cmp", [source, back]))
+                }
+            }
+            try await group.waitForAll()
+        }
+        let names = backend == .incus ? try await ServerUnderTest.instances(ownedBy: server.process.pid) : []
+        guard try await server.process.request("close") == "ok" else {
+            throw VirtError(.testbedFailure, "server \(index): close failed")
+        }
+        server.process.write(line: "quit")
+        guard try await server.process.wait(timeout: .seconds(300)) == .exited(0) else {
+            throw VirtError(.testbedFailure, "server \(index): quit did not end it")
+        }
+        let left = try await server.leftovers()
+        await server.discard()
+        return (server.process.pid, names + left.map { "LEFT \($0)" })
+    } catch {
+        await server.discard()
+        throw error
+    }
+}
+
+/// Four servers of a backend at once on the same image.
+func fourAtOnce(_ backend: Backend, options: [String]) async throws {
+    try await faultCase(
+        backend.rawValue, "4 servers at once, each with 4 concurrent auxverbs and copies",
+        expected: "all succeed, distinct instances, nothing left"
+    ) { checks in
+        let work = try TestPaths.makeTemporaryDirectory("dv-load.")
+        defer { TestPaths.removeTree(work) }
+        let results = try await withThrowingTaskGroup(of: (pid_t, [String]).self) { group in
+            for index in 0..<4 {
+                group.addTask { try await loadSession(backend, options: options, work: work, index: index) }
+            }
+            var all: [(pid_t, [String])] = []
+            for try await result in group { all.append(result) }
+            return all
+        }
+        checks.expect(results.count == 4, "only \(results.count) servers finished")
+        let left = results.flatMap { $0.1.filter { $0.hasPrefix("LEFT ") } }
+        checks.expect(left.isEmpty, "left behind: \(left)")
+        if backend == .incus {
+            let names = results.flatMap { $0.1.filter { !$0.hasPrefix("LEFT ") } }
+            checks.expect(Set(names).count == 4, "instances were not distinct: \(names)")
+        }
+    }
+}
+
+extension FaultSuite {
+    @Suite("Load: four servers at once", .serialized)
+    struct LoadTests {
+        @Test("four debusine-virt-incus servers at once", .enabled(if: Backend.incusEnabled), .timeLimit(.minutes(10)))
+        func incus() async throws { try await fourAtOnce(.incus, options: []) }
+
+        @Test("four debusine-virt-qemu servers at once", .enabled(if: Backend.qemuEnabled), .timeLimit(.minutes(30)))
+        func qemu() async throws { try await fourAtOnce(.qemu, options: ["--ram-size", "1024", "--cpus", "1"]) }
+    }
+}
+
+extension FaultSuite {
+    @Suite("Security of what the servers make and run", .serialized)
+    struct SecurityTests {
+        @Test("hostile --profile values are data, never shell code", .enabled(if: Backend.incusEnabled))
+        func hostileProfile() async throws {
+            try await faultCase(
+                "incus", "--profile values with shell syntax", expected: "refused before the banner; no shell ran"
+            ) {
+                checks in
+                let marker = "/tmp/dv-pwned-\(getpid())-profile"
+                let incus = try await SubprocessRunner().run(
+                    Command(
+                        TestPaths.executable("debusine-virt-incus"),
+                        ["--profile", "x; touch \(marker)", "--profile", "$(touch \(marker))", try Backend.artifact()]))
+                checks.expect(
+                    !incus.status.succeeded && incus.outputText.isEmpty, "a hostile profile name was accepted")
+                checks.expect(incus.errorText.contains("profile"), "the profile is not named: \(incus.errorText)")
+                checks.expect(access(marker, F_OK) != 0, "a shell ran the hostile name")
+            }
+        }
+    }
+}
