@@ -133,7 +133,8 @@ let package = Package(
         .testTarget(name: "TestImageTests", dependencies: ["CommandRunner", "VirtCore", "VirtTestSupport"]),
         // Faults, fuzzing, load and security against both real backends (issue 7).
         .testTarget(
-            name: "FaultTests", dependencies: ["CommandRunner", "VirtCore", "VirtProtocol", "VirtTestSupport"]),
+            name: "FaultTests",
+            dependencies: ["CommandRunner", "VirtCore", "VirtProtocol", "VirtTestSupport", "VirtBenchmark"]),
         .testTarget(
             name: "BenchmarkTests", dependencies: ["VirtBenchmark", "CommandRunner", "VirtCore", "VirtTestSupport"]),
         .testTarget(

@@ -106,11 +106,12 @@ struct HostFiles {
     }
 }
 
-/// A small deterministic generator: the tree is the same for every server and every run.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
+/// A small deterministic generator (SplitMix64): the tree is the same for every server and
+/// every run, and a fuzzing seed can be replayed.
+public struct SplitMix: Sendable {
+    public var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9

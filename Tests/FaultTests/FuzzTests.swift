@@ -1,6 +1,7 @@
 import CommandRunner
 import Foundation
 import Testing
+import VirtBenchmark
 import VirtCore
 import VirtProtocol
 import VirtTestSupport
@@ -244,18 +245,5 @@ extension FaultSuite {
 
         @Test("hostile copies into a QEMU VM", .enabled(if: Backend.qemuEnabled), .timeLimit(.minutes(15)))
         func qemuHostileCopies() async throws { try await hostileCopies(.qemu) }
-    }
-}
-
-/// A small deterministic generator, so a failing seed can be replayed.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

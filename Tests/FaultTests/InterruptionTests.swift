@@ -137,7 +137,12 @@ extension FaultSuite {
     struct QemuInterruptionTests {
         /// Each step once, each signal at two or more, closed stdin at the longest: a VM boot costs
         /// 20-40 s under TCG here, so the whole matrix (the Incus suite runs it) is too long for CI.
-        static let cases: [(Phase, Interruption)] = [
+        /// DEBUSINE_VIRT_FAULT_FULL=1 runs every combination, as the Incus suite does.
+        static let cases: [(Phase, Interruption)] =
+            ProcessInfo.processInfo.environment["DEBUSINE_VIRT_FAULT_FULL"] == "1"
+            ? Phase.allCases.flatMap { phase in Interruption.all.map { (phase, $0) } } : ci
+
+        static let ci: [(Phase, Interruption)] = [
             (.opening, .signal(SIGTERM)), (.open, .signal(SIGHUP)), (.auxverb, .signal(SIGINT)),
             (.copy, .signal(SIGTERM)), (.reverting, .signal(SIGHUP)), (.rebooting, .endOfFile),
             (.closing, .signal(SIGINT)),
