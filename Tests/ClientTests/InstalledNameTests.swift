@@ -45,7 +45,8 @@ struct InstalledNameTests {
         let images = try #require(
             Installed.qemuImages, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
         try await autopkgtest([
-            "debusine-virt-qemu", "--accel", "tcg", "--network", "none", "\(images)/bookworm-amd64.qcow2",
+            "debusine-virt-qemu", "--accel", "tcg", "--network", "none", "--boot-timeout", "900",
+            "\(images)/bookworm-amd64.qcow2",
         ])
     }
 

@@ -68,6 +68,7 @@ struct SbuildTests {
             Installed.qemuImages, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
         try await build(
             server: "debusine-virt-qemu",
-            options: ["--accel", "tcg", "--network", "none", "\(images)/bookworm-amd64.qcow2"])
+            // A loaded 2-core CI machine can take minutes to boot a TCG guest.
+            options: ["--accel", "tcg", "--network", "none", "--boot-timeout", "900", "\(images)/bookworm-amd64.qcow2"])
     }
 }
