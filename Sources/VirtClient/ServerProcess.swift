@@ -129,7 +129,8 @@ public final class ServerProcess: Sendable {
         try await replies.next(timeout: timeout)
     }
 
-    public func signal(_ number: Int32) { kill(pid, number) }
+    /// Signals the server unless it has already ended (its pid may belong to another process by then).
+    public func signal(_ number: Int32) { exitStatus.signal(number) }
 
     /// Stops reading the server's stdout, as autopkgtest does before `quit`.
     public func closeReplies() { replies.close() }
@@ -141,7 +142,7 @@ public final class ServerProcess: Sendable {
                 try await exitStatus.status()
             }
         } catch {
-            kill(pid, SIGKILL)
+            exitStatus.signal(SIGKILL)
             throw error
         }
     }
@@ -239,18 +240,34 @@ final class ReplyQueue: Sendable {
     func next(timeout: Duration) async throws -> String? { try await queue.next(timeout: timeout) }
 }
 
-/// waitpid on a thread, once.
+/// Waits for the child on a thread, and signals it only while it has not been reaped.
+///
+/// Once reaped, a pid is free for the kernel to give to any new process (pid_max is 32768 on
+/// these machines): a late kill(2) would hit a stranger. So the thread waits without reaping
+/// (waitid with WNOWAIT), then reaps under the same lock that ``signal(_:)`` takes.
 final class ExitWaiter: Sendable {
+    private let pid: pid_t
     private let result = Mutex<ProcessStatus?>(nil)
 
     init(pid: pid_t) {
+        self.pid = pid
         Thread { [self] in
-            var status: Int32 = 0
-            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-            let low = status & 0x7f
-            let outcome: ProcessStatus = low == 0 ? .exited((status >> 8) & 0xff) : .signaled(low)
-            result.withLock { $0 = outcome }
+            var info = siginfo_t()
+            while waitid(P_PID, id_t(pid), &info, WEXITED | WNOWAIT) < 0 && errno == EINTR {}
+            result.withLock { result in
+                var status: Int32 = 0
+                while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+                let low = status & 0x7f
+                result = low == 0 ? .exited((status >> 8) & 0xff) : .signaled(low)
+            }
         }.start()
+    }
+
+    /// Sends `number` if the child has not been reaped yet.
+    func signal(_ number: Int32) {
+        result.withLock { result in
+            if result == nil { kill(pid, number) }
+        }
     }
 
     func status() async throws -> ProcessStatus {

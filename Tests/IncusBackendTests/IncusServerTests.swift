@@ -105,7 +105,7 @@ struct IncusServerTests {
             for index in 0..<4 {
                 group.addTask {
                     let result = try await runner.run(Command(argv: aux + ["sh", "-c", "sleep 1; echo \(index)"]))
-                    #expect(result.outputText == "\(index)")
+                    #expect(result.outputText == "\(index)", "\(result.status): \(result.errorText)")
                 }
             }
             try await group.waitForAll()
