@@ -57,16 +57,17 @@ let package = Package(
         .target(name: "GuestChannel"),
         // The auxverb: runs one command through the server's relay socket (plain threads).
         .target(name: "AuxverbClient", dependencies: ["GuestChannel"]),
-        // The QEMU backend: instance lifecycle, guest helper, auxverb relay.
+        // The QEMU backend: instance lifecycle, guest helper, auxverb relay, saved VM states.
         .target(
             name: "QemuBackend",
             dependencies: [
-                "VirtCore", "CommandRunner", "TestbedCore", "GuestChannel", "QemuMonitor",
+                "VirtCore", "CommandRunner", "TestbedCore", "GuestChannel", "QemuMonitor", "ImageCache",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
-        // Images downloaded from URLs into a per-user cache shared by concurrent servers.
+        // Images downloaded from URLs, and saved VM states, in a per-user cache shared by
+        // concurrent servers.
         .target(name: "ImageCache", dependencies: ["VirtCore", "CommandRunner"]),
         // The Incus backend: setup, image import, instances through the incus CLI, gc.
         .target(name: "IncusBackend", dependencies: ["VirtCore", "CommandRunner", "TestbedCore", "ImageCache"]),

@@ -22,6 +22,10 @@ public struct Frame: Sendable, Equatable {
         case credit = 0x05
         /// Liveness check; answered by `pong` with the same payload.
         case ping = 0x06
+        /// Host to helper, channel 0: the VM was just restored from a saved state. The payload is
+        /// the host's real time in nanoseconds since the epoch (UInt64), then random bytes to seed
+        /// the guest's generator with. The helper answers with a new `hello`.
+        case resumed = 0x07
 
         /// Bytes the command wrote to stdout.
         case stdout = 0x11
@@ -32,7 +36,8 @@ public struct Frame: Sendable, Equatable {
         /// The guest has written this many stdin bytes (UInt32) to the command.
         case stdinCredit = 0x14
         case pong = 0x15
-        /// The helper is up: `BOOT_ID VERSION`. Sent once per start.
+        /// The helper is up: `BOOT_ID VERSION`, and after a `resumed` what it did: `clock-set`,
+        /// `reseeded` or their `...-failed:ERRNO`. Sent once per start, and after each `resumed`.
         case hello = 0x16
     }
 

@@ -23,6 +23,9 @@ public actor AuxverbRelay {
     private var nextChannel: UInt32 = 1
     /// The boot id the running helper reported in its hello; nil until one has.
     public private(set) var helperBootID: String?
+    /// What the helper's last hello said after its boot id and version (after a restore: what it
+    /// did about the clock and the random generator).
+    public private(set) var helperStatus = ""
 
     public init(socketPath: String) {
         self.socketPath = socketPath
@@ -110,6 +113,37 @@ public actor AuxverbRelay {
         }
     }
 
+    /// Waits until the relay holds its connection to the guest port's socket: a VM restored from
+    /// a saved state must find the host side of the port connected, as it was when saved, or the
+    /// guest sees the port close and the helper in it ends.
+    public func waitUntilConnected(timeout: Duration) async throws(VirtError) {
+        let deadline = ContinuousClock.now + timeout
+        while guest == nil {
+            if guestLost { throw VirtError(.testbedFailure, "the guest helper's port closed") }
+            guard ContinuousClock.now < deadline else {
+                throw VirtError(
+                    .timeout, "cannot connect to the guest helper's port within \(timeout.formattedSeconds)")
+            }
+            do {
+                try await Task.sleep(for: .milliseconds(10))
+            } catch {
+                throw VirtError(.timeout, "waiting for the guest helper's port was cancelled")
+            }
+        }
+    }
+
+    /// Tells the running helper the VM was restored (see ``Frame/Kind/resumed``) and forgets it
+    /// until it says hello again.
+    public func announceResume(_ payload: [UInt8]) async throws(VirtError) {
+        guard let guest else { throw VirtError(.testbedFailure, "the guest helper's port is not connected") }
+        helperBootID = nil
+        do {
+            try await guest.write(ByteBuffer(bytes: Frame(channel: 0, .resumed, payload).encoded))
+        } catch {
+            throw VirtError(.testbedFailure, "cannot reach the guest helper: \(error)")
+        }
+    }
+
     /// Forgets the helper (it is about to go away with a reboot): commands in flight end with an
     /// error and new ones fail until the next hello.
     public func helperGone(_ reason: String) {
@@ -141,7 +175,9 @@ public actor AuxverbRelay {
         case .hello:
             if helperBootID != nil { failAll("the guest helper restarted") }
             let text = String(decoding: frame.payload, as: UTF8.self)
-            helperBootID = String(text.split(separator: " ").first ?? "")
+            let words = text.split(separator: " ")
+            helperBootID = String(words.first ?? "")
+            helperStatus = words.dropFirst(2).joined(separator: " ")
             log.debug("guest helper up: \(text)")
         case .stdout, .stderr, .stdinCredit:
             clients[frame.channel]?.yield(frame)

@@ -8,7 +8,7 @@
 /// instead of a port, so the tests run it on the host.
 public enum GuestHelperScript {
     /// Bumped with every change, so a stale helper left in a guest is recognised.
-    public static let version = 5
+    public static let version = 6
 
     /// Where the server installs it in the guest (a tmpfs: gone after reboot, like the helper).
     public static let guestPath = "/run/debusine-virt-helper.py"
@@ -35,15 +35,17 @@ public enum GuestHelperScript {
         # Only modules of Debian's python3-minimal: debusine's images promise no more.
         import errno, fcntl, os, select, signal, struct, sys, time
 
-        VERSION = 5
+        VERSION = 6
         HEADER = struct.Struct('>IBI')
-        SPAWN, STDIN, STDIN_EOF, KILL, CREDIT, PING = 1, 2, 3, 4, 5, 6
+        SPAWN, STDIN, STDIN_EOF, KILL, CREDIT, PING, RESUMED = 1, 2, 3, 4, 5, 6, 7
         STDOUT, STDERR, EXIT, STDIN_CREDIT, PONG, HELLO = 0x11, 0x12, 0x13, 0x14, 0x15, 0x16
         CHUNK = 256 << 10
         # termios is not in python3-minimal: Linux's TIOCSWINSZ, asm-generic or the old ioctl
         # encoding of powerpc, mips and sparc.
         TIOCSWINSZ = 0x80087467 if os.uname().machine.startswith(('ppc', 'mips', 'sparc')) else 0x5414
         OUTBUF_LIMIT = 1 << 20
+        # <linux/random.h>: _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
+        RNDADDENTROPY, RNDRESEEDCRNG = 0x40085203, 0x5207
         PORT_BATCH = 4 << 20
         # Output still arriving this long after a command exited belongs to processes it left
         # behind; waiting for them to close their end would hang the caller.
@@ -105,13 +107,40 @@ public enum GuestHelperScript {
                 self.outbuf += HEADER.pack(channel, kind, len(payload))
                 self.outbuf += payload
 
-            def hello(self):
+            def hello(self, status=''):
                 try:
                     with open('/proc/sys/kernel/random/boot_id') as f:
                         boot_id = f.read().strip()
                 except OSError:
                     boot_id = ''
-                self.send(0, HELLO, ('%s %d' % (boot_id or '-', VERSION)).encode())
+                self.send(0, HELLO, ('%s %d %s' % (boot_id or '-', VERSION, status)).strip().encode())
+
+            def resumed(self, payload):
+                # The VM was restored from a saved state: every guest restored from it would
+                # otherwise share the saved clock and random state. The host sends its time and
+                # fresh entropy; the entropy is credited and the kernel's generator reseeded
+                # from it at once (vmgenid, where the kernel has it, does that too). The hello
+                # that answers says what was done, for the host to check.
+                done = []
+                if len(payload) >= 8:
+                    try:
+                        time.clock_settime_ns(time.CLOCK_REALTIME, struct.unpack_from('>Q', payload)[0])
+                        done.append('clock-set')
+                    except (OSError, AttributeError) as e:
+                        done.append('clock-failed:%s' % getattr(e, 'errno', ''))
+                seed = payload[8:]
+                if seed:
+                    try:
+                        fd = os.open('/dev/random', os.O_WRONLY | os.O_CLOEXEC)
+                        try:
+                            fcntl.ioctl(fd, RNDADDENTROPY, struct.pack('ii', len(seed) * 8, len(seed)) + seed)
+                            fcntl.ioctl(fd, RNDRESEEDCRNG)
+                        finally:
+                            os.close(fd)
+                        done.append('reseeded')
+                    except OSError as e:
+                        done.append('reseed-failed:%s' % e.errno)
+                self.hello(' '.join(done))
 
             def spawn(self, channel, request):
                 command = Command(channel)
@@ -231,6 +260,8 @@ public enum GuestHelperScript {
                         self.spawn(channel, payload)
                 elif kind == PING:
                     self.send(channel, PONG, payload)
+                elif kind == RESUMED and channel == 0:
+                    self.resumed(payload)
                 elif command is None:
                     return
                 elif kind == STDIN:

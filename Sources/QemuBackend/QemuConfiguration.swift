@@ -34,6 +34,9 @@ public struct QemuOptions: Sendable, Equatable {
     public var qemu = "qemu-system-x86_64"
     /// Extra QEMU arguments, appended as given.
     public var extraArguments: [String] = []
+    /// Where booted VM states are saved and restored from (the image cache's); nil boots every
+    /// time (`--no-snapshot`).
+    public var stateCache: String?
 
     public init(image: String) {
         self.image = image
@@ -105,6 +108,11 @@ public struct InstancePaths: Sendable, Equatable {
     public var consoleLog: String { "\(directory)/console.log" }
     public var qemuLog: String { "\(directory)/qemu.log" }
     public var pidFile: String { "\(directory)/qemu.pid" }
+    /// Symbolic links to the saved state being written and the one being restored: QEMU's
+    /// `exec:` migration runs a shell command, and fixed names relative to QEMU's working
+    /// directory (this one) keep every path out of it.
+    public var stateOut: String { "\(directory)/\(QemuCommands.stateOutName)" }
+    public var stateIn: String { "\(directory)/\(QemuCommands.stateInName)" }
     /// The server's pid, for `gc` to tell live instances from orphans.
     public var ownerFile: String { "\(directory)/owner" }
 
@@ -124,9 +132,22 @@ public enum QemuCommands {
     }
 
     /// The VM: q35 with EFI, the overlay as a virtio disk with unsafe caching (the VM is thrown
-    /// away), virtio-rng, QMP, the guest agent and the helper port on unix sockets, the serial
+    /// away), virtio-rng, vmgenid, QMP, the guest agent and the helper port on unix sockets, the serial
     /// console on a socket with a log file, no display, no defaults.
-    public static func qemu(_ options: QemuOptions, _ paths: InstancePaths, kvm: Bool) -> Command {
+    /// The `exec:` commands QEMU runs (with /bin/sh, in the instance directory) to save a VM
+    /// state and to restore one: constant strings, reading and writing the links of
+    /// ``InstancePaths/stateOut`` and ``InstancePaths/stateIn``.
+    public static let stateOutName = "vmstate.out"
+    public static let stateInName = "vmstate.in"
+    public static let saveURI = "exec:cat > \(stateOutName)"
+    public static let restoreURI = "exec:cat \(stateInName)"
+
+    /// `incoming`: start paused, waiting for a saved state (`migrate-incoming` over QMP).
+    public static func qemu(
+        _ options: QemuOptions, _ paths: InstancePaths, kvm: Bool, incoming: Bool = false
+    )
+        -> Command
+    {
         var arguments = [
             "-name", "debusine-virt,process=debusine-virt-qemu",
             "-machine", "q35,accel=\(kvm ? "kvm" : "tcg")",
@@ -139,6 +160,9 @@ public enum QemuCommands {
             "-drive", "if=pflash,format=raw,unit=1,file=\(escaped(paths.efiVars))",
             "-drive", "file=\(escaped(paths.overlay)),format=qcow2,if=virtio,cache=unsafe,discard=unmap",
             "-device", "virtio-rng-pci",
+            // A new generation id at each start: a kernel with the vmgenid driver reseeds its
+            // random generator when a restored VM sees it change.
+            "-device", "vmgenid,guid=auto",
             "-chardev", "socket,id=qmp,path=\(escaped(paths.qmp)),server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
             "-device", "virtio-serial-pci",
@@ -155,7 +179,9 @@ public enum QemuCommands {
         case .none: arguments += ["-nic", "none"]
         case .user: arguments += ["-nic", "user,model=virtio-net-pci"]
         }
-        return Command(options.qemu, arguments + options.extraArguments, newSession: true)
+        if incoming { arguments += ["-incoming", "defer"] }
+        return Command(
+            options.qemu, arguments + options.extraArguments, workingDirectory: paths.directory, newSession: true)
     }
 
     /// A value inside QEMU's `key=value,...` option syntax: commas are doubled.

@@ -22,7 +22,7 @@ final class QemuInstance: Sendable {
     let runner: any CommandRunner
     let relay: AuxverbRelay
 
-    private struct Handles {
+    struct Handles {
         var qemu: Task<CommandResult?, Never>?
         var relay: Task<Void, Never>?
         var qmp: QMPClient?
@@ -32,7 +32,7 @@ final class QemuInstance: Sendable {
         var helperLossExpected = false
         var portWatch: Task<Void, Never>?
     }
-    private let handles = Mutex(Handles())
+    let handles = Mutex(Handles())
     private let qemuEnded = Mutex(false)
 
     /// Uses `directory` (private, 0700, short for the sockets; it outlives reverts so the
@@ -47,15 +47,27 @@ final class QemuInstance: Sendable {
 
     var qga: QGAClient? { handles.withLock { $0.qga } }
     var hasEnded: Bool { qemuEnded.withLock { $0 } }
+    /// Whether ``destroy(graceful:removeDirectory:)`` ran (a close or a signal stopped a boot).
+    var isDestroyed: Bool { handles.withLock { $0.destroyed } }
 
-    /// Starts QEMU and waits until the guest agent answers and the guest helper is up.
+    /// Starts QEMU on a fresh overlay over the image and waits until the guest agent answers
+    /// and the guest helper is up.
     func boot(kvm: Bool) async throws(VirtError) {
+        let deadline = ContinuousClock.now + options.bootTimeout
         let format = try ImageFormat.detect(path: options.image)
         try await runner.check(QemuCommands.createOverlay(base: options.image, format: format, overlay: paths.overlay))
         try await runner.check(Command("cp", ["--", options.efiVars, paths.efiVars]))
+        let (_, qga) = try await start(kvm: kvm, incoming: false)
+        try await waitForAgent(qga, until: deadline)
+        try await startHelper(qga, previousBootID: nil)
+    }
+
+    /// Starts QEMU on the overlay and EFI variables already in the directory, connects the
+    /// monitor, the agent and the auxverb relay, and watches the helper's port.
+    func start(kvm: Bool, incoming: Bool) async throws(VirtError) -> (QMPClient, QGAClient) {
         let logFD = open(paths.qemuLog, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard logFD >= 0 else { throw VirtError(.io, "cannot create \(paths.qemuLog)") }
-        let command = QemuCommands.qemu(options, paths, kvm: kvm)
+        let command = QemuCommands.qemu(options, paths, kvm: kvm, incoming: incoming)
         log.debug("starting \(command)")
         let runner = self.runner
         let qemu = Task<CommandResult?, Never> {
@@ -68,7 +80,6 @@ final class QemuInstance: Sendable {
         }
         try store { $0.qemu = qemu }
 
-        let deadline = ContinuousClock.now + options.bootTimeout
         let qmp = try await QMPClient.connect(path: paths.qmp, timeout: .seconds(30))
         try store { $0.qmp = qmp }
         // QEMU made its sockets with our umask; the directory is private, the sockets are too.
@@ -87,8 +98,7 @@ final class QemuInstance: Sendable {
         try store { $0.relay = relayTask }
         let qga = try await QGAClient.connect(path: paths.qga, timeout: .seconds(30))
         try store { $0.qga = qga }
-        try await waitForAgent(qga, until: deadline)
-        try await startHelper(qga, previousBootID: nil)
+        return (qmp, qga)
     }
 
     /// Waits for the guest agent to answer, watching for QEMU dying meanwhile, and for a guest
@@ -285,14 +295,14 @@ final class QemuInstance: Sendable {
         }
     }
 
-    private func waitForEnd(_ timeout: Duration) async {
+    func waitForEnd(_ timeout: Duration) async {
         let deadline = ContinuousClock.now + timeout
         while !hasEnded && ContinuousClock.now < deadline {
             try? await Task.sleep(for: .milliseconds(50))
         }
     }
 
-    private func store(_ update: (inout Handles) -> Void) throws(VirtError) {
+    func store(_ update: (inout Handles) -> Void) throws(VirtError) {
         let destroyed = handles.withLock { state -> Bool in
             update(&state)
             return state.destroyed
@@ -300,7 +310,7 @@ final class QemuInstance: Sendable {
         if destroyed { throw VirtError(.testbedFailure, "the testbed was shut down while starting") }
     }
 
-    private func checkAlive(_ when: String) throws(VirtError) {
+    func checkAlive(_ when: String) throws(VirtError) {
         if handles.withLock({ $0.destroyed }) {
             throw VirtError(.testbedFailure, "the testbed was shut down \(when)")
         }

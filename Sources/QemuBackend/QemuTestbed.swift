@@ -1,5 +1,6 @@
 import CommandRunner
 import Foundation
+import ImageCache
 import Synchronization
 import TestbedCore
 import VirtCore
@@ -23,6 +24,8 @@ public final class QemuTestbed: Testbed {
     private let directory = Mutex<String?>(nil)
     /// The account `suggested-normal-user=` names, found at each boot.
     private let normalUser = Mutex<String?>(nil)
+    /// The saved state's key and its description, made at the first boot.
+    private let stateKey = Mutex<(String, String)?>(nil)
 
     public init(
         options: QemuOptions, runner: any CommandRunner = SubprocessRunner(), auxverbExecutable: String,
@@ -162,17 +165,105 @@ public final class QemuTestbed: Testbed {
             path = try PrivateDirectory.make(in: parent, prefix: "dvq.")
             directory.withLock { $0 = path }
         }
+        let saved = await savedStates()
+        if let saved, let entry = saved.store.lookup(saved.key) {
+            let started = ContinuousClock.now
+            let store = saved.store
+            let verification = Task<VirtError?, Never> {
+                do throws(VirtError) {
+                    try await store.verify(entry)
+                    return nil
+                } catch {
+                    return error
+                }
+            }
+            let instance = try QemuInstance(options: options, runner: runner, directory: path)
+            current.withLock { $0 = instance }
+            do {
+                let status = try await instance.restore(kvm: kvm, from: entry, verification: verification)
+                log.info(
+                    "restored the saved VM state in \((ContinuousClock.now - started).formattedSeconds) (\(status))")
+                try await ready(instance)
+                return
+            } catch {
+                verification.cancel()
+                current.withLock { if $0 === instance { $0 = nil } }
+                let shutDown = instance.isDestroyed
+                await instance.destroy(graceful: false, removeDirectory: false)
+                if shutDown { throw error }
+                log.warning("cannot restore the saved state \(entry.path), removing it and booting: \(error.message)")
+                store.discard(entry)
+            }
+        }
         let instance = try QemuInstance(options: options, runner: runner, directory: path)
         current.withLock { $0 = instance }
         do {
             try await instance.boot(kvm: kvm)
-            let user = await NormalUser.find(in: InTestbed(auxverb: auxverb, runner: runner))
-            normalUser.withLock { $0 = user }
+            if let saved { try await save(instance, saved.store, key: saved.key, description: saved.description) }
+            try await ready(instance)
         } catch {
             log.debug("boot failed, cleaning up: \(error)")
             current.withLock { if $0 === instance { $0 = nil } }
             await instance.destroy(graceful: false, removeDirectory: false)
             throw error
+        }
+    }
+
+    /// What is left once the guest runs: finding its normal user.
+    private func ready(_ instance: QemuInstance) async throws(VirtError) {
+        let user = await NormalUser.find(in: InTestbed(auxverb: auxverb, runner: runner))
+        normalUser.withLock { $0 = user }
+    }
+
+    /// Saves the freshly booted VM for later opens and reverts, unless another server is saving
+    /// the same state already. A state that cannot be saved is only a warning.
+    private func save(
+        _ instance: QemuInstance, _ store: StateStore, key: String, description: String
+    ) async throws(VirtError) {
+        let started = ContinuousClock.now
+        let builder: StateStore.Builder
+        do throws(VirtError) {
+            guard let made = try store.beginSaving(key) else {
+                log.debug("another server saves the state \(key)")
+                return
+            }
+            builder = made
+        } catch {
+            log.warning("cannot save the VM state: \(error.message)")
+            return
+        }
+        try QemuInstance.writeFile("\(builder.path)/\(SavedStateKey.descriptionFile)", description)
+        if let problem = try await instance.saveState(into: builder) {
+            log.warning("cannot save the VM state: \(problem.message)")
+            builder.abandon()
+            return
+        }
+        do throws(VirtError) {
+            try await builder.commit()
+            log.info(
+                "saved the VM state in \(store.directory)/\(key) (\((ContinuousClock.now - started).formattedSeconds))")
+        } catch {
+            log.warning("cannot save the VM state: \(error.message)")
+            builder.abandon()
+        }
+    }
+
+    /// The state store and this VM's key in it; nil with `--no-snapshot`, or when the key cannot
+    /// be made (then every open boots).
+    private func savedStates() async -> (store: StateStore, key: String, description: String)? {
+        guard let cache = options.stateCache else { return nil }
+        if let known = stateKey.withLock({ $0 }) {
+            return (StateStore(cacheDirectory: cache, runner: runner), known.0, known.1)
+        }
+        do throws(VirtError) {
+            let version = try await SavedStateKey.qemuVersion(options.qemu, runner: runner)
+            let description = SavedStateKey.description(options: options, kvm: kvm, qemuVersion: version)
+            let key = StateStore.key(for: description)
+            stateKey.withLock { $0 = (key, description) }
+            return (StateStore(cacheDirectory: cache, runner: runner), key, description)
+        } catch {
+            log.warning("booting without a saved state: \(error.message)")
+            return nil
         }
     }
 }

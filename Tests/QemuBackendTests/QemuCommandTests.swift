@@ -103,6 +103,70 @@ struct QemuCommandTests {
     }
 }
 
+@Suite("Saved VM states: command lines and keys")
+struct SavedStateCommandTests {
+    let paths = InstancePaths(directory: "/tmp/dvq.abc123")
+
+    @Test("QEMU runs in the instance directory with vmgenid; a restore adds only -incoming defer")
+    func incoming() {
+        let options = QemuOptions(image: "/images/base.qcow2")
+        let boot = QemuCommands.qemu(options, paths, kvm: false)
+        let restore = QemuCommands.qemu(options, paths, kvm: false, incoming: true)
+        #expect(boot.workingDirectory == paths.directory, "the exec: migration names are relative to it")
+        #expect(boot.argv.contains("vmgenid,guid=auto"))
+        #expect(!boot.argv.contains("-incoming"))
+        #expect(restore.argv == boot.argv + ["-incoming", "defer"])
+    }
+
+    @Test("the exec: migration commands are constants naming links in the instance directory, never a path")
+    func migrationURIs() {
+        #expect(QemuCommands.saveURI == "exec:cat > vmstate.out")
+        #expect(QemuCommands.restoreURI == "exec:cat vmstate.in")
+        #expect(paths.stateOut == "/tmp/dvq.abc123/vmstate.out")
+        #expect(paths.stateIn == "/tmp/dvq.abc123/vmstate.in")
+    }
+
+    @Test("the key changes with QEMU's version, the VM's shape, the image, the firmware; not with the instance")
+    func keyInputs() throws {
+        let directory = try TestPaths.makeTemporaryDirectory()
+        defer { TestPaths.removeTree(directory) }
+        let image = "\(directory)/base.qcow2"
+        try Data("image".utf8).write(to: URL(fileURLWithPath: image))
+        var options = QemuOptions(image: image)
+        func key(_ options: QemuOptions, kvm: Bool = false, version: String = "QEMU emulator version 10.0.2") -> String
+        {
+            SavedStateKey.description(options: options, kvm: kvm, qemuVersion: version)
+        }
+        let base = key(options)
+        #expect(base == key(options), "the same VM has the same key")
+        #expect(base.contains("guest helper: \(GuestHelperScript.version)"))
+        #expect(!base.contains("/tmp/dvq."), "no instance directory in the key")
+        #expect(key(options, version: "QEMU emulator version 7.2.0") != base)
+        #expect(key(options, kvm: true) != base)
+        var changed = options
+        changed.ramMiB = 1024
+        #expect(key(changed) != base)
+        changed = options
+        changed.cpus = 1
+        #expect(key(changed) != base)
+        changed = options
+        changed.network = .none
+        #expect(key(changed) != base)
+        changed = options
+        changed.extraArguments = ["-device", "virtio-balloon"]
+        #expect(key(changed) != base)
+        changed = options
+        changed.efiVars = "\(directory)/other-vars.fd"
+        #expect(key(changed) != base)
+        // The image rewritten in place: same path, new modification time and size.
+        usleep(10_000)
+        try Data("image, changed".utf8).write(to: URL(fileURLWithPath: image))
+        #expect(key(options) != base)
+        options.stateCache = "/elsewhere"
+        #expect(key(options) == key(QemuOptions(image: image)), "where states are kept is not part of them")
+    }
+}
+
 @Suite("Reading the serial console")
 struct ConsoleWatchTests {
     @Test("a getty login prompt at the end of the console is recognised, and nothing else is")

@@ -1,0 +1,186 @@
+import CommandRunner
+import Foundation
+import ImageCache
+import QemuMonitor
+import VirtCore
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// What a saved VM state is valid for, written out so that its digest is the state's key in the
+/// ``StateStore``: a state restores only into exactly the VM that saved it.
+///
+/// Files are named by identity (real path, device, inode, size, modification time), not by
+/// content digest: hashing a multi-GiB image at every `open` would cost more than the restore
+/// saves, and an image or firmware changed in place gets a new modification time.
+enum SavedStateKey {
+    /// Bumped whenever what is saved, or how it is restored, changes.
+    static let format = 1
+
+    /// The files an entry holds besides the manifest.
+    static let stateFile = "vmstate"
+    static let diskFile = "disk.qcow2"
+    static let efiVarsFile = "efivars.fd"
+    static let descriptionFile = "key.txt"
+
+    /// Everything that must match: the format, QEMU's version, the whole QEMU command line
+    /// (machine, CPU model, RAM, CPUs, devices, accelerator, network, extra arguments; with a
+    /// placeholder for the instance directory), the image, the firmware and the guest helper.
+    static func description(options: QemuOptions, kvm: Bool, qemuVersion: String) -> String {
+        let template = QemuCommands.qemu(options, InstancePaths(directory: "/INSTANCE"), kvm: kvm, incoming: false)
+        return [
+            "debusine-virt saved state format \(format)",
+            "qemu: \(qemuVersion)",
+            "argv: \(template.argv.joined(separator: " "))",
+            "image: \(identity(options.image))",
+            "efi code: \(identity(options.efiCode))",
+            "efi vars: \(identity(options.efiVars))",
+            "guest helper: \(GuestHelperScript.version)",
+        ].joined(separator: "\n") + "\n"
+    }
+
+    /// The first line of `QEMU --version`.
+    static func qemuVersion(_ qemu: String, runner: any CommandRunner) async throws(VirtError) -> String {
+        let result = try await runner.run(Command(qemu, ["--version"]), input: .none, output: .capture, error: .discard)
+        guard result.status.succeeded, let line = result.outputText.split(separator: "\n").first else {
+            throw VirtError(.unavailable, "\(qemu) --version failed")
+        }
+        return String(line)
+    }
+
+    static func identity(_ path: String) -> String {
+        var resolved = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let real = realpath(path, &resolved) != nil ? String(cString: resolved) : path
+        var info = stat()
+        guard stat(real, &info) == 0 else { return "\(real) missing" }
+        let mtime = Int64(info.st_mtim.tv_sec) * 1_000_000_000 + Int64(info.st_mtim.tv_nsec)
+        return "\(real) dev \(info.st_dev) ino \(info.st_ino) size \(info.st_size) mtime \(mtime)"
+    }
+}
+
+extension QemuInstance {
+    /// Saves the running VM into `builder`'s directory: its whole state (QMP migration, with the
+    /// VM paused), the overlay holding the disk's state at that instant, and the EFI variables.
+    /// The VM then runs on as before.
+    ///
+    /// Returns what went wrong with saving, if anything (the VM is fine then, only the state is
+    /// not saved); throws when the VM cannot be resumed.
+    func saveState(into builder: StateStore.Builder) async throws(VirtError) -> VirtError? {
+        guard let qmp = handles.withLock({ $0.qmp }) else {
+            throw VirtError(.testbedFailure, "the testbed is not running")
+        }
+        var problem: VirtError?
+        do throws(VirtError) {
+            unlink(paths.stateOut)
+            guard symlink("\(builder.path)/\(SavedStateKey.stateFile)", paths.stateOut) == 0 else {
+                throw VirtError(.io, "cannot link \(paths.stateOut): \(String(cString: strerror(errno)))")
+            }
+            _ = try await qmp.execute("stop")
+            _ = try await qmp.execute("migrate", arguments: ["uri": .string(QemuCommands.saveURI)])
+            try await waitForMigration(qmp, timeout: .seconds(600))
+            // Migration flushed the disk and stopped using it: the overlay is the disk's state.
+            try await runner.check(
+                Command("cp", ["--sparse=always", "--", paths.overlay, "\(builder.path)/\(SavedStateKey.diskFile)"]))
+            try await runner.check(
+                Command("cp", ["--", paths.efiVars, "\(builder.path)/\(SavedStateKey.efiVarsFile)"]))
+        } catch {
+            problem = error
+        }
+        unlink(paths.stateOut)
+        if problem != nil {
+            // A migration in progress must end before the VM may run again.
+            _ = try? await qmp.execute("migrate_cancel", timeout: .seconds(10))
+        }
+        let status = try await qmp.execute("query-status", timeout: .seconds(30))
+        if status["running"]?.boolValue != true {
+            _ = try await qmp.execute("cont", timeout: .seconds(30))
+        }
+        return problem
+    }
+
+    /// Waits for the outgoing migration to complete; its failure or QEMU's end is an error.
+    private func waitForMigration(_ qmp: QMPClient, timeout: Duration) async throws(VirtError) {
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            try checkAlive("while saving the VM state")
+            let info = try await qmp.execute("query-migrate")
+            switch info["status"]?.stringValue {
+            case "completed": return
+            case "failed", "cancelled":
+                throw VirtError(
+                    .testbedFailure,
+                    "saving the VM state failed: \(info["error-desc"]?.stringValue ?? "no reason given")")
+            default: break
+            }
+            guard ContinuousClock.now < deadline else {
+                throw VirtError(.timeout, "saving the VM state took more than \(timeout.formattedSeconds)")
+            }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+    }
+
+    /// Starts QEMU from a saved state on a fresh overlay over the saved disk, instead of booting.
+    ///
+    /// `verification` is the check of the entry's files, started by the caller beforehand so that
+    /// it runs while QEMU starts; nothing is loaded unless it passed. Each host-side socket is
+    /// connected before the state is loaded, as it was when the state was saved: a port found
+    /// closed would close in the guest too. After the load the guest helper gets the host's
+    /// clock and fresh entropy, and must answer with a hello saying what it did (returned).
+    @discardableResult
+    func restore(
+        kvm: Bool, from entry: StateStore.Entry, verification: Task<VirtError?, Never>
+    ) async throws(VirtError) -> String {
+        let deadline = ContinuousClock.now + options.bootTimeout
+        try await runner.check(
+            QemuCommands.createOverlay(
+                base: entry.file(SavedStateKey.diskFile), format: .qcow2, overlay: paths.overlay))
+        try await runner.check(Command("cp", ["--", entry.file(SavedStateKey.efiVarsFile), paths.efiVars]))
+        unlink(paths.stateIn)
+        guard symlink(entry.file(SavedStateKey.stateFile), paths.stateIn) == 0 else {
+            throw VirtError(.io, "cannot link \(paths.stateIn): \(String(cString: strerror(errno)))")
+        }
+        defer { unlink(paths.stateIn) }
+        let (qmp, _) = try await start(kvm: kvm, incoming: true)
+        try await relay.waitUntilConnected(timeout: .seconds(30))
+        if let failure = await verification.value { throw failure }
+        _ = try await qmp.execute("migrate-incoming", arguments: ["uri": .string(QemuCommands.restoreURI)])
+        while true {
+            try checkAlive("while loading the saved state")
+            let status = try await qmp.execute("query-status")
+            if status["status"]?.stringValue != "inmigrate" { break }
+            guard ContinuousClock.now < deadline else {
+                throw VirtError(
+                    .timeout, "loading the saved state took more than \(options.bootTimeout.formattedSeconds)")
+            }
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        let loaded = try await qmp.execute("query-migrate")
+        if let status = loaded["status"]?.stringValue, status != "completed" {
+            throw VirtError(
+                .testbedFailure,
+                "loading the saved state failed (\(status)): \(loaded["error-desc"]?.stringValue ?? "no reason given")")
+        }
+        _ = try await qmp.execute("cont")
+        var payload = withUnsafeBytes(of: UInt64(Date().timeIntervalSince1970 * 1e9).bigEndian) { Array($0) }
+        var generator = SystemRandomNumberGenerator()
+        payload += (0..<64).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        try await relay.announceResume(payload)
+        do {
+            _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+        } catch {
+            try checkAlive("after loading the saved state")
+            throw VirtError(
+                .testbedFailure, "the guest helper did not answer after the restore: \(error.message)\(consoleTail())")
+        }
+        let status = await relay.helperStatus
+        // Both are what makes a restored guest a machine of its own; a guest kernel without them
+        // still works, so it is a warning, not a failed restore.
+        if !status.split(separator: " ").contains("clock-set") || !status.split(separator: " ").contains("reseeded") {
+            log.warning("the restored guest's clock or random generator may be the saved one's: \(status)")
+        }
+        return status
+    }
+}

@@ -1,0 +1,125 @@
+import CommandRunner
+import Foundation
+import Testing
+import VirtCore
+import VirtTestSupport
+
+@testable import ImageCache
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// The saved-state store with real files, locks and sha256sum.
+@Suite("Saved VM states in the cache")
+struct StateStoreTests {
+    func withStore(maximumEntries: Int = 4, _ body: (StateStore, String) async throws -> Void) async throws {
+        let parent = try TestPaths.makeTemporaryDirectory("dv-state-test.")
+        defer { TestPaths.removeTree(parent) }
+        try await body(StateStore(cacheDirectory: "\(parent)/images", maximumEntries: maximumEntries), parent)
+    }
+
+    /// Saves an entry of two files under `key`.
+    @discardableResult
+    func save(_ store: StateStore, _ key: String, state: String = "memory") async throws -> StateStore.Entry {
+        let builder = try #require(try store.beginSaving(key))
+        try Data(state.utf8).write(to: URL(fileURLWithPath: "\(builder.path)/vmstate"))
+        try Data("disk".utf8).write(to: URL(fileURLWithPath: "\(builder.path)/disk.qcow2"))
+        try await builder.commit()
+        return try #require(store.lookup(key))
+    }
+
+    func names(_ directory: String) -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []).sorted()
+    }
+
+    @Test("a saved entry is found by its key, lists every file in its manifest, and verifies")
+    func saveAndFind() async throws {
+        try await withStore { store, _ in
+            let key = StateStore.key(for: "qemu 10\nargv ...\n")
+            #expect(store.lookup(key) == nil)
+            let entry = try await save(store, key)
+            #expect(entry.path == "\(store.directory)/\(key)")
+            #expect(entry.digests.keys.sorted() == ["disk.qcow2", "vmstate"])
+            #expect(entry.digests["vmstate"] == SHA256.hexDigest(of: Array("memory".utf8)))
+            try await store.verify(entry)
+            #expect(!names(store.directory).contains { $0.contains(".tmp.") }, "the temporary directory is renamed")
+            var info = stat()
+            #expect(stat(store.directory, &info) == 0 && info.st_mode & 0o777 == 0o700)
+        }
+    }
+
+    @Test("a state file changed by one byte, truncated or missing fails verification, naming the file")
+    func corruption() async throws {
+        try await withStore { store, _ in
+            for damage in ["flip", "truncate", "remove"] {
+                let key = StateStore.key(for: damage)
+                let entry = try await save(store, key, state: "0123456789")
+                let file = entry.file("vmstate")
+                switch damage {
+                case "flip": try Data("0123456780".utf8).write(to: URL(fileURLWithPath: file))
+                case "truncate": truncate(file, 5)
+                default: unlink(file)
+                }
+                do throws(VirtError) {
+                    try await store.verify(entry)
+                    Issue.record("a \(damage)d state passed verification")
+                } catch {
+                    #expect(error.message.contains(file), "\(error.message)")
+                }
+                store.discard(entry)
+                #expect(store.lookup(key) == nil, "a discarded entry is gone")
+            }
+        }
+    }
+
+    @Test("one server saves a key at a time; an existing entry is not saved again")
+    func oneSaver() async throws {
+        try await withStore { store, _ in
+            let key = StateStore.key(for: "one")
+            let first = try #require(try store.beginSaving(key))
+            #expect(try store.beginSaving(key) == nil, "the key is being saved by someone else")
+            first.abandon()
+            #expect(!names(store.directory).contains { $0.contains(".tmp.") }, "an abandoned save leaves nothing")
+            try await save(store, key)
+            #expect(try store.beginSaving(key) == nil, "the entry exists")
+        }
+    }
+
+    @Test("a save killed half way is cleaned up by the next save of its key; a lookup never sees it")
+    func deadSave() async throws {
+        try await withStore { store, _ in
+            let key = StateStore.key(for: "dead")
+            try FileManager.default.createDirectory(
+                atPath: "\(store.directory)/\(key).tmp.abcdef", withIntermediateDirectories: true)
+            try FileManager.default.createDirectory(
+                atPath: "\(store.directory)/\(key)", withIntermediateDirectories: true)
+            try Data("x".utf8).write(to: URL(fileURLWithPath: "\(store.directory)/\(key)/vmstate"))
+            #expect(store.lookup(key) == nil, "an entry without a manifest is not complete")
+            try await save(store, key)
+            #expect(names(store.directory) == [key, "\(key).lock"])
+        }
+    }
+
+    @Test("beyond the bound, the least recently used entries are evicted, but not one in use")
+    func eviction() async throws {
+        try await withStore(maximumEntries: 2) { store, _ in
+            let keys = (0..<4).map { StateStore.key(for: "entry \($0)") }
+            // Entry 0 is looked up (so pinned: in use by this process) right after it is saved.
+            try await save(store, keys[0])
+            for key in keys[1...] {
+                let builder = try #require(try store.beginSaving(key))
+                try Data(key.utf8).write(to: URL(fileURLWithPath: "\(builder.path)/vmstate"))
+                try await builder.commit()
+                // Distinct modification times for a clear order.
+                usleep(20_000)
+            }
+            let left = names(store.directory).filter { ImageCache.isDigest($0) }
+            #expect(left.contains(keys[0]), "the entry in use stays")
+            #expect(left.contains(keys[3]), "the newest stays")
+            #expect(!left.contains(keys[1]) && !left.contains(keys[2]), "\(left)")
+        }
+    }
+}

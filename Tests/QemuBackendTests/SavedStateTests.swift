@@ -1,0 +1,155 @@
+import CommandRunner
+import Foundation
+import Testing
+import VirtCore
+import VirtTestSupport
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// Saved VM states with real VMs: the first boot saves, later opens and reverts restore, and a
+/// restored guest is a machine of its own. One test, in order, because each boot costs half a
+/// minute under TCG here: it boots three times (without states, to save, after a corruption)
+/// and restores five times.
+@Suite("debusine-virt-qemu saved VM states with real VMs", .serialized)
+struct SavedStateTests {
+    let runner = SubprocessRunner()
+
+    /// A server on the test image with its own cache, so this test decides what is saved.
+    func server(cache: String, parent: String, _ extra: [String] = []) throws -> ServerProcess {
+        let directory = try #require(
+            QemuServerTests.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        return try ServerProcess(
+            [
+                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--boot-timeout",
+                "900", "--shutdown-timeout", "10", "--cache-dir", cache,
+            ] + extra + ["\(directory)/bookworm-amd64.qcow2"],
+            environment: ["TMPDIR": parent])
+    }
+
+    /// Opens and returns the auxverb; the server must answer `ok`.
+    func open(_ server: ServerProcess) async throws -> [String] {
+        #expect(try await server.readLine() == "ok")
+        let opened = try await server.request("open", timeout: .seconds(1200))
+        try #require(opened.hasPrefix("ok /"), "open failed:\n\(server.standardError)")
+        return try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
+    }
+
+    func run(_ aux: [String], _ argv: [String]) async throws -> String {
+        let result = try await runner.run(Command(argv: aux + argv), input: .none, output: .capture, error: .capture)
+        #expect(result.status == .exited(0), "\(argv): \(result.errorText)")
+        return result.outputText
+    }
+
+    func finish(_ server: ServerProcess) async throws {
+        #expect(try await server.request("close", timeout: .seconds(120)) == "ok")
+        server.write(line: "quit")
+        #expect(try await server.wait(timeout: .seconds(120)) == .exited(0), "\(server.standardError)")
+    }
+
+    func entries(_ cache: String) -> [String] {
+        TestPaths.contents(of: "\(cache)/states").filter { !$0.hasSuffix(".lock") }
+    }
+
+    /// What says that one guest is not another: random bytes, a random uuid, the marker file.
+    func identity(_ aux: [String]) async throws -> String {
+        try await run(aux, ["sh", "-c", "head -c 32 /dev/urandom | od -An -tx1; cat /proc/sys/kernel/random/uuid"])
+    }
+
+    @Test(
+        "the first boot saves the VM; opens and reverts restore it into independent guests; a corrupt state is rebuilt, never used; --no-snapshot boots",
+        .enabled(if: QemuServerTests.enabled), .timeLimit(.minutes(40)))
+    func savedStates() async throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-state-vm.")
+        defer { TestPaths.removeTree(work) }
+        let cache = "\(work)/cache"
+        let parent = "\(work)/tmp"
+        try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
+
+        // --no-snapshot: a plain boot that saves nothing.
+        let plain = try server(cache: cache, parent: parent, ["--no-snapshot"])
+        _ = try await open(plain)
+        try await finish(plain)
+        #expect(!plain.standardError.contains("saved the VM state"), "\(plain.standardError)")
+        #expect(entries(cache).isEmpty, "--no-snapshot saved \(entries(cache))")
+
+        // The first boot saves; its guest runs on.
+        let first = try server(cache: cache, parent: parent)
+        let firstAux = try await open(first)
+        #expect(first.standardError.contains("saved the VM state"), "\(first.standardError)")
+        #expect(entries(cache).count == 1, "\(entries(cache))")
+        #expect(try await run(firstAux, ["cat", "/etc/debian_version"]).hasPrefix("12"))
+        // A revert restores: what the test wrote is gone, the clock is the host's.
+        _ = try await run(firstAux, ["sh", "-c", "echo dirty > /root/marker && sync"])
+        let clock = ContinuousClock()
+        let reverting = clock.now
+        #expect(try await first.request("revert", timeout: .seconds(1200)).hasPrefix("ok /"))
+        let revertTime = clock.now - reverting
+        #expect(first.standardError.contains("restored the saved VM state"), "\(first.standardError)")
+        #expect(try await runner.run(Command(argv: firstAux + ["test", "-e", "/root/marker"])).status == .exited(1))
+        let guestTime = Double(try await run(firstAux, ["date", "+%s"])) ?? 0
+        #expect(abs(guestTime - Date().timeIntervalSince1970) < 30, "the restored guest's clock is \(guestTime)")
+        print("revert from the saved state took \(revertTime)")
+
+        // Two more servers restore from the same state at once: three guests, nothing shared.
+        let second = try server(cache: cache, parent: parent)
+        let third = try server(cache: cache, parent: parent)
+        async let secondOpened = open(second)
+        async let thirdOpened = open(third)
+        let (secondAux, thirdAux) = try await (secondOpened, thirdOpened)
+        for restored in [first, second, third] {
+            #expect(restored.standardError.contains("restored the saved VM state"), "\(restored.standardError)")
+            // The helper in each guest set the clock and credited fresh host entropy, reseeding
+            // the kernel's generator; without it the guests would start from one random state.
+            #expect(restored.standardError.contains("(clock-set reseeded)"), "\(restored.standardError)")
+        }
+        #expect(Set([firstAux, secondAux, thirdAux].map { $0.last ?? "" }).count == 3, "one socket per server")
+        let identities = [
+            try await identity(firstAux), try await identity(secondAux), try await identity(thirdAux),
+        ]
+        // Guests diverge on their own too (timing decides what draws from the generator first),
+        // so this cannot prove the reseed; it would catch guests that share their disk or memory.
+        #expect(Set(identities).count == 3, "restored guests share random state: \(identities)")
+        _ = try await run(secondAux, ["sh", "-c", "echo second > /root/mine"])
+        #expect(try await run(secondAux, ["cat", "/root/mine"]) == "second")
+        for other in [firstAux, thirdAux] {
+            #expect(try await runner.run(Command(argv: other + ["test", "-e", "/root/mine"])).status == .exited(1))
+        }
+        // A reboot of a restored guest is a real one.
+        let bootBefore = try await run(thirdAux, ["cat", "/proc/sys/kernel/random/boot_id"])
+        #expect(try await third.request("reboot", timeout: .seconds(1200)) == "ok", "\(third.standardError)")
+        #expect(try await run(thirdAux, ["cat", "/proc/sys/kernel/random/boot_id"]) != bootBefore)
+        for server in [first, second, third] { try await finish(server) }
+
+        // One changed byte in the middle of the saved memory: detected, removed, rebuilt.
+        let entry = try #require(entries(cache).first)
+        let stateFile = "\(cache)/states/\(entry)/vmstate"
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: stateFile))
+        let size = try handle.seekToEnd()
+        try handle.seek(toOffset: size / 2)
+        let byte = try #require(try handle.read(upToCount: 1)?.first)
+        try handle.seek(toOffset: size / 2)
+        try handle.write(contentsOf: [byte ^ 0xFF])
+        try handle.close()
+        let fourth = try server(cache: cache, parent: parent)
+        let fourthAux = try await open(fourth)
+        #expect(fourth.standardError.contains("is corrupt"), "\(fourth.standardError)")
+        #expect(!fourth.standardError.contains("restored the saved VM state"), "\(fourth.standardError)")
+        #expect(fourth.standardError.contains("saved the VM state"), "\(fourth.standardError)")
+        #expect(try await run(fourthAux, ["cat", "/etc/debian_version"]).hasPrefix("12"))
+        try await finish(fourth)
+        // The rebuilt entry matches its own manifest again.
+        let manifest = try String(contentsOfFile: "\(cache)/states/\(entry)/SHA256SUMS", encoding: .utf8)
+        let actual = try await runner.run(
+            Command("sha256sum", [stateFile]), input: .none, output: .capture, error: .capture)
+        let digest = String(actual.outputText.prefix(64))
+        #expect(manifest.contains("\(digest) *vmstate"), "\(manifest) against \(actual.outputText)")
+
+        #expect(TestPaths.contents(of: parent) == [], "instance directories left: \(TestPaths.contents(of: parent))")
+        let leftover = try await runner.run(Command("pgrep", ["-f", parent]))
+        #expect(leftover.outputText.isEmpty, "QEMU processes left behind: \(leftover.outputText)")
+    }
+}
