@@ -155,15 +155,16 @@ public struct StateStore: Sendable {
     public func beginSaving(_ key: String) throws(VirtError) -> Builder? {
         try CacheFiles.makePrivateDirectory(directory)
         guard let lock = try FileLock.attempt("\(directory)/\(key).lock") else { return nil }
+        // What a saving server that died left: nobody else holds the lock that guards it.
+        for name in (try? CacheFiles.names(in: directory)) ?? [] where name.hasPrefix("\(key).tmp.") {
+            remove("\(directory)/\(name)")
+        }
         if CacheFiles.exists("\(directory)/\(key)/\(Self.manifestName)") {
             lock.release()
             return nil
         }
-        // What a saving server that died left: nobody else holds the lock that guards it.
-        for name in (try? CacheFiles.names(in: directory)) ?? []
-        where name == key || name.hasPrefix("\(key).tmp.") {
-            remove("\(directory)/\(name)")
-        }
+        // An entry directory without a manifest is from before the rename guaranteed one.
+        if CacheFiles.exists("\(directory)/\(key)") { remove("\(directory)/\(key)") }
         let made: String
         do throws(VirtError) {
             made = try PrivateDirectory.make(in: directory, prefix: "\(key).tmp.")

@@ -168,6 +168,7 @@ public final class QemuTestbed: Testbed {
         let saved = await savedStates()
         if let saved, let entry = saved.store.lookup(saved.key) {
             let started = ContinuousClock.now
+            log.info("restoring the saved VM state \(entry.path)")
             let store = saved.store
             let verification = Task<VirtError?, Never> {
                 do throws(VirtError) {
@@ -232,7 +233,14 @@ public final class QemuTestbed: Testbed {
             log.warning("cannot save the VM state: \(error.message)")
             return
         }
-        try QemuInstance.writeFile("\(builder.path)/\(SavedStateKey.descriptionFile)", description)
+        log.info("saving the booted VM for later opens and reverts")
+        do throws(VirtError) {
+            try QemuInstance.writeFile("\(builder.path)/\(SavedStateKey.descriptionFile)", description)
+        } catch {
+            log.warning("cannot save the VM state: \(error.message)")
+            builder.abandon()
+            return
+        }
         if let problem = try await instance.saveState(into: builder) {
             log.warning("cannot save the VM state: \(problem.message)")
             builder.abandon()

@@ -54,12 +54,15 @@ enum Interruption: Sendable, CustomTestStringConvertible {
 
 /// Interrupts a real server at `phase` and checks that it ends as the protocol says and leaves
 /// no instance, directory, socket or process behind.
+///
+/// QEMU servers boot every time here (`--no-snapshot`): a restore from a saved state is over
+/// before the signal comes. ``QemuSavedStateInterruptionTests`` interrupts saves and restores.
 func interrupt(_ backend: Backend, _ phase: Phase, _ interruption: Interruption) async throws {
     let fault = "\(interruption.testDescription) \(phase.testDescription)"
     try await faultCase(backend.rawValue, fault, expected: interruption.expected) { checks in
         let work = try TestPaths.makeTemporaryDirectory("dv-fault-work.")
         defer { TestPaths.removeTree(work) }
-        let server = try await ServerUnderTest.start(backend)
+        let server = try await ServerUnderTest.start(backend, options: backend == .qemu ? ["--no-snapshot"] : [])
         let process = server.process
         var command: ServerProcess?
         do {
@@ -155,4 +158,85 @@ extension FaultSuite {
             try await interrupt(.qemu, phase, interruption)
         }
     }
+}
+
+extension FaultSuite {
+    /// SIGTERM while the first boot saves the VM, and while a revert restores it: the server
+    /// cleans up as at any other step, and no half-saved state stays in the cache.
+    @Suite("Interrupting debusine-virt-qemu while it saves or restores a VM state", .serialized)
+    struct QemuSavedStateInterruptionTests {
+        /// Sends SIGTERM once stderr shows `marker`, then checks the ending and the leftovers.
+        func terminate(_ server: ServerUnderTest, at marker: String, cache: String, _ checks: Checks) async throws {
+            let deadline = ContinuousClock.now + .seconds(900)
+            while !server.process.standardError.contains(marker) {
+                guard ContinuousClock.now < deadline else {
+                    checks.expect(false, "no \(marker) on stderr:\n\(server.process.standardError)")
+                    return
+                }
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            server.process.signal(SIGTERM)
+            let status = try await server.process.wait(timeout: .seconds(300))
+            checks.expect(status == .signaled(SIGTERM), "ended with \(status), not by the signal")
+            checks.expect(
+                server.process.standardError.contains("cleaning up"),
+                "no word on stderr:\n\(server.process.standardError)")
+            let left = try await server.leftovers()
+            checks.expect(left.isEmpty, "left behind: \(left)")
+            let halfSaved = TestPaths.contents(of: "\(cache)/states").filter { $0.contains(".tmp.") }
+            // A killed save leaves its directory to the next save of that state, which removes it;
+            // what must never happen is a half-saved state under an entry's name.
+            for name in TestPaths.contents(of: "\(cache)/states") where StateNames.isKey(name) {
+                checks.expect(
+                    access("\(cache)/states/\(name)/SHA256SUMS", F_OK) == 0, "an entry without a manifest: \(name)")
+            }
+            if !halfSaved.isEmpty { print("a killed save left \(halfSaved), for the next save to remove") }
+        }
+
+        @Test(
+            "SIGTERM while saving the VM state, then while restoring it: cleaned up, no half-saved state",
+            .enabled(if: Backend.qemuEnabled), .timeLimit(.minutes(30)))
+        func savingAndRestoring() async throws {
+            let cache = try TestPaths.makeTemporaryDirectory("dv-fault-cache.")
+            defer { TestPaths.removeTree(cache) }
+            try await faultCase(
+                "qemu", "SIGTERM while saving the VM state", expected: "cleans up, dies by the signal; nothing left"
+            ) { checks in
+                let server = try await ServerUnderTest.start(.qemu, options: ["--cache-dir", cache])
+                server.process.write(line: "open")
+                do {
+                    try await terminate(server, at: "saving the booted VM", cache: cache, checks)
+                } catch {
+                    await server.discard()
+                    throw error
+                }
+                await server.discard()
+            }
+            try await faultCase(
+                "qemu", "SIGTERM while restoring a saved state", expected: "cleans up, dies by the signal; nothing left"
+            ) { checks in
+                let server = try await ServerUnderTest.start(.qemu, options: ["--cache-dir", cache])
+                do {
+                    _ = try await server.open()
+                    checks.expect(
+                        server.process.standardError.contains("saved the VM state"),
+                        "the state was not saved:\n\(server.process.standardError)")
+                    checks.expect(
+                        TestPaths.contents(of: "\(cache)/states").allSatisfy { !$0.contains(".tmp.") },
+                        "the killed save's directory outlived the next save")
+                    server.process.write(line: "revert")
+                    try await terminate(server, at: "restoring the saved VM state", cache: cache, checks)
+                } catch {
+                    await server.discard()
+                    throw error
+                }
+                await server.discard()
+            }
+        }
+    }
+}
+
+/// How saved-state entries are named in the cache's states/ directory.
+enum StateNames {
+    static func isKey(_ name: String) -> Bool { name.utf8.count == 64 && name.allSatisfy(\.isHexDigit) }
 }
