@@ -67,17 +67,19 @@ public struct Target: Sendable, Equatable {
         case "incus":
             [
                 Target(metric: .open, ratio: 0.5), Target(metric: .auxverbMedian, ratio: 0.5),
-                Target(metric: .revert, ratio: 0.25), Target(metric: .stdoutThroughput, ratio: 1.0),
+                Target(metric: .revert, ratio: 0.2), Target(metric: .stdoutThroughput, ratio: 1.0),
                 Target(metric: .stdinThroughput, ratio: 1.0),
             ]
         case "qemu":
             [
-                Target(metric: .open, ratio: 0.7), Target(metric: .auxverbMedian, ratio: 0.1),
+                // Open and revert restore a saved VM state (issue 8): a warm open, once a first
+                // boot saved it.
+                Target(metric: .open, ratio: 0.1), Target(metric: .auxverbMedian, ratio: 0.1),
                 Target(metric: .stdoutThroughput, ratio: 3.0), Target(metric: .stdinThroughput, ratio: 3.0),
                 // "Copies >= 1.0" as speed is ours/theirs <= 1.0 as time.
                 Target(metric: .copydownFile, ratio: 1.0), Target(metric: .copyupFile, ratio: 1.0),
                 Target(metric: .copydownTree, ratio: 1.0), Target(metric: .copyupTree, ratio: 1.0),
-                Target(metric: .revert, ratio: 0.7),
+                Target(metric: .revert, ratio: 0.05),
             ]
         default: []
         }
