@@ -63,7 +63,22 @@ public struct IncusCLI: Sendable, Equatable {
 
     /// `incus launch IMAGE NAME --ephemeral ...`: an instance that is deleted when it stops.
     public func launch(_ launch: Launch) -> Command {
-        var arguments = ["launch", qualified(launch.image), qualified(launch.name), "--ephemeral", "--quiet"]
+        create("launch", launch)
+    }
+
+    /// `incus init IMAGE NAME --ephemeral ...`: the same instance as ``launch(_:)``, made but not
+    /// started (a spare for the next revert).
+    public func initialise(_ launch: Launch) -> Command {
+        create("init", launch)
+    }
+
+    /// `incus start NAME`.
+    public func start(_ name: String) -> Command {
+        command(["start", qualified(name), "--quiet"])
+    }
+
+    private func create(_ verb: String, _ launch: Launch) -> Command {
+        var arguments = [verb, qualified(launch.image), qualified(launch.name), "--ephemeral", "--quiet"]
         for profile in launch.profiles { arguments += ["--profile", profile] }
         if launch.virtualMachine { arguments.append("--vm") }
         if let target = launch.target { arguments += ["--target", target] }

@@ -36,7 +36,15 @@ public struct IncusGarbageCollector: Sendable {
         var report: [String] = []
         for (name, owner) in try await orphans() {
             let command = cli.delete(name)
-            let result = try await runner.run(command)
+            var result = try await runner.run(command)
+            // A server killed while making an instance leaves incusd making it: the delete is
+            // refused until that ends, which takes seconds.
+            let clock = ContinuousClock()
+            let deadline = clock.now + .seconds(120)
+            while !result.status.succeeded && result.errorText.contains("is busy running") && clock.now < deadline {
+                try? await Task.sleep(for: .seconds(1))
+                result = try await runner.run(command)
+            }
             if result.status.succeeded || IncusErrors.isNotFound(result) {
                 report.append("deleted instance \(cli.qualified(name)) (its server, pid \(owner.pid), is gone)")
             } else {

@@ -56,6 +56,12 @@ struct IncusServer: AsyncParsableCommand {
     @Option(help: "A profile to launch with (repeatable; default: debusine, made by `setup`).")
     var profile: [String] = []
 
+    @Flag(
+        help:
+            "Make no spare instance while a test runs: a revert then makes its instance from the image (slower on pools that copy images, like dir)."
+    )
+    var noSpare = false
+
     @Option(help: "Seconds to wait for the instance to boot (systemctl is-system-running).")
     var bootTimeout = 300
 
@@ -89,6 +95,7 @@ struct IncusServer: AsyncParsableCommand {
         options.cli = IncusCLI(remote: remote)
         options.target = target
         if !profile.isEmpty { options.profiles = profile }
+        options.spare = !noSpare
         options.bootTimeout = .seconds(bootTimeout)
         options.stopTimeout = stopTimeout
         options.extraLaunchArguments = launchArguments

@@ -70,6 +70,61 @@ struct FakeIncusTests {
         #expect(fake.instances.isEmpty, "\(fake.calls)")
     }
 
+    /// The instance names in calls like `VERB NAME ...`.
+    func names(_ calls: [String], _ verb: String) -> [String] {
+        calls.compactMap { call in
+            let words = call.split(separator: " ")
+            return words.count > 2 && words[0] == Substring(verb) ? String(words[2]) : nil
+        }
+    }
+
+    @Test("a spare is made while the testbed runs; revert starts it instead of launching; close deletes the next one")
+    func spare() async throws {
+        let fake = try Fake("")
+        defer { fake.cleanUp() }
+        #expect(try await fake.server.readLine() == "ok")
+        #expect(try await fake.request("open")?.hasPrefix("ok /") == true, "\(fake.server.standardError)")
+        #expect(try await fake.request("revert")?.hasPrefix("ok /") == true, "\(fake.server.standardError)")
+        #expect(try await fake.request("close") == "ok")
+        #expect(try await fake.request("quit") == nil)
+        #expect(try await fake.server.wait() == .exited(0))
+        let calls = fake.calls
+        let launched = calls.filter { $0.hasPrefix("launch ") }
+        let made = names(calls, "init")
+        #expect(launched.count == 1, "only open launches: \(calls)")
+        try #require(made.count == 2, "a spare after open and one after revert: \(calls)")
+        // A spare is the instance a launch would make: ephemeral, labelled for gc.
+        for call in calls where call.hasPrefix("init ") {
+            #expect(call.hasPrefix("init artifact/1 debusine-virt-"), "\(call)")
+            #expect(call.contains("--ephemeral") && call.contains("user.debusine-virt.pid="), "\(call)")
+        }
+        #expect(calls.contains("start \(made[0]) --quiet"), "revert starts the first spare: \(calls)")
+        #expect(calls.contains("delete \(made[1]) --force"), "close deletes the unused spare: \(calls)")
+        #expect(fake.instances.isEmpty, "\(calls)")
+    }
+
+    @Test("a spare that does not start is deleted and revert launches instead; --no-spare makes none")
+    func spareFails() async throws {
+        for (scenario, arguments) in [("start-fails", [String]()), ("", ["--no-spare"])] {
+            let fake = try Fake(scenario, arguments)
+            defer { fake.cleanUp() }
+            #expect(try await fake.server.readLine() == "ok")
+            #expect(try await fake.request("open")?.hasPrefix("ok /") == true, "\(fake.server.standardError)")
+            #expect(try await fake.request("revert")?.hasPrefix("ok /") == true, "\(fake.server.standardError)")
+            #expect(try await fake.request("close") == "ok")
+            #expect(try await fake.request("quit") == nil)
+            #expect(try await fake.server.wait() == .exited(0))
+            let calls = fake.calls
+            #expect(calls.filter { $0.hasPrefix("launch ") }.count == 2, "\(scenario): \(calls)")
+            if scenario == "start-fails" {
+                #expect(fake.server.standardError.contains("did not start"), "\(fake.server.standardError)")
+            } else {
+                #expect(!calls.contains { $0.hasPrefix("init ") }, "--no-spare made one: \(calls)")
+            }
+            #expect(fake.instances.isEmpty, "\(scenario): \(calls)")
+        }
+    }
+
     @Test("a graceful stop that times out is followed by a forced stop; close still succeeds")
     func stopTimesOut() async throws {
         let fake = try Fake("stop-hangs", ["--stop-timeout", "1"])

@@ -21,6 +21,9 @@ struct IncusUnitTests {
                 "--config", "user.b=x y", "-c", "limits.cpu=2",
             ])
         #expect(cli.launch(launch).environment["LC_ALL"] == "C")
+        // A spare is the same instance, made and not started; a revert starts it.
+        #expect(cli.initialise(launch).argv == ["incus", "init"] + cli.launch(launch).argv.dropFirst(2))
+        #expect(cli.start("debusine-virt-abc").argv == ["incus", "start", "worker:debusine-virt-abc", "--quiet"])
     }
 
     @Test("every instance and image command addresses the remote, and none without one")
