@@ -55,7 +55,7 @@ public enum Report {
             - \(ours.label): `\(ours.server.joined(separator: " "))`
             - \(theirs.label): `\(theirs.server.joined(separator: " "))`\(
                 theirs.workload.skipped.isEmpty ? "" : " (not exercised: \(theirs.workload.skipped.joined(separator: ", ")))")
-            - \(ours.date), \(ours.machine.summary)
+            - \(ours.date == theirs.date ? ours.date : "ours \(ours.date), theirs \(theirs.date)"), \(ours.machine.summary)
             - medians of \(workload.repetitions) sessions each; \(workload.auxverbCalls) auxverb calls per session; \(
                 workload.streamBytes >> 20) MiB streamed each way; one \(workload.copyBytes >> 20) MiB file and \(
                 workload.treeFiles) small files copied each way, verified byte for byte

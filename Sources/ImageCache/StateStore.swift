@@ -1,4 +1,5 @@
 import CommandRunner
+import Synchronization
 import VirtCore
 
 #if canImport(Glibc)
@@ -75,6 +76,10 @@ public struct StateStore: Sendable {
 
     /// Checks every file of `entry` against its manifest (with coreutils' sha256sum, as cached
     /// images are); throws naming the first file that does not match.
+    ///
+    /// A file this process verified before is not hashed again while its identity (device,
+    /// inode, size, modification and change times) is the same: a server reverting many times
+    /// hashes the state once, and any rewrite of the file, in place or by rename, is still seen.
     public func verify(_ entry: Entry) async throws(VirtError) {
         for (name, expected) in entry.digests.sorted(by: { $0.key < $1.key }) {
             let path = entry.file(name)
@@ -83,12 +88,25 @@ public struct StateStore: Sendable {
                 throw VirtError(.testbedFailure, "the saved state \(path) is missing: \(CacheFiles.errorText())")
             }
             defer { close(fd) }
+            var info = stat()
+            let identity = fstat(fd, &info) == 0 ? Self.identity(info, digest: expected) : nil
+            if let identity, Self.verified.withLock({ $0[path] == identity }) { continue }
             let actual = try await CacheCommands.sha256(of: fd, path: path, runner: runner)
             guard actual == expected else {
+                Self.verified.withLock { $0[path] = nil }
                 throw VirtError(
                     .testbedFailure, "the saved state \(path) is corrupt: its SHA-256 is \(actual), not \(expected)")
             }
+            if let identity { Self.verified.withLock { $0[path] = identity } }
         }
+    }
+
+    /// Files this process hashed and found as their manifest says, by path.
+    private static let verified = Mutex<[String: String]>([:])
+
+    static func identity(_ info: stat, digest: String) -> String {
+        "\(info.st_dev) \(info.st_ino) \(info.st_size) \(info.st_mtim.tv_sec).\(info.st_mtim.tv_nsec) "
+            + "\(info.st_ctim.tv_sec).\(info.st_ctim.tv_nsec) \(digest)"
     }
 
     /// Removes `entry` (a state that failed to restore or verify), unless another process is

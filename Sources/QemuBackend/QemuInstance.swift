@@ -31,6 +31,8 @@ final class QemuInstance: Sendable {
         /// Set while the helper goes away on purpose (a reboot): its port closing is no news.
         var helperLossExpected = false
         var portWatch: Task<Void, Never>?
+        /// A restore failed because of the saved state itself (it did not verify, load or run).
+        var savedStateFailed = false
     }
     let handles = Mutex(Handles())
     private let qemuEnded = Mutex(false)
@@ -49,6 +51,8 @@ final class QemuInstance: Sendable {
     var hasEnded: Bool { qemuEnded.withLock { $0 } }
     /// Whether ``destroy(graceful:removeDirectory:)`` ran (a close or a signal stopped a boot).
     var isDestroyed: Bool { handles.withLock { $0.destroyed } }
+    /// Whether a failed restore was the saved state's fault, so that the state must go.
+    var savedStateFailed: Bool { handles.withLock { $0.savedStateFailed } }
 
     /// Starts QEMU on a fresh overlay over the image and waits until the guest agent answers
     /// and the guest helper is up.

@@ -189,9 +189,9 @@ public final class QemuTestbed: Testbed {
             } catch {
                 verification.cancel()
                 current.withLock { if $0 === instance { $0 = nil } }
-                let shutDown = instance.isDestroyed
+                let blamesState = instance.savedStateFailed
                 await instance.destroy(graceful: false, removeDirectory: false)
-                if shutDown { throw error }
+                guard blamesState else { throw error }
                 log.warning("cannot restore the saved state \(entry.path), removing it and booting: \(error.message)")
                 store.discard(entry)
             }

@@ -145,35 +145,45 @@ extension QemuInstance {
         defer { unlink(paths.stateIn) }
         let (qmp, _) = try await start(kvm: kvm, incoming: true)
         try await relay.waitUntilConnected(timeout: .seconds(30))
-        if let failure = await verification.value { throw failure }
-        _ = try await qmp.execute("migrate-incoming", arguments: ["uri": .string(QemuCommands.restoreURI)])
-        while true {
-            try checkAlive("while loading the saved state")
-            let status = try await qmp.execute("query-status")
-            if status["status"]?.stringValue != "inmigrate" { break }
-            guard ContinuousClock.now < deadline else {
-                throw VirtError(
-                    .timeout, "loading the saved state took more than \(options.bootTimeout.formattedSeconds)")
+        // From here on a failure is the saved state's: it does not verify, load or run. What
+        // failed before (a full disk, QEMU not starting) says nothing about the state.
+        do throws(VirtError) {
+            if let failure = await verification.value { throw failure }
+            _ = try await qmp.execute("migrate-incoming", arguments: ["uri": .string(QemuCommands.restoreURI)])
+            while true {
+                try checkAlive("while loading the saved state")
+                let status = try await qmp.execute("query-status")
+                if status["status"]?.stringValue != "inmigrate" { break }
+                guard ContinuousClock.now < deadline else {
+                    throw VirtError(
+                        .timeout, "loading the saved state took more than \(options.bootTimeout.formattedSeconds)")
+                }
+                try? await Task.sleep(for: .milliseconds(20))
             }
-            try? await Task.sleep(for: .milliseconds(20))
-        }
-        let loaded = try await qmp.execute("query-migrate")
-        if let status = loaded["status"]?.stringValue, status != "completed" {
-            throw VirtError(
-                .testbedFailure,
-                "loading the saved state failed (\(status)): \(loaded["error-desc"]?.stringValue ?? "no reason given")")
-        }
-        _ = try await qmp.execute("cont")
-        var payload = withUnsafeBytes(of: UInt64(Date().timeIntervalSince1970 * 1e9).bigEndian) { Array($0) }
-        var generator = SystemRandomNumberGenerator()
-        payload += (0..<64).map { _ in UInt8.random(in: 0...255, using: &generator) }
-        try await relay.announceResume(payload)
-        do {
-            _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+            let loaded = try await qmp.execute("query-migrate")
+            if let status = loaded["status"]?.stringValue, status != "completed" {
+                throw VirtError(
+                    .testbedFailure,
+                    "loading the saved state failed (\(status)): \(loaded["error-desc"]?.stringValue ?? "no reason given")"
+                )
+            }
+            _ = try await qmp.execute("cont")
+            var payload = withUnsafeBytes(of: UInt64(Date().timeIntervalSince1970 * 1e9).bigEndian) { Array($0) }
+            var generator = SystemRandomNumberGenerator()
+            payload += (0..<64).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            try await relay.announceResume(payload)
+            do {
+                // Generous: four VMs restoring at once on two cores are slow to run even this.
+                _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(120))
+            } catch {
+                try checkAlive("after loading the saved state")
+                throw VirtError(
+                    .testbedFailure,
+                    "the guest helper did not answer after the restore: \(error.message)\(consoleTail())")
+            }
         } catch {
-            try checkAlive("after loading the saved state")
-            throw VirtError(
-                .testbedFailure, "the guest helper did not answer after the restore: \(error.message)\(consoleTail())")
+            if !isDestroyed { handles.withLock { $0.savedStateFailed = true } }
+            throw error
         }
         let status = await relay.helperStatus
         // Both are what makes a restored guest a machine of its own; a guest kernel without them

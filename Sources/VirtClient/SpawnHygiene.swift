@@ -31,6 +31,19 @@ public enum SpawnHygiene {
         _ = closeFrom?(&actions, 3)
     }
 
+    /// Makes the child start with every signal at its default action and none blocked: whatever
+    /// the spawning process ignores or blocks (a test runner, a signal-handling thread) must not
+    /// leak into the child. `attributes` must be initialised.
+    public static func resetSignals(_ attributes: inout posix_spawnattr_t) {
+        var allSignals = sigset_t()
+        sigfillset(&allSignals)
+        var noSignals = sigset_t()
+        sigemptyset(&noSignals)
+        posix_spawnattr_setsigdefault(&attributes, &allSignals)
+        posix_spawnattr_setsigmask(&attributes, &noSignals)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+    }
+
     /// A pipe whose both ends are close-on-exec from the start, with no window in which
     /// another thread's spawn could inherit them.
     public static func pipe() -> (read: Int32, write: Int32)? {

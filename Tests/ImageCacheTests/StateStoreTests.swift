@@ -75,6 +75,28 @@ struct StateStoreTests {
         }
     }
 
+    @Test("a verified file is not hashed again until it changes; a change in place is still caught")
+    func verifiedOnce() async throws {
+        let parent = try TestPaths.makeTemporaryDirectory("dv-state-test.")
+        defer { TestPaths.removeTree(parent) }
+        let runner = LoopbackRunner()
+        let store = StateStore(cacheDirectory: "\(parent)/images", runner: runner)
+        let entry = try await save(store, StateStore.key(for: "once"), state: "0123456789")
+        let hashes = { runner.count("sha256sum") }
+        let before = hashes()
+        try await store.verify(entry)
+        let first = hashes() - before
+        #expect(first == 2, "both files hashed the first time")
+        try await store.verify(entry)
+        #expect(hashes() - before == first, "nothing hashed again")
+        // Same size, rewritten in place: a new modification time.
+        usleep(10_000)
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: entry.file("vmstate")))
+        try handle.write(contentsOf: Data("9".utf8))
+        try handle.close()
+        await #expect(throws: VirtError.self) { try await store.verify(entry) }
+    }
+
     @Test("one server saves a key at a time; an existing entry is not saved again")
     func oneSaver() async throws {
         try await withStore { store, _ in
