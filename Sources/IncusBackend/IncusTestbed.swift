@@ -16,8 +16,8 @@ public struct IncusOptions: Sendable {
     /// How long a graceful stop may take before the instance is killed.
     public var stopTimeout = 30
     /// Keep a spare instance made (`incus init`, not started) while a test runs, so that a revert
-    /// only starts it (`--no-spare` turns it off).
-    public var spare = true
+    /// only starts it (`--spare`; off by default until the fault suite passes with it).
+    public var spare = false
     public var cli = IncusCLI()
 
     public init(image: String) { self.image = image }

@@ -57,10 +57,11 @@ struct IncusServer: AsyncParsableCommand {
     var profile: [String] = []
 
     @Flag(
+        inversion: .prefixedNo, exclusivity: .chooseLast,
         help:
-            "Make no spare instance while a test runs: a revert then makes its instance from the image (slower on pools that copy images, like dir)."
+            "Experimental: make a spare instance while a test runs, which a revert starts (default: a revert launches one)."
     )
-    var noSpare = false
+    var spare = false
 
     @Option(help: "Seconds to wait for the instance to boot (systemctl is-system-running).")
     var bootTimeout = 300
@@ -95,7 +96,7 @@ struct IncusServer: AsyncParsableCommand {
         options.cli = IncusCLI(remote: remote)
         options.target = target
         if !profile.isEmpty { options.profiles = profile }
-        options.spare = !noSpare
+        options.spare = spare
         options.bootTimeout = .seconds(bootTimeout)
         options.stopTimeout = stopTimeout
         options.extraLaunchArguments = launchArguments

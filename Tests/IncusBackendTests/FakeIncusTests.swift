@@ -80,7 +80,7 @@ struct FakeIncusTests {
 
     @Test("a spare is made while the testbed runs; revert starts it instead of launching; close deletes the next one")
     func spare() async throws {
-        let fake = try Fake("")
+        let fake = try Fake("", ["--spare"])
         defer { fake.cleanUp() }
         #expect(try await fake.server.readLine() == "ok")
         #expect(try await fake.request("open")?.hasPrefix("ok /") == true, "\(fake.server.standardError)")
@@ -103,9 +103,9 @@ struct FakeIncusTests {
         #expect(fake.instances.isEmpty, "\(calls)")
     }
 
-    @Test("a spare that does not start is deleted and revert launches instead; --no-spare makes none")
+    @Test("a spare that does not start is deleted and revert launches instead; none is made by default")
     func spareFails() async throws {
-        for (scenario, arguments) in [("start-fails", [String]()), ("", ["--no-spare"])] {
+        for (scenario, arguments) in [("start-fails", ["--spare"]), ("", [String]())] {
             let fake = try Fake(scenario, arguments)
             defer { fake.cleanUp() }
             #expect(try await fake.server.readLine() == "ok")
@@ -119,7 +119,7 @@ struct FakeIncusTests {
             if scenario == "start-fails" {
                 #expect(fake.server.standardError.contains("did not start"), "\(fake.server.standardError)")
             } else {
-                #expect(!calls.contains { $0.hasPrefix("init ") }, "--no-spare made one: \(calls)")
+                #expect(!calls.contains { $0.hasPrefix("init ") }, "a spare was made without --spare: \(calls)")
             }
             #expect(fake.instances.isEmpty, "\(scenario): \(calls)")
         }
