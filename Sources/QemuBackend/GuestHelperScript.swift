@@ -8,7 +8,7 @@
 /// instead of a port, so the tests run it on the host.
 public enum GuestHelperScript {
     /// Bumped with every change, so a stale helper left in a guest is recognised.
-    public static let version = 6
+    public static let version = 7
 
     /// Where the server installs it in the guest (a tmpfs: gone after reboot, like the helper).
     public static let guestPath = "/run/debusine-virt-helper.py"
@@ -35,7 +35,7 @@ public enum GuestHelperScript {
         # Only modules of Debian's python3-minimal: debusine's images promise no more.
         import errno, fcntl, os, select, signal, struct, sys, time
 
-        VERSION = 6
+        VERSION = 7
         HEADER = struct.Struct('>IBI')
         SPAWN, STDIN, STDIN_EOF, KILL, CREDIT, PING, RESUMED = 1, 2, 3, 4, 5, 6, 7
         STDOUT, STDERR, EXIT, STDIN_CREDIT, PONG, HELLO = 0x11, 0x12, 0x13, 0x14, 0x15, 0x16
@@ -43,12 +43,16 @@ public enum GuestHelperScript {
         # termios is not in python3-minimal: Linux's TIOCSWINSZ, asm-generic or the old ioctl
         # encoding of powerpc, mips and sparc.
         TIOCSWINSZ = 0x80087467 if os.uname().machine.startswith(('ppc', 'mips', 'sparc')) else 0x5414
+        # FIONREAD, likewise: powerpc and sparc use _IOR('f', 127, int), mips its own number.
+        FIONREAD = (0x4004667f if os.uname().machine.startswith(('ppc', 'sparc'))
+                    else 0x467f if os.uname().machine.startswith('mips') else 0x541b)
         OUTBUF_LIMIT = 1 << 20
         # <linux/random.h>: _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
         RNDADDENTROPY, RNDRESEEDCRNG = 0x40085203, 0x5207
         PORT_BATCH = 4 << 20
-        # Output still arriving this long after a command exited belongs to processes it left
-        # behind; waiting for them to close their end would hang the caller.
+        # Output still arriving this long after a command exited (and after everything it wrote
+        # itself was delivered) belongs to processes it left behind; waiting for them to close
+        # their end would hang the caller.
         LINGER = 0.2
         BASE_ENV = {
             'PATH': '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin',
@@ -69,6 +73,14 @@ public enum GuestHelperScript {
             return offset
 
 
+        def readable(fd):
+            """Bytes waiting in a pipe or terminal; 0 when that cannot be told."""
+            try:
+                return struct.unpack('i', fcntl.ioctl(fd, FIONREAD, b'\0\0\0\0'))[0]
+            except OSError:
+                return 0
+
+
         def nonblocking(fd):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
@@ -86,6 +98,9 @@ public enum GuestHelperScript {
                 self.credit = 0
                 self.status = None
                 self.exited_at = None
+                # Bytes the command itself left in each output pipe when it exited: they are its
+                # output and are delivered however long that takes, before the linger starts.
+                self.owed = {}
 
 
         class Helper:
@@ -240,6 +255,12 @@ public enum GuestHelperScript {
                     else:
                         command.status = 'code %d' % os.WEXITSTATUS(status)
                     command.exited_at = time.monotonic()
+                    # Everything the command wrote is in its pipes by now; what comes later is
+                    # from processes it left behind.
+                    for name in ('stdout', 'stderr'):
+                        fd = getattr(command, name)
+                        if fd is not None:
+                            command.owed[name] = readable(fd)
 
             def close_fd(self, command, name):
                 fd = getattr(command, name)
@@ -361,11 +382,14 @@ public enum GuestHelperScript {
                         if size:
                             break
                         self.close_fd(command, name)
+                        command.owed.pop(name, None)
                         return
                     collected.append(data)
                     size += len(data)
                 if not size:
                     return
+                if name in command.owed:
+                    command.owed[name] = max(0, command.owed[name] - size)
                 command.credit -= size
                 self.send(command.channel, kind, b''.join(collected))
                 self.write_port()
@@ -378,9 +402,9 @@ public enum GuestHelperScript {
                     for command in list(self.commands.values()):
                         if command.status is None:
                             continue
-                        if command.credit <= 0:
-                            # Blocked by a slow reader, not by leftovers: what sits in the pipes
-                            # is the command's own output and must all be delivered.
+                        if command.credit <= 0 or any(command.owed.values()):
+                            # Blocked by a slow reader or a busy port, not by leftovers: the
+                            # command's own output must all be delivered first.
                             command.exited_at = now
                         if command.stdout is None and command.stderr is None:
                             self.finish(command, command.status)

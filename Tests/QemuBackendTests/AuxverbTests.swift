@@ -167,6 +167,45 @@ struct AuxverbTests {
         }
     }
 
+    @Test("a command's own output is delivered whole even when the port is busy for long after it exited")
+    func ownOutputOutlivesTheLinger() async throws {
+        let directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
+        defer { TestPaths.removeTree(directory) }
+        let script = "\(directory)/helper.py"
+        let port = "\(directory)/port.sock"
+        try Data(GuestHelperScript.source.utf8).write(to: URL(fileURLWithPath: script))
+        let helper = try ServerProcess(["/usr/bin/python3", script, "--listen", port])
+        defer { helper.signal(SIGKILL) }
+        let deadline = ContinuousClock.now + .seconds(60)
+        while access(port, F_OK) != 0 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+        let fd = try RawPort.connect(port)
+        defer { close(fd) }
+        // Nothing reads the port for a second: the first command's output fills the helper's
+        // queue, so the second command's short output waits there long past the linger.
+        #expect(
+            RawPort.send(
+                fd, Frame(channel: 1, .spawn, Frame.spawn(argv: ["head", "-c", "8388608", "/dev/zero"]).payload)))
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(RawPort.send(fd, Frame(channel: 2, .spawn, Frame.spawn(argv: ["printf", "data"]).payload)))
+        try await Task.sleep(for: .seconds(1))
+        var output: [UInt8] = []
+        var decoder = FrameDecoder()
+        var end: [UInt8]?
+        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        while end == nil {
+            let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            guard count > 0 else { break }
+            decoder.append(buffer[0..<count])
+            while let frame = try decoder.next() {
+                guard frame.channel == 2 else { continue }
+                if frame.kind == .stdout { output += frame.payload }
+                if frame.kind == .exit { end = frame.payload }
+            }
+        }
+        #expect(end.map { String(decoding: $0, as: UTF8.self) } == "code 0")
+        #expect(String(decoding: output, as: UTF8.self) == "data")
+    }
+
     @Test("a command that ignores its stdin does not block on a large input")
     func unreadStdin() async throws {
         try await withHelper { host in
@@ -267,5 +306,44 @@ struct GuestHelperScriptTests {
             Command("/usr/bin/python3", ["-c", "import sys; compile(sys.stdin.read(), 'helper', 'exec')"]),
             input: .bytes(Array(GuestHelperScript.source.utf8)))
         #expect(result.status == .exited(0), "\(result.errorText)")
+    }
+}
+
+/// A blocking client of the helper's `--listen` socket, for tests that must hold the port
+/// still, which the relay never does.
+enum RawPort {
+    static func connect(_ path: String) throws -> Int32 {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw VirtError(.io, "socket: \(String(cString: strerror(errno)))") }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
+            for (index, byte) in path.utf8.enumerated() { buffer[index] = byte }
+        }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+        guard connected == 0 else {
+            let reason = String(cString: strerror(errno))
+            close(fd)
+            throw VirtError(.io, "cannot connect to \(path): \(reason)")
+        }
+        // A helper that stops answering fails the test instead of hanging it.
+        var limit = timeval(tv_sec: 60, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+        return fd
+    }
+
+    static func send(_ fd: Int32, _ frame: Frame) -> Bool {
+        let bytes = frame.encoded
+        var offset = 0
+        while offset < bytes.count {
+            let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress.map { $0 + offset }, $0.count - offset) }
+            guard written > 0 else { return false }
+            offset += written
+        }
+        return true
     }
 }
