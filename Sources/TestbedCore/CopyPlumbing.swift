@@ -96,21 +96,62 @@ public enum CopyPlumbing {
     }
 
     static func copyFileUp(_ request: CopyRequest, _ testbed: InTestbed) async throws(VirtError) {
-        let fd = try openHost(request.hostPath, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o666)
-        let result = try await testbed.run(
-            ["/bin/sh", "-ec", sendFileScript, "sh", request.testbedPath],
-            output: .fileDescriptor(fd, closeAfterStart: true))
+        // A copy that fails (no such file in the testbed, a testbed gone) must leave the
+        // destination as it was: the data goes to a new file beside it, renamed over it once
+        // whole. Only what is not a plain file (a device, a FIFO, a symbolic link) is written
+        // in place, as it cannot be replaced without changing what it is.
+        var existing = stat()
+        let inPlace = lstat(request.hostPath, &existing) == 0 && (existing.st_mode & S_IFMT) != S_IFREG
+        let (fd, target) =
+            inPlace
+            ? (try openHost(request.hostPath, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o666), request.hostPath)
+            : try createBeside(request.hostPath)
+        let discard = { if !inPlace { unlink(target) } }
+        let result: CommandResult
+        do {
+            result = try await testbed.run(
+                ["/bin/sh", "-ec", sendFileScript, "sh", request.testbedPath],
+                output: .fileDescriptor(fd, closeAfterStart: true))
+        } catch {
+            discard()
+            throw error
+        }
         let executable = result.status == .exited(3)
         let status = executable ? CommandResult(status: .exited(0), standardError: result.standardError) : result
-        try require(status, "copying the testbed's \(request.testbedPath) to \(request.hostPath)")
+        do {
+            try require(status, "copying the testbed's \(request.testbedPath) to \(request.hostPath)")
+        } catch {
+            discard()
+            throw error
+        }
         if executable {
             var info = stat()
-            if stat(request.hostPath, &info) == 0 {
+            if stat(target, &info) == 0 {
                 // Execute bits follow the read bits, as `chmod +x` under the usual umask would.
                 let mode = info.st_mode & 0o7777
-                chmod(request.hostPath, mode | ((mode & 0o444) >> 2))
+                chmod(target, mode | ((mode & 0o444) >> 2))
             }
         }
+        if !inPlace && rename(target, request.hostPath) != 0 {
+            let reason = String(cString: strerror(errno))
+            discard()
+            throw VirtError(.copyFailed, "cannot move the copy to \(request.hostPath): \(reason)")
+        }
+    }
+
+    /// A new, empty file in `path`'s directory (mode 0666 less the umask, as `open` would make
+    /// `path`), under a name of our own that fits any file system's name limit.
+    static func createBeside(_ path: String) throws(VirtError) -> (Int32, String) {
+        let directory = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<16 {
+            let name = "\(directory)/.debusine-virt-copy.\(getpid()).\(String(generator.next() as UInt32, radix: 16))"
+            let fd = open(name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o666)
+            if fd >= 0 { return (fd, name) }
+            if errno != EEXIST { break }
+        }
+        throw VirtError(
+            .copyFailed, "cannot create a file beside \(path): \(String(cString: strerror(errno)))")
     }
 
     static func copyDirectoryDown(_ request: CopyRequest, _ testbed: InTestbed) async throws(VirtError) {

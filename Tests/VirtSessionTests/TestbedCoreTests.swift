@@ -217,6 +217,37 @@ struct TestbedCoreTests {
         }
     }
 
+    @Test(
+        "a file copy up that fails leaves the host's file as it was and nothing beside it; one that works replaces it")
+    func failedCopyUpLosesNothing() async throws {
+        try await withTestbed { controller, scratch, host in
+            try write("\(host)/kept", "precious", mode: 0o600)
+            let failed = try await controller.copy(
+                .init(direction: .up, hostPath: "\(host)/kept", testbedPath: "\(scratch)/missing", isDirectory: false))
+            guard case .failed = failed else {
+                Issue.record("expected a failure, got \(failed)")
+                return
+            }
+            #expect(try String(contentsOfFile: "\(host)/kept", encoding: .utf8) == "precious")
+            #expect(mode("\(host)/kept") == 0o600)
+            #expect(TestPaths.contents(of: host) == ["kept"])
+            try write("\(scratch)/new", "fresh")
+            #expect(
+                try await controller.copy(
+                    .init(direction: .up, hostPath: "\(host)/kept", testbedPath: "\(scratch)/new", isDirectory: false))
+                    == .copied)
+            #expect(try String(contentsOfFile: "\(host)/kept", encoding: .utf8) == "fresh")
+            #expect(TestPaths.contents(of: host) == ["kept"])
+            // Not a plain file: written in place, never replaced.
+            #expect(
+                try await controller.copy(
+                    .init(direction: .up, hostPath: "/dev/null", testbedPath: "\(scratch)/new", isDirectory: false))
+                    == .copied)
+            var info = stat()
+            #expect(stat("/dev/null", &info) == 0 && (info.st_mode & S_IFMT) == S_IFCHR, "/dev/null was replaced")
+        }
+    }
+
     @Test("copy requests follow the protocol's rules on empty paths and trailing slashes")
     func copyRequestRules() throws {
         #expect(throws: VirtError.self) { try CopyRequest.fromProtocol(.down, source: "", destination: "/x") }
