@@ -26,6 +26,9 @@ public final class FixtureTestbed: Testbed {
         public var failRevert: String?
         /// Sleep this long in `open` (to deliver signals while opening).
         public var openDelay: Duration = .zero
+        /// Sleep through a close during the open delay and make the testbed after it anyway: a
+        /// backend whose boot goes on creating files while a shutdown removes them.
+        public var openIgnoresClose = false
         /// Append `open` and `close` lines to this file, to prove cleanup ran.
         public var eventLog: String?
         /// Sleep this long before each copy (to run copies into their timeout).
@@ -58,6 +61,7 @@ public final class FixtureTestbed: Testbed {
                         throw VirtError(.usage, "copy-delay needs seconds, not \(value)")
                     }
                     copyDelay = .milliseconds(Int(seconds * 1000))
+                case "open-ignores-close": openIgnoresClose = value == "1"
                 case "event-log": eventLog = value
                 case "parent": parentDirectory = value
                 default: throw VirtError(.usage, "unknown fixture option \(key)")
@@ -73,6 +77,9 @@ public final class FixtureTestbed: Testbed {
     /// The path of the first open's directory: a re-open uses it again, as a re-opened VM keeps
     /// its file system layout, so the scratch path the core re-creates stays inside it.
     private let firstRoot = Mutex<String?>(nil)
+    /// Counts closes, so that an open in its delay notices one and stops, as a real backend's
+    /// boot stops when its VM is destroyed.
+    private let closes = Mutex(0)
 
     public init(options: Options, runner: any CommandRunner = SubprocessRunner()) {
         self.options = options
@@ -87,10 +94,17 @@ public final class FixtureTestbed: Testbed {
     public func open() async throws(VirtError) -> [String] {
         record("open")
         if options.openDelay > .zero {
-            do {
-                try await Task.sleep(for: options.openDelay)
-            } catch {
-                throw VirtError(.testbedFailure, "open was interrupted")
+            let closesBefore = closes.withLock { $0 }
+            let deadline = ContinuousClock.now + options.openDelay
+            while ContinuousClock.now < deadline {
+                do {
+                    try await Task.sleep(for: min(.milliseconds(50), deadline - ContinuousClock.now))
+                } catch {
+                    throw VirtError(.testbedFailure, "open was interrupted")
+                }
+                if !options.openIgnoresClose && closes.withLock({ $0 }) != closesBefore {
+                    throw VirtError(.testbedFailure, "the testbed was closed while opening")
+                }
             }
         }
         if let failOpen = options.failOpen { throw VirtError(.testbedFailure, failOpen) }
@@ -121,6 +135,7 @@ public final class FixtureTestbed: Testbed {
     }
 
     public func close() async {
+        closes.withLock { $0 += 1 }
         let directory = root.withLock { current -> String? in
             defer { current = nil }
             return current

@@ -190,7 +190,7 @@ public final class QemuTestbed: Testbed {
                 verification.cancel()
                 current.withLock { if $0 === instance { $0 = nil } }
                 let blamesState = instance.savedStateFailed
-                await instance.destroy(graceful: false, removeDirectory: false)
+                await instance.destroy(graceful: false, removeDirectory: orphaned(path))
                 guard blamesState else { throw error }
                 log.warning("cannot restore the saved state \(entry.path), removing it and booting: \(error.message)")
                 store.discard(entry)
@@ -205,9 +205,15 @@ public final class QemuTestbed: Testbed {
         } catch {
             log.debug("boot failed, cleaning up: \(error)")
             current.withLock { if $0 === instance { $0 = nil } }
-            await instance.destroy(graceful: false, removeDirectory: false)
+            await instance.destroy(graceful: false, removeDirectory: orphaned(path))
             throw error
         }
+    }
+
+    /// Whether a close took the directory while a boot in it went on: its removal could have
+    /// raced with the boot's files, so the failed boot removes the directory itself.
+    private func orphaned(_ path: String) -> Bool {
+        directory.withLock { $0 != path }
     }
 
     /// What is left once the guest runs: finding its normal user.

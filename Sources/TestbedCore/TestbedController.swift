@@ -33,6 +33,13 @@ public actor TestbedController {
     /// booting, a failed launch) needs its cleanup as much as an open one.
     private var needsClose = false
     private var closing: Task<Void, Never>?
+    /// Opens and reverts in the backend right now. A shutdown (a signal) runs while they are
+    /// suspended; what they make after its close (a directory, a process, an instance) would
+    /// outlive the process, so the shutdown waits for them and closes again.
+    private var creating = 0
+
+    /// How long a shutdown waits for an open or revert its close cut short.
+    static let creationGrace: Duration = .seconds(30)
 
     public init(backend: any Testbed, runner: any CommandRunner = SubprocessRunner(), copyTimeout: Duration? = nil) {
         self.backend = backend
@@ -56,6 +63,8 @@ public actor TestbedController {
         guard !isOpen else { throw VirtError(.protocolMisuse, "`open' when already open") }
         closing = nil
         needsClose = true
+        creating += 1
+        defer { creating -= 1 }
         let auxverb = try await backend.open()
         guard closing == nil else {
             // Whatever open made after the shutdown ran must go too.
@@ -77,6 +86,8 @@ public actor TestbedController {
         guard await backend.capabilities().contains(Capability.revert) else {
             throw VirtError(.protocolMisuse, "`revert' when `revert' not advertised")
         }
+        creating += 1
+        defer { creating -= 1 }
         let auxverb = try await backend.revert()
         self.auxverb = auxverb
         return try await makeScratch(auxverb)
@@ -129,7 +140,20 @@ public actor TestbedController {
         }
         guard needsClose else { return }
         let backend = self.backend
-        let task = Task { await backend.close() }
+        let interrupted = creating > 0
+        let task = Task {
+            await backend.close()
+            guard interrupted else { return }
+            let deadline = ContinuousClock.now + Self.creationGrace
+            while await self.creating > 0 && ContinuousClock.now < deadline {
+                try? await Task.sleep(for: .milliseconds(20))
+            }
+            if await self.creating > 0 {
+                log.warning(
+                    "an open or revert did not end within \(Self.creationGrace.formattedSeconds) of the shutdown")
+            }
+            await backend.close()
+        }
         closing = task
         await task.value
         isOpen = false

@@ -68,6 +68,26 @@ struct TestbedCoreTests {
         }
     }
 
+    @Test("a shutdown during an open returns only once the open has ended, with nothing it made left")
+    func shutdownOutwaitsOpen() async throws {
+        let parent = try TestPaths.makeTemporaryDirectory()
+        defer { TestPaths.removeTree(parent) }
+        // The fixture makes its directory only after the delay, whatever a close did meanwhile,
+        // as a backend's boot may create files while a close removes them.
+        let options = try FixtureTestbed.Options(words: ["parent=\(parent)", "open-delay=1", "open-ignores-close=1"])
+        let controller = TestbedController(backend: FixtureTestbed(options: options))
+        let clock = ContinuousClock()
+        let started = clock.now
+        let opening = Task { _ = try? await controller.open() }
+        try await Task.sleep(for: .milliseconds(200))
+        await controller.shutdown()
+        // The process exits right after a signal's shutdown: what the open makes later stays.
+        #expect(clock.now - started >= .seconds(1), "the shutdown returned while the open was still running")
+        #expect(TestPaths.contents(of: parent) == [], "left after the shutdown")
+        await opening.value
+        #expect(TestPaths.contents(of: parent) == [])
+    }
+
     @Test("revert throws away what was written in the testbed")
     func revertIsClean() async throws {
         try await withTestbed { controller, scratch, _ in
