@@ -11,7 +11,7 @@ import VirtCore
 ///
 /// Plain system calls rather than Foundation: the cache must control modes (0700 directories,
 /// 0600 files whatever the umask), fsync and rename, which FileManager hides.
-enum CacheFiles {
+public enum CacheFiles {
     static func errorText(_ number: Int32 = errno) -> String { String(cString: strerror(number)) }
 
     /// The file's status, or nil when it does not exist (or cannot be examined).
@@ -110,13 +110,7 @@ enum CacheFiles {
 
     /// The first line of a small file, nil when it is missing or unreadable.
     static func readLine(_ path: String) -> String? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: 256)
-        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        guard count > 0 else { return nil }
-        return String(decoding: buffer[0..<count].prefix { $0 != UInt8(ascii: "\n") }, as: UTF8.self)
+        SmallFile.firstLine(path)
     }
 
     /// Replaces `path` with a file holding `line` and a newline: written to a temporary name,
@@ -150,7 +144,7 @@ enum CacheFiles {
     static func diskUsage(_ info: stat) -> Int64 { Int64(info.st_blocks) * 512 }
 
     /// Modification time in nanoseconds since the epoch.
-    static func modificationTime(_ info: stat) -> Int64 {
+    public static func modificationTime(_ info: stat) -> Int64 {
         Int64(info.st_mtim.tv_sec) * 1_000_000_000 + Int64(info.st_mtim.tv_nsec)
     }
 

@@ -58,7 +58,7 @@ public struct StateStore: Sendable {
     /// when there is none.
     public func lookup(_ key: String) -> Entry? {
         let path = "\(directory)/\(key)"
-        guard let text = try? Self.read("\(path)/\(Self.manifestName)") else { return nil }
+        guard let text = SmallFile.text("\(path)/\(Self.manifestName)", limit: 65536) else { return nil }
         var digests: [String: String] = [:]
         for line in text.split(separator: "\n") {
             let fields = line.split(separator: " ", maxSplits: 1)
@@ -242,19 +242,5 @@ public struct StateStore: Sendable {
             }
         }
         rmdir(path)
-    }
-
-    static func read(_ path: String) throws(VirtError) -> String {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw VirtError(.notFound, "cannot open \(path): \(CacheFiles.errorText())") }
-        defer { close(fd) }
-        var bytes: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 4096)
-        while bytes.count < 65536 {
-            let count = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-            if count <= 0 { break }
-            bytes += buffer[0..<count]
-        }
-        return String(decoding: bytes, as: UTF8.self)
     }
 }

@@ -50,7 +50,7 @@ public enum KVMProbe {
         let fd = open(devicePath, O_RDWR | O_CLOEXEC)
         guard fd >= 0 else { return false }
         close(fd)
-        return cpuHasVirtualization(cpuinfo: readText(cpuinfoPath))
+        return cpuHasVirtualization(cpuinfo: SmallFile.text(cpuinfoPath) ?? "")
     }
 
     /// True when a `flags` line lists vmx (Intel) or svm (AMD).
@@ -60,20 +60,6 @@ public enum KVMProbe {
             if flags.contains("vmx") || flags.contains("svm") { return true }
         }
         return false
-    }
-
-    static func readText(_ path: String) -> String {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return "" }
-        defer { close(fd) }
-        var bytes: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if count <= 0 { break }
-            bytes += buffer[0..<count]
-        }
-        return String(decoding: bytes, as: UTF8.self)
     }
 }
 

@@ -56,8 +56,8 @@ enum SavedStateKey {
         let real = realpath(path, &resolved) != nil ? String(cString: resolved) : path
         var info = stat()
         guard stat(real, &info) == 0 else { return "\(real) missing" }
-        let mtime = Int64(info.st_mtim.tv_sec) * 1_000_000_000 + Int64(info.st_mtim.tv_nsec)
-        return "\(real) dev \(info.st_dev) ino \(info.st_ino) size \(info.st_size) mtime \(mtime)"
+        return
+            "\(real) dev \(info.st_dev) ino \(info.st_ino) size \(info.st_size) mtime \(CacheFiles.modificationTime(info))"
     }
 }
 
