@@ -16,8 +16,8 @@ public struct IncusOptions: Sendable {
     /// How long a graceful stop may take before the instance is killed.
     public var stopTimeout = 30
     /// Keep a spare instance made (`incus init`, not started) while a test runs, so that a revert
-    /// only starts it (`--spare`; off by default until the fault suite passes with it).
-    public var spare = false
+    /// only starts it (`--no-spare` turns it off).
+    public var spare = true
     public var cli = IncusCLI()
 
     public init(image: String) { self.image = image }
@@ -28,11 +28,11 @@ public struct IncusOptions: Sendable {
 /// flag plus the owner labels make sure nothing outlives the server for long.
 ///
 /// Revert is a new instance from the image, made ahead: once a testbed is up, a spare is made
-/// (`incus init`) while the test runs, and a revert only starts it, as any pool driver allows.
-/// On the `dir` pool this makes a revert take about 1 s instead of 3-11 s (making an instance
-/// unpacks the image), where `incus copy` of a template takes 3-9 s and `incus snapshot
-/// restore` about 1.6 s with its stop and start (see docs/performance.md); stateful snapshots
-/// need CRIU.
+/// (`incus init`) while the test runs, and a revert only starts it, as any pool driver allows
+/// (`--no-spare`: a revert launches). Medians on the `dir` pool here (README): starting a spare
+/// 1.0 s, a launch 9.8 s (making an instance unpacks the image), `incus copy` of a template
+/// 14.8 s. `incus snapshot restore` (2.7 s) is not a revert on `dir`: its rsync keeps a file
+/// rewritten with the same size and modification time. Stateful snapshots need CRIU.
 public final class IncusTestbed: Testbed {
     let options: IncusOptions
     let runner: any CommandRunner

@@ -59,9 +59,9 @@ struct IncusServer: AsyncParsableCommand {
     @Flag(
         inversion: .prefixedNo, exclusivity: .chooseLast,
         help:
-            "Experimental: make a spare instance while a test runs, which a revert starts (default: a revert launches one)."
+            "Make a spare instance while a test runs, which a revert starts; --no-spare makes none (a revert then makes its instance from the image, slower on pools that copy images, like dir)."
     )
-    var spare = false
+    var spare = true
 
     @Option(help: "Seconds to wait for the instance to boot (systemctl is-system-running).")
     var bootTimeout = 300

@@ -25,13 +25,13 @@ struct QemuServer: AsyncParsableCommand {
             image cache (see --cache-dir), which concurrent servers share; the least recently used \
             images are removed beyond DEBUSINE_VIRT_CACHE_MAX bytes (default 20 GiB).
 
-            With --snapshot (experimental, off by default), the first boot of an image saves the booted VM (its memory, devices and disk) in the \
+            The first boot of an image saves the booted VM (its memory, devices and disk) in the \
             cache's states/ directory; later opens and every revert restore it, in about a second, \
             instead of booting. A restored guest gets the host's clock and fresh entropy; its boot \
             id and machine id are those of the saved boot. A state is only used by the exact same \
             QEMU, command line, image, firmware and guest helper, is checked against its SHA-256 \
-            sums before each use, and is rebuilt when it does not match. Without --snapshot every \
-            open and revert boots.
+            sums before each use, and is rebuilt when it does not match. --no-snapshot boots \
+            every time.
 
             debusine-virt-qemu gc removes what servers that died left behind (QEMU processes, \
             instance directories in $TMPDIR) and reports it.
@@ -102,8 +102,10 @@ struct QemuServer: AsyncParsableCommand {
 
     @Flag(
         inversion: .prefixedNo, exclusivity: .chooseLast,
-        help: "Experimental: save the first boot and restore it at opens and reverts (default: boot every time).")
-    var snapshot = false
+        help:
+            "Save the first boot and restore it at opens and reverts; --no-snapshot boots every time and saves nothing."
+    )
+    var snapshot = true
 
     @Argument(help: "The system image: a path to a qcow2 or raw EFI image, or an http(s):// or file:// URL of one.")
     var image: String
@@ -159,7 +161,7 @@ struct QemuServer: AsyncParsableCommand {
         options.bootTimeout = .seconds(bootTimeout)
         options.shutdownTimeout = .seconds(shutdownTimeout)
         options.qemu = qemu
-        options.stateCache = !snapshot ? nil : ImageCache(directory: cacheDir).directory
+        options.stateCache = snapshot ? ImageCache(directory: cacheDir).directory : nil
         return options
     }
 

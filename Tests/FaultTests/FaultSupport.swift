@@ -105,6 +105,13 @@ struct ServerUnderTest {
         }
     }
 
+    /// The Incus instance the auxverb reaches now (a container's hostname is its name): with
+    /// spares, a server owns a second instance, made for the next revert.
+    static func runningInstance(_ auxverb: [String]) async throws -> String {
+        try await SubprocessRunner().check(Command(argv: auxverb + ["cat", "/proc/sys/kernel/hostname"]))
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
     /// Stops the server if it still runs and removes its TMPDIR.
     func discard() async {
         process.signal(SIGKILL)

@@ -202,7 +202,7 @@ extension FaultSuite {
             try await faultCase(
                 "qemu", "SIGTERM while saving the VM state", expected: "cleans up, dies by the signal; nothing left"
             ) { checks in
-                let server = try await ServerUnderTest.start(.qemu, options: ["--cache-dir", cache, "--snapshot"])
+                let server = try await ServerUnderTest.start(.qemu, options: ["--cache-dir", cache])
                 server.process.write(line: "open")
                 do {
                     try await terminate(server, at: "saving the booted VM", cache: cache, checks)
@@ -215,7 +215,7 @@ extension FaultSuite {
             try await faultCase(
                 "qemu", "SIGTERM while restoring a saved state", expected: "cleans up, dies by the signal; nothing left"
             ) { checks in
-                let server = try await ServerUnderTest.start(.qemu, options: ["--cache-dir", cache, "--snapshot"])
+                let server = try await ServerUnderTest.start(.qemu, options: ["--cache-dir", cache])
                 do {
                     _ = try await server.open()
                     checks.expect(

@@ -52,7 +52,11 @@ func loadSession(_ backend: Backend, options: [String], work: String, index: Int
             }
             try await group.waitForAll()
         }
-        let names = backend == .incus ? try await ServerUnderTest.instances(ownedBy: server.process.pid) : []
+        // The instance in use, then every instance the server owns (a spare too, with spares).
+        let names =
+            backend == .incus
+            ? [try await ServerUnderTest.runningInstance(auxverb)]
+                + (try await ServerUnderTest.instances(ownedBy: server.process.pid)).map { "OWNED \($0)" } : []
         guard try await server.process.request("close") == "ok" else {
             throw VirtError(.testbedFailure, "server \(index): close failed")
         }
@@ -89,8 +93,14 @@ func fourAtOnce(_ backend: Backend, options: [String]) async throws {
         let left = results.flatMap { $0.1.filter { $0.hasPrefix("LEFT ") } }
         checks.expect(left.isEmpty, "left behind: \(left)")
         if backend == .incus {
-            let names = results.flatMap { $0.1.filter { !$0.hasPrefix("LEFT ") } }
-            checks.expect(Set(names).count == 4, "instances were not distinct: \(names)")
+            let running = results.compactMap { $0.1.first }
+            checks.expect(Set(running).count == 4, "the servers did not each run their own instance: \(running)")
+            let owned = results.flatMap { $0.1.filter { $0.hasPrefix("OWNED ") } }
+            checks.expect(Set(owned).count == owned.count, "an instance was owned twice: \(owned)")
+            for (pid, names) in results {
+                let mine = names.filter { $0.hasPrefix("OWNED ") }
+                checks.expect(mine.contains("OWNED \(names.first ?? "")"), "server \(pid) does not own \(names)")
+            }
         }
     }
 }

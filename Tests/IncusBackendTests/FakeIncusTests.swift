@@ -78,16 +78,21 @@ struct FakeIncusTests {
         }
     }
 
-    @Test("a spare is made while the testbed runs; revert starts it instead of launching; close deletes the next one")
-    func spare() async throws {
-        let fake = try Fake("", ["--spare"])
-        defer { fake.cleanUp() }
+    /// A whole session with one revert: open, revert, close, quit, each answered as it should be.
+    func openRevertClose(_ fake: Fake) async throws {
         #expect(try await fake.server.readLine() == "ok")
         #expect(try await fake.request("open")?.hasPrefix("ok /") == true, "\(fake.server.standardError)")
         #expect(try await fake.request("revert")?.hasPrefix("ok /") == true, "\(fake.server.standardError)")
         #expect(try await fake.request("close") == "ok")
         #expect(try await fake.request("quit") == nil)
         #expect(try await fake.server.wait() == .exited(0))
+    }
+
+    @Test("a spare is made while the testbed runs; revert starts it instead of launching; close deletes the next one")
+    func spare() async throws {
+        let fake = try Fake("")
+        defer { fake.cleanUp() }
+        try await openRevertClose(fake)
         let calls = fake.calls
         let launched = calls.filter { $0.hasPrefix("launch ") }
         let made = names(calls, "init")
@@ -103,23 +108,18 @@ struct FakeIncusTests {
         #expect(fake.instances.isEmpty, "\(calls)")
     }
 
-    @Test("a spare that does not start is deleted and revert launches instead; none is made by default")
+    @Test("a spare that does not start is deleted and revert launches instead; --no-spare makes none")
     func spareFails() async throws {
-        for (scenario, arguments) in [("start-fails", ["--spare"]), ("", [String]())] {
+        for (scenario, arguments) in [("start-fails", [String]()), ("", ["--no-spare"])] {
             let fake = try Fake(scenario, arguments)
             defer { fake.cleanUp() }
-            #expect(try await fake.server.readLine() == "ok")
-            #expect(try await fake.request("open")?.hasPrefix("ok /") == true, "\(fake.server.standardError)")
-            #expect(try await fake.request("revert")?.hasPrefix("ok /") == true, "\(fake.server.standardError)")
-            #expect(try await fake.request("close") == "ok")
-            #expect(try await fake.request("quit") == nil)
-            #expect(try await fake.server.wait() == .exited(0))
+            try await openRevertClose(fake)
             let calls = fake.calls
             #expect(calls.filter { $0.hasPrefix("launch ") }.count == 2, "\(scenario): \(calls)")
             if scenario == "start-fails" {
                 #expect(fake.server.standardError.contains("did not start"), "\(fake.server.standardError)")
             } else {
-                #expect(!calls.contains { $0.hasPrefix("init ") }, "a spare was made without --spare: \(calls)")
+                #expect(!calls.contains { $0.hasPrefix("init ") }, "--no-spare made one: \(calls)")
             }
             #expect(fake.instances.isEmpty, "\(scenario): \(calls)")
         }

@@ -44,7 +44,7 @@ struct IncusServerTests {
         let image = try requireImage()
         let host = try TestPaths.makeTemporaryDirectory("dv-incus-host.")
         defer { TestPaths.removeTree(host) }
-        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), "--spare", image])
+        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), image])
         #expect(try await server.readLine() == "ok")
         let opened = try await server.request("open")
         try #require(opened.hasPrefix("ok /"), "open failed:\n\(server.standardError)")
@@ -200,7 +200,7 @@ struct IncusServerTests {
         .enabled(if: enabled), .timeLimit(.minutes(5)))
     func signalsAndGC() async throws {
         let image = try requireImage()
-        let terminated = try ServerProcess([TestPaths.executable("debusine-virt-incus"), "--spare", image])
+        let terminated = try ServerProcess([TestPaths.executable("debusine-virt-incus"), image])
         #expect(try await terminated.readLine() == "ok")
         #expect(try await terminated.request("open").hasPrefix("ok /"))
         // The testbed, and the spare for the next revert (made in the background by now, or soon).
@@ -209,7 +209,7 @@ struct IncusServerTests {
         #expect(try await terminated.wait() == .signaled(SIGTERM))
         #expect(try await instances(ownedBy: terminated.pid).isEmpty)
 
-        let killed = try ServerProcess([TestPaths.executable("debusine-virt-incus"), "--spare", image])
+        let killed = try ServerProcess([TestPaths.executable("debusine-virt-incus"), image])
         #expect(try await killed.readLine() == "ok")
         #expect(try await killed.request("open").hasPrefix("ok /"))
         // Killed once the spare exists, maybe still being made by incusd: gc waits for that.

@@ -25,7 +25,7 @@ struct SavedStateTests {
         return try ServerProcess(
             [
                 TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--boot-timeout",
-                "900", "--shutdown-timeout", "10", "--cache-dir", cache, "--snapshot",
+                "900", "--shutdown-timeout", "10", "--cache-dir", cache,
             ] + extra + ["\(directory)/bookworm-amd64.qcow2"],
             environment: ["TMPDIR": parent])
     }
