@@ -63,7 +63,10 @@ public actor QMPClient {
             }
             let client = QMPClient(connection: connection, greeting: greeting)
             await client.startReading()
-            _ = try await client.execute("qmp_capabilities", timeout: clock.now.duration(to: deadline))
+            // QEMU has answered: a starved host that used the whole timeout up to the greeting
+            // still gets a few seconds for the negotiation rather than none.
+            _ = try await client.execute(
+                "qmp_capabilities", timeout: max(clock.now.duration(to: deadline), .seconds(5)))
             return client
         } catch {
             await connection.close()

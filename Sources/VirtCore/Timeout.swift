@@ -25,6 +25,8 @@ public func withTimeout<T: Sendable>(
 extension Duration {
     /// "1.5 s"-style text for messages.
     public var formattedSeconds: String {
+        // components of a negative duration are both negative: "-3.-9 s" otherwise.
+        if self < .zero { return "-" + (.zero - self).formattedSeconds }
         let (seconds, attoseconds) = components
         let tenths = attoseconds / 100_000_000_000_000_000
         return tenths == 0 ? "\(seconds) s" : "\(seconds).\(tenths) s"

@@ -88,18 +88,25 @@ struct CommandRunnerTests {
         let start = clock.now
         do {
             _ = try await withTimeout(.milliseconds(300), "sleeping") { [runner] in
-                try await runner.run(Command("sh", ["-c", "echo $$ > \(marker); exec sleep 30"]))
+                try await runner.run(Command("sh", ["-c", "echo $$ > \(marker); exec sleep 600"]))
             }
             Issue.record("expected a timeout")
         } catch let error as VirtError {
             #expect(error.code == .timeout)
         }
-        // The command sleeps 30 s; ending well before proves the race stopped it, with room for
-        // a loaded machine.
-        #expect(clock.now - start < .seconds(25))
+        // The command sleeps 600 s; ending well before proves the race stopped it, with room for
+        // a machine starved at the start of a test run (36 s once, with a 30 s sleep).
+        #expect(clock.now - start < .seconds(300))
         let text = try await runner.check(Command("cat", [marker]))
         let pid = try #require(pid_t(text))
         #expect(kill(pid, 0) != 0, "the timed-out command is still running")
+    }
+
+    @Test("durations read as seconds in messages, negative ones too")
+    func formattedSeconds() {
+        #expect(Duration.seconds(2).formattedSeconds == "2 s")
+        #expect(Duration.milliseconds(1500).formattedSeconds == "1.5 s")
+        #expect(Duration.milliseconds(-3900).formattedSeconds == "-3.9 s")
     }
 
     @Test("output can go to a file descriptor, streamed, never held in memory")

@@ -26,7 +26,8 @@ struct RealQEMUTests {
                 ],
                 outputPath: directory + "/qemu.log")
             do {
-                let client = try await QMPClient.connect(path: socket, timeout: .seconds(20))
+                // Only a guard against a hang: QEMU starting on a starved host once took over 20 s.
+                let client = try await QMPClient.connect(path: socket, timeout: .seconds(60))
                 #expect(client.greeting["QMP"]?["version"]?["qemu"]?["major"]?.intValue ?? 0 >= 2)
                 let status = try await client.execute("query-status")
                 #expect(status["status"] == "prelaunch")
