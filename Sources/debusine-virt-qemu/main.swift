@@ -19,7 +19,10 @@ struct QemuServer: AsyncParsableCommand {
         discussion: """
             Boots IMAGE (qcow2 or raw, EFI, never modified: every boot gets a fresh qcow2 overlay) \
             and serves the autopkgtest virt-server protocol on stdin/stdout. The image needs \
-            qemu-guest-agent and python3-minimal. Use it as: autopkgtest PACKAGE -- debusine-virt-qemu IMAGE
+            python3-minimal and qemu-guest-agent; an image without the agent that boots to a login \
+            prompt on the serial console where root logs in without a password (as Debian's nocloud \
+            images) gets it installed there with apt-get, which needs network access to an archive. \
+            Use it as: autopkgtest PACKAGE -- debusine-virt-qemu IMAGE
 
             IMAGE may be an http://, https:// or file:// URL: it is then downloaded once into the \
             image cache (see --cache-dir), which concurrent servers share; the least recently used \
@@ -86,6 +89,14 @@ struct QemuServer: AsyncParsableCommand {
 
     @Option(help: "The QEMU system emulator to run.")
     var qemu = "qemu-system-x86_64"
+
+    @Option(
+        name: .customLong("qemu-option"), parsing: .unconditionalSingleValue,
+        help: ArgumentHelp(
+            "An extra QEMU argument, appended to its command line as it is; repeat it for each argument, "
+                + "e.g. --qemu-option -device --qemu-option virtio-net-pci,netdev=n0.",
+            valueName: "arg"))
+    var qemuOptions: [String] = []
 
     @Option(
         help: ArgumentHelp(
@@ -161,6 +172,7 @@ struct QemuServer: AsyncParsableCommand {
         options.bootTimeout = .seconds(bootTimeout)
         options.shutdownTimeout = .seconds(shutdownTimeout)
         options.qemu = qemu
+        options.extraArguments = qemuOptions
         options.stateCache = snapshot ? ImageCache(directory: cacheDir).directory : nil
         return options
     }

@@ -178,5 +178,13 @@ struct ConsoleWatchTests {
         #expect(!ConsoleWatch.showsLoginPrompt("[  OK  ] Reached target multi-user.target\r\n"))
         #expect(!ConsoleWatch.showsLoginPrompt("Last login: Sun Nov 22 on ttyS0\n"))
         #expect(!ConsoleWatch.showsLoginPrompt(""))
+        // The kernel writes to the same console, after the prompt and on its line.
+        #expect(
+            ConsoleWatch.showsLoginPrompt(
+                "vm login: [   42.066323] kvm: Nested Virtualization enabled\r\n[   42.066621] SVM: kvm: Nested "
+                    + "Paging enabled\r\n\r\n"))
+        #expect(ConsoleWatch.showsLoginPrompt("vm login:\r\n[  101.5] random: crng init done\r\n"))
+        #expect(!ConsoleWatch.showsLoginPrompt("vm login: root\r\nroot@vm:~# "))
+        #expect(!ConsoleWatch.showsLoginPrompt("vm login: [ OK ] Started x\r\n"))
     }
 }

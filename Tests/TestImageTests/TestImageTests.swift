@@ -5,7 +5,8 @@ import VirtCore
 import VirtTestSupport
 
 /// The project-built test images work with the real tools: QEMU (TCG) boots the EFI image to a
-/// responding guest agent, and Incus imports the system tarball and runs a container from it.
+/// responding guest agent and its agent-less variant to a root login on the serial console, and
+/// Incus imports the system tarball and runs a container from it.
 ///
 /// Needs DEBUSINE_VIRT_TEST_IMAGES (set by scripts/test). Outside CI, missing images skip these
 /// tests; in CI (CI=true) they fail instead.
@@ -28,6 +29,14 @@ struct TestImageTests {
     @Test("QEMU under TCG boots the EFI image to a responding guest agent", .enabled(if: available))
     func qemuBootsImage() async throws {
         let output = try await runCheck("--qemu-only")
+        #expect(output.contains("1 passed, 0 failed"), "\(output)")
+    }
+
+    @Test(
+        "the agent-less variant boots to a console login as root without password, and apt can install the agent from the build's repository",
+        .enabled(if: available))
+    func noAgentVariant() async throws {
+        let output = try await runCheck("--noagent-only")
         #expect(output.contains("1 passed, 0 failed"), "\(output)")
     }
 

@@ -63,12 +63,39 @@ public final class TestHTTPServer: Sendable {
         server.serve_forever()
         """#
 
-    public init() async throws {
+    /// Serves the whole tree under `directory` (left alone by ``stop()``) at `/`, as a plain
+    /// static server: e.g. an apt repository for a guest.
+    static let directoryScript = #"""
+        import functools, http.server, sys
+        directory, log_path = sys.argv[1], sys.argv[2]
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                with open(log_path, "a") as log:
+                    log.write(self.path + "\n")
+                super().do_GET()
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=directory))
+        print(server.server_address[1], flush=True)
+        server.serve_forever()
+        """#
+
+    /// The server of ``files`` described above; with `directory`, a plain static server of
+    /// that tree at `/` instead (see ``directoryScript``).
+    public init(directory: String? = nil) async throws {
         root = try TestPaths.makeTemporaryDirectory("dv-http.")
-        files = "\(root)/files"
-        try FileManager.default.createDirectory(atPath: files, withIntermediateDirectories: false)
+        files = directory ?? "\(root)/files"
+        if directory == nil {
+            try FileManager.default.createDirectory(atPath: files, withIntermediateDirectories: false)
+        }
         _ = FileManager.default.createFile(atPath: "\(root)/requests", contents: Data())
-        process = try ServerProcess(["/usr/bin/env", "python3", "-c", Self.script, files, "\(root)/requests"])
+        process = try ServerProcess([
+            "/usr/bin/env", "python3", "-c", directory == nil ? Self.script : Self.directoryScript, files,
+            "\(root)/requests",
+        ])
         let line = try await process.readLine(timeout: .seconds(30))
         guard let line, let port = Int(line) else {
             throw VirtError(.commandFailed, "the test HTTP server did not start: \(process.standardError)")
@@ -86,6 +113,12 @@ public final class TestHTTPServer: Sendable {
     }
 
     public func url(_ name: String, mode: String = "files") -> String { "http://127.0.0.1:\(port)/\(mode)/\(name)" }
+
+    /// Every request path the server received, in order.
+    public var requestedPaths: [String] {
+        let log = (try? String(contentsOfFile: "\(root)/requests", encoding: .utf8)) ?? ""
+        return log.split(separator: "\n").map(String.init)
+    }
 
     /// How many requests for `/mode/name` the server received.
     public func requests(_ name: String, mode: String = "files") -> Int {

@@ -1,0 +1,221 @@
+import NIOCore
+import NIOPosix
+import VirtCore
+
+/// A client of a guest's serial console on QEMU's unix-socket chardev: raw bytes both ways, as
+/// a person at the terminal would type and read them.
+///
+/// It is used to log in and run one fixed command on an image that has no guest agent yet.
+/// QEMU's chardev keeps logging the guest's output to its log file while we are connected.
+/// Everything waits with a timeout and fails with a ``VirtError``; nothing here can hang.
+public actor SerialConsole {
+    /// The most output kept while waiting for a pattern (older output is dropped).
+    static let maximumPending = 1 << 20
+
+    /// How a login on the console went.
+    public enum Login: Sendable, Equatable {
+        /// A root shell answers.
+        case root
+        /// A shell answers, but not as root (uid given).
+        case user(uid: String)
+    }
+
+    private let name: String
+    private let chunks: Mailbox<[UInt8]>
+    private let channel: any Channel
+    /// Output received and not yet consumed by a match.
+    private var pending: [UInt8] = []
+    /// The output the last match skipped: what came before the pattern.
+    private var skipped: [UInt8] = []
+
+    private init(name: String, chunks: Mailbox<[UInt8]>, channel: any Channel) {
+        self.name = name
+        self.chunks = chunks
+        self.channel = channel
+    }
+
+    deinit {
+        channel.close(promise: nil)
+    }
+
+    /// Connects to the console socket at `path`, retrying while it does not accept yet.
+    public static func connect(path: String, timeout: Duration) async throws(VirtError) -> SerialConsole {
+        let name = "serial console \(path)"
+        let clock = ContinuousClock()
+        let deadline = clock.now.advanced(by: timeout)
+        while true {
+            let chunks = Mailbox<[UInt8]>()
+            let bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(
+                            ChunkForwarder(
+                                chunks: chunks, closedError: VirtError(.testbedFailure, "\(name): connection closed"),
+                                name: name))
+                    }
+                }
+            do {
+                let channel = try await bootstrap.connect(unixDomainSocketPath: path).get()
+                log.debug("\(name): connected")
+                return SerialConsole(name: name, chunks: chunks, channel: channel)
+            } catch let error as SocketAddressError {
+                throw VirtError(.io, "\(name): cannot connect: \(error)")
+            } catch {
+                guard clock.now.advanced(by: .milliseconds(100)) < deadline, !Task.isCancelled else {
+                    throw VirtError(.timeout, "cannot connect to \(name) within \(timeout.formattedSeconds): \(error)")
+                }
+            }
+            do {
+                try await Task.sleep(for: .milliseconds(100))
+            } catch {
+                throw VirtError(.timeout, "connecting to \(name) was cancelled")
+            }
+        }
+    }
+
+    /// Types `text` (the caller adds the newlines).
+    public func send(_ text: String) async throws(VirtError) {
+        do {
+            try await channel.writeAndFlush(ByteBuffer(bytes: Array(text.utf8))).get()
+        } catch {
+            throw VirtError(.testbedFailure, "\(name): cannot send: \(error)")
+        }
+    }
+
+    /// Waits until the output not consumed yet contains one of `patterns` and returns the index of
+    /// the one that occurs first (the lowest index among those starting at the same place); the
+    /// output up to the end of the match is consumed. Throws a ``VirtError/Code/timeout`` error
+    /// naming `what` after `timeout`, and a ``VirtError/Code/testbedFailure`` one if the
+    /// console closes.
+    public func expect(_ patterns: [String], _ what: String, timeout: Duration) async throws(VirtError) -> Int {
+        try await withDeadline(timeout, "waiting for \(what) on the serial console") {
+            try await self.readUntil(patterns.map { Array($0.utf8) })
+        }
+    }
+
+    /// What the last ``expect(_:_:timeout:)`` skipped before its match.
+    public var skippedText: String { String(decoding: skipped, as: UTF8.self) }
+
+    private func readUntil(_ patterns: [[UInt8]]) async throws -> Int {
+        while true {
+            if let match = Self.firstMatch(patterns, in: pending) {
+                skipped = Array(pending[0..<match.start])
+                pending.removeFirst(match.end)
+                return match.index
+            }
+            let chunk = try await chunks.next()
+            pending += chunk
+            if pending.count > Self.maximumPending { pending.removeFirst(pending.count - Self.maximumPending) }
+        }
+    }
+
+    /// The pattern that occurs first in `bytes` and where its match ends.
+    static func firstMatch(_ patterns: [[UInt8]], in bytes: [UInt8]) -> (index: Int, start: Int, end: Int)? {
+        var best: (index: Int, start: Int, end: Int)?
+        for (index, pattern) in patterns.enumerated() where !pattern.isEmpty && pattern.count <= bytes.count {
+            var start = 0
+            while start + pattern.count <= bytes.count {
+                if bytes[start] == pattern[0] && bytes[start..<start + pattern.count].elementsEqual(pattern) { break }
+                start += 1
+            }
+            guard start + pattern.count <= bytes.count else { continue }
+            if best == nil || start < (best?.start ?? 0) { best = (index, start, start + pattern.count) }
+        }
+        return best
+    }
+
+    /// Logs in as root at a login prompt: types `root`, answers an empty password if asked,
+    /// and checks that a shell answers and which user it runs as.
+    ///
+    /// Throws a ``VirtError/Code/testbedFailure`` error saying why not (a password is needed,
+    /// no shell answered) or a ``VirtError/Code/timeout`` one.
+    public func logInAsRoot(timeout: Duration) async throws(VirtError) -> Login {
+        let deadline = ContinuousClock.now + timeout
+        func left() -> Duration { max(deadline - ContinuousClock.now, .milliseconds(1)) }
+        // The shell's prompts, and login's answers. A prompt is confirmed by the probe below.
+        // Not "login: ": a successful login may print "Last login: ...".
+        let answers = ["Password:", "Login incorrect", "# ", "$ "]
+        try await send("root\n")
+        var answer = try await expect(answers, "an answer to the login", timeout: left())
+        if answer == 0 {
+            try await send("\n")
+            answer = try await expect(answers, "an answer to the empty password", timeout: left())
+            if answer < 2 {
+                throw VirtError(.testbedFailure, "root cannot log in on the serial console without a password")
+            }
+        } else if answer == 1 {
+            throw VirtError(.testbedFailure, "root cannot log in on the serial console (login refused it)")
+        }
+        // Whatever the prompt looks like: a shell prints this (its echo does not contain it).
+        try await send("unset HISTFILE; printf '%s-%s-%s\\n' debusine-virt shell \"$(id -u)\"\n")
+        _ = try await expect(["debusine-virt-shell-"], "the shell to answer", timeout: left())
+        _ = try await expect(["\n"], "the shell to answer", timeout: left())
+        let uid = String(skippedText.filter { !$0.isWhitespace })
+        return uid == "0" ? .root : .user(uid: uid)
+    }
+
+    /// Runs `script` in the logged-in shell and returns its exit status. `script` must be a
+    /// constant command line of the caller (never user input) without newlines; its output goes
+    /// to the console. Throws a ``VirtError/Code/timeout`` error after `timeout`.
+    public func run(_ script: String, _ what: String, timeout: Duration) async throws(VirtError) -> Int32 {
+        let deadline = ContinuousClock.now + timeout
+        func left() -> Duration { max(deadline - ContinuousClock.now, .milliseconds(1)) }
+        try await send("\(script); printf '%s-%s-%s\\n' debusine-virt status \"$?\"\n")
+        _ = try await expect(["debusine-virt-status-"], what, timeout: left())
+        _ = try await expect(["\n"], what, timeout: left())
+        let text = String(skippedText.filter { !$0.isWhitespace })
+        guard let status = Int32(text) else {
+            throw VirtError(
+                .testbedFailure, "\(what): unexpected status \(text.debugDescription) on the serial console")
+        }
+        return status
+    }
+
+    /// Logs out (best effort) and closes the connection.
+    public func logOut() async {
+        try? await send("exit\n")
+        _ = try? await expect(["login: "], "the login prompt after logging out", timeout: .seconds(10))
+    }
+
+    /// Closes the connection; QEMU keeps the console and its log.
+    public func close() async {
+        chunks.finish(throwing: VirtError(.testbedFailure, "\(name): connection closed"))
+        do {
+            try await channel.close().get()
+        } catch {
+            // Already closed.
+        }
+    }
+}
+
+/// Moves received bytes from the event loop into the console's queue.
+private final class ChunkForwarder: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+
+    private let chunks: Mailbox<[UInt8]>
+    private let closedError: VirtError
+    private let name: String
+
+    init(chunks: Mailbox<[UInt8]>, closedError: VirtError, name: String) {
+        self.chunks = chunks
+        self.closedError = closedError
+        self.name = name
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var buffer = unwrapInboundIn(data)
+        chunks.push(buffer.readBytes(length: buffer.readableBytes) ?? [])
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        log.debug("\(name): connection closed")
+        chunks.finish(throwing: closedError)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        log.debug("\(name): \(error)")
+        chunks.finish(throwing: closedError)
+        context.close(promise: nil)
+    }
+}

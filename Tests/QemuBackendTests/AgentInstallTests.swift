@@ -1,0 +1,149 @@
+import CommandRunner
+import Foundation
+import Testing
+import VirtCore
+import VirtTestSupport
+
+@testable import QemuBackend
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// debusine-virt-qemu on an image without qemu-guest-agent (the agent-less variant that
+/// scripts/build-test-images makes, like Debian's nocloud images): the server logs in as root
+/// on the serial console and installs the agent with apt-get.
+///
+/// The guest's only network is QEMU user networking with `restrict=on`, whose one way out is a
+/// guestfwd of the image's apt source (10.0.2.100:80), through Fixtures/loopback-relay, to a
+/// server of the build's agent repository on the host's loopback: no traffic leaves the host.
+///
+/// Needs DEBUSINE_VIRT_TEST_IMAGES (set by scripts/test); in CI a missing image fails.
+@Suite("debusine-virt-qemu installs qemu-guest-agent over the serial console", .serialized)
+struct AgentInstallTests {
+    static let imageDirectory = ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_IMAGES"]
+    static let enabled = imageDirectory != nil || TestPaths.isCI
+
+    let runner = SubprocessRunner()
+
+    @Test(
+        "an image without the agent gets it installed over the serial console from an apt repository on loopback; then commands run",
+        .enabled(if: enabled), .timeLimit(.minutes(20)))
+    func installsTheAgent() async throws {
+        let directory = try #require(
+            Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        let http = try await TestHTTPServer(directory: "\(directory)/agent-repo")
+        do {
+            try await installsTheAgent(image: "\(directory)/bookworm-amd64-noagent.qcow2", http: http)
+        } catch {
+            await http.stop()
+            throw error
+        }
+        await http.stop()
+    }
+
+    func installsTheAgent(image: String, http: TestHTTPServer) async throws {
+        let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-test.")
+        let cache = try TestPaths.makeTemporaryDirectory("dv-qemu-cache.")
+        defer {
+            TestPaths.removeTree(parent)
+            TestPaths.removeTree(cache)
+        }
+        // cmd: runs the relay for each connection of the guest (a tcp: chardev would carry one).
+        let relay = QemuCommands.escaped("\(TestPaths.repositoryRoot)/Tests/QemuBackendTests/Fixtures/loopback-relay")
+        let network = "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:\(relay) \(http.port)"
+        let server = try ServerProcess(
+            [
+                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none",
+                "--qemu-option", "-netdev", "--qemu-option", network,
+                "--qemu-option", "-device", "--qemu-option", "virtio-net-pci,netdev=net0",
+                // Room for a starved TCG guest: the boot, apt and the install all count.
+                "--boot-timeout", "900", "--shutdown-timeout", "10", "--cache-dir", cache, image,
+            ],
+            environment: ["TMPDIR": parent])
+        #expect(try await server.readLine() == "ok")
+        let opened = try await server.request("open", timeout: .seconds(960))
+        try #require(opened.hasPrefix("ok /"), "open failed:\n\(server.standardError)")
+        #expect(
+            server.standardError.contains("qemu-guest-agent installed and started over the serial console"),
+            "\(server.standardError)")
+        #expect(
+            http.requestedPaths.contains { $0.hasSuffix(".deb") && $0.contains("qemu-guest-agent_") },
+            "the guest did not fetch the package from the test repository: \(http.requestedPaths)")
+
+        let aux = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
+        func inGuest(_ argv: [String]) async throws -> CommandResult {
+            try await runner.run(Command(argv: aux + argv), input: .none, output: .capture, error: .capture)
+        }
+        let status = try await inGuest(["dpkg-query", "-W", "-f", "${Status}", "qemu-guest-agent"])
+        #expect(status.outputText == "install ok installed", "\(status.errorText)")
+        #expect(try await inGuest(["id", "-u"]).outputText == "0")
+        // Logged out again: no session of root is left on the console (utmp; no procps in minbase).
+        let who = try await inGuest(["who"])
+        #expect(who.status == .exited(0) && !who.outputText.contains("ttyS0"), "who: \(who.outputText)")
+
+        // The state saved after that boot has the agent: a revert restores it, installing nothing.
+        #expect(try await server.request("revert", timeout: .seconds(960)).hasPrefix("ok /"), "\(server.standardError)")
+        #expect(server.standardError.contains("restored the saved VM state"), "\(server.standardError)")
+        let installs = server.standardError.components(separatedBy: "installed and started over the serial console")
+        #expect(installs.count == 2, "the agent was installed \(installs.count - 1) times")
+        let again = try await inGuest(["dpkg-query", "-W", "-f", "${Status}", "qemu-guest-agent"])
+        #expect(again.outputText == "install ok installed", "\(again.errorText)")
+
+        server.write(line: "quit")
+        #expect(try await server.wait(timeout: .seconds(180)) == .exited(0), "\(server.standardError)")
+        #expect(TestPaths.contents(of: parent) == [], "the instance directory was left behind")
+        let leftover = try await runner.run(Command("pgrep", ["-f", parent]))
+        #expect(leftover.outputText.isEmpty, "QEMU processes left behind: \(leftover.outputText)")
+    }
+
+    @Test(
+        "without network the agent cannot be installed: open fails soon with an error naming qemu-guest-agent and apt-get, leaving nothing behind",
+        .enabled(if: enabled), .timeLimit(.minutes(20)))
+    func noNetwork() async throws {
+        let directory = try #require(
+            Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-test.")
+        defer { TestPaths.removeTree(parent) }
+        let server = try ServerProcess(
+            [
+                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none",
+                // A boot timeout far above what a starved boot takes (210 s once), so that failing
+                // "soon" can be told from failing at the timeout.
+                "--boot-timeout", "900", "--shutdown-timeout", "5", "\(directory)/bookworm-amd64-noagent.qcow2",
+            ],
+            environment: ["TMPDIR": parent])
+        #expect(try await server.readLine() == "ok")
+        let clock = ContinuousClock()
+        let start = clock.now
+        server.write(line: "open")
+        #expect(try await server.wait(timeout: .seconds(960)) == .exited(12))
+        // Well before the boot timeout.
+        #expect(clock.now - start < .seconds(600), "took \(clock.now - start)")
+        let text = server.standardError
+        #expect(text.contains("the image needs qemu-guest-agent installed"), "\(text)")
+        #expect(text.contains("installing it over the serial console failed"), "\(text)")
+        #expect(text.contains("apt-get install qemu-guest-agent, which failed"), "\(text)")
+        #expect(text.contains("--- end of the serial console"), "the console's end is shown: \(text)")
+        #expect(TestPaths.contents(of: parent).isEmpty, "the instance directory was left behind")
+        let leftover = try await runner.run(Command("pgrep", ["-f", parent]))
+        #expect(leftover.outputText.isEmpty, "QEMU processes left behind: \(leftover.outputText)")
+    }
+}
+
+@Suite("The agent's installation script")
+struct AgentInstallScriptTests {
+    @Test("the script typed on the console is one line of valid sh that installs, starts and reports")
+    func script() async throws {
+        #expect(!AgentInstall.script.contains("\n"))
+        // A tty's canonical line is at most 4095 bytes.
+        #expect(AgentInstall.script.utf8.count < 1000)
+        for word in ["apt-get -q update", "install qemu-guest-agent", "systemctl start qemu-guest-agent"] {
+            #expect(AgentInstall.script.contains(word))
+        }
+        let check = try await SubprocessRunner().run(Command("sh", ["-n", "-c", AgentInstall.script]))
+        #expect(check.status == .exited(0), "\(check.errorText)")
+    }
+}
