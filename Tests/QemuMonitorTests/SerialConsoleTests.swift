@@ -47,9 +47,9 @@ struct SerialConsoleTests {
                     line == "root" ? "Linux vm 6.1.0 x86_64\r\n\r\nroot@vm:~# " : shellAnswer(line, status: "0")
                 }
             }
-            let console = try await SerialConsole.connect(path: peer.path, timeout: .seconds(10))
-            #expect(try await console.logInAsRoot(timeout: .seconds(10)) == .root)
-            #expect(try await console.run("apt-get install x", "the test command", timeout: .seconds(10)) == 0)
+            let console = try await SerialConsole.connect(path: peer.path, timeout: .seconds(120))
+            #expect(try await console.logInAsRoot(timeout: .seconds(120)) == .root)
+            #expect(try await console.run("apt-get install x", "the test command", timeout: .seconds(120)) == 0)
             await console.logOut()
             await console.close()
             let typed = try await guest.value
@@ -71,9 +71,9 @@ struct SerialConsoleTests {
                     }
                 }
             }
-            let console = try await SerialConsole.connect(path: peer.path, timeout: .seconds(10))
-            #expect(try await console.logInAsRoot(timeout: .seconds(10)) == .root)
-            #expect(try await console.run("false", "the test command", timeout: .seconds(10)) == 101)
+            let console = try await SerialConsole.connect(path: peer.path, timeout: .seconds(120))
+            #expect(try await console.logInAsRoot(timeout: .seconds(120)) == .root)
+            #expect(try await console.run("false", "the test command", timeout: .seconds(120)) == 101)
             await console.close()
             _ = try await guest.value
         }
@@ -91,14 +91,14 @@ struct SerialConsoleTests {
                     }
                 }
             }
-            let console = try await SerialConsole.connect(path: peer.path, timeout: .seconds(10))
+            let console = try await SerialConsole.connect(path: peer.path, timeout: .seconds(120))
             let clock = ContinuousClock()
             let start = clock.now
-            let error = await #expect(throws: VirtError.self) { try await console.logInAsRoot(timeout: .seconds(30)) }
+            let error = await #expect(throws: VirtError.self) { try await console.logInAsRoot(timeout: .seconds(120)) }
             #expect(error?.code == .testbedFailure)
             #expect(error?.message.contains("without a password") == true, "\(String(describing: error))")
-            // Refused at once, not at the 30 s timeout (with room for a loaded machine).
-            #expect(clock.now - start < .seconds(25))
+            // Refused at once, not at the timeout (with room for a loaded machine).
+            #expect(clock.now - start < .seconds(90))
             await console.close()
             _ = try await guest.value
         }
@@ -112,8 +112,8 @@ struct SerialConsoleTests {
                     line == "root" ? "user@vm:~$ " : shellAnswer(line, uid: "1000")
                 }
             }
-            let console = try await SerialConsole.connect(path: peer.path, timeout: .seconds(10))
-            #expect(try await console.logInAsRoot(timeout: .seconds(10)) == .user(uid: "1000"))
+            let console = try await SerialConsole.connect(path: peer.path, timeout: .seconds(120))
+            #expect(try await console.logInAsRoot(timeout: .seconds(120)) == .user(uid: "1000"))
             await console.close()
             _ = try await guest.value
         }
@@ -123,7 +123,7 @@ struct SerialConsoleTests {
     func silentConsole() async throws {
         try await withFakePeer { peer in
             let guest = Task { try await playTerminal(peer) { _ in "" } }
-            let console = try await SerialConsole.connect(path: peer.path, timeout: .seconds(10))
+            let console = try await SerialConsole.connect(path: peer.path, timeout: .seconds(120))
             let clock = ContinuousClock()
             let start = clock.now
             let error = await #expect(throws: VirtError.self) { try await console.logInAsRoot(timeout: .seconds(2)) }
@@ -147,8 +147,8 @@ struct SerialConsoleTests {
                     return nil
                 }
             }
-            let console = try await SerialConsole.connect(path: peer.path, timeout: .seconds(10))
-            #expect(try await console.logInAsRoot(timeout: .seconds(10)) == .root)
+            let console = try await SerialConsole.connect(path: peer.path, timeout: .seconds(120))
+            #expect(try await console.logInAsRoot(timeout: .seconds(120)) == .root)
             let error = await #expect(throws: VirtError.self) {
                 try await console.run("sleep 100", "the test command", timeout: .seconds(30))
             }
