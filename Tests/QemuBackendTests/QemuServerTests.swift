@@ -35,8 +35,10 @@ struct QemuServerTests {
         defer { TestPaths.removeTree(host) }
         let server = try ServerProcess(
             [
-                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--shutdown-timeout",
-                "10", image,
+                // The boot timeout leaves room for the start of a test run, when a dozen VMs boot at
+                // once on two cores (300 s ran out once).
+                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--boot-timeout",
+                "900", "--shutdown-timeout", "10", image,
             ],
             // The 1 GiB copy below takes minutes under TCG: more than the default 300 s allow.
             environment: ["TMPDIR": parent, "AUTOPKGTEST_VIRT_COPY_TIMEOUT": "1200"])
@@ -47,7 +49,7 @@ struct QemuServerTests {
             #expect(capabilities.split(separator: " ").contains(Substring(word)), "\(capabilities)")
         }
 
-        let opened = try await server.request("open")
+        let opened = try await server.request("open", timeout: .seconds(960))
         try #require(opened.hasPrefix("ok /"), "open failed:\n\(server.standardError)")
         let scratch = String(opened.dropFirst(3))
         #expect(TestPaths.contents(of: parent).count == 1, "one private instance directory")
@@ -199,12 +201,12 @@ struct QemuServerTests {
         defer { TestPaths.removeTree(parent) }
         let server = try ServerProcess(
             [
-                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none",
-                "\(directory)/bookworm-amd64.qcow2",
+                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--boot-timeout",
+                "900", "\(directory)/bookworm-amd64.qcow2",
             ],
             environment: ["TMPDIR": parent])
         #expect(try await server.readLine() == "ok")
-        #expect(try await server.request("open").hasPrefix("ok /"))
+        #expect(try await server.request("open", timeout: .seconds(960)).hasPrefix("ok /"))
         server.signal(SIGKILL)
         #expect(try await server.wait() == .signaled(SIGKILL))
         #expect(TestPaths.contents(of: parent).count == 1, "the instance directory should still be there")
@@ -285,12 +287,12 @@ struct QemuServerTests {
             [
                 "\(TestPaths.repositoryRoot)/Tests/Fixtures/with-terminal", "-42 0 /dev/pts/",
                 "echo in-$(basename \"$PWD\")-$((6*7)) $(id -u) $(tty); exit\r",
-                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--shutdown-timeout",
-                "10", "\(directory)/bookworm-amd64.qcow2",
+                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--boot-timeout",
+                "900", "--shutdown-timeout", "10", "\(directory)/bookworm-amd64.qcow2",
             ],
             environment: ["TMPDIR": parent])
         #expect(try await server.readLine() == "ok")
-        let opened = try await server.request("open")
+        let opened = try await server.request("open", timeout: .seconds(960))
         try #require(opened.hasPrefix("ok /"), "\(server.standardError)")
         let scratch = String(opened.dropFirst(3))
         #expect(try await server.request("shell \(scratch)") == "ok", "\(server.standardError)")
