@@ -146,13 +146,9 @@ private enum Sink {
 enum BytesFeeder {
     /// Returns the read end for the child.
     static func start(_ bytes: [UInt8]) throws(VirtError) -> Int32 {
-        var fds: [Int32] = [-1, -1]
-        guard pipe(&fds) == 0 else {
+        guard let (readEnd, writeEnd) = SpawnHygiene.pipe() else {
             throw VirtError(.io, "cannot create a pipe: \(String(cString: strerror(errno)))")
         }
-        let (readEnd, writeEnd) = (fds[0], fds[1])
-        _ = fcntl(readEnd, F_SETFD, FD_CLOEXEC)
-        _ = fcntl(writeEnd, F_SETFD, FD_CLOEXEC)
         let thread = Thread {
             // A child that exits unread must give us EPIPE, not kill us: SIGPIPE from write()
             // goes to the writing thread, so blocking it here is enough whatever the process does.

@@ -214,12 +214,14 @@ final class FileLock {
             {
                 return FileLock(path: path, fd: fd)
             }
-            close(fd)
+            SpawnHygiene.unlockAndClose(fd)
         }
     }
 
+    /// Releases the lock at once, even while a child forked meanwhile still shares the
+    /// descriptor (``SpawnHygiene/unlockAndClose(_:)``).
     func release() {
-        if fd >= 0 { close(fd) }
+        SpawnHygiene.unlockAndClose(fd)
         fd = -1
     }
 
@@ -262,7 +264,7 @@ enum Pins {
     /// Drops this process's shared lock on `path`, if it holds one.
     static func unpin(_ path: String) {
         held.withLock { held in
-            if let fd = held.removeValue(forKey: path) { close(fd) }
+            if let fd = held.removeValue(forKey: path) { SpawnHygiene.unlockAndClose(fd) }
         }
     }
 
@@ -270,7 +272,8 @@ enum Pins {
     static func isInUse(_ path: String) -> Bool {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return false }
-        defer { close(fd) }
+        // The probe's lock, when it gets one, must not outlive this call in a forked child.
+        defer { SpawnHygiene.unlockAndClose(fd) }
         // Our own pins are other open file descriptions, so they make this fail too.
         return flock(fd, LOCK_EX | LOCK_NB) != 0
     }

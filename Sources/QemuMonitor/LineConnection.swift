@@ -89,8 +89,13 @@ final class LineConnection: Sendable {
     }
 
     /// Closes the socket; pending and later waits on ``lines`` fail with ``closedError``.
+    ///
+    /// The peer must see the close at once (the guest agent serves one client at a time), but a
+    /// child forked by another thread shares the socket until it execs, and then a close alone
+    /// ends nothing: shutting the output down first reaches the peer whoever holds the socket.
     func close() async {
         lines.finish(throwing: closedError)
+        try? await channel.close(mode: .output).get()
         do {
             try await channel.close().get()
         } catch {

@@ -177,9 +177,12 @@ public actor SerialConsole {
         _ = try? await expect(["login: "], "the login prompt after logging out", timeout: .seconds(10))
     }
 
-    /// Closes the connection; QEMU keeps the console and its log.
+    /// Closes the connection; QEMU keeps the console and its log. The output is shut down
+    /// first, as in ``LineConnection/close()``: QEMU serves one client per socket, and must see
+    /// this one go even while a child forked meanwhile shares the socket.
     public func close() async {
         chunks.finish(throwing: VirtError(.testbedFailure, "\(name): connection closed"))
+        try? await channel.close(mode: .output).get()
         do {
             try await channel.close().get()
         } catch {

@@ -182,13 +182,9 @@ public enum CopyPlumbing {
     static func pipeline(
         from source: Command, to destination: Command, _ runner: any CommandRunner, _ what: String
     ) async throws(VirtError) {
-        var fds: [Int32] = [-1, -1]
-        // Glibc's module map hides pipe2; children close stray descriptors anyway (swift-subprocess
-        // uses closefrom), CLOEXEC only guards against other spawners in this process.
-        guard pipe(&fds) == 0, fcntl(fds[0], F_SETFD, FD_CLOEXEC) == 0, fcntl(fds[1], F_SETFD, FD_CLOEXEC) == 0 else {
+        guard let (readEnd, writeEnd) = SpawnHygiene.pipe() else {
             throw VirtError(.io, "\(what): cannot create a pipe: \(String(cString: strerror(errno)))")
         }
-        let (readEnd, writeEnd) = (fds[0], fds[1])
         let results: (CommandResult, CommandResult)
         do {
             results = try await withThrowingTaskGroup(of: (Int, CommandResult).self) { group in

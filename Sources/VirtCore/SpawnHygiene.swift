@@ -5,7 +5,7 @@
 #endif
 
 /// What our own posix_spawn calls need so that a child holds no descriptor but its stdin,
-/// stdout and stderr.
+/// stdout and stderr, and what every descriptor that a child must not keep alive needs.
 ///
 /// Clients run servers concurrently in one process (the tests do, in parallel): a child that
 /// inherits another one's pipe end keeps that one from ever seeing end of file, and a child
@@ -56,5 +56,18 @@ public enum SpawnHygiene {
             _ = fcntl(fds[1], F_SETFD, FD_CLOEXEC)
         }
         return (fds[0], fds[1])
+    }
+
+    /// Releases an flock(2) lock held on `fd`, then closes it.
+    ///
+    /// A lock belongs to the open file description, and a child forked by any thread of this
+    /// process shares that description until it execs (close-on-exec acts only then): a plain
+    /// `close` leaves the lock held for as long as such a child sits between fork and exec,
+    /// which on a loaded machine is long enough for the next locker to find it taken.
+    /// `LOCK_UN` acts on the description itself, so the lock is gone whoever else holds it.
+    public static func unlockAndClose(_ fd: Int32) {
+        guard fd >= 0 else { return }
+        _ = flock(fd, LOCK_UN)
+        close(fd)
     }
 }
