@@ -31,16 +31,17 @@ public struct CopyRequest: Sendable, Equatable {
 
     /// Builds a request from the two protocol arguments (source first), checking the rules
     /// the protocol sets: both non-empty, and both or neither ending in `/`.
+    ///
+    /// Paths are taken as autopkgtest's own servers take them: a relative host path is relative
+    /// to this process's working directory at the time of the request, which is the client's
+    /// (`autopkgtest . -- ...`, `-o out` send such paths; see ``resolvingHostPath()``); a
+    /// testbed path goes to the testbed as it is.
     public static func fromProtocol(
         _ direction: Direction, source: String, destination: String
     ) throws(VirtError) -> CopyRequest {
         let verb = direction == .down ? "copydown" : "copyup"
         guard !source.isEmpty, !destination.isEmpty else {
             throw VirtError(.protocolMisuse, "\(verb) paths must be nonempty")
-        }
-        // Clients send absolute paths; a relative one would land wherever the server runs.
-        guard source.hasPrefix("/"), destination.hasPrefix("/") else {
-            throw VirtError(.protocolMisuse, "\(verb) paths must be absolute")
         }
         let isDirectory = source.hasSuffix("/")
         guard isDirectory == destination.hasSuffix("/") else {
@@ -50,6 +51,28 @@ public struct CopyRequest: Sendable, Equatable {
         }
         let (host, testbed) = direction == .down ? (source, destination) : (destination, source)
         return CopyRequest(direction: direction, hostPath: host, testbedPath: testbed, isDirectory: isDirectory)
+    }
+
+    /// This request with its host path absolute: a relative one joined to the working directory
+    /// now (its trailing `/` kept, as it says what kind of copy this is), so that no later step
+    /// depends on where it runs.
+    public func resolvingHostPath() throws(VirtError) -> CopyRequest {
+        var resolved = self
+        resolved.hostPath = try Self.absoluteHostPath(hostPath)
+        return resolved
+    }
+
+    static func absoluteHostPath(_ path: String) throws(VirtError) -> String {
+        guard !path.hasPrefix("/") else { return path }
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        guard getcwd(&buffer, buffer.count) != nil else {
+            throw VirtError(
+                .copyFailed,
+                "cannot resolve the relative path \(path): the working directory is gone "
+                    + "(\(String(cString: strerror(errno))))")
+        }
+        let directory = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return directory == "/" ? "/" + path : directory + "/" + path
     }
 }
 
@@ -76,8 +99,10 @@ public enum CopyPlumbing {
     /// second round trip into the testbed.
     static let sendFileScript = #"cat -- "$1"; if [ -x "$1" ]; then exit 3; fi"#
 
+    /// Makes the target directory itself but not its parents, as autopkgtest's servers do: a
+    /// copy into a directory whose parent is missing fails there too.
     static let receiveTreeScript =
-        #"mkdir -p -- "$1"; cd -- "$1"; tar --warning=none --preserve-permissions --extract --no-same-owner -f -"#
+        #"if ! test -d "$1"; then mkdir -- "$1"; fi; cd -- "$1"; tar --warning=none --preserve-permissions --extract --no-same-owner -f -"#
 
     static let sendTreeScript = #"cd -- "$1"; tar --warning=none --create -f - ."#
 
@@ -165,7 +190,8 @@ public enum CopyPlumbing {
     }
 
     static func copyDirectoryUp(_ request: CopyRequest, _ testbed: InTestbed) async throws(VirtError) {
-        if mkdirParents(request.hostPath) != 0 {
+        // The destination itself, not its parents (the client makes those), as upstream does.
+        if mkdir(request.hostPath, 0o777) != 0 && errno != EEXIST {
             throw VirtError(.copyFailed, "cannot create \(request.hostPath): \(String(cString: strerror(errno)))")
         }
         let remote = testbed.command(["/bin/sh", "-ec", sendTreeScript, "sh", request.testbedPath])
@@ -237,16 +263,5 @@ public enum CopyPlumbing {
             throw VirtError(.copyFailed, "cannot open \(path): \(String(cString: strerror(errno)))")
         }
         return fd
-    }
-
-    /// `mkdir -p`, returning 0 or -1 with errno set.
-    static func mkdirParents(_ path: String) -> Int32 {
-        var prefix = path.hasPrefix("/") ? "/" : ""
-        for component in path.split(separator: "/") {
-            prefix += component
-            if mkdir(prefix, 0o777) != 0 && errno != EEXIST { return -1 }
-            prefix += "/"
-        }
-        return 0
     }
 }

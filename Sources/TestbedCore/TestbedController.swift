@@ -113,6 +113,7 @@ public actor TestbedController {
         let testbed = try openState(request.direction == .down ? "copydown" : "copyup").0
         let backend = self.backend
         do {
+            let request = try request.resolvingHostPath()
             try await timed(copyTimeout, "copy") { try await backend.copy(request, testbed) }
             return .copied
         } catch let error where error.code == .timeout {

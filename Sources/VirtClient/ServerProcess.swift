@@ -21,8 +21,9 @@ public final class ServerProcess: Sendable {
     /// Writing to a server that has exited must be an error here, not the client's death.
     private static let ignoreSIGPIPE: Void = { _ = Glibc.signal(SIGPIPE, SIG_IGN) }()
 
-    /// Starts `argv` (argv[0] a path) with `environment` added to ours.
-    public init(_ argv: [String], environment: [String: String] = [:]) throws {
+    /// Starts `argv` (argv[0] a path) with `environment` added to ours, in `workingDirectory`
+    /// (ours when nil).
+    public init(_ argv: [String], environment: [String: String] = [:], workingDirectory: String? = nil) throws {
         Self.ignoreSIGPIPE
         guard let stdinEnds = SpawnHygiene.pipe(), let stdoutEnds = SpawnHygiene.pipe(),
             let stderrEnds = SpawnHygiene.pipe()
@@ -41,6 +42,10 @@ public final class ServerProcess: Sendable {
         posix_spawn_file_actions_adddup2(&actions, stdoutPipe[1], 1)
         posix_spawn_file_actions_adddup2(&actions, stderrPipe[1], 2)
         SpawnHygiene.closeStrayDescriptors(&actions)
+        if let workingDirectory, !SpawnHygiene.changeDirectory(&actions, to: workingDirectory) {
+            for fd in stdinPipe + stdoutPipe + stderrPipe { close(fd) }
+            throw VirtError(.internalError, "cannot start \(argv[0]) in \(workingDirectory)")
+        }
 
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)

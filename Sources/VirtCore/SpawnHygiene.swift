@@ -9,8 +9,8 @@
 ///
 /// Clients run servers concurrently in one process (the tests do, in parallel): a child that
 /// inherits another one's pipe end keeps that one from ever seeing end of file, and a child
-/// that outlives its user (a process it forked) keeps it for ever. Glibc's Swift module hides pipe2 and
-/// posix_spawn_file_actions_addclosefrom_np, so they are looked up at run time.
+/// that outlives its user (a process it forked) keeps it for ever. Glibc's Swift module hides pipe2,
+/// posix_spawn_file_actions_addclosefrom_np and _addchdir_np, so they are looked up at run time.
 public enum SpawnHygiene {
     private typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
     private typealias Pipe2 = @convention(c) (UnsafeMutablePointer<Int32>, Int32) -> Int32
@@ -20,6 +20,21 @@ public enum SpawnHygiene {
         else { return nil }
         return unsafeBitCast(symbol, to: CloseFrom.self)
     }()
+
+    private typealias AddChdir =
+        @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, UnsafePointer<CChar>) -> Int32
+
+    private static let addChdir: AddChdir? = {
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "posix_spawn_file_actions_addchdir_np")
+        else { return nil }
+        return unsafeBitCast(symbol, to: AddChdir.self)
+    }()
+
+    /// Makes the child start in `directory` (glibc 2.29 and later); false when it cannot.
+    public static func changeDirectory(_ actions: inout posix_spawn_file_actions_t, to directory: String) -> Bool {
+        guard let addChdir else { return false }
+        return directory.withCString { addChdir(&actions, $0) } == 0
+    }
 
     private static let pipe2: Pipe2? = {
         guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "pipe2") else { return nil }

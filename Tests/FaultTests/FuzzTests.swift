@@ -15,7 +15,8 @@ import VirtTestSupport
 /// Random request lines, hostile on purpose: unknown verbs, wrong argument counts, huge lines,
 /// invalid percent-encoding, invalid UTF-8, NUL bytes, empty lines, and copies whose paths have
 /// `..`, newlines, commas, quotes and shell syntax. Paths always decode to places inside
-/// `root` (the fixture's testbed is the host itself), whatever their encoding.
+/// `root` (the fixture's testbed is the host itself), whatever their encoding: absolute ones
+/// under it, relative ones for a server whose working directory it is.
 struct RequestFuzzer {
     var generator: SplitMix
     let root: String
@@ -40,10 +41,10 @@ struct RequestFuzzer {
         ]).replacingOccurrences(of: "/", with: "_")
     }
 
-    /// An absolute path under `root`: some components, perhaps `sub/..` pairs, perhaps a
-    /// trailing slash.
-    mutating func path(directory: Bool? = nil) -> String {
-        var parts = [root]
+    /// A path under `root`, absolute or (one in four, when `relative` allows) relative to it:
+    /// some components, perhaps `sub/..` pairs, perhaps a trailing slash.
+    mutating func path(directory: Bool? = nil, relative: Bool = false) -> String {
+        var parts = relative && number(4) == 0 ? [pick([".", "x/.."])] : [root]
         for _ in 0..<(1 + number(3)) {
             if number(4) == 0 { parts += [component(), ".."] }
             parts.append(component())
@@ -89,7 +90,7 @@ struct RequestFuzzer {
             return Array("copyup ".utf8) + encode(path()) + nul + Array(" ".utf8) + encode(path())
         default:
             let verb = pick(["copydown ", "copyup "])
-            return Array(verb.utf8) + encode(path()) + Array(" ".utf8) + encode(path())
+            return Array(verb.utf8) + encode(path(relative: true)) + Array(" ".utf8) + encode(path(relative: true))
         }
     }
 }
@@ -127,9 +128,10 @@ extension FaultSuite {
                     }
                     try "data".write(toFile: "\(root)/a", atomically: false, encoding: .utf8)
                     var fuzzer = RequestFuzzer(seed: seed, root: root, marker: marker)
-                    let server = try ServerProcess([
-                        TestPaths.executable("virt-fixture-server"), "--fixture", "parent=\(parent)",
-                    ])
+                    // Relative host paths land in the server's working directory: `root`.
+                    let server = try ServerProcess(
+                        [TestPaths.executable("virt-fixture-server"), "--fixture", "parent=\(parent)"],
+                        workingDirectory: root)
                     #expect(try await server.readLine() == "ok")
                     var sent: [String] = []
                     var ended = false

@@ -168,8 +168,7 @@ struct FakeIncusTests {
         // An incus that knows neither images nor profiles.
         let script =
             "#!/bin/sh\ncase \"$1 $2\" in 'image info') echo 'Error: Image not found' >&2 ;; *) echo 'Error: Profile not found' >&2 ;; esac\nexit 1\n"
-        FileManager.default.createFile(
-            atPath: bin + "/incus", contents: Data(script.utf8), attributes: [.posixPermissions: 0o755])
+        try await TestPaths.writeExecutable(bin + "/incus", script)
         let path = "\(bin):\(ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin")"
         let server = try ServerProcess(
             [TestPaths.executable("debusine-virt-incus"), "artifact/404"], environment: ["PATH": path])

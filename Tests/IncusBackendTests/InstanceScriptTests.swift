@@ -11,9 +11,9 @@ import VirtTestSupport
 struct InstanceScriptTests {
     let runner = SubprocessRunner()
 
-    func install(_ text: String, in directory: String, as name: String) throws -> String {
+    func install(_ text: String, in directory: String, as name: String) async throws -> String {
         let path = "\(directory)/\(name)"
-        FileManager.default.createFile(atPath: path, contents: Data(text.utf8), attributes: [.posixPermissions: 0o755])
+        try await TestPaths.writeExecutable(path, text)
         return path
     }
 
@@ -21,7 +21,7 @@ struct InstanceScriptTests {
     func wrapper() async throws {
         let work = try TestPaths.makeTemporaryDirectory("dv-wrapper.")
         defer { TestPaths.removeTree(work) }
-        let wrapper = try install(AuxverbWrapper.script, in: work, as: "auxverb")
+        let wrapper = try await install(AuxverbWrapper.script, in: work, as: "auxverb")
         func run(_ argv: [String], environment: [String: String?] = [:]) async throws -> CommandResult {
             try await runner.run(Command(wrapper, argv, environment: environment))
         }
@@ -65,7 +65,7 @@ struct InstanceScriptTests {
     func generator() async throws {
         let work = try TestPaths.makeTemporaryDirectory("dv-generator.")
         defer { TestPaths.removeTree(work) }
-        let generator = try install(ContainerGenerator.script, in: work, as: "lxc")
+        let generator = try await install(ContainerGenerator.script, in: work, as: "lxc")
         let outside = "\(work)/outside"
         try FileManager.default.createDirectory(atPath: outside, withIntermediateDirectories: false)
         let none = try await runner.run(

@@ -163,11 +163,15 @@ struct TestbedCoreTests {
             #expect(try String(contentsOfFile: "\(scratch)/target/sub dir/ü/x y", encoding: .utf8) == "1")
             #expect(mode("\(scratch)/target/sub dir/ü/x y") == 0o700)
             #expect(try FileManager.default.destinationOfSymbolicLink(atPath: "\(scratch)/target/link") == "top")
-            #expect(
-                try await controller.copy(
-                    .init(
-                        direction: .up, hostPath: "\(host)/up/deeper/", testbedPath: "\(scratch)/target/",
-                        isDirectory: true)) == .copied)
+            let up = CopyRequest(
+                direction: .up, hostPath: "\(host)/up/deeper/", testbedPath: "\(scratch)/target/", isDirectory: true)
+            // Only the target directory is made, not its parents, as upstream; the client makes those.
+            guard case .failed = try await controller.copy(up) else {
+                Issue.record("a copyup into a missing parent directory succeeded")
+                return
+            }
+            try FileManager.default.createDirectory(atPath: "\(host)/up", withIntermediateDirectories: false)
+            #expect(try await controller.copy(up) == .copied)
             #expect(TestPaths.contents(of: "\(host)/up/deeper") == ["existing", "link", "sub dir", "top"])
         }
     }
@@ -275,6 +279,21 @@ struct TestbedCoreTests {
         let up = try CopyRequest.fromProtocol(.up, source: "/tb/", destination: "/host/")
         #expect(up == CopyRequest(direction: .up, hostPath: "/host/", testbedPath: "/tb/", isDirectory: true))
     }
+
+    @Test("a relative host path is joined to the working directory, its trailing slash kept; the testbed path is kept")
+    func relativeHostPaths() throws {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let cwd = String(cString: try #require(getcwd(&buffer, buffer.count)))
+        let base = cwd == "/" ? "" : cwd
+        let up = try CopyRequest.fromProtocol(.up, source: "rel/tb/", destination: "out/")
+        #expect(up.hostPath == "out/", "the request keeps the path as sent until it is carried out")
+        #expect(try up.resolvingHostPath().hostPath == "\(base)/out/")
+        #expect(try up.resolvingHostPath().testbedPath == "rel/tb/")
+        let down = try CopyRequest.fromProtocol(.down, source: "./pkg.dsc", destination: "/tmp/x")
+        #expect(try down.resolvingHostPath().hostPath == "\(base)/./pkg.dsc")
+        let absolute = try CopyRequest.fromProtocol(.down, source: "/a/b", destination: "c")
+        #expect(try absolute.resolvingHostPath() == absolute)
+    }
 }
 
 @Suite("suggested-normal-user")
@@ -293,17 +312,13 @@ struct NormalUserTests {
 
             """
         let getent = "\(work)/getent"
-        FileManager.default.createFile(
-            atPath: getent, contents: Data("#!/bin/sh\ncat <<'EOF'\n\(passwd)EOF\n".utf8),
-            attributes: [.posixPermissions: 0o755])
+        try await TestPaths.writeExecutable(getent, "#!/bin/sh\ncat <<'EOF'\n\(passwd)EOF\n")
         let runner = SubprocessRunner()
         let path = "\(work):\(ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin")"
         let found = try await runner.run(Command(argv: NormalUser.argv).with(environment: ["PATH": path]))
         #expect(NormalUser.parse(found) == "debci")
 
-        FileManager.default.createFile(
-            atPath: getent, contents: Data("#!/bin/sh\necho root:x:0:0:root:/root:/bin/bash\n".utf8),
-            attributes: [.posixPermissions: 0o755])
+        try await TestPaths.writeExecutable(getent, "#!/bin/sh\necho root:x:0:0:root:/root:/bin/bash\n")
         let none = try await runner.run(Command(argv: NormalUser.argv).with(environment: ["PATH": path]))
         #expect(NormalUser.parse(none) == nil)
     }

@@ -1,4 +1,5 @@
 import Foundation
+import VirtClient
 import VirtCore
 
 #if canImport(Glibc)
@@ -38,6 +39,22 @@ public enum TestPaths {
 
     public static func removeTree(_ path: String) {
         try? FileManager.default.removeItem(atPath: path)
+    }
+
+    /// Writes an executable (a script the test then runs) so that running it cannot fail with
+    /// "Text file busy": a file this process wrote itself stays open for writing in any child
+    /// that another test's thread forked meanwhile, until that child execs, and the kernel
+    /// refuses to execute a file open for writing (the shell then silently runs the next one
+    /// on PATH). `install` writes the executable in a process of its own instead.
+    public static func writeExecutable(_ path: String, _ text: String) async throws {
+        let draft = "\(path).draft"
+        try Data(text.utf8).write(to: URL(fileURLWithPath: draft))
+        defer { unlink(draft) }
+        let install = try ServerProcess(["/usr/bin/install", "-m", "755", draft, path])
+        let status = try await install.wait()
+        guard status == .exited(0) else {
+            throw VirtError(.io, "install \(path) ended with \(status): \(install.standardError)")
+        }
     }
 
     /// The names in a directory (empty if it does not exist).

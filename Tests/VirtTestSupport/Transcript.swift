@@ -29,6 +29,11 @@ public struct Transcript: Sendable, CustomStringConvertible {
     public var steps: [Step] = []
     public var expectedEnd: ProcessStatus?
     public var stderrContains: [String] = []
+    /// The server runs in a fresh directory of its own (`@own-directory`): for relative host
+    /// paths, which are relative to the server's working directory.
+    public var ownDirectory = false
+    /// Files that must exist in that directory once the server has ended (`?cwd-file PATH`).
+    public var filesInDirectory: [String] = []
 
     public var description: String { name }
 
@@ -59,6 +64,10 @@ public struct Transcript: Sendable, CustomStringConvertible {
                 let assignment = line.dropFirst(5)
                 guard let equals = assignment.firstIndex(of: "=") else { throw fail("@env needs KEY=VALUE") }
                 environment[String(assignment[..<equals])] = String(assignment[assignment.index(after: equals)...])
+            } else if line == "@own-directory" {
+                ownDirectory = true
+            } else if line.hasPrefix("?cwd-file ") {
+                filesInDirectory.append(String(line.dropFirst(10)))
             } else if line.hasPrefix("@fixture ") {
                 fixture.append(String(line.dropFirst(9)))
             } else {
@@ -66,6 +75,9 @@ public struct Transcript: Sendable, CustomStringConvertible {
             }
         }
         guard expectedEnd != nil else { throw VirtError(.usage, "\(name): no =exit or =signal line") }
+        guard ownDirectory || filesInDirectory.isEmpty else {
+            throw VirtError(.usage, "\(name): ?cwd-file needs @own-directory")
+        }
     }
 
     /// Loads every `*.transcript` in a directory, sorted by name.
