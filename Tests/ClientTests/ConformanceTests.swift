@@ -1,0 +1,258 @@
+import CommandRunner
+import Foundation
+import Testing
+import VirtCore
+import VirtTestSupport
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// The conformance matrix: autopkgtest called in every way people and debusine call it, against
+/// our installed servers and against autopkgtest's own on the same image, with the summaries
+/// compared line for line (differential testing).
+///
+/// The fixture is examples/forms (quick tests: no reboot, no broken testbed). Each form is one
+/// autopkgtest run on its own, from the working directory the form needs, so relative paths
+/// reach the servers exactly as users' do. autopkgtest-virt-incus runs every form; the QEMU
+/// reference boots under TCG for about a minute each time, so it runs the forms whose paths
+/// differ most (a tree by `.`, a relative `.dsc`, a test timeout) and debusine's command line,
+/// and runs alone: it gives its guest 10 s to mount its shared directory, which a loaded
+/// machine misses.
+@Suite("Conformance matrix: autopkgtest command-line forms, ours against autopkgtest's servers")
+struct ConformanceTests {
+    /// A server column of the matrix.
+    enum Server: String, CaseIterable, Sendable, CustomStringConvertible {
+        case oursQemu = "debusine-virt-qemu"
+        case oursIncus = "debusine-virt-incus"
+        case theirsQemu = "autopkgtest-virt-qemu"
+        case theirsIncus = "autopkgtest-virt-incus"
+
+        var description: String { rawValue }
+
+        var isOurs: Bool { self == .oursQemu || self == .oursIncus }
+        var isQemu: Bool { self == .oursQemu || self == .theirsQemu }
+
+        /// The reference this column is compared with.
+        var reference: Server { isQemu ? .theirsQemu : .theirsIncus }
+
+        /// The server's argv after autopkgtest's `--`. `debusine` gives debusine's executors'
+        /// exact argument lists (qemu: `--boot efi --dpkg-architecture amd64 IMAGE`; incus-lxc:
+        /// `artifact/ID -- --profile debusine`).
+        func argv(_ setup: Setup, debusine: Bool) -> [String] {
+            let image = "\(setup.images)/bookworm-amd64.qcow2"
+            switch self {
+            case .oursQemu:
+                // debusine's list gives the guest the default user network; the run is in a
+                // network namespace of its own (`unshare --net`), so nothing leaves the host.
+                return debusine
+                    ? ["debusine-virt-qemu", "--boot", "efi", "--dpkg-architecture", "amd64", image]
+                    : ["debusine-virt-qemu", "--network", "none", "--boot-timeout", "900", image]
+            case .oursIncus:
+                return ["debusine-virt-incus", setup.incusImage] + (debusine ? ["--", "--profile", "debusine"] : [])
+            case .theirsQemu:
+                // Its QEMU through scripts/qemu-no-kvm (this machine's /dev/kvm cannot run guests),
+                // with time for a TCG boot on a loaded machine.
+                let here = [
+                    "--qemu-command", "\(TestPaths.repositoryRoot)/scripts/qemu-no-kvm", "--timeout-reboot", "900",
+                ]
+                return ["autopkgtest-virt-qemu"]
+                    + (debusine
+                        ? ["--boot", "efi", "--dpkg-architecture", "amd64"] : ["--efi", "--ram-size", "2048", "--cpus", "2"])
+                    + here + [image]
+            case .theirsIncus:
+                // Its launch arguments are debusine's: the image's root disk is in that profile.
+                return ["autopkgtest-virt-incus", setup.incusImage, "--", "--profile", "debusine"]
+            }
+        }
+    }
+
+    /// The package built once per test process: a tree, a .dsc and a .deb in one directory.
+    struct Setup: Sendable {
+        let work: String
+        let images: String
+        let incusImage: String
+        var tree: String { "\(work)/forms" }
+        var dsc: String { "\(work)/debusine-virt-forms_1.0.dsc" }
+        var deb: String { "\(work)/debusine-virt-forms_1.0_all.deb" }
+    }
+
+    /// One way to call autopkgtest.
+    struct Form: Sendable, CustomStringConvertible {
+        let name: String
+        /// The working directory, relative to the setup's work directory ("" for itself).
+        var directory = ""
+        /// autopkgtest's arguments before `--`, with OUT for a fresh output path of the run.
+        let arguments: [String]
+        /// The summary every server must give, as `name RESULT` pairs.
+        let expected: [String]
+        /// What the run's log or output must show, beyond the summary.
+        var logContains: [String] = []
+        /// Paths that must exist afterwards, relative to the run's working directory.
+        var files: [String] = []
+        var debusineArguments = false
+        /// Whether autopkgtest's QEMU server runs this form too.
+        var referenceQemu = false
+
+        var description: String { name }
+    }
+
+    static let all = ["smoke PASS", "artifacts PASS", "slow PASS", "fails FAIL"]
+    static let skipInstalled = ["--skip-test", "installed"]
+    static let artifact = "odd dir ü/file, with % and spaces"
+
+    static let forms: [Form] = [
+        Form(
+            name: "cd pkg && autopkgtest . -- SERVER", directory: "forms",
+            arguments: ["-B"] + skipInstalled + ["."], expected: all, referenceQemu: true),
+        Form(name: "autopkgtest pkg/ -- SERVER (relative)", arguments: ["-B"] + skipInstalled + ["forms/"], expected: all),
+        Form(name: "autopkgtest /abs/pkg/ -- SERVER", arguments: ["-B"] + skipInstalled + ["ABS/forms/"], expected: all),
+        Form(
+            name: "autopkgtest pkg.dsc -- SERVER (relative .dsc)",
+            arguments: ["-B"] + skipInstalled + ["debusine-virt-forms_1.0.dsc"], expected: all, referenceQemu: true),
+        Form(
+            name: "autopkgtest /abs/pkg.dsc -- SERVER",
+            arguments: ["-B"] + skipInstalled + ["ABS/debusine-virt-forms_1.0.dsc"], expected: all),
+        Form(
+            name: "autopkgtest pkg.deb pkg/ -- SERVER (a binary and its source tree)",
+            arguments: ["-B", "debusine-virt-forms_1.0_all.deb", "forms/"],
+            expected: ["smoke PASS", "artifacts PASS", "slow PASS", "installed PASS", "fails FAIL"],
+            logContains: ["forms: installed debusine-virt-forms 1.0"]),
+        Form(
+            name: "-o out (relative), artifacts with odd names",
+            arguments: ["-B"] + skipInstalled + ["-o", "OUT", "forms/"], expected: all,
+            files: ["OUT/artifacts/\(artifact)", "OUT/log", "OUT/smoke-stdout", "OUT/fails-stderr"]),
+        Form(
+            name: "--setup-commands", arguments: ["-B"] + skipInstalled + ["--setup-commands", "echo configured > /var/tmp/forms-setup", "forms/"],
+            expected: all, logContains: ["setup=configured"]),
+        Form(
+            name: "--env", arguments: ["-B"] + skipInstalled + ["--env", "FORMS_VAR=set by --env", "forms/"],
+            expected: all, logContains: ["var=set by --env"]),
+        Form(
+            name: "--user", arguments: ["-B"] + skipInstalled + ["--user", "nobody", "forms/"], expected: all,
+            logContains: ["user=nobody"]),
+        Form(
+            name: "--test-name", arguments: ["-B", "--test-name", "smoke", "forms/"], expected: ["smoke PASS"]),
+        Form(
+            name: "--timeout-test that fires: the test is killed, the next one runs",
+            arguments: ["-B"] + skipInstalled + ["--timeout-test", "15", "--env", "FORMS_SLEEP=600", "forms/"],
+            expected: ["smoke PASS", "artifacts PASS", "slow FAIL", "fails FAIL"], logContains: ["timed out"],
+            referenceQemu: true),
+        Form(
+            name: "--shell-fail without a terminal does not hang",
+            arguments: ["-B"] + skipInstalled + ["--shell-fail", "forms/"], expected: all),
+        Form(
+            name: "debusine's exact server arguments", arguments: ["-B"] + skipInstalled + ["forms/"], expected: all,
+            debusineArguments: true, referenceQemu: true),
+    ]
+
+    /// What one run gave.
+    struct Outcome: Sendable {
+        let status: ProcessStatus
+        let summary: [String]
+        let log: String
+    }
+
+    static let runner = SubprocessRunner()
+
+    /// The tree, .dsc and .deb of examples/forms, made once for the matrix.
+    static func makeSetup() async throws -> Setup {
+        let images = try #require(Installed.qemuImages, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        let incusImage = try #require(
+            Installed.incusImage, "DEBUSINE_VIRT_INCUS_IMAGE is not set: run through scripts/test")
+        let work = try TestPaths.makeTemporaryDirectory("dv-forms.")
+        try await runner.check(Command("cp", ["-r", "\(TestPaths.repositoryRoot)/examples/forms", "\(work)/forms"]))
+        try await runner.check(Command("dpkg-source", ["--build", "forms"], workingDirectory: work))
+        // The .deb from a copy of the tree, so the tree the forms use stays as it is.
+        try await runner.check(Command("cp", ["-r", "\(work)/forms", "\(work)/build/"]))
+        try await runner.check(Command("debian/rules", ["binary"], workingDirectory: "\(work)/build"))
+        return Setup(work: work, images: images, incusImage: incusImage)
+    }
+
+    /// Runs `form` against `server` in a directory of its own holding links to the package.
+    static func run(_ form: Form, on server: Server, _ setup: Setup) async throws -> Outcome {
+        let run = try TestPaths.makeTemporaryDirectory("dv-form.")
+        defer { TestPaths.removeTree(run) }
+        for name in ["forms", "debusine-virt-forms_1.0.dsc", "debusine-virt-forms_1.0.tar.xz", "debusine-virt-forms_1.0_all.deb"] {
+            try await runner.check(Command("cp", ["-r", "\(setup.work)/\(name)", run]))
+        }
+        let directory = form.directory.isEmpty ? run : "\(run)/\(form.directory)"
+        let arguments = form.arguments.map {
+            $0.replacingOccurrences(of: "ABS", with: run).replacingOccurrences(of: "OUT", with: "out")
+        }
+        var command =
+            ["autopkgtest", "--summary-file=\(run)/summary"] + arguments + ["--"]
+            + server.argv(setup, debusine: form.debusineArguments)
+        if server == .oursQemu && form.debusineArguments { command = ["unshare", "--net", "--"] + command }
+        // No controlling terminal and stdin from /dev/null, as in CI and debusine's workers;
+        // --shell-fail there must give up, not wait for a terminal.
+        command = ["setsid", "--wait"] + command
+        let result = try await runner.run(
+            Command(
+                command[0], Array(command.dropFirst()),
+                environment: ["PATH": try Installed.path(), "TMPDIR": run], workingDirectory: directory),
+            input: .none, output: .capture(limit: 16 << 20), error: .capture(limit: 64 << 20))
+        let summary = ((try? String(contentsOfFile: "\(run)/summary", encoding: .utf8)) ?? "")
+            .split(separator: "\n").map { $0.split(separator: " ").joined(separator: " ") }
+        var log = result.errorText + result.outputText
+        for file in form.files {
+            let path = "\(directory)/\(file.replacingOccurrences(of: "OUT", with: "out"))"
+            if access(path, F_OK) != 0 { log += "\nMISSING FILE \(file)" }
+        }
+        return Outcome(status: result.status, summary: summary, log: log)
+    }
+
+    /// The checks one outcome must pass whichever server gave it.
+    static func check(_ outcome: Outcome, _ form: Form, _ server: Server) {
+        let pairs = outcome.summary.map { $0.split(separator: " ").prefix(2).joined(separator: " ") }
+        let context = "\(form.name) on \(server): \(outcome.status)\n\(outcome.summary)\n\(outcome.log.suffix(4000))"
+        #expect(pairs == form.expected, "\(context)")
+        let failed = form.expected.contains { !$0.hasSuffix(" PASS") }
+        #expect(outcome.status == .exited(failed ? 4 : 0), "\(context)")
+        for needle in form.logContains { #expect(outcome.log.contains(needle), "`\(needle)` missing: \(context)") }
+        #expect(!outcome.log.contains("MISSING FILE"), "\(context)")
+    }
+
+    /// Every form on one server, one after another (autopkgtest's servers use the machine
+    /// whole), each compared with the reference's run of the same form when there is one.
+    static func column(_ server: Server, _ setup: Setup) async throws -> [String: Outcome] {
+        var outcomes: [String: Outcome] = [:]
+        for form in forms where server != .theirsQemu || form.referenceQemu {
+            let outcome = try await run(form, on: server, setup)
+            check(outcome, form, server)
+            outcomes[form.name] = outcome
+        }
+        return outcomes
+    }
+
+    @Test(
+        "every form gives the same summary, line for line, from our servers and autopkgtest's",
+        .enabled(if: Installed.canRunQemu && Installed.canRunIncus), .timeLimit(.minutes(60)))
+    func matrix() async throws {
+        let setup = try await Self.makeSetup()
+        defer { TestPaths.removeTree(setup.work) }
+        // Our columns and the Incus reference side by side (one QEMU guest at a time), then the
+        // QEMU reference alone.
+        var results = try await withThrowingTaskGroup(of: (Server, [String: Outcome]).self) { group in
+            for server in [Server.oursQemu, .oursIncus, .theirsIncus] {
+                group.addTask { (server, try await Self.column(server, setup)) }
+            }
+            var results: [Server: [String: Outcome]] = [:]
+            for try await (server, outcomes) in group { results[server] = outcomes }
+            return results
+        }
+        results[.theirsQemu] = try await Self.column(.theirsQemu, setup)
+        for server in [Server.oursQemu, .oursIncus] {
+            for form in Self.forms {
+                guard let ours = results[server]?[form.name], let theirs = results[server.reference]?[form.name]
+                else { continue }
+                #expect(
+                    ours.summary == theirs.summary,
+                    "\(form.name): \(server) and \(server.reference) differ:\n\(ours.summary)\n\(theirs.summary)")
+                #expect(ours.status == theirs.status, "\(form.name): \(ours.status) against \(theirs.status)")
+            }
+        }
+    }
+}
