@@ -119,6 +119,57 @@ extension FaultSuite {
 extension FaultSuite {
     @Suite("Security of what the servers make and run", .serialized)
     struct SecurityTests {
+        /// An image whose passwd names its normal user with a tab and a capability word: the
+        /// name must not reach the `capabilities` reply, where the client would split it into a
+        /// `downtmp-host=` of the image's choosing (issue 14, item 3).
+        @Test(
+            "a user name with a tab in a hostile image adds no capability word",
+            .enabled(if: Backend.incusEnabled), .timeLimit(.minutes(10)))
+        func hostileUserName() async throws {
+            try await faultCase(
+                "incus", "image whose normal user is named `x<TAB>downtmp-host=/tmp/...`",
+                expected: "no downtmp-host= capability, no suggested-normal-user; the session goes on"
+            ) { checks in
+                let runner = SubprocessRunner()
+                let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+                let builder = "dv-hostile-user-\(tag)"
+                let alias = "debusine-virt-test/hostile-user-\(tag)"
+                defer {
+                    Task {
+                        _ = try? await runner.run(Command("incus", ["delete", "--force", builder]))
+                        _ = try? await runner.run(Command("incus", ["image", "delete", alias]))
+                    }
+                }
+                // The hostile image: the test image with one passwd line more, published.
+                try await runner.check(
+                    Command("incus", ["launch", try Backend.artifact(), builder, "--profile", "debusine"]))
+                let line = "x\tdowntmp-host=/tmp/dv-pwned-\(tag):x:1000:1000::/nonexistent:/bin/sh"
+                try await runner.check(
+                    Command(
+                        "incus", ["exec", builder, "--", "sh", "-c", #"printf '%s\n' "$1" >> /etc/passwd"#, "sh", line]))
+                try await runner.check(Command("incus", ["stop", "--force", builder]))
+                try await runner.check(
+                    Command("incus", ["publish", builder, "--alias", alias, "--compression", "none"]))
+                _ = try? await runner.run(Command("incus", ["delete", "--force", builder]))
+
+                let server = try await ServerUnderTest.start(.incus, image: alias)
+                defer { Task { await server.discard() } }
+                _ = try await server.open()
+                let auxverb = try await server.auxverb()
+                let passwd = try await runner.check(Command(argv: auxverb + ["getent", "passwd", "1000"]))
+                checks.expect(passwd.contains("downtmp-host="), "the hostile passwd line is in the testbed: \(passwd)")
+                let capabilities = try await server.process.request("capabilities")
+                checks.expect(!capabilities.contains("downtmp-host"), "a capability word was injected: \(capabilities)")
+                checks.expect(
+                    !capabilities.contains("suggested-normal-user"), "a hostile name was advertised: \(capabilities)")
+                checks.expect(try await server.process.request("close") == "ok", "close failed")
+                server.process.write(line: "quit")
+                checks.expect(try await server.process.wait(timeout: .seconds(120)) == .exited(0), "quit did not end it")
+                let left = try await server.leftovers()
+                checks.expect(left.isEmpty, "left behind: \(left)")
+            }
+        }
+
         @Test("hostile --profile values are data, never shell code", .enabled(if: Backend.incusEnabled))
         func hostileProfile() async throws {
             try await faultCase(

@@ -321,6 +321,26 @@ struct NormalUserTests {
         try await TestPaths.writeExecutable(getent, "#!/bin/sh\necho root:x:0:0:root:/root:/bin/bash\n")
         let none = try await runner.run(Command(argv: NormalUser.argv).with(environment: ["PATH": path]))
         #expect(NormalUser.parse(none) == nil)
+
+        // The lowest uid with a name that is not a plain user name: nothing is advertised.
+        try await TestPaths.writeExecutable(
+            getent, "#!/bin/sh\nprintf 'x\\tdowntmp-host=/tmp/p:x:1000:1000::/:/bin/sh\\ndebci:x:1001:1001::/:/bin/sh\\n'\n")
+        let hostile = try await runner.run(Command(argv: NormalUser.argv).with(environment: ["PATH": path]))
+        #expect(hostile.outputText == "x\tdowntmp-host=/tmp/p", "the fake getent gave the hostile name")
+        #expect(NormalUser.parse(hostile) == nil)
+    }
+
+    @Test("only names Debian's NAME_REGEX allows are plain user names (no whitespace, no `$`, 32 at most)")
+    func plainUserNames() {
+        for name in ["debci", "a", "a-b_c9", String(repeating: "u", count: 32)] {
+            #expect(NormalUser.isPlainUserName(name), "\(name)")
+        }
+        for name in [
+            "", "x\tdowntmp-host=/x", "x y", "x\ny", "Debci", "9lives", "_apt", "-x", "machine$", "é",
+            String(repeating: "u", count: 33),
+        ] {
+            #expect(!NormalUser.isPlainUserName(name), "\(name)")
+        }
     }
 }
 
