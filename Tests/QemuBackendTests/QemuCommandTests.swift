@@ -1,5 +1,6 @@
 import CommandRunner
 import Foundation
+import ImageCache
 import Testing
 import VirtCore
 import VirtTestSupport
@@ -91,15 +92,13 @@ struct QemuCommandTests {
         #expect(argv.contains { $0.hasPrefix("virtserialport,chardev=helper,id=\(QemuCommands.helperPortID),") })
     }
 
-    @Test("images are qcow2 by their magic, raw otherwise; a missing image is a clear error")
-    func imageFormat() throws {
-        let directory = try TestPaths.makeTemporaryDirectory()
-        defer { TestPaths.removeTree(directory) }
-        try Data([0x51, 0x46, 0x49, 0xFB, 0, 0, 0, 3]).write(to: URL(fileURLWithPath: "\(directory)/a.qcow2"))
-        try Data(repeating: 0, count: 512).write(to: URL(fileURLWithPath: "\(directory)/b.img"))
-        #expect(try ImageFormat.detect(path: "\(directory)/a.qcow2") == .qcow2)
-        #expect(try ImageFormat.detect(path: "\(directory)/b.img") == .raw)
-        #expect(throws: VirtError.self) { try ImageFormat.detect(path: "\(directory)/missing") }
+    @Test("options made from an inspected image carry its format, which the boot uses for the overlay's -F")
+    func inspectedFormat() {
+        let image = InspectedImage(path: "/images/base.img", format: .qcow2, virtualSize: 1 << 30, partitions: nil)
+        let options = QemuOptions(image: image)
+        #expect(options.image == "/images/base.img")
+        #expect(options.imageFormat == .qcow2)
+        #expect(QemuOptions(image: "/images/base.img").imageFormat == nil, "not inspected: the boot inspects it")
     }
 }
 
