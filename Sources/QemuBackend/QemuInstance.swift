@@ -140,6 +140,13 @@ final class QemuInstance: Sendable {
                 throw error
             }
             var now = ContinuousClock.now
+            // Until a login prompt shows, the firmware may say it found nothing to boot: no
+            // point waiting for an agent then.
+            if promptSince == nil,
+                let gaveUp = ConsoleWatch.firmwareGaveUp(ConsoleWatch.head(of: paths.consoleLog))
+            {
+                throw VirtError(.badImage, ConsoleWatch.firmwareMessage(gaveUp, image: options.image) + consoleTail())
+            }
             if promptSince == nil, ConsoleWatch.showsLoginPrompt(consoleTail(8192)) {
                 log.debug("a login prompt is on the serial console; the agent has \(AgentInstall.grace) from now")
                 promptSince = now

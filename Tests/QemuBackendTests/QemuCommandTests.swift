@@ -186,4 +186,55 @@ struct ConsoleWatchTests {
         #expect(!ConsoleWatch.showsLoginPrompt("vm login: root\r\nroot@vm:~# "))
         #expect(!ConsoleWatch.showsLoginPrompt("vm login: [ OK ] Started x\r\n"))
     }
+
+    /// A console log OVMF really wrote, under Tests/QemuBackendTests/Fixtures.
+    func fixture(_ name: String) throws -> String {
+        try String(
+            contentsOfFile: "\(TestPaths.repositoryRoot)/Tests/QemuBackendTests/Fixtures/\(name)", encoding: .utf8)
+    }
+
+    @Test("OVMF falling back to its UEFI shell after the disk is recognised, with the failed load that says why")
+    func firmwareShell() throws {
+        for name in ["ovmf-no-esp.log", "ovmf-esp-without-loader.log"] {
+            let found = try #require(ConsoleWatch.firmwareGaveUp(try fixture(name)), "\(name)")
+            #expect(found.meaning == "fell back to its UEFI shell")
+            #expect(found.line.hasPrefix("BdsDxe: loading Boot0002 \"EFI Internal Shell\""), "\(found.line)")
+            #expect(
+                found.failedLoads == [
+                    "BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x3,0x0): Not Found"
+                ])
+            let message = ConsoleWatch.firmwareMessage(found, image: "/i.raw")
+            #expect(message.hasPrefix("the firmware found nothing to boot on the image /i.raw and fell back to its"))
+            #expect(message.contains("Not Found\", then \"BdsDxe: loading Boot0002 \"EFI Internal Shell\""))
+        }
+    }
+
+    @Test("OVMF trying the network after the disk is recognised at iPXE's banner, before any PXE timeout")
+    func firmwareNetworkBoot() throws {
+        let found = try #require(ConsoleWatch.firmwareGaveUp(try fixture("ovmf-network-boot.log")))
+        #expect(found.meaning == "tried to boot from the network (iPXE)")
+        #expect(found.line.hasPrefix("iPXE 1.0.0"), "\(found.line)")
+        #expect(
+            ConsoleWatch.firmwareGaveUp(">>Start PXE over IPv4.\r\n")?.meaning == "tried to boot from the network (PXE)"
+        )
+        #expect(
+            ConsoleWatch.firmwareGaveUp("\r\n>>Start HTTP Boot over IPv6.\r\n")?.meaning
+                == "tried to boot from the network (HTTP boot)")
+        #expect(
+            ConsoleWatch.firmwareGaveUp("BdsDxe: No bootable option or device was found.\r\n")?.meaning
+                == "found no bootable option or device")
+        #expect(
+            ConsoleWatch.firmwareGaveUp("\u{1B}[1m\u{1B}[33mShell> \u{1B}[0m")?.meaning == "fell back to its UEFI shell"
+        )
+    }
+
+    @Test("a good boot, and a failed load that another disk may follow, are not a firmware giving up")
+    func firmwareBooting() throws {
+        #expect(ConsoleWatch.firmwareGaveUp(try fixture("ovmf-good-boot.log")) == nil)
+        #expect(
+            ConsoleWatch.firmwareGaveUp(
+                "BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x3,0x0): Not Found\r\n"
+                    + "BdsDxe: loading Boot0002 \"UEFI Misc Device 2\" from PciRoot(0x0)/Pci(0x5,0x0)\r\n") == nil)
+        #expect(ConsoleWatch.withoutTerminalEscapes("\u{1B}[2J\u{1B}[01;01H\u{1B}[=3hBdsDxe") == "BdsDxe")
+    }
 }
