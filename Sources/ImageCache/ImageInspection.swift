@@ -123,7 +123,7 @@ public struct ImageInspection: Sendable {
                 "the image \(name) is in the \(info.format) format: only raw and qcow2 images are used (convert it with "
                     + "`qemu-img convert -O qcow2`)")
         }
-        let flatten = "flatten it first with `qemu-img convert -O qcow2 IMAGE NEW`, which copies what it reads into NEW"
+        let flatten = "to boot what it reads, flatten it into one file first with `qemu-img convert -O qcow2 IMAGE NEW`"
         if let backing = info.backingFilename ?? info.fullBackingFilename {
             let what = backing.hasPrefix("json:") ? "a backing file given as a json: specification" : "a backing file"
             throw VirtError(
