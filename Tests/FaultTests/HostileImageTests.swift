@@ -47,7 +47,9 @@ struct Refusal {
         checks.expect(standardOutput.isEmpty, "wrote to stdout (a banner?): \(standardOutput)")
         checks.expect(errors.count == 1, "not one error line:\n\(standardError)")
         checks.expect(errors.contains { $0.contains(words) }, "the error does not say \(words):\n\(standardError)")
-        checks.expect(took < .seconds(10), "took \(took) to fail")
+        // It takes 0.1-0.3 s; the bound only has to hold on a starved machine (the whole test
+        // process stood still for 35 s once) and stay far below any boot timeout.
+        checks.expect(took < .seconds(60), "took \(took) to fail")
         checks.expect(left.isEmpty, "left behind: \(left)")
     }
 }
