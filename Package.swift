@@ -122,6 +122,7 @@ let package = Package(
             name: "QemuBackendTests",
             dependencies: [
                 "QemuBackend", "GuestChannel", "AuxverbClient", "CommandRunner", "VirtCore", "VirtTestSupport",
+                "ImageCache",
             ], exclude: ["Fixtures"]
         ),
         .testTarget(

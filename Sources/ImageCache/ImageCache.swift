@@ -85,7 +85,11 @@ public struct ImageCache: Sendable {
     /// downloading it. With `sha256`, the file is verified before it gets its final name, and a
     /// cached file verified against another digest (or none) is checked again; one that does
     /// not match is downloaded anew. The entry is then in use by this process until it ends.
-    public func fetch(_ url: String, sha256: String?) async throws(VirtError) -> String {
+    ///
+    /// `check`, when given, looks at the file before it is used (``ImageInspection``, for one):
+    /// a download it refuses is never kept, and a cached file it refuses is removed unless a
+    /// running server uses it. Either way the error is rethrown.
+    public func fetch(_ url: String, sha256: String?, check: ImageCheck? = nil) async throws(VirtError) -> String {
         if let configurationError { throw configurationError }
         guard Self.isURL(url) else {
             throw VirtError(.usage, "\(url) is not an http://, https:// or file:// URL")
@@ -102,7 +106,8 @@ public struct ImageCache: Sendable {
             log.info("waiting for another debusine-virt to download \(url)")
         }
         do throws(VirtError) {
-            try await fill(entry, from: url, expected: expected)
+            let downloaded = try await fill(entry, from: url, expected: expected, check: check)
+            if !downloaded, let check { try await checkCached(entry, check) }
             CacheFiles.touch(entry.image)
             try Pins.pin(entry.image)
             lock.release()
@@ -120,8 +125,27 @@ public struct ImageCache: Sendable {
         Pins.unpin(path)
     }
 
+    /// Checks a cached image (it may have been cached by a version that did not check, or by a
+    /// caller with another check) and removes it when refused, unless it is in use.
+    private func checkCached(_ entry: Entry, _ check: ImageCheck) async throws(VirtError) {
+        do throws(VirtError) {
+            try await check(entry.image)
+        } catch {
+            if !Pins.isInUse(entry.image) {
+                CacheFiles.remove(entry.digest)
+                CacheFiles.remove(entry.image)
+            }
+            throw error
+        }
+    }
+
     /// Makes `entry.image` the verified content of `url`; the caller holds the entry's lock.
-    private func fill(_ entry: Entry, from url: String, expected: String?) async throws(VirtError) {
+    /// Returns whether it was downloaded now, and so checked by `check` already.
+    private func fill(
+        _ entry: Entry, from url: String, expected: String?, check: ImageCheck?
+    ) async throws(VirtError)
+        -> Bool
+    {
         // Leftovers of a download that was killed (which no cleanup could reach).
         for name in try CacheFiles.names(in: directory) where entry.isTemporary(name) {
             CacheFiles.remove("\(directory)/\(name)")
@@ -129,17 +153,17 @@ public struct ImageCache: Sendable {
         if CacheFiles.exists(entry.image) {
             guard let expected else {
                 log.debug("image cache hit for \(url): \(entry.image)")
-                return
+                return false
             }
             if CacheFiles.readLine(entry.digest) == expected {
                 log.debug("image cache hit for \(url), verified before: \(entry.image)")
-                return
+                return false
             }
             let actual = try await hash(entry.image)
             if actual == expected {
                 record(expected, for: entry)
                 log.debug("image cache hit for \(url), verified now: \(entry.image)")
-                return
+                return false
             }
             // The file at the URL changed since it was cached: fetch it again, unless a running
             // server still boots from the old one, which must not change under it.
@@ -151,11 +175,14 @@ public struct ImageCache: Sendable {
             }
             log.info("the cached \(url) does not match sha256 \(expected): downloading it again")
         }
-        try await download(url, into: entry, expected: expected)
+        try await download(url, into: entry, expected: expected, check: check)
+        return true
     }
 
-    /// Downloads to a temporary file, syncs and verifies it, then renames it into place.
-    private func download(_ url: String, into entry: Entry, expected: String?) async throws(VirtError) {
+    /// Downloads to a temporary file, syncs, verifies and checks it, then renames it into place.
+    private func download(
+        _ url: String, into entry: Entry, expected: String?, check: ImageCheck?
+    ) async throws(VirtError) {
         let (fd, temporary) = try CacheFiles.makeTemporaryFile(prefix: entry.temporaryPrefix)
         do throws(VirtError) {
             let command = CacheCommands.download(url, to: temporary, progress: showsProgress)
@@ -180,6 +207,8 @@ public struct ImageCache: Sendable {
                     throw VirtError(.io, "checksum mismatch for \(url): expected sha256 \(expected), got \(actual)")
                 }
             }
+            // Before the rename: a refused image never becomes an entry another server could use.
+            try await check?(temporary)
             // A digest recorded for the previous content must not outlive it, even by a crash.
             CacheFiles.remove(entry.digest)
             try CacheFiles.move(temporary, to: entry.image)
@@ -291,6 +320,9 @@ public struct ImageCache: Sendable {
         return directory + "/" + path
     }
 }
+
+/// Looks at a file the cache is about to hand out and throws when it must not be used.
+public typealias ImageCheck = @Sendable (String) async throws(VirtError) -> Void
 
 /// The file names of one cache entry.
 struct Entry {

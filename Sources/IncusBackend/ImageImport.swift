@@ -50,8 +50,16 @@ public struct ImageImport: Sendable {
         }
         let path: String
         if ImageCache.isURL(source) {
+            // A VM's qcow2 is inspected as it is downloaded: a refused one is never cached.
+            let runner = self.runner
+            let check: ImageCheck? =
+                options.virtualMachine
+                ? { @Sendable path async throws(VirtError) in
+                    try await Self.checkDisk(path, name: source, runner: runner)
+                }
+                : nil
             path = try await ImageCache(directory: options.cacheDirectory, runner: runner).fetch(
-                source, sha256: options.sha256)
+                source, sha256: options.sha256, check: check)
         } else {
             guard options.sha256 == nil else {
                 throw VirtError(.usage, "--sha256 verifies downloads: give a URL, or check \(source) yourself")
@@ -232,11 +240,24 @@ public struct ImageImport: Sendable {
 
     // MARK: - Virtual machines
 
+    static let qcow2Magic: [UInt8] = [0x51, 0x46, 0x49, 0xFB]
+
+    /// Refuses a qcow2 that reads other files (a backing file, a `json:` backing specification,
+    /// an external data file) or is encrypted: incusd would open them as root. Anything else
+    /// is a tarball, whose raw member is converted with `-f raw`, never probed.
+    static func checkDisk(_ path: String, name: String, runner: any CommandRunner) async throws(VirtError) {
+        guard readMagic(path).starts(with: qcow2Magic) else { return }
+        let absolute = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+        _ = try await ImageInspection(runner: runner).inspect(absolute, name: name, requireEFISystemPartition: false)
+    }
+
     /// A split image: a metadata tarball and the disk as qcow2.
     func prepareVirtualMachine(_ path: String, work: String) async throws(VirtError) -> [String] {
         let magic = Self.readMagic(path)
         var disk = path
-        if !magic.starts(with: [0x51, 0x46, 0x49, 0xFB]) {
+        if magic.starts(with: Self.qcow2Magic) {
+            try await Self.checkDisk(path, name: path, runner: runner)
+        } else {
             // A tarball holding one raw image: unpack it and convert it.
             let raw = try await unpackSingleImage(path, work: work)
             disk = work + "/rootfs.img"
@@ -259,22 +280,74 @@ public struct ImageImport: Sendable {
         return [metaTar, disk]
     }
 
+    /// The one raw image in the tarball at `path`, as a file of ours in `work`.
+    ///
+    /// Only a regular-file member is accepted: a symbolic link, hard link or device node
+    /// (`disk.img -> /etc/shadow`, a link to `/dev/sda`) would have qemu-img convert a file or
+    /// device of this host into the image. The member's type comes from tar's verbose listing,
+    /// and its bytes are written by `tar --to-stdout` into a file we create, so even a member
+    /// tar would turn into a link or device only ever yields its stored bytes here.
     func unpackSingleImage(_ path: String, work: String) async throws(VirtError) -> String {
-        let listing = try await runner.run(Command("tar", ["--list", "--file", path]))
+        let listing = try await runner.run(Self.listMembers(path, verbose: false))
         guard listing.status.succeeded else {
             throw VirtError(.io, "\(path) is neither a qcow2 image nor a readable tarball: \(listing.errorText)")
         }
         let members = listing.outputText.split(separator: "\n").filter { !$0.hasSuffix("/") }
-        guard members.count == 1, let member = members.first else {
+        guard members.count == 1, let member = members.first.map(String.init) else {
             throw VirtError(.usage, "\(path) must hold exactly one raw image, not \(members.count) files")
         }
-        let directory = work + "/unpacked"
-        try Self.makeDirectory(directory)
-        try await runner.check(
-            Command(
-                "tar", ["--extract", "--file", path, "--directory", directory, "--no-same-owner", "--", String(member)])
-        )
-        return directory + "/" + member
+        let verbose = try await runner.check(Self.listMembers(path, verbose: true))
+        // Same members in the same order; directories are the lines of type `d`.
+        let entries = verbose.split(separator: "\n").filter { !$0.hasPrefix("d") }
+        guard entries.count == 1, let entry = entries.first else {
+            throw VirtError(.io, "cannot tell the type of the member \(member) of \(path) from `tar --list --verbose`")
+        }
+        if let kind = Self.nonRegularKind(String(entry)) {
+            throw VirtError(
+                .badImage,
+                "the member \(member) of \(path) is \(kind), not a regular file: refused, because its disk would be "
+                    + "read from this host")
+        }
+        let output = work + "/rootfs.raw"
+        let fd = Glibc.open(output, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw VirtError.io("cannot create \(output)") }
+        let command = Self.extractMember(path, member)
+        let result = try await runner.run(
+            command, input: .none, output: .fileDescriptor(fd, closeAfterStart: true), error: .capture)
+        guard result.status.succeeded else { throw VirtError.failed(command, result) }
+        var info = stat()
+        guard lstat(output, &info) == 0, info.st_mode & S_IFMT == S_IFREG, info.st_size > 0 else {
+            throw VirtError(.badImage, "the member \(member) of \(path) is empty: it is not a disk image")
+        }
+        return output
+    }
+
+    /// `tar --list`, names only or `ls -l` style (whose first character is the member's type).
+    static func listMembers(_ path: String, verbose: Bool) -> Command {
+        Command("tar", ["--list"] + (verbose ? ["--verbose"] : []) + ["--file", path])
+    }
+
+    /// One member's stored bytes on stdout, whatever its type: tar makes no file, link or device.
+    static func extractMember(_ path: String, _ member: String) -> Command {
+        Command("tar", ["--extract", "--to-stdout", "--file", path, "--", member])
+    }
+
+    /// What a member is when it is not a regular file, from its `tar --list --verbose` line
+    /// (`lrwxrwxrwx root/root 0 2026-12-02 05:25 disk.img -> /etc/shadow`); nil for a regular file.
+    static func nonRegularKind(_ line: String) -> String? {
+        guard let type = line.first, type != "-" else { return nil }
+        func target(after marker: String) -> String {
+            guard let range = line.range(of: marker) else { return "" }
+            return " (to \(line[range.upperBound...]))"
+        }
+        switch type {
+        case "l": return "a symbolic link" + target(after: " -> ")
+        case "h": return "a hard link" + target(after: " link to ")
+        case "b": return "a block device"
+        case "c": return "a character device"
+        case "p": return "a FIFO"
+        default: return "of type `\(type)'"
+        }
     }
 
     static func machine() -> String {

@@ -1,4 +1,5 @@
 import CommandRunner
+import ImageCache
 import VirtCore
 
 #if canImport(Glibc)
@@ -21,6 +22,9 @@ public struct QemuOptions: Sendable, Equatable {
     }
 
     public var image: String
+    /// The image's format as ``ImageInspection`` found it, which becomes the overlay's `-F`;
+    /// nil when the options were not made from an inspected image: each boot inspects it then.
+    public var imageFormat: ImageFormat?
     public var ramMiB = 2048
     public var cpus = 2
     public var accelerator = Accelerator.auto
@@ -40,6 +44,12 @@ public struct QemuOptions: Sendable, Equatable {
 
     public init(image: String) {
         self.image = image
+    }
+
+    /// Options for an image that passed ``ImageInspection`` (``BootImage/prepare(_:name:sha256:cacheDirectory:requireEFISystemPartition:runner:)``).
+    public init(image: InspectedImage) {
+        self.image = image.path
+        imageFormat = image.format
     }
 }
 
@@ -63,22 +73,9 @@ public enum KVMProbe {
     }
 }
 
-/// The disk image formats QEMU is given explicitly (never probed: probing raw images is unsafe).
-public enum ImageFormat: String, Sendable {
-    case qcow2, raw
-
-    /// qcow2 by its magic bytes, anything else raw.
-    public static func detect(path: String) throws(VirtError) -> ImageFormat {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            throw VirtError(.notFound, "cannot open the image \(path): \(String(cString: strerror(errno)))")
-        }
-        defer { close(fd) }
-        var magic = [UInt8](repeating: 0, count: 4)
-        let count = magic.withUnsafeMutableBytes { read(fd, $0.baseAddress, 4) }
-        return count == 4 && magic == [0x51, 0x46, 0x49, 0xFB] ? .qcow2 : .raw
-    }
-}
+/// The disk image formats QEMU is given explicitly (never probed: probing raw images is unsafe),
+/// as ``ImageInspection`` found them.
+public typealias ImageFormat = DiskFormat
 
 /// The files of one instance inside its private directory. Names are short: unix socket paths
 /// are limited to 108 bytes.

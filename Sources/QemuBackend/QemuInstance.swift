@@ -1,5 +1,6 @@
 import CommandRunner
 import Foundation
+import ImageCache
 import QemuMonitor
 import Synchronization
 import VirtCore
@@ -58,7 +59,16 @@ final class QemuInstance: Sendable {
     /// and the guest helper is up.
     func boot(kvm: Bool) async throws(VirtError) {
         let deadline = ContinuousClock.now + options.bootTimeout
-        let format = try ImageFormat.detect(path: options.image)
+        let format: ImageFormat
+        if let inspected = options.imageFormat {
+            format = inspected
+        } else {
+            // Options not made from an inspected image: never put an overlay over an image
+            // nobody looked at.
+            format = try await ImageInspection(runner: runner).inspect(
+                options.image, requireEFISystemPartition: true
+            ).format
+        }
         try await runner.check(QemuCommands.createOverlay(base: options.image, format: format, overlay: paths.overlay))
         try await runner.check(Command("cp", ["--", options.efiVars, paths.efiVars]))
         let (_, qga) = try await start(kvm: kvm, incoming: false)
@@ -130,6 +140,13 @@ final class QemuInstance: Sendable {
                 throw error
             }
             var now = ContinuousClock.now
+            // Until a login prompt shows, the firmware may say it found nothing to boot: no
+            // point waiting for an agent then.
+            if promptSince == nil,
+                let gaveUp = ConsoleWatch.firmwareGaveUp(ConsoleWatch.head(of: paths.consoleLog))
+            {
+                throw VirtError(.badImage, ConsoleWatch.firmwareMessage(gaveUp, image: options.image) + consoleTail())
+            }
             if promptSince == nil, ConsoleWatch.showsLoginPrompt(consoleTail(8192)) {
                 log.debug("a login prompt is on the serial console; the agent has \(AgentInstall.grace) from now")
                 promptSince = now

@@ -13,6 +13,9 @@ public struct VirtError: Error, Sendable, Equatable, CustomStringConvertible {
         case unavailable
         /// A file, image or instance does not exist.
         case notFound
+        /// An image that must not be booted or imported: it reads other files of the host (a
+        /// backing file, a data file), is in another format, or has nothing to boot.
+        case badImage
         /// An external command failed.
         case commandFailed
         /// Something took longer than allowed.
@@ -53,6 +56,7 @@ public enum ExitStatus {
         switch error.code {
         case .usage: return 64  // EX_USAGE, as ArgumentParser uses for its own errors
         case .unavailable: return 69  // EX_UNAVAILABLE
+        case .badImage: return 65  // EX_DATAERR: the input data, not the command line, is wrong
         default: return 1
         }
     }

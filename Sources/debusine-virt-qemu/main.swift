@@ -161,8 +161,10 @@ struct QemuServer: AsyncParsableCommand {
         guard Self.findExecutable(qemu) else {
             throw VirtError(.unavailable, "\(qemu) was not found: apt-get install qemu-system-x86")
         }
-        let path = isURL ? try await ImageCache(directory: cacheDir).fetch(image, sha256: sha256) : absolute(image)
-        var options = QemuOptions(image: path)
+        // Fetched if a URL, and inspected either way: an image that must not boot is refused here.
+        let inspected = try await BootImage.prepare(
+            isURL ? image : absolute(image), name: image, sha256: sha256, cacheDirectory: cacheDir)
+        var options = QemuOptions(image: inspected)
         options.ramMiB = ramSize
         options.cpus = cpus
         options.accelerator = accel

@@ -66,7 +66,9 @@ struct QemuImageURLTests {
         let setup = try Setup()
         defer { TestPaths.removeTree(setup.root) }
         let server = try await TestHTTPServer()
-        let bytes = try server.add("t.qcow2", size: 1 << 20)
+        // The server inspects what it downloads: random bytes, but with a GPT and an ESP.
+        let bytes = try await TestDisks.randomWithESP("\(setup.root)/t.img", size: 1 << 20)
+        try server.add("t.qcow2", bytes: bytes)
         let argv = setup.argv(server.url("t.qcow2", mode: "slow"), sha256: SHA256.hexDigest(of: bytes))
         let first = try ServerProcess(argv, environment: ["TMPDIR": setup.tmp])
         let second = try ServerProcess(argv, environment: ["TMPDIR": setup.tmp])
@@ -95,7 +97,8 @@ struct QemuImageURLTests {
         let setup = try Setup()
         defer { TestPaths.removeTree(setup.root) }
         let server = try await TestHTTPServer()
-        let bytes = try server.add("e.qcow2", size: 4096)
+        let bytes = try await TestDisks.randomWithESP("\(setup.root)/e.img", size: 1 << 20)
+        try server.add("e.qcow2", bytes: bytes)
         let argv = setup.argv(server.url("e.qcow2"), sha256: SHA256.hexDigest(of: bytes), cacheDir: false)
         let process = try ServerProcess(argv, environment: ["TMPDIR": setup.tmp, "DEBUSINE_VIRT_CACHE": setup.cache])
         #expect(try await process.readLine() == "ok", "\(process.standardError)")

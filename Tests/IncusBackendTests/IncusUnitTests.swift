@@ -165,3 +165,33 @@ struct IncusUnitTests {
             fixes.contains(["incus", "profile", "device", "add", "debusine", "root", "disk", "path=/", "pool=default"]))
     }
 }
+
+@Suite("import --vm: what a VM image tarball may hold")
+struct VirtualMachineImportUnitTests {
+    @Test("the member is listed, then its stored bytes extracted to stdout: tar makes no file, link or device")
+    func tarArgv() {
+        #expect(ImageImport.listMembers("/a/b.tar", verbose: false).argv == ["tar", "--list", "--file", "/a/b.tar"])
+        #expect(
+            ImageImport.listMembers("/a/b.tar", verbose: true).argv == [
+                "tar", "--list", "--verbose", "--file", "/a/b.tar",
+            ])
+        #expect(
+            ImageImport.extractMember("/a/b.tar", "-disk.img").argv == [
+                "tar", "--extract", "--to-stdout", "--file", "/a/b.tar", "--", "-disk.img",
+            ])
+    }
+
+    @Test("links, devices and FIFOs are told from regular files by tar's verbose listing, naming a link's target")
+    func memberKinds() {
+        #expect(ImageImport.nonRegularKind("-rw-r--r-- root/root 16777216 2026-12-02 05:25 disk.raw") == nil)
+        #expect(
+            ImageImport.nonRegularKind("lrwxrwxrwx root/root 0 2026-12-02 05:25 disk.img -> /etc/shadow")
+                == "a symbolic link (to /etc/shadow)")
+        #expect(
+            ImageImport.nonRegularKind("hrw-r--r-- 0/0 0 1970-01-01 00:00 disk.img link to etc/shadow")
+                == "a hard link (to etc/shadow)")
+        #expect(ImageImport.nonRegularKind("brw-r--r-- 0/0 8,0 1970-01-01 00:00 disk.img") == "a block device")
+        #expect(ImageImport.nonRegularKind("crw-r--r-- 0/0 1,3 1970-01-01 00:00 disk.img") == "a character device")
+        #expect(ImageImport.nonRegularKind("prw-r--r-- 0/0 0 1970-01-01 00:00 disk.img") == "a FIFO")
+    }
+}

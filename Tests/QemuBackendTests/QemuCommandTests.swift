@@ -1,5 +1,6 @@
 import CommandRunner
 import Foundation
+import ImageCache
 import Testing
 import VirtCore
 import VirtTestSupport
@@ -91,15 +92,13 @@ struct QemuCommandTests {
         #expect(argv.contains { $0.hasPrefix("virtserialport,chardev=helper,id=\(QemuCommands.helperPortID),") })
     }
 
-    @Test("images are qcow2 by their magic, raw otherwise; a missing image is a clear error")
-    func imageFormat() throws {
-        let directory = try TestPaths.makeTemporaryDirectory()
-        defer { TestPaths.removeTree(directory) }
-        try Data([0x51, 0x46, 0x49, 0xFB, 0, 0, 0, 3]).write(to: URL(fileURLWithPath: "\(directory)/a.qcow2"))
-        try Data(repeating: 0, count: 512).write(to: URL(fileURLWithPath: "\(directory)/b.img"))
-        #expect(try ImageFormat.detect(path: "\(directory)/a.qcow2") == .qcow2)
-        #expect(try ImageFormat.detect(path: "\(directory)/b.img") == .raw)
-        #expect(throws: VirtError.self) { try ImageFormat.detect(path: "\(directory)/missing") }
+    @Test("options made from an inspected image carry its format, which the boot uses for the overlay's -F")
+    func inspectedFormat() {
+        let image = InspectedImage(path: "/images/base.img", format: .qcow2, virtualSize: 1 << 30, partitions: nil)
+        let options = QemuOptions(image: image)
+        #expect(options.image == "/images/base.img")
+        #expect(options.imageFormat == .qcow2)
+        #expect(QemuOptions(image: "/images/base.img").imageFormat == nil, "not inspected: the boot inspects it")
     }
 }
 
@@ -186,5 +185,56 @@ struct ConsoleWatchTests {
         #expect(ConsoleWatch.showsLoginPrompt("vm login:\r\n[  101.5] random: crng init done\r\n"))
         #expect(!ConsoleWatch.showsLoginPrompt("vm login: root\r\nroot@vm:~# "))
         #expect(!ConsoleWatch.showsLoginPrompt("vm login: [ OK ] Started x\r\n"))
+    }
+
+    /// A console log OVMF really wrote, under Tests/QemuBackendTests/Fixtures.
+    func fixture(_ name: String) throws -> String {
+        try String(
+            contentsOfFile: "\(TestPaths.repositoryRoot)/Tests/QemuBackendTests/Fixtures/\(name)", encoding: .utf8)
+    }
+
+    @Test("OVMF falling back to its UEFI shell after the disk is recognised, with the failed load that says why")
+    func firmwareShell() throws {
+        for name in ["ovmf-no-esp.log", "ovmf-esp-without-loader.log"] {
+            let found = try #require(ConsoleWatch.firmwareGaveUp(try fixture(name)), "\(name)")
+            #expect(found.meaning == "fell back to its UEFI shell")
+            #expect(found.line.hasPrefix("BdsDxe: loading Boot0002 \"EFI Internal Shell\""), "\(found.line)")
+            #expect(
+                found.failedLoads == [
+                    "BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x3,0x0): Not Found"
+                ])
+            let message = ConsoleWatch.firmwareMessage(found, image: "/i.raw")
+            #expect(message.hasPrefix("the firmware found nothing to boot on the image /i.raw and fell back to its"))
+            #expect(message.contains("Not Found\", then \"BdsDxe: loading Boot0002 \"EFI Internal Shell\""))
+        }
+    }
+
+    @Test("OVMF trying the network after the disk is recognised at iPXE's banner, before any PXE timeout")
+    func firmwareNetworkBoot() throws {
+        let found = try #require(ConsoleWatch.firmwareGaveUp(try fixture("ovmf-network-boot.log")))
+        #expect(found.meaning == "tried to boot from the network (iPXE)")
+        #expect(found.line.hasPrefix("iPXE 1.0.0"), "\(found.line)")
+        #expect(
+            ConsoleWatch.firmwareGaveUp(">>Start PXE over IPv4.\r\n")?.meaning == "tried to boot from the network (PXE)"
+        )
+        #expect(
+            ConsoleWatch.firmwareGaveUp("\r\n>>Start HTTP Boot over IPv6.\r\n")?.meaning
+                == "tried to boot from the network (HTTP boot)")
+        #expect(
+            ConsoleWatch.firmwareGaveUp("BdsDxe: No bootable option or device was found.\r\n")?.meaning
+                == "found no bootable option or device")
+        #expect(
+            ConsoleWatch.firmwareGaveUp("\u{1B}[1m\u{1B}[33mShell> \u{1B}[0m")?.meaning == "fell back to its UEFI shell"
+        )
+    }
+
+    @Test("a good boot, and a failed load that another disk may follow, are not a firmware giving up")
+    func firmwareBooting() throws {
+        #expect(ConsoleWatch.firmwareGaveUp(try fixture("ovmf-good-boot.log")) == nil)
+        #expect(
+            ConsoleWatch.firmwareGaveUp(
+                "BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x3,0x0): Not Found\r\n"
+                    + "BdsDxe: loading Boot0002 \"UEFI Misc Device 2\" from PciRoot(0x0)/Pci(0x5,0x0)\r\n") == nil)
+        #expect(ConsoleWatch.withoutTerminalEscapes("\u{1B}[2J\u{1B}[01;01H\u{1B}[=3hBdsDxe") == "BdsDxe")
     }
 }

@@ -225,7 +225,7 @@ struct QemuServerTests {
     }
 
     @Test(
-        "an image QEMU cannot boot fails open with exit 12, a clear message and nothing left behind",
+        "an image with no partition table is refused before the banner with exit 65, a clear message, nothing left",
         .enabled(if: enabled), .timeLimit(.minutes(5)))
     func unbootableImage() async throws {
         let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-test.")
@@ -238,12 +238,62 @@ struct QemuServerTests {
                 "20", bogus,
             ],
             environment: ["TMPDIR": parent])
-        #expect(try await server.readLine() == "ok")
+        #expect(try await server.wait(timeout: .seconds(120)) == .exited(65))
+        #expect(try await server.readLine() == nil, "no banner")
+        #expect(server.standardError.contains("has no partition table"), "\(server.standardError)")
+        #expect(TestPaths.contents(of: parent) == ["not-an-image.raw"], "something was left behind")
+    }
+
+    /// Boots a disk that passes the inspection (a GPT with an EFI system partition holding an
+    /// empty FAT) but has no boot loader, and returns how long `open` took to fail and the
+    /// server's stderr, having checked the failure and that nothing was left behind.
+    func bootWithoutLoader(_ extra: [String]) async throws -> (Duration, String) {
+        let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-test.")
+        defer { TestPaths.removeTree(parent) }
+        let image = "\(parent)/esp-without-loader.raw"
+        try await TestDisks.raw(image, layout: .gptWithESP, fatOnESP: true)
+        let server = try ServerProcess(
+            [
+                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--no-snapshot",
+                "--shutdown-timeout", "5",
+            ] + extra + [image],
+            environment: ["TMPDIR": parent])
+        #expect(try await server.readLine() == "ok", "\(server.standardError)")
+        let clock = ContinuousClock()
+        let start = clock.now
         server.write(line: "open")
-        #expect(try await server.wait(timeout: .seconds(120)) == .exited(12))
-        #expect(try await server.readLine() == nil)
-        #expect(server.standardError.contains("guest agent did not answer"), "\(server.standardError)")
-        #expect(TestPaths.contents(of: parent) == ["not-an-image.raw"], "the instance directory was left behind")
+        #expect(try await server.wait(timeout: .seconds(400)) == .exited(12))
+        let took = clock.now - start
+        #expect(try await server.readLine() == nil, "open must not answer")
+        #expect(server.standardError.contains("the firmware found nothing to boot on the image \(image)"))
+        #expect(server.standardError.contains("failed to load Boot0001"), "\(server.standardError)")
+        #expect(TestPaths.contents(of: parent) == ["esp-without-loader.raw"], "the instance directory was left behind")
+        let leftover = try await runner.run(Command("pgrep", ["-f", parent]))
+        #expect(leftover.outputText.isEmpty, "QEMU processes left behind: \(leftover.outputText)")
+        return (took, server.standardError)
+    }
+
+    @Test(
+        "a disk with nothing to boot ends open as soon as the firmware falls back to its shell, quoting it",
+        .enabled(if: enabled), .timeLimit(.minutes(8)))
+    func firmwareShell() async throws {
+        let (took, stderr) = try await bootWithoutLoader([])
+        #expect(stderr.contains("and fell back to its UEFI shell"), "\(stderr)")
+        // About 10 s here on an idle machine (firmware start, then the 3 s agent polls); the
+        // boot timeout is 300 s.
+        #expect(took < .seconds(120), "took \(took)")
+    }
+
+    @Test(
+        "with a network card, a disk with nothing to boot ends open when the firmware turns to the network",
+        .enabled(if: enabled), .timeLimit(.minutes(8)))
+    func firmwareNetworkBoot() async throws {
+        // A card with no network behind it (no -netdev): what the firmware sends goes nowhere.
+        let (took, stderr) = try await bootWithoutLoader([
+            "--qemu-option", "-device", "--qemu-option", "virtio-net-pci",
+        ])
+        #expect(stderr.contains("and tried to boot from the network"), "\(stderr)")
+        #expect(took < .seconds(120), "took \(took)")
     }
 
     @Test(

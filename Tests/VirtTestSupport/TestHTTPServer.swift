@@ -112,6 +112,11 @@ public final class TestHTTPServer: Sendable {
         return bytes
     }
 
+    /// Serves `bytes` as `name`.
+    public func add(_ name: String, bytes: [UInt8]) throws {
+        try Data(bytes).write(to: URL(fileURLWithPath: "\(files)/\(name)"))
+    }
+
     public func url(_ name: String, mode: String = "files") -> String { "http://127.0.0.1:\(port)/\(mode)/\(name)" }
 
     /// Every request path the server received, in order.
