@@ -280,7 +280,14 @@ public final class QemuTestbed: Testbed {
         guard let parent = options.overlayParent else { return }
         let made = try PrivateDirectory.make(in: parent, prefix: InstancePaths.overlayDirectoryPrefix)
         overlayDirectory.withLock { $0 = made }
-        try QemuInstance.writeFile(paths.overlayRecord, made + "\n")
+        do {
+            try QemuInstance.writeFile(paths.overlayRecord, made + "\n")
+        } catch {
+            // A close took the instance directory meanwhile: nothing would remove this one.
+            overlayDirectory.withLock { if $0 == made { $0 = nil } }
+            try? FileManager.default.removeItem(atPath: made)
+            throw error
+        }
     }
 
     /// Saves the freshly booted VM for later opens and reverts, unless another server is saving
