@@ -11,6 +11,8 @@ import VirtCore
 /// A process is identified by host name, pid and the pid's start time (so a recycled pid is not
 /// mistaken for a live owner).
 public struct InstanceOwner: Sendable, Equatable {
+    /// What every label's key starts with.
+    public static let labelPrefix = "user.debusine-virt."
     public static let hostKey = "user.debusine-virt.host"
     public static let pidKey = "user.debusine-virt.pid"
     public static let startKey = "user.debusine-virt.pid-start"

@@ -34,10 +34,27 @@ public struct QemuOptions: Sendable, Equatable {
     /// tests install their dependencies from the archive.
     public var network = Network.user
     public var bootTimeout: Duration = .seconds(300)
+    /// How long the guest may take to come back from a reboot (`--timeout-reboot`).
+    public var rebootTimeout: Duration = .seconds(300)
     public var shutdownTimeout: Duration = .seconds(30)
     public var qemu = "qemu-system-x86_64"
     /// Extra QEMU arguments, appended as given.
     public var extraArguments: [String] = []
+    /// Further disks after the boot disk, attached read-only in this order (autopkgtest-virt-qemu's
+    /// extra IMAGE arguments). They are used as they are: no overlay, never written.
+    public var extraImages: [AttachedImage] = []
+    /// A read-only copy of the base image in the guest as /dev/baseimage (`--baseimage`),
+    /// hot-plugged once the guest runs, as autopkgtest-virt-qemu does.
+    public var baseImage = false
+    /// Where the overlay goes (`--overlay-dir`): a private directory is made in it per server. Nil
+    /// keeps it in the instance directory.
+    public var overlayParent: String?
+    /// Copy the serial console to stderr while the guest boots (`--show-boot`).
+    public var showBoot = false
+    /// Who logs in on the serial console to install qemu-guest-agent (`--user`, `--password`):
+    /// root by default. Another user needs sudo.
+    public var consoleUser: String?
+    public var consolePassword: String?
     /// Where booted VM states are saved and restored from (the image cache's); nil boots every
     /// time (`--no-snapshot`).
     public var stateCache: String?
@@ -50,6 +67,23 @@ public struct QemuOptions: Sendable, Equatable {
     public init(image: InspectedImage) {
         self.image = image.path
         imageFormat = image.format
+    }
+
+    /// `suggested-normal-user=`: the `--user` given, unless it is root (as autopkgtest-virt-qemu
+    /// has it); nil means the guest's first account in 1000-59999.
+    public var normalUser: String? {
+        consoleUser.flatMap { $0 == "root" || $0.isEmpty ? nil : $0 }
+    }
+}
+
+/// A disk image given on the command line with the format it is opened with.
+public struct AttachedImage: Sendable, Equatable {
+    public var path: String
+    public var format: ImageFormat
+
+    public init(path: String, format: ImageFormat) {
+        self.path = path
+        self.format = format
     }
 }
 
@@ -81,7 +115,15 @@ public typealias ImageFormat = DiskFormat
 /// are limited to 108 bytes.
 public struct InstancePaths: Sendable, Equatable {
     public let directory: String
-    public var overlay: String { "\(directory)/overlay.qcow2" }
+    /// The private directory the overlay lives in when `--overlay-dir` is given (its path is
+    /// recorded in ``overlayRecord`` for `gc`); nil: the instance directory.
+    public let overlayDirectory: String?
+    public var overlay: String { "\(overlayDirectory ?? directory)/overlay.qcow2" }
+    /// Names ``overlayDirectory`` for `gc`, which finds instance directories only in $TMPDIR.
+    public var overlayRecord: String { "\(directory)/\(Self.overlayRecordName)" }
+    public static let overlayRecordName = "overlay-dir"
+    /// The prefix of the private directories made in an `--overlay-dir`.
+    public static let overlayDirectoryPrefix = "dvq-overlay."
     public var efiVars: String { "\(directory)/efivars.fd" }
     public var qmp: String { "\(directory)/qmp.sock" }
     public var qga: String { "\(directory)/qga.sock" }
@@ -99,8 +141,9 @@ public struct InstancePaths: Sendable, Equatable {
     /// The server's pid, for `gc` to tell live instances from orphans.
     public var ownerFile: String { "\(directory)/owner" }
 
-    public init(directory: String) {
+    public init(directory: String, overlayDirectory: String? = nil) {
         self.directory = directory
+        self.overlayDirectory = overlayDirectory
     }
 }
 
@@ -109,6 +152,11 @@ public enum QemuCommands {
     /// The QEMU device id of the helper's port: QMP reports its guest side opening and closing
     /// (VSERPORT_CHANGE) under it.
     public static let helperPortID = "helperport"
+    /// The PCIe root port the `--baseimage` disk is hot-plugged into (q35's root bus takes no
+    /// hot-plugged devices), and the ids of that disk's block node and device.
+    public static let baseImagePortID = "baseimage-port"
+    public static let baseImageNode = "baseimage"
+    public static let baseImageDeviceID = "virtio-baseimage"
 
     public static func createOverlay(base: String, format: ImageFormat, overlay: String) -> Command {
         Command("qemu-img", ["create", "-q", "-f", "qcow2", "-F", format.rawValue, "-b", base, overlay])
@@ -142,6 +190,14 @@ public enum QemuCommands {
             "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=\(escaped(options.efiCode))",
             "-drive", "if=pflash,format=raw,unit=1,file=\(escaped(paths.efiVars))",
             "-drive", "file=\(escaped(paths.overlay)),format=qcow2,if=virtio,cache=unsafe,discard=unmap",
+        ]
+        // After the boot disk, in the order given: vdb, vdc, ... in the guest.
+        for image in options.extraImages {
+            arguments += [
+                "-drive", "file=\(escaped(image.path)),format=\(image.format.rawValue),if=virtio,readonly=on",
+            ]
+        }
+        arguments += [
             "-device", "virtio-rng-pci",
             // A new generation id at each start: a kernel with the vmgenid driver reseeds its
             // random generator when a restored VM sees it change.
@@ -158,6 +214,9 @@ public enum QemuCommands {
             "socket,id=console,path=\(escaped(paths.console)),server=on,wait=off,logfile=\(escaped(paths.consoleLog))",
             "-serial", "chardev:console",
         ]
+        if options.baseImage {
+            arguments += ["-device", "pcie-root-port,id=\(baseImagePortID),chassis=1"]
+        }
         switch options.network {
         case .none: arguments += ["-nic", "none"]
         case .user: arguments += ["-nic", "user,model=virtio-net-pci"]

@@ -40,6 +40,15 @@ public enum QemuGarbageCollector {
                 for _ in 0..<100 where isAlive(qemu, commandContains: directory) { usleep(20_000) }
                 line += " and killed its QEMU (pid \(qemu))"
             }
+            if let overlay = recordedOverlayDirectory(paths) {
+                do {
+                    try FileManager.default.removeItem(atPath: overlay)
+                    line += " and its overlay directory \(overlay)"
+                } catch {
+                    report.append("could not remove \(overlay): \(error)")
+                    continue
+                }
+            }
             do {
                 try FileManager.default.removeItem(atPath: directory)
             } catch {
@@ -49,6 +58,21 @@ public enum QemuGarbageCollector {
             report.append(line)
         }
         return report
+    }
+
+    /// The `--overlay-dir` directory an instance recorded, if it is still one this user made
+    /// there: an absolute path to a directory of ours named like the ones servers make. Anything
+    /// else in the record is left alone.
+    static func recordedOverlayDirectory(_ paths: InstancePaths) -> String? {
+        guard let text = try? String(contentsOfFile: paths.overlayRecord, encoding: .utf8) else { return nil }
+        let path = text.trimmingCharacters(in: .newlines)
+        let name = path.split(separator: "/").last.map(String.init) ?? ""
+        guard path.hasPrefix("/"), !path.split(separator: "/").contains(".."),
+            name.hasPrefix(InstancePaths.overlayDirectoryPrefix)
+        else { return nil }
+        var info = stat()
+        guard lstat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR, info.st_uid == getuid() else { return nil }
+        return path
     }
 
     static func readPID(_ path: String) -> pid_t? {

@@ -34,16 +34,21 @@ final class QemuInstance: Sendable {
         var portWatch: Task<Void, Never>?
         /// A restore failed because of the saved state itself (it did not verify, load or run).
         var savedStateFailed = false
+        /// The `--baseimage` block node exists in this QEMU (it outlives the device's unplugging).
+        var baseImageNode = false
     }
     let handles = Mutex(Handles())
     private let qemuEnded = Mutex(false)
 
     /// Uses `directory` (private, 0700, short for the sockets; it outlives reverts so the
-    /// auxverb's socket path stays the same) and writes the owner file into it.
-    init(options: QemuOptions, runner: any CommandRunner, directory: String) throws(VirtError) {
+    /// auxverb's socket path stays the same) and writes the owner file into it. The overlay goes
+    /// into `overlayDirectory` when given (`--overlay-dir`; private too).
+    init(
+        options: QemuOptions, runner: any CommandRunner, directory: String, overlayDirectory: String? = nil
+    ) throws(VirtError) {
         self.options = options
         self.runner = runner
-        paths = InstancePaths(directory: directory)
+        paths = InstancePaths(directory: directory, overlayDirectory: overlayDirectory)
         relay = AuxverbRelay(socketPath: paths.auxverb)
         try Self.writeFile(paths.ownerFile, "\(getpid())\n")
     }
@@ -55,20 +60,18 @@ final class QemuInstance: Sendable {
     /// Whether a failed restore was the saved state's fault, so that the state must go.
     var savedStateFailed: Bool { handles.withLock { $0.savedStateFailed } }
 
+    /// The boot image's format as inspection found it. Options not made from an inspected image
+    /// get it inspected now: an image nobody looked at never gets an overlay or a drive.
+    func imageFormat() async throws(VirtError) -> ImageFormat {
+        if let inspected = options.imageFormat { return inspected }
+        return try await ImageInspection(runner: runner).inspect(options.image, requireEFISystemPartition: true).format
+    }
+
     /// Starts QEMU on a fresh overlay over the image and waits until the guest agent answers
     /// and the guest helper is up.
     func boot(kvm: Bool) async throws(VirtError) {
         let deadline = ContinuousClock.now + options.bootTimeout
-        let format: ImageFormat
-        if let inspected = options.imageFormat {
-            format = inspected
-        } else {
-            // Options not made from an inspected image: never put an overlay over an image
-            // nobody looked at.
-            format = try await ImageInspection(runner: runner).inspect(
-                options.image, requireEFISystemPartition: true
-            ).format
-        }
+        let format = try await imageFormat()
         try await runner.check(QemuCommands.createOverlay(base: options.image, format: format, overlay: paths.overlay))
         try await runner.check(Command("cp", ["--", options.efiVars, paths.efiVars]))
         let (_, qga) = try await start(kvm: kvm, incoming: false)
@@ -188,8 +191,9 @@ final class QemuInstance: Sendable {
     /// naming qemu-guest-agent, what was tried and the end of the console when that is not
     /// possible (root needs a password, no network, no apt), within the boot deadline.
     func installAgentOverConsole(until deadline: ContinuousClock.Instant) async throws(VirtError) {
+        let user = options.consoleUser ?? "root"
         log.info(
-            "no guest agent answers and the guest shows a login prompt: logging in as root on the serial console "
+            "no guest agent answers and the guest shows a login prompt: logging in as \(user) on the serial console "
                 + "to install qemu-guest-agent")
         let started = ContinuousClock.now
         func failure(_ reason: String) -> VirtError {
@@ -209,14 +213,25 @@ final class QemuInstance: Sendable {
         let console = try await SerialConsole.connect(path: paths.console, timeout: try left(.seconds(10)))
         let status: Int32
         do throws(VirtError) {
-            switch try await console.logInAsRoot(timeout: try left(AgentInstall.loginTimeout)) {
-            case .root: break
+            let login = try await console.logIn(
+                user: user, password: options.consolePassword, timeout: try left(AgentInstall.loginTimeout))
+            log.info("logged in as \(user) on the serial console; installing qemu-guest-agent with apt-get")
+            switch login {
+            case .root:
+                status = try await console.run(
+                    AgentInstall.script, "the installation of qemu-guest-agent", timeout: try left(AgentInstall.timeout)
+                )
             case .user(let uid):
-                throw VirtError(.testbedFailure, "logging in as root on the serial console gave a shell of uid \(uid)")
+                guard user != "root" else {
+                    throw VirtError(
+                        .testbedFailure, "logging in as root on the serial console gave a shell of uid \(uid)")
+                }
+                // As autopkgtest-virt-qemu does with a --user that is not root: sudo, with the
+                // same password.
+                status = try await console.runWithSudo(
+                    AgentInstall.script, password: options.consolePassword, "the installation of qemu-guest-agent",
+                    timeout: try left(AgentInstall.timeout))
             }
-            log.info("logged in as root on the serial console; installing qemu-guest-agent with apt-get")
-            status = try await console.run(
-                AgentInstall.script, "the installation of qemu-guest-agent", timeout: try left(AgentInstall.timeout))
             await console.logOut()
             await console.close()
         } catch {
@@ -231,7 +246,7 @@ final class QemuInstance: Sendable {
                     + "\((ContinuousClock.now - started).formattedSeconds)")
         case AgentInstall.aptFailed:
             throw failure(
-                "logged in as root and ran apt-get update and apt-get install qemu-guest-agent, which failed: "
+                "logged in as \(user) and ran apt-get update and apt-get install qemu-guest-agent, which failed: "
                     + "the guest needs network access to an apt archive that has it")
         case AgentInstall.startFailed:
             throw failure("qemu-guest-agent is installed but systemctl start qemu-guest-agent failed")
@@ -387,11 +402,18 @@ final class QemuInstance: Sendable {
         current.relay?.cancel()
         _ = await current.relay?.value
         if removeDirectory {
+            if let overlayDirectory = paths.overlayDirectory {
+                try? FileManager.default.removeItem(atPath: overlayDirectory)
+            }
             try? FileManager.default.removeItem(atPath: paths.directory)
         } else {
-            for name in (try? FileManager.default.contentsOfDirectory(atPath: paths.directory)) ?? [] {
+            // The record of the overlay's directory stays: that directory stays too, for the
+            // next boot, and gc must find it if the server dies meanwhile.
+            for name in (try? FileManager.default.contentsOfDirectory(atPath: paths.directory)) ?? []
+            where name != InstancePaths.overlayRecordName {
                 try? FileManager.default.removeItem(atPath: "\(paths.directory)/\(name)")
             }
+            if paths.overlayDirectory != nil { unlink(paths.overlay) }
         }
     }
 

@@ -22,6 +22,8 @@ public final class QemuTestbed: Testbed {
     private let current = Mutex<QemuInstance?>(nil)
     /// The private directory of this server's VM, kept from open to close.
     private let directory = Mutex<String?>(nil)
+    /// The private directory made in `--overlay-dir` for the overlay, kept from open to close.
+    private let overlayDirectory = Mutex<String?>(nil)
     /// The account `suggested-normal-user=` names, found at each boot.
     private let normalUser = Mutex<String?>(nil)
     /// The saved state's key and its description, made at the first boot.
@@ -47,6 +49,16 @@ public final class QemuTestbed: Testbed {
             kvm = KVMProbe.usable()
             if !kvm { log.info("KVM is not usable here; using TCG (slower)") }
         }
+        // What the command line came to, for -d: the VM as QEMU will be started (INSTANCE stands
+        // for the instance directory) and the rest of the settings.
+        log.debug("QEMU: \(QemuCommands.qemu(options, InstancePaths(directory: "INSTANCE"), kvm: kvm))")
+        log.debug(
+            "image \(options.image); extra images \(options.extraImages.map(\.path)); boot timeout "
+                + "\(options.bootTimeout.formattedSeconds); reboot timeout \(options.rebootTimeout.formattedSeconds); "
+                + "shutdown timeout \(options.shutdownTimeout.formattedSeconds); overlay in "
+                + "\(options.overlayParent ?? "the instance directory"); baseimage \(options.baseImage); show boot "
+                + "\(options.showBoot); console user \(options.consoleUser ?? "root"); normal user "
+                + "\(options.normalUser ?? "found in the guest")")
     }
 
     public func capabilities() async -> [String] {
@@ -73,7 +85,13 @@ public final class QemuTestbed: Testbed {
             return value
         }
         await instance?.destroy(graceful: true, removeDirectory: true)
-        // A shutdown while the directory existed but before an instance did.
+        // A shutdown while the directories existed but before an instance did.
+        if let path = overlayDirectory.withLock({ value -> String? in
+            defer { value = nil }
+            return value
+        }) {
+            try? FileManager.default.removeItem(atPath: path)
+        }
         if let path = directory.withLock({ value -> String? in
             defer { value = nil }
             return value
@@ -104,10 +122,33 @@ public final class QemuTestbed: Testbed {
         guard let instance = current.withLock({ $0 }) else {
             throw VirtError(.testbedFailure, "the testbed is not running")
         }
-        // A little under the reboot sequence's own limit, so that this error, which carries the
-        // serial console's end, is the one reported.
-        try await instance.waitForReboot(previousBootID: previousBootID, timeout: rebootTimeout - .seconds(15))
+        let echo = options.showBoot ? ConsoleEcho.start(path: instance.paths.consoleLog) : nil
+        defer { echo?.stop() }
+        // A little under the reboot sequence's own limit (``rebootTimeout``), so that this error,
+        // which carries the serial console's end, is the one reported.
+        try await instance.waitForReboot(previousBootID: previousBootID, timeout: options.rebootTimeout)
+        if options.baseImage { try await plugBaseImage(instance) }
         return auxverb
+    }
+
+    /// `--timeout-reboot`, and a little more for the reboot sequence around the wait.
+    public var rebootTimeout: Duration { options.rebootTimeout + .seconds(15) }
+
+    /// The base image is unplugged before any reboot, as autopkgtest-virt-qemu does: a boot
+    /// that sees its partitions (same UUIDs as the boot disk's) may mount the wrong one.
+    public func prepareReboot(_ testbed: InTestbed) async throws(VirtError) {
+        guard options.baseImage, let instance = current.withLock({ $0 }) else { return }
+        await instance.unplugBaseImage()
+    }
+
+    /// Plugs the base image in and waits for /dev/baseimage in the guest.
+    private func plugBaseImage(_ instance: QemuInstance) async throws(VirtError) {
+        let testbed = InTestbed(auxverb: auxverb, runner: runner)
+        try await testbed.script(BaseImage.rulesScript, [BaseImage.udevRules])
+        try await instance.plugBaseImage()
+        guard (try? await testbed.script(BaseImage.waitScript)) != nil else {
+            throw VirtError(.testbedFailure, "--baseimage: /dev/baseimage did not appear in the guest within 30 s")
+        }
     }
 
     /// An interactive shell on a pseudo-terminal in the guest, wired to the caller's terminal
@@ -147,7 +188,9 @@ public final class QemuTestbed: Testbed {
         log.debug("shell ended with \(result.status)")
     }
 
-    var instancePaths: InstancePaths { InstancePaths(directory: directory.withLock { $0 } ?? "") }
+    var instancePaths: InstancePaths {
+        InstancePaths(directory: directory.withLock { $0 } ?? "", overlayDirectory: overlayDirectory.withLock { $0 })
+    }
 
     public func debugFailureReport() async -> String? {
         current.withLock { $0 }?.consoleTail()
@@ -164,7 +207,11 @@ public final class QemuTestbed: Testbed {
         } else {
             path = try PrivateDirectory.make(in: parent, prefix: "dvq.")
             directory.withLock { $0 = path }
+            try makeOverlayDirectory(recordedIn: InstancePaths(directory: path))
         }
+        let overlayPath = overlayDirectory.withLock { $0 }
+        let echo = options.showBoot ? ConsoleEcho.start(path: InstancePaths(directory: path).consoleLog) : nil
+        defer { echo?.stop() }
         let saved = await savedStates()
         if let saved, let entry = saved.store.lookup(saved.key) {
             let started = ContinuousClock.now
@@ -178,7 +225,8 @@ public final class QemuTestbed: Testbed {
                     return error
                 }
             }
-            let instance = try QemuInstance(options: options, runner: runner, directory: path)
+            let instance = try QemuInstance(
+                options: options, runner: runner, directory: path, overlayDirectory: overlayPath)
             current.withLock { $0 = instance }
             do {
                 let status = try await instance.restore(kvm: kvm, from: entry, verification: verification)
@@ -196,7 +244,8 @@ public final class QemuTestbed: Testbed {
                 store.discard(entry)
             }
         }
-        let instance = try QemuInstance(options: options, runner: runner, directory: path)
+        let instance = try QemuInstance(
+            options: options, runner: runner, directory: path, overlayDirectory: overlayPath)
         current.withLock { $0 = instance }
         do {
             try await instance.boot(kvm: kvm)
@@ -216,10 +265,29 @@ public final class QemuTestbed: Testbed {
         directory.withLock { $0 != path }
     }
 
-    /// What is left once the guest runs: finding its normal user.
+    /// What is left once the guest runs: finding its normal user (the `--user` given, if not
+    /// root), plugging in the base image.
     private func ready(_ instance: QemuInstance) async throws(VirtError) {
-        let user = await NormalUser.find(in: InTestbed(auxverb: auxverb, runner: runner))
-        normalUser.withLock { $0 = user }
+        var user = options.normalUser
+        if user == nil { user = await NormalUser.find(in: InTestbed(auxverb: auxverb, runner: runner)) }
+        normalUser.withLock { [user] in $0 = user }
+        if options.baseImage { try await plugBaseImage(instance) }
+    }
+
+    /// `--overlay-dir`: a private directory (0700) in it for the overlay, named in the instance
+    /// directory for `gc`, which looks only in $TMPDIR.
+    private func makeOverlayDirectory(recordedIn paths: InstancePaths) throws(VirtError) {
+        guard let parent = options.overlayParent else { return }
+        let made = try PrivateDirectory.make(in: parent, prefix: InstancePaths.overlayDirectoryPrefix)
+        overlayDirectory.withLock { $0 = made }
+        do {
+            try QemuInstance.writeFile(paths.overlayRecord, made + "\n")
+        } catch {
+            // A close took the instance directory meanwhile: nothing would remove this one.
+            overlayDirectory.withLock { if $0 == made { $0 = nil } }
+            try? FileManager.default.removeItem(atPath: made)
+            throw error
+        }
     }
 
     /// Saves the freshly booted VM for later opens and reverts, unless another server is saving

@@ -31,15 +31,20 @@ enum SavedStateKey {
     /// placeholder for the instance directory), the image, the firmware and the guest helper.
     static func description(options: QemuOptions, kvm: Bool, qemuVersion: String) -> String {
         let template = QemuCommands.qemu(options, InstancePaths(directory: "/INSTANCE"), kvm: kvm, incoming: false)
-        return [
-            "debusine-virt saved state format \(format)",
-            "qemu: \(qemuVersion)",
-            "argv: \(template.argv.joined(separator: " "))",
-            "image: \(identity(options.image))",
-            "efi code: \(identity(options.efiCode))",
-            "efi vars: \(identity(options.efiVars))",
-            "guest helper: \(GuestHelperScript.version)",
-        ].joined(separator: "\n") + "\n"
+        // Extra disks are in the guest's page cache of a saved state: a changed one must not
+        // meet a state that read the old one. (None: the same lines as before they existed.)
+        let extraImages = options.extraImages.map { "extra image: \(identity($0.path))" }
+        return
+            ([
+                "debusine-virt saved state format \(format)",
+                "qemu: \(qemuVersion)",
+                "argv: \(template.argv.joined(separator: " "))",
+                "image: \(identity(options.image))",
+            ] + extraImages + [
+                "efi code: \(identity(options.efiCode))",
+                "efi vars: \(identity(options.efiVars))",
+                "guest helper: \(GuestHelperScript.version)",
+            ]).joined(separator: "\n") + "\n"
     }
 
     /// The first line of `QEMU --version`.

@@ -130,21 +130,35 @@ public actor SerialConsole {
     /// Throws a ``VirtError/Code/testbedFailure`` error saying why not (a password is needed,
     /// no shell answered) or a ``VirtError/Code/timeout`` one.
     public func logInAsRoot(timeout: Duration) async throws(VirtError) -> Login {
+        try await logIn(user: "root", password: nil, timeout: timeout)
+    }
+
+    /// Logs in as `user` at a login prompt: types the name, answers `password` (empty when nil)
+    /// if asked, and checks that a shell answers and which user it runs as. Neither is ever
+    /// given to a shell: login reads them.
+    ///
+    /// Throws a ``VirtError/Code/testbedFailure`` error saying why not (a password is needed,
+    /// no shell answered) or a ``VirtError/Code/timeout`` one.
+    public func logIn(user: String, password: String?, timeout: Duration) async throws(VirtError) -> Login {
         let deadline = ContinuousClock.now + timeout
         func left() -> Duration { max(deadline - ContinuousClock.now, .milliseconds(1)) }
         // The shell's prompts, and login's answers. A prompt is confirmed by the probe below.
         // Not "login: ": a successful login may print "Last login: ...".
         let answers = ["Password:", "Login incorrect", "# ", "$ "]
-        try await send("root\n")
+        try await send("\(user)\n")
         var answer = try await expect(answers, "an answer to the login", timeout: left())
         if answer == 0 {
-            try await send("\n")
-            answer = try await expect(answers, "an answer to the empty password", timeout: left())
+            try await send("\(password ?? "")\n")
+            answer = try await expect(answers, "an answer to the password", timeout: left())
             if answer < 2 {
-                throw VirtError(.testbedFailure, "root cannot log in on the serial console without a password")
+                throw VirtError(
+                    .testbedFailure,
+                    password == nil
+                        ? "\(user) cannot log in on the serial console without a password"
+                        : "\(user) cannot log in on the serial console with the password given")
             }
         } else if answer == 1 {
-            throw VirtError(.testbedFailure, "root cannot log in on the serial console (login refused it)")
+            throw VirtError(.testbedFailure, "\(user) cannot log in on the serial console (login refused it)")
         }
         // Whatever the prompt looks like: a shell prints this (its echo does not contain it).
         try await send("unset HISTFILE; printf '%s-%s-%s\\n' debusine-virt shell \"$(id -u)\"\n")
@@ -152,6 +166,38 @@ public actor SerialConsole {
         _ = try await expect(["\n"], "the shell to answer", timeout: left())
         let uid = String(skippedText.filter { !$0.isWhitespace })
         return uid == "0" ? .root : .user(uid: uid)
+    }
+
+    /// The prompt `sudo -p` is given: sudo prints `%%` as `%`, so the terminal's echo of the
+    /// command line (which has `%%`) never matches what sudo prints.
+    static let sudoPromptArgument = "debusine-virt-sudo%%password:"
+    static let sudoPrompt = "debusine-virt-sudo%password:"
+
+    /// Runs `script` as root through sudo in the logged-in shell of another user, answering
+    /// sudo's password prompt with `password` (empty when nil) if it asks, and returns the exit
+    /// status. `script` must be a constant of the caller without newlines or single quotes; the
+    /// password is typed at sudo's prompt, never into the shell. Throws a
+    /// ``VirtError/Code/timeout`` error after `timeout`.
+    public func runWithSudo(
+        _ script: String, password: String?, _ what: String, timeout: Duration
+    ) async throws(VirtError) -> Int32 {
+        guard !script.contains("'"), !script.contains("\n") else {
+            throw VirtError(.internalError, "\(what): the script cannot be quoted for sudo")
+        }
+        let deadline = ContinuousClock.now + timeout
+        func left() -> Duration { max(deadline - ContinuousClock.now, .milliseconds(1)) }
+        try await send(
+            "sudo -p '\(Self.sudoPromptArgument)' sh -c '\(script)'; "
+                + "printf '%s-%s-%s\\n' debusine-virt status \"$?\"\n")
+        var answer = try await expect([Self.sudoPrompt, "debusine-virt-status-"], what, timeout: left())
+        if answer == 0 {
+            try await send("\(password ?? "")\n")
+            answer = try await expect([Self.sudoPrompt, "debusine-virt-status-"], what, timeout: left())
+            if answer == 0 {
+                throw VirtError(.testbedFailure, "sudo did not take the password given, for \(what)")
+            }
+        }
+        return try await readStatus(what, timeout: left())
     }
 
     /// Runs `script` in the logged-in shell and returns its exit status. `script` must be a
@@ -162,7 +208,12 @@ public actor SerialConsole {
         func left() -> Duration { max(deadline - ContinuousClock.now, .milliseconds(1)) }
         try await send("\(script); printf '%s-%s-%s\\n' debusine-virt status \"$?\"\n")
         _ = try await expect(["debusine-virt-status-"], what, timeout: left())
-        _ = try await expect(["\n"], what, timeout: left())
+        return try await readStatus(what, timeout: left())
+    }
+
+    /// The status after a `debusine-virt-status-` marker that was just matched.
+    private func readStatus(_ what: String, timeout: Duration) async throws(VirtError) -> Int32 {
+        _ = try await expect(["\n"], what, timeout: timeout)
         let text = String(skippedText.filter { !$0.isWhitespace })
         guard let status = Int32(text) else {
             throw VirtError(

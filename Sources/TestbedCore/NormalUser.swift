@@ -29,10 +29,12 @@ public enum NormalUser {
     /// `^[a-z][-a-z0-9_]*$`, 1 to 32 characters.
     public static func isPlainUserName(_ name: String) -> Bool {
         let bytes = Array(name.utf8)
-        guard let first = bytes.first, (1...32).contains(bytes.count), (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(first)
+        guard let first = bytes.first, (1...32).contains(bytes.count),
+            (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(first)
         else { return false }
         return bytes.allSatisfy { byte in
-            (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(byte) || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(byte)
+            (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(byte)
+                || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(byte)
                 || byte == UInt8(ascii: "-") || byte == UInt8(ascii: "_")
         }
     }

@@ -46,6 +46,7 @@ public enum RebootSequence {
         try await timed(copyTimeout, "saving the scratch directory before reboot") {
             try await testbed.script(saveScript, [scratch] + saveDirectories)
         }
+        try await backend.prepareReboot(testbed)
         if prepareOnly {
             log.info("state saved, waiting for the testbed to reboot...")
         } else {

@@ -37,6 +37,10 @@ public protocol Testbed: Sendable {
     /// while any other call is in progress: signal handling calls it at any moment.
     func close() async
 
+    /// Runs before every reboot, `prepare-only` ones included, once the scratch directory is
+    /// saved (autopkgtest's `hook_prepare_reboot`). Default: nothing.
+    func prepareReboot(_ testbed: InTestbed) async throws(VirtError)
+
     /// Asks the running testbed to reboot. Default: `systemd-run` a delayed `reboot`, or a
     /// backgrounded `reboot` where systemd does not run.
     func requestReboot(_ testbed: InTestbed) async throws(VirtError)
@@ -71,6 +75,8 @@ public protocol Testbed: Sendable {
 }
 
 extension Testbed {
+    public func prepareReboot(_ testbed: InTestbed) async throws(VirtError) {}
+
     public func requestReboot(_ testbed: InTestbed) async throws(VirtError) {
         try await RebootRequest.viaSystemd(testbed)
     }

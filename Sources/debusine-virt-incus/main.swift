@@ -27,6 +27,13 @@ struct IncusServer: AsyncParsableCommand {
               debusine-virt-incus setup [--check]   make this Incus host ready (network, pool, profile)
               debusine-virt-incus import --artifact-id ID FILE   import a system tarball or image
               debusine-virt-incus gc                delete instances whose server died
+
+            It takes autopkgtest-virt-incus's command line (autopkgtest 5.49) with the same \
+            meaning: -d, -r/--remote, --vm, --incus, the image, and `incus launch` arguments after \
+            it (with or without --), which go to every instance the server makes. Those that \
+            repeat what the server sets itself (--profile debusine, --ephemeral, --vm, its \
+            --target) are merged rather than given twice. The server's own options go before the \
+            image.
             """
     )
 
@@ -47,7 +54,15 @@ struct IncusServer: AsyncParsableCommand {
     @Flag(help: "Run a virtual machine (isolation-machine) instead of a container.")
     var vm = false
 
-    @Option(help: "The Incus remote that holds the image and runs the instance (see `incus remote list`).")
+    @Flag(help: "Use Incus (autopkgtest-virt-incus's option; this server always does).")
+    var incus = false
+
+    @Flag(help: "Use LXD: not supported, this server runs Incus only.")
+    var lxd = false
+
+    @Option(
+        name: [.customShort("r", allowingJoined: true), .long],
+        help: "The Incus remote that holds the image and runs the instance (see `incus remote list`).")
     var remote: String?
 
     @Option(help: "The cluster member to place the instance on.")
@@ -72,13 +87,21 @@ struct IncusServer: AsyncParsableCommand {
     @Argument(help: "The image alias to launch, e.g. artifact/42.")
     var image: String
 
-    @Argument(parsing: .postTerminator, help: "Extra `incus launch` arguments, after `--`.")
+    @Argument(
+        parsing: .captureForPassthrough,
+        help: ArgumentHelp(
+            "Extra `incus launch` arguments: everything after the image, with or without `--`.",
+            valueName: "launch-args"))
     var launchArguments: [String] = []
 
     func run() async throws {
         VirtServer.prepareProcess(program: "debusine-virt-incus", debug: debug)
         do {
             let options = try options()
+            // What the command line came to, for -d.
+            log.debug(
+                "instances are made as: \(options.cli.launch(IncusCLI.Launch(image: options.image, name: "NAME", profiles: options.profiles, virtualMachine: options.virtualMachine, target: options.target, extraArguments: options.extraLaunchArguments)))"
+            )
             try await IncusPreflight.check(options)
             await VirtServer.serve(IncusTestbed(options: options))
         } catch {
@@ -87,19 +110,27 @@ struct IncusServer: AsyncParsableCommand {
     }
 
     func options() throws(VirtError) -> IncusOptions {
+        guard !lxd else {
+            throw VirtError(.unavailable, "--lxd is not supported: debusine-virt-incus runs Incus only (--incus)")
+        }
         guard !image.contains(":") else {
             throw VirtError(.usage, "give the remote with --remote, not in the image name (\(image))")
         }
         guard bootTimeout > 0, stopTimeout >= 0 else { throw VirtError(.usage, "the timeouts must be positive") }
         var options = IncusOptions(image: image)
-        options.virtualMachine = vm
-        options.cli = IncusCLI(remote: remote)
-        options.target = target
-        if !profile.isEmpty { options.profiles = profile }
+        options.cli = IncusCLI(remote: remote.map { $0.hasSuffix(":") ? String($0.dropLast()) : $0 })
         options.spare = spare
         options.bootTimeout = .seconds(bootTimeout)
         options.stopTimeout = stopTimeout
-        options.extraLaunchArguments = launchArguments
+        // As autopkgtest-virt-incus reads it (argparse.REMAINDER): the `--` right after the image
+        // is not a launch argument.
+        let given = launchArguments.first == "--" ? Array(launchArguments.dropFirst()) : launchArguments
+        let merged = try LaunchArguments.merge(
+            given, profiles: profile.isEmpty ? options.profiles : profile, virtualMachine: vm, target: target)
+        options.virtualMachine = merged.virtualMachine
+        options.target = merged.target
+        options.profiles = merged.profiles
+        options.extraLaunchArguments = merged.extraArguments
         return options
     }
 }

@@ -37,7 +37,15 @@ struct QemuServer: AsyncParsableCommand {
             every time.
 
             debusine-virt-qemu gc removes what servers that died left behind (QEMU processes, \
-            instance directories in $TMPDIR) and reports it.
+            instance directories in $TMPDIR and their --overlay-dir directories) and reports it.
+
+            It takes autopkgtest-virt-qemu's options (autopkgtest 5.49) with the same meaning, so \
+            that changing the server's name keeps the rest of the command line: --ram-size, -c, \
+            --boot, --efi, --dpkg-architecture, --qemu-architecture, -q, --qemu-options, -o, \
+            --timeout-reboot, --show-boot, --timeout-poweroff, -d, -u, -p, --baseimage and more \
+            images after the first (attached read-only, in order). What this server cannot boot \
+            yet (another architecture than x86_64, --boot bios, ieee1275 or none) is an error \
+            before the banner.
             """
     )
 
@@ -66,8 +74,33 @@ struct QemuServer: AsyncParsableCommand {
     @Option(help: "Memory of the VM in MiB.")
     var ramSize = 2048
 
-    @Option(help: "Number of virtual CPUs.")
+    @Option(
+        name: [.customShort("c", allowingJoined: true), .long],
+        help: "Number of virtual CPUs (autopkgtest-virt-qemu's default is 1).")
     var cpus = 2
+
+    @Option(
+        help: ArgumentHelp(
+            "How the VM boots: auto and efi boot EFI firmware (see --efi-code); bios, ieee1275 and none are not "
+                + "supported yet.",
+            valueName: "auto|bios|efi|ieee1275|none"))
+    var boot: BootMode?
+
+    @Flag(help: "Alias for --boot efi (the last of --efi and --boot wins).")
+    var efi = false
+
+    @Option(
+        help: ArgumentHelp(
+            "The guest's architecture in dpkg's terms (default: the host's); only amd64 is supported yet.",
+            valueName: "arch"))
+    var dpkgArchitecture: String?
+
+    @Option(
+        help: ArgumentHelp(
+            "The guest's architecture in QEMU's terms, before --dpkg-architecture (default: the host's); only x86_64 "
+                + "is supported yet.",
+            valueName: "arch"))
+    var qemuArchitecture: String?
 
     @Option(help: "Accelerator: auto (KVM only when it can really run guests, else TCG), kvm or tcg.")
     var accel: QemuOptions.Accelerator = .auto
@@ -81,14 +114,65 @@ struct QemuServer: AsyncParsableCommand {
     @Option(help: "Guest network: user (QEMU user networking: the guest reaches what the host reaches), or none.")
     var network: QemuOptions.Network = .user
 
-    @Option(help: "Seconds to wait for the guest to boot (guest agent answering).")
-    var bootTimeout = 300
+    @Option(help: "Seconds to wait for the guest to boot (guest agent answering) at open and revert (default: 300).")
+    var bootTimeout: Int?
 
-    @Option(help: "Seconds a guest gets to shut down before QEMU is stopped.")
+    @Option(
+        help: ArgumentHelp(
+            "Seconds to wait for a reboot, and for boots unless --boot-timeout is given (default: 300).",
+            valueName: "seconds"))
+    var timeoutReboot: Int?
+
+    @Option(
+        name: [.customLong("shutdown-timeout"), .customLong("timeout-poweroff")],
+        help: ArgumentHelp(
+            "Seconds a guest gets to power off (asked through the guest agent) before QEMU is stopped.",
+            valueName: "seconds"))
     var shutdownTimeout = 30
 
-    @Option(help: "The QEMU system emulator to run.")
-    var qemu = "qemu-system-x86_64"
+    @Option(
+        name: [.customShort("q", allowingJoined: true), .customLong("qemu-command"), .customLong("qemu")],
+        help: ArgumentHelp("The QEMU system emulator to run (default: qemu-system-x86_64).", valueName: "command"))
+    var qemu: String?
+
+    @Option(
+        name: .customLong("qemu-options"), parsing: .unconditional,
+        help: ArgumentHelp(
+            "Extra QEMU arguments in one string, split on whitespace as autopkgtest-virt-qemu splits it (no "
+                + "quoting); they come before those of --qemu-option.",
+            valueName: "string"))
+    var qemuOptionsString: String?
+
+    @Option(
+        name: [.customShort("o", allowingJoined: true), .customLong("overlay-dir")],
+        help: ArgumentHelp(
+            "Where the boot disk's overlay is written (e.g. a tmpfs), in a private directory removed at close "
+                + "(default: the instance directory in $TMPDIR).",
+            valueName: "dir"))
+    var overlayDir: String?
+
+    @Flag(help: "Copy the serial console to stderr while the guest boots or reboots.")
+    var showBoot = false
+
+    @Option(
+        name: [.customShort("u", allowingJoined: true), .long],
+        help: ArgumentHelp(
+            "The user for tests that do not need root (suggested-normal-user), unless root; also who logs in on the "
+                + "serial console to install qemu-guest-agent (default: root; another user needs sudo).",
+            valueName: "user"))
+    var user: String?
+
+    @Option(
+        name: [.customShort("p", allowingJoined: true), .long],
+        help: ArgumentHelp(
+            "The password of --user for that console login, and for sudo (default: none).", valueName: "password"))
+    var password: String?
+
+    @Flag(
+        help:
+            "A read-only copy of the (first) image in the guest as /dev/baseimage (not between reboot-prepare and the next boot)."
+    )
+    var baseimage = false
 
     @Option(
         name: .customLong("qemu-option"), parsing: .unconditionalSingleValue,
@@ -120,6 +204,10 @@ struct QemuServer: AsyncParsableCommand {
 
     @Argument(help: "The system image: a path to a qcow2 or raw EFI image, or an http(s):// or file:// URL of one.")
     var image: String
+
+    @Argument(
+        help: ArgumentHelp("More disk images, attached read-only in this order (vdb, vdc, ...).", valueName: "image"))
+    var extraImages: [String] = []
 
     func run() async throws {
         VirtServer.prepareProcess(program: "debusine-virt-qemu", debug: debug)
@@ -155,9 +243,11 @@ struct QemuServer: AsyncParsableCommand {
             throw VirtError(
                 .notFound, "the \(what) \(path) is missing: apt-get install ovmf, or pass --efi-code/--efi-vars")
         }
-        guard ramSize >= 128, cpus >= 1, bootTimeout > 0, shutdownTimeout >= 0 else {
+        guard ramSize >= 128, cpus >= 1, shutdownTimeout >= 0 else {
             throw VirtError(.usage, "--ram-size, --cpus and the timeouts must be positive")
         }
+        let dropIn = try await autopkgtestOptions()
+        let qemu = self.qemu ?? "qemu-system-\(dropIn.architecture)"
         guard Self.findExecutable(qemu) else {
             throw VirtError(.unavailable, "\(qemu) was not found: apt-get install qemu-system-x86")
         }
@@ -171,12 +261,64 @@ struct QemuServer: AsyncParsableCommand {
         options.efiCode = absolute(efiCode)
         options.efiVars = absolute(efiVars)
         options.network = network
-        options.bootTimeout = .seconds(bootTimeout)
+        options.bootTimeout = dropIn.timeouts.boot
+        options.rebootTimeout = dropIn.timeouts.reboot
         options.shutdownTimeout = .seconds(shutdownTimeout)
         options.qemu = qemu
-        options.extraArguments = qemuOptions
+        options.extraArguments = AutopkgtestQemu.splitLikePython(qemuOptionsString ?? "") + qemuOptions
+        options.extraImages = dropIn.extraImages
+        options.baseImage = baseimage
+        options.overlayParent = dropIn.overlayParent
+        options.showBoot = showBoot
+        options.consoleUser = user
+        options.consolePassword = password
         options.stateCache = snapshot ? ImageCache(directory: cacheDir).directory : nil
         return options
+    }
+
+    /// autopkgtest-virt-qemu's options that need checking before the banner: what this server
+    /// cannot serve yet is refused here, naming the option and its value.
+    func autopkgtestOptions() async throws(VirtError) -> (
+        architecture: String, timeouts: (boot: Duration, reboot: Duration), extraImages: [AttachedImage],
+        overlayParent: String?
+    ) {
+        let architecture = try AutopkgtestQemu.architecture(qemu: qemuArchitecture, dpkg: dpkgArchitecture)
+        try AutopkgtestQemu.checkBoot(
+            AutopkgtestQemu.bootMode(boot: boot, efi: efi, arguments: Array(CommandLine.arguments.dropFirst())))
+        let timeouts = try AutopkgtestQemu.timeouts(bootTimeout: bootTimeout, timeoutReboot: timeoutReboot)
+        for (option, value) in [("--user", user), ("--password", password)] {
+            // Typed on the serial console: a line break would end it early.
+            if let value, value.contains(where: { $0.isNewline }) || (option == "--user" && value.isEmpty) {
+                throw VirtError(.usage, "\(option) must be one line (and a user name not empty)")
+            }
+        }
+        var extras: [AttachedImage] = []
+        for path in extraImages {
+            guard !path.contains("://") else {
+                throw VirtError(
+                    .usage, "the extra image \(path) must be a local file: only the first image may be a URL")
+            }
+            guard access(path, R_OK) == 0 else {
+                throw VirtError(.notFound, "the image \(path) does not exist or is not readable")
+            }
+            // Inspected like the boot disk (a backing file would show the guest a host file), but
+            // any disk will do: no partition table is required.
+            let inspected = try await ImageInspection().inspect(
+                absolute(path), name: path, requireEFISystemPartition: false)
+            extras.append(AttachedImage(path: inspected.path, format: inspected.format))
+        }
+        var overlayParent: String?
+        if let overlayDir {
+            var info = stat()
+            guard stat(overlayDir, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR else {
+                throw VirtError(.notFound, "--overlay-dir \(overlayDir) is not a directory")
+            }
+            guard access(overlayDir, W_OK | X_OK) == 0 else {
+                throw VirtError(.usage, "--overlay-dir \(overlayDir) is not writable")
+            }
+            overlayParent = absolute(overlayDir)
+        }
+        return (architecture, timeouts, extras, overlayParent)
     }
 
     /// debusine-virt-auxverb, installed next to this executable.
@@ -211,4 +353,5 @@ struct QemuServer: AsyncParsableCommand {
 }
 
 extension QemuOptions.Accelerator: ExpressibleByArgument {}
+extension BootMode: ExpressibleByArgument {}
 extension QemuOptions.Network: ExpressibleByArgument {}

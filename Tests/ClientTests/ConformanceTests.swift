@@ -60,7 +60,8 @@ struct ConformanceTests {
                 ]
                 return ["autopkgtest-virt-qemu"]
                     + (debusine
-                        ? ["--boot", "efi", "--dpkg-architecture", "amd64"] : ["--efi", "--ram-size", "2048", "--cpus", "2"])
+                        ? ["--boot", "efi", "--dpkg-architecture", "amd64"]
+                        : ["--efi", "--ram-size", "2048", "--cpus", "2"])
                     + here + [image]
             case .theirsIncus:
                 // Its launch arguments are debusine's: the image's root disk is in that profile.
@@ -107,8 +108,11 @@ struct ConformanceTests {
         Form(
             name: "cd pkg && autopkgtest . -- SERVER", directory: "forms",
             arguments: ["-B"] + skipInstalled + ["."], expected: all, referenceQemu: true),
-        Form(name: "autopkgtest pkg/ -- SERVER (relative)", arguments: ["-B"] + skipInstalled + ["forms/"], expected: all),
-        Form(name: "autopkgtest /abs/pkg/ -- SERVER", arguments: ["-B"] + skipInstalled + ["ABS/forms/"], expected: all),
+        Form(
+            name: "autopkgtest pkg/ -- SERVER (relative)", arguments: ["-B"] + skipInstalled + ["forms/"], expected: all
+        ),
+        Form(
+            name: "autopkgtest /abs/pkg/ -- SERVER", arguments: ["-B"] + skipInstalled + ["ABS/forms/"], expected: all),
         Form(
             name: "autopkgtest pkg.dsc -- SERVER (relative .dsc)",
             arguments: ["-B"] + skipInstalled + ["debusine-virt-forms_1.0.dsc"], expected: all, referenceQemu: true),
@@ -125,7 +129,10 @@ struct ConformanceTests {
             arguments: ["-B"] + skipInstalled + ["-o", "OUT", "forms/"], expected: all,
             files: ["OUT/artifacts/\(artifact)", "OUT/log", "OUT/smoke-stdout", "OUT/fails-stderr"]),
         Form(
-            name: "--setup-commands", arguments: ["-B"] + skipInstalled + ["--setup-commands", "echo configured > /var/tmp/forms-setup", "forms/"],
+            name: "--setup-commands",
+            arguments: ["-B"] + skipInstalled + [
+                "--setup-commands", "echo configured > /var/tmp/forms-setup", "forms/",
+            ],
             expected: all, logContains: ["setup=configured"]),
         Form(
             name: "--env", arguments: ["-B"] + skipInstalled + ["--env", "FORMS_VAR=set by --env", "forms/"],
@@ -159,7 +166,8 @@ struct ConformanceTests {
 
     /// The tree, .dsc and .deb of examples/forms, made once for the matrix.
     static func makeSetup() async throws -> Setup {
-        let images = try #require(Installed.qemuImages, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        let images = try #require(
+            Installed.qemuImages, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
         let incusImage = try #require(
             Installed.incusImage, "DEBUSINE_VIRT_INCUS_IMAGE is not set: run through scripts/test")
         let work = try TestPaths.makeTemporaryDirectory("dv-forms.")
@@ -175,7 +183,9 @@ struct ConformanceTests {
     static func run(_ form: Form, on server: Server, _ setup: Setup) async throws -> Outcome {
         let run = try TestPaths.makeTemporaryDirectory("dv-form.")
         defer { TestPaths.removeTree(run) }
-        for name in ["forms", "debusine-virt-forms_1.0.dsc", "debusine-virt-forms_1.0.tar.xz", "debusine-virt-forms_1.0_all.deb"] {
+        for name in [
+            "forms", "debusine-virt-forms_1.0.dsc", "debusine-virt-forms_1.0.tar.xz", "debusine-virt-forms_1.0_all.deb",
+        ] {
             try await runner.check(Command("cp", ["-r", "\(setup.work)/\(name)", run]))
         }
         let directory = form.directory.isEmpty ? run : "\(run)/\(form.directory)"

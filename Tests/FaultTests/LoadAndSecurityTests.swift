@@ -146,7 +146,8 @@ extension FaultSuite {
                 let line = "x\tdowntmp-host=/tmp/dv-pwned-\(tag):x:1000:1000::/nonexistent:/bin/sh"
                 try await runner.check(
                     Command(
-                        "incus", ["exec", builder, "--", "sh", "-c", #"printf '%s\n' "$1" >> /etc/passwd"#, "sh", line]))
+                        "incus", ["exec", builder, "--", "sh", "-c", #"printf '%s\n' "$1" >> /etc/passwd"#, "sh", line])
+                )
                 try await runner.check(Command("incus", ["stop", "--force", builder]))
                 try await runner.check(
                     Command("incus", ["publish", builder, "--alias", alias, "--compression", "none"]))
@@ -164,7 +165,8 @@ extension FaultSuite {
                     !capabilities.contains("suggested-normal-user"), "a hostile name was advertised: \(capabilities)")
                 checks.expect(try await server.process.request("close") == "ok", "close failed")
                 server.process.write(line: "quit")
-                checks.expect(try await server.process.wait(timeout: .seconds(120)) == .exited(0), "quit did not end it")
+                checks.expect(
+                    try await server.process.wait(timeout: .seconds(120)) == .exited(0), "quit did not end it")
                 let left = try await server.leftovers()
                 checks.expect(left.isEmpty, "left behind: \(left)")
             }

@@ -13,7 +13,8 @@ struct FakeIncusTests {
         let state: String
         let server: ServerProcess
 
-        init(_ scenario: String, _ arguments: [String] = []) throws {
+        /// `arguments` go before the image, `after` after it (launch arguments).
+        init(_ scenario: String, _ arguments: [String] = [], after: [String] = []) throws {
             state = try TestPaths.makeTemporaryDirectory("dv-fake-incus.")
             let bin = state + "/bin"
             try FileManager.default.createDirectory(atPath: bin, withIntermediateDirectories: false)
@@ -22,7 +23,7 @@ struct FakeIncusTests {
                 withDestinationPath: "\(TestPaths.repositoryRoot)/Tests/IncusBackendTests/Fixtures/fake-incus")
             let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
             server = try ServerProcess(
-                [TestPaths.executable("debusine-virt-incus")] + arguments + ["artifact/1"],
+                [TestPaths.executable("debusine-virt-incus")] + arguments + ["artifact/1"] + after,
                 environment: [
                     "PATH": "\(bin):\(path)", "FAKE_INCUS_STATE": state, "FAKE_INCUS_SCENARIO": scenario,
                     "TMPDIR": state,

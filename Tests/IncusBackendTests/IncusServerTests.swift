@@ -164,6 +164,35 @@ struct IncusServerTests {
     }
 
     @Test(
+        "debusine's `artifact/ID -- --profile debusine` opens with the profile once, runs a command and reverts",
+        .enabled(if: enabled), .timeLimit(.minutes(10)))
+    func debusineLaunchArguments() async throws {
+        let image = try requireImage()
+        let server = try ServerProcess([
+            TestPaths.executable("debusine-virt-incus"), image, "--", "--profile", "debusine",
+        ])
+        #expect(try await server.readLine() == "ok", "\(server.standardError)")
+        let opened = try await server.request("open")
+        try #require(opened.hasPrefix("ok /"), "open failed:\n\(server.standardError)")
+        func check() async throws {
+            let aux = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
+            let result = try await runner.run(Command(argv: aux + ["sh", "-c", "echo hello; id -u"]))
+            #expect(result.outputText == "hello\n0", "\(result.errorText)")
+            let name = try #require(aux.first { $0.hasPrefix("debusine-virt-") })
+            let profiles = try await runner.check(
+                Command("incus", ["list", name, "--format", "csv", "--columns", "P"]))
+            #expect(profiles == "debusine", "\(profiles)")
+        }
+        try await check()
+        #expect(try await server.request("revert") == opened, "\(server.standardError)")
+        try await check()
+        #expect(try await server.request("close") == "ok")
+        #expect(try await instances(ownedBy: server.pid).isEmpty)
+        server.write(line: "quit")
+        #expect(try await server.wait() == .exited(0))
+    }
+
+    @Test(
         "autopkgtest runs the examples/ fixture package under debusine-virt-incus with the expected summary",
         .enabled(if: enabled), .timeLimit(.minutes(15)))
     func autopkgtestFixture() async throws {

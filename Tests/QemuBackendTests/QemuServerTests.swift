@@ -157,6 +157,110 @@ struct QemuServerTests {
     }
 
     @Test(
+        "debusine's executor's command line (--boot efi --dpkg-architecture amd64 IMAGE), with --network none, opens and runs a command",
+        .enabled(if: enabled), .timeLimit(.minutes(20)))
+    func debusineCommandLine() async throws {
+        let directory = try #require(
+            Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-test.")
+        defer { TestPaths.removeTree(parent) }
+        let server = try ServerProcess(
+            [
+                TestPaths.executable("debusine-virt-qemu"), "--boot", "efi", "--dpkg-architecture", "amd64",
+                "--network",
+                "none", "\(directory)/bookworm-amd64.qcow2",
+            ],
+            environment: ["TMPDIR": parent])
+        #expect(try await server.readLine() == "ok", "\(server.standardError)")
+        let opened = try await server.request("open", timeout: .seconds(960))
+        try #require(opened.hasPrefix("ok /"), "open failed:\n\(server.standardError)")
+        let aux = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
+        let result = try await runner.run(Command(argv: aux + ["dpkg", "--print-architecture"]))
+        #expect(result.status == .exited(0) && result.outputText == "amd64", "\(result.errorText)")
+        #expect(try await server.request("close") == "ok")
+        server.write(line: "quit")
+        #expect(try await server.wait() == .exited(0))
+        #expect(TestPaths.contents(of: parent).isEmpty, "the instance directory was left behind")
+    }
+
+    @Test(
+        "--baseimage: /dev/baseimage reads as the base image, after a reboot and a revert too; an extra image is vdb, read-only; --overlay-dir keeps the overlay private and loses it at close; --show-boot shows the reboot",
+        .enabled(if: enabled), .timeLimit(.minutes(30)))
+    func baseImageExtraDisksOverlayDirectory() async throws {
+        let directory = try #require(
+            Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        let image = "\(directory)/bookworm-amd64.qcow2"
+        // Any stable file will do as the extra disk: the tarball's bytes, seen raw. Stable, so the
+        // saved state of this command line is reused by later runs.
+        let extra = "\(directory)/bookworm-amd64.tar.xz"
+        let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-test.")
+        defer { TestPaths.removeTree(parent) }
+        let overlays = try TestPaths.makeTemporaryDirectory("dv-qemu-overlays.")
+        defer { TestPaths.removeTree(overlays) }
+        let server = try ServerProcess(
+            [
+                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--boot-timeout",
+                "900", "--timeout-reboot", "900", "--shutdown-timeout", "10", "--baseimage", "-o", overlays,
+                "--show-boot", image, extra,
+            ],
+            environment: ["TMPDIR": parent])
+        #expect(try await server.readLine() == "ok")
+        let opened = try await server.request("open", timeout: .seconds(960))
+        try #require(opened.hasPrefix("ok /"), "open failed:\n\(server.standardError)")
+        let aux = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
+        func inGuest(_ argv: [String]) async throws -> CommandResult {
+            try await runner.run(Command(argv: aux + argv), input: .none, output: .capture, error: .capture)
+        }
+
+        // The overlay: in a private directory of its own in --overlay-dir, named for gc.
+        let made = TestPaths.contents(of: overlays)
+        try #require(made.count == 1 && made[0].hasPrefix("dvq-overlay."), "\(made)")
+        var info = stat()
+        #expect(stat("\(overlays)/\(made[0])", &info) == 0 && info.st_mode & 0o777 == 0o700)
+        #expect(TestPaths.contents(of: "\(overlays)/\(made[0])") == ["overlay.qcow2"])
+        let instances = TestPaths.contents(of: parent)
+        try #require(instances.count == 1)
+        let record = try String(contentsOfFile: "\(parent)/\(instances[0])/overlay-dir", encoding: .utf8)
+        #expect(record == "\(overlays)/\(made[0])\n")
+
+        // /dev/baseimage: the image as the guest reads it, compared with the host's reading.
+        let host = "\(parent)/first-mib"
+        try await runner.check(
+            Command("qemu-img", ["dd", "-f", "qcow2", "-O", "raw", "bs=1M", "count=1", "if=\(image)", "of=\(host)"]))
+        let expected = try await runner.check(Command("sha256sum", [host])).prefix(64)
+        func checkBaseImage(_ when: String) async throws {
+            let read = try await inGuest(["sh", "-c", "head -c 1048576 /dev/baseimage | sha256sum"])
+            #expect(read.status == .exited(0), "\(when): \(read.errorText)")
+            #expect(read.outputText.prefix(64) == expected, "\(when)")
+            let writable = try await inGuest([
+                "sh", "-c", "cat /sys/block/$(basename $(readlink -f /dev/baseimage))/ro",
+            ])
+            #expect(writable.outputText == "1", "\(when): the base image must be read-only")
+        }
+        try await checkBaseImage("after open")
+
+        // The extra image: the next disk after the boot disk, read-only, with the file's bytes.
+        let magic = try await inGuest(["sh", "-c", "head -c 6 /dev/vdb | od -An -tx1"])
+        #expect(magic.outputText.split(separator: " ") == ["fd", "37", "7a", "58", "5a", "00"], "\(magic.outputText)")
+        #expect(try await inGuest(["cat", "/sys/block/vdb/ro"]).outputText == "1")
+
+        let before = server.standardError.count
+        #expect(try await server.request("reboot", timeout: .seconds(960)) == "ok", "\(server.standardError)")
+        try await checkBaseImage("after reboot")
+        #expect(
+            server.standardError.dropFirst(before).contains(" login:"), "--show-boot did not show the reboot's console")
+
+        #expect(try await server.request("revert", timeout: .seconds(960)).hasPrefix("ok /"))
+        try await checkBaseImage("after revert")
+
+        #expect(try await server.request("close") == "ok")
+        #expect(TestPaths.contents(of: overlays).isEmpty, "the overlay's directory was left behind")
+        server.write(line: "quit")
+        #expect(try await server.wait(timeout: .seconds(180)) == .exited(0), "\(server.standardError)")
+        #expect(TestPaths.contents(of: parent).filter { $0.hasPrefix("dvq.") }.isEmpty)
+    }
+
+    @Test(
         "autopkgtest runs the examples/ fixture package under debusine-virt-qemu with the expected summary",
         .enabled(if: enabled), .timeLimit(.minutes(20)))
     func autopkgtestFixture() async throws {

@@ -1,3 +1,4 @@
+import Synchronization
 import Testing
 import VirtCore
 
@@ -153,6 +154,99 @@ struct SerialConsoleTests {
                 try await console.run("sleep 100", "the test command", timeout: .seconds(30))
             }
             #expect(error?.code == .testbedFailure)
+            await console.close()
+            _ = try await guest.value
+        }
+    }
+
+    @Test(
+        "--user and --password: that user logs in with the password; the command runs through sudo, which gets it too")
+    func userWithSudo() async throws {
+        try await withFakePeer { peer in
+            let passwords = Mutex(0)
+            let guest = Task {
+                try await playTerminal(peer) { line in
+                    switch line {
+                    case "tester": return "Password: "
+                    case "s3cr3t w":
+                        // First at login's prompt, then at sudo's.
+                        let count = passwords.withLock { value -> Int in
+                            value += 1
+                            return value
+                        }
+                        return count == 1
+                            ? "tester@vm:~$ " : "\r\nReading package lists...\r\ndebusine-virt-status-0\r\n$ "
+                    default:
+                        if line.hasPrefix("sudo -p ") { return "[sudo] debusine-virt-sudo%password:" }
+                        return shellAnswer(line, uid: "1000")
+                    }
+                }
+            }
+            let console = try await SerialConsole.connect(path: peer.path, timeout: .seconds(120))
+            #expect(
+                try await console.logIn(user: "tester", password: "s3cr3t w", timeout: .seconds(120))
+                    == .user(uid: "1000"))
+            #expect(
+                try await console.runWithSudo(
+                    "apt-get install x", password: "s3cr3t w", "the test command", timeout: .seconds(120)) == 0)
+            await console.close()
+            let typed = try await guest.value
+            #expect(Array(typed.prefix(2)) == ["tester", "s3cr3t w"])
+            #expect(
+                typed.contains(
+                    "sudo -p 'debusine-virt-sudo%%password:' sh -c 'apt-get install x'; printf '%s-%s-%s\\n' debusine-virt status \"$?\""
+                ), "\(typed)")
+            #expect(typed.filter { $0 == "s3cr3t w" }.count == 2)
+            #expect(
+                !typed.contains { $0.contains("s3cr3t") && $0 != "s3cr3t w" }, "the password is never in a command line"
+            )
+        }
+    }
+
+    @Test("sudo that asks no password (NOPASSWD) returns the status; a script sudo cannot take is refused")
+    func sudoWithoutPassword() async throws {
+        try await withFakePeer { peer in
+            let guest = Task {
+                try await playTerminal(peer) { line in
+                    if line == "tester" { return "$ " }
+                    if line.hasPrefix("sudo -p ") { return "debusine-virt-status-7\r\n$ " }
+                    return shellAnswer(line, uid: "1000")
+                }
+            }
+            let console = try await SerialConsole.connect(path: peer.path, timeout: .seconds(120))
+            #expect(
+                try await console.logIn(user: "tester", password: nil, timeout: .seconds(120)) == .user(uid: "1000"))
+            #expect(
+                try await console.runWithSudo("false", password: nil, "the test command", timeout: .seconds(120)) == 7)
+            let error = await #expect(throws: VirtError.self) {
+                try await console.runWithSudo("echo 'x'", password: nil, "the test command", timeout: .seconds(5))
+            }
+            #expect(error?.code == .internalError)
+            await console.close()
+            _ = try await guest.value
+        }
+    }
+
+    @Test("a wrong --password is an error naming the user, at once")
+    func wrongPassword() async throws {
+        try await withFakePeer { peer in
+            let guest = Task {
+                try await playTerminal(peer) { line in
+                    switch line {
+                    case "tester": return "Password: "
+                    case "wrong": return "\r\nLogin incorrect\r\nvm login: "
+                    default: return nil
+                    }
+                }
+            }
+            let console = try await SerialConsole.connect(path: peer.path, timeout: .seconds(120))
+            let error = await #expect(throws: VirtError.self) {
+                try await console.logIn(user: "tester", password: "wrong", timeout: .seconds(120))
+            }
+            #expect(error?.code == .testbedFailure)
+            #expect(
+                error?.message == "tester cannot log in on the serial console with the password given",
+                "\(String(describing: error))")
             await console.close()
             _ = try await guest.value
         }

@@ -324,7 +324,8 @@ struct NormalUserTests {
 
         // The lowest uid with a name that is not a plain user name: nothing is advertised.
         try await TestPaths.writeExecutable(
-            getent, "#!/bin/sh\nprintf 'x\\tdowntmp-host=/tmp/p:x:1000:1000::/:/bin/sh\\ndebci:x:1001:1001::/:/bin/sh\\n'\n")
+            getent,
+            "#!/bin/sh\nprintf 'x\\tdowntmp-host=/tmp/p:x:1000:1000::/:/bin/sh\\ndebci:x:1001:1001::/:/bin/sh\\n'\n")
         let hostile = try await runner.run(Command(argv: NormalUser.argv).with(environment: ["PATH": path]))
         #expect(hostile.outputText == "x\tdowntmp-host=/tmp/p", "the fake getent gave the hostile name")
         #expect(NormalUser.parse(hostile) == nil)

@@ -1,0 +1,162 @@
+import VirtCore
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// `--boot`, with autopkgtest-virt-qemu's values.
+public enum BootMode: String, Sendable, CaseIterable {
+    case auto, bios, efi, ieee1275, none
+}
+
+/// autopkgtest-virt-qemu's command line (autopkgtest 5.49), read the way it reads it, so that a
+/// user switching the server's name keeps their arguments. The tables and rules here follow
+/// /usr/share/autopkgtest/lib/autopkgtest_qemu.py and /usr/bin/autopkgtest-virt-qemu.
+public enum AutopkgtestQemu {
+    /// The only QEMU architecture this server boots yet: its machine (q35), firmware (OVMF) and
+    /// devices are x86_64's.
+    public static let supportedArchitecture = "x86_64"
+
+    /// `--qemu-options STRING` as Python's `str.split()` splits it: on runs of Unicode
+    /// whitespace, with no quoting and no empty words.
+    public static func splitLikePython(_ text: String) -> [String] {
+        var words: [String] = []
+        var current = String.UnicodeScalarView()
+        for scalar in text.unicodeScalars {
+            if isPythonWhitespace(scalar) {
+                if !current.isEmpty { words.append(String(current)) }
+                current = String.UnicodeScalarView()
+            } else {
+                current.append(scalar)
+            }
+        }
+        if !current.isEmpty { words.append(String(current)) }
+        return words
+    }
+
+    /// Python's `str.isspace()`: the characters of bidirectional class WS, B or S, or of
+    /// category Zs. Spelled out, because Swift's `isWhitespace` differs (it has no U+001C-1F).
+    static func isPythonWhitespace(_ scalar: Unicode.Scalar) -> Bool {
+        switch scalar.value {
+        case 0x09...0x0D, 0x1C...0x1F, 0x20, 0x85, 0xA0, 0x1680, 0x2000...0x200A, 0x2028, 0x2029, 0x202F, 0x205F,
+            0x3000:
+            return true
+        default:
+            return false
+        }
+    }
+
+    /// `QemuFactory.qemu_arch_for_dpkg_arch`: a dpkg architecture in QEMU's vocabulary; names it
+    /// does not know are taken as they are.
+    public static func qemuArchitecture(forDpkg dpkg: String) -> String {
+        let table = [
+            "amd64": "x86_64", "arm64": "aarch64", "arm64ilp32": "aarch64", "armel": "arm", "armhf": "arm",
+            "avr32": "avr", "loong64": "loongarch64", "powerpc": "ppc", "powerpcel": "ppc64le", "ppc64el": "ppc64le",
+            "s390": "s390x", "x32": "x86_64",
+        ]
+        return table[dpkg] ?? dpkg
+    }
+
+    /// `QemuFactory.qemu_arch_for_uname`: `uname -m` in QEMU's vocabulary.
+    public static func qemuArchitecture(forUname machine: String) -> String {
+        let isI386 =
+            machine.count == 4 && machine.hasPrefix("i") && machine.hasSuffix("86")
+            && "3456".contains(machine[machine.index(after: machine.startIndex)])
+        if isI386 { return "i386" }
+        if machine.hasPrefix("arm") { return "arm" }
+        return machine
+    }
+
+    /// The host's architecture in QEMU's vocabulary.
+    public static var hostArchitecture: String {
+        var name = utsname()
+        guard uname(&name) == 0 else { return supportedArchitecture }
+        let machine = withUnsafeBytes(of: &name.machine) { buffer in
+            String(decoding: buffer.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        return qemuArchitecture(forUname: machine)
+    }
+
+    /// The VM's architecture as autopkgtest-virt-qemu chooses it (`--qemu-architecture`, else
+    /// `--dpkg-architecture` translated, else the host's), refused before the banner when this
+    /// server cannot boot it yet.
+    public static func architecture(
+        qemu: String?, dpkg: String?, host: String = hostArchitecture
+    ) throws(VirtError) -> String {
+        let chosen: String
+        let given: String
+        if let qemu, !qemu.isEmpty {
+            chosen = qemu
+            given = "--qemu-architecture \(qemu)"
+        } else if let dpkg, !dpkg.isEmpty {
+            chosen = qemuArchitecture(forDpkg: dpkg)
+            given = "--dpkg-architecture \(dpkg)" + (chosen == dpkg ? "" : " (QEMU architecture \(chosen))")
+        } else {
+            chosen = host
+            given = "the host's architecture \(host)"
+        }
+        guard chosen == supportedArchitecture else {
+            throw VirtError(
+                .unavailable,
+                "\(given) is not supported yet: debusine-virt-qemu boots x86_64 (amd64) guests only, so far")
+        }
+        return chosen
+    }
+
+    /// `--boot` and `--efi` write the same setting in autopkgtest-virt-qemu, so the last of them on
+    /// the command line wins. `boot` is the last `--boot` value the parser kept; `arguments` is
+    /// the raw command line, read only to order it against `--efi`.
+    public static func bootMode(boot: BootMode?, efi: Bool, arguments: [String]) -> BootMode {
+        guard efi else { return boot ?? .auto }
+        guard let boot else { return .efi }
+        var last: BootMode = .auto
+        var index = arguments.startIndex
+        while index < arguments.endIndex {
+            let word = arguments[index]
+            if word == "--" { break }
+            if word == "--efi" {
+                last = .efi
+            } else if word == "--boot" {
+                index += 1
+                if index < arguments.endIndex { last = BootMode(rawValue: arguments[index]) ?? boot }
+            } else if word.hasPrefix("--boot=") {
+                last = BootMode(rawValue: String(word.dropFirst("--boot=".count))) ?? boot
+            }
+            index += 1
+        }
+        return last
+    }
+
+    /// Refuses, before the banner, the boot methods this server cannot serve yet. `auto` boots
+    /// EFI for now (a later change decides from the image).
+    public static func checkBoot(_ mode: BootMode) throws(VirtError) {
+        switch mode {
+        case .auto, .efi:
+            return
+        case .bios, .ieee1275, .none:
+            throw VirtError(
+                .unavailable,
+                "--boot \(mode.rawValue) is not supported yet: debusine-virt-qemu boots EFI images only, so far "
+                    + "(--boot efi, --efi or --boot auto)")
+        }
+    }
+
+    /// `--timeout-reboot` is autopkgtest-virt-qemu's wait for a boot (at open and revert) and for
+    /// a reboot. Here it sets both, except that an explicit `--boot-timeout` wins for boots; with
+    /// neither, boots and reboots get 300 s (a TCG boot, or installing the guest agent, can take
+    /// minutes).
+    public static func timeouts(
+        bootTimeout: Int?, timeoutReboot: Int?
+    ) throws(VirtError) -> (boot: Duration, reboot: Duration) {
+        if let bootTimeout, bootTimeout <= 0 {
+            throw VirtError(.usage, "--boot-timeout must be positive, not \(bootTimeout)")
+        }
+        if let timeoutReboot, timeoutReboot <= 0 {
+            throw VirtError(.usage, "--timeout-reboot must be positive, not \(timeoutReboot)")
+        }
+        let boot = bootTimeout ?? timeoutReboot ?? 300
+        return (.seconds(boot), .seconds(timeoutReboot ?? 300))
+    }
+}

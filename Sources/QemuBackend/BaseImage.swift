@@ -1,0 +1,96 @@
+import QemuMonitor
+import VirtCore
+
+/// `--baseimage`: the base image, read-only, in the guest as /dev/baseimage, as
+/// autopkgtest-virt-qemu provides it (for tests that boot nested VMs from the same image).
+///
+/// As there, the disk is hot-plugged once the guest runs and unplugged before each reboot: its
+/// partitions carry the same UUIDs as the boot disk's, and a boot that sees both may mount the
+/// wrong one. The same udev rules give it the name and keep its partitions' UUIDs out of
+/// /dev/disk/by-uuid. Saved VM states never contain it: they are saved before it is plugged.
+enum BaseImage {
+    /// autopkgtest-virt-qemu's rules (61-baseimage.rules), with link_priority -1024 so that the
+    /// duplicate UUIDs of the partitions have no effect.
+    static let udevRules = """
+        # Created by debusine-virt-qemu (--baseimage)
+        KERNEL=="vd*[!0-9]", ENV{ID_SERIAL}=="BASEIMAGE", OPTIONS+="link_priority=-1024", SYMLINK+="baseimage", MODE="0664"
+        KERNEL=="vd*[0-9]",  ENV{ID_SERIAL}=="BASEIMAGE", OPTIONS+="link_priority=-1024"
+        KERNEL=="vd*", ENV{ID_SERIAL}=="BASEIMAGE", ENV{ID_FS_TYPE}:="", ENV{ID_FS_USAGE}:="", ENV{ID_FS_UUID}:=""
+
+        """
+
+    /// Installs the rules ($1) in the guest and makes udev read them (it rereads rules only every
+    /// few seconds by itself).
+    static let rulesScript = """
+        mkdir -p -m 0755 /run/udev/rules.d
+        printf '%s' "$1" > /run/udev/rules.d/61-baseimage.rules
+        udevadm control --reload
+        """
+
+    /// Waits up to 30 s for /dev/baseimage: the guest sees the hot-plugged disk a moment after
+    /// QEMU added it, so a single `udevadm settle` can return before its events exist.
+    static let waitScript = """
+        i=0
+        until [ -b /dev/baseimage ]; do
+            i=$((i + 1))
+            if [ $i -gt 300 ]; then exit 1; fi
+            udevadm settle --timeout=1 --exit-if-exists=/dev/baseimage || true
+            [ -b /dev/baseimage ] || sleep 0.1
+        done
+        """
+
+    /// QMP `blockdev-add` of `image`, read-only, under ``QemuCommands/baseImageNode``.
+    static func blockdevAdd(_ image: AttachedImage) -> [String: JSONValue] {
+        [
+            "driver": .string(image.format.rawValue),
+            "node-name": .string(QemuCommands.baseImageNode),
+            "read-only": .bool(true),
+            "file": .object(["driver": "file", "filename": .string(image.path), "read-only": .bool(true)]),
+        ]
+    }
+
+    /// QMP `device_add` of the disk with serial BASEIMAGE, into the root port made for it.
+    static let deviceAdd: [String: JSONValue] = [
+        "driver": "virtio-blk-pci",
+        "id": .string(QemuCommands.baseImageDeviceID),
+        "drive": .string(QemuCommands.baseImageNode),
+        "serial": "BASEIMAGE",
+        "bus": .string(QemuCommands.baseImagePortID),
+    ]
+}
+
+extension QemuInstance {
+    /// Plugs the base image into the running guest (making its block node the first time).
+    func plugBaseImage() async throws(VirtError) {
+        guard let qmp = handles.withLock({ $0.qmp }) else {
+            throw VirtError(.testbedFailure, "the testbed is not running")
+        }
+        if !handles.withLock({ $0.baseImageNode }) {
+            let image = AttachedImage(path: options.image, format: try await imageFormat())
+            _ = try await qmp.execute("blockdev-add", arguments: BaseImage.blockdevAdd(image))
+            handles.withLock { $0.baseImageNode = true }
+        }
+        _ = try await qmp.execute("device_add", arguments: BaseImage.deviceAdd)
+    }
+
+    /// Unplugs the base image before a reboot and waits until the guest has let it go (the
+    /// guest's part of the unplug takes a moment). A guest that does not let go within 30 s only
+    /// gets a warning: the reboot may still work.
+    func unplugBaseImage() async {
+        guard let qmp = handles.withLock({ $0.qmp }) else { return }
+        do {
+            _ = try await qmp.execute("device_del", arguments: ["id": .string(QemuCommands.baseImageDeviceID)])
+        } catch {
+            log.debug("device_del of the base image: \(error.message)")
+            return
+        }
+        let deadline = ContinuousClock.now + .seconds(30)
+        while ContinuousClock.now < deadline {
+            let children = try? await qmp.execute("qom-list", arguments: ["path": "/machine/peripheral"])
+            let names = children?.arrayValue?.compactMap { $0["name"]?.stringValue } ?? []
+            if !names.contains(QemuCommands.baseImageDeviceID) { return }
+            try? await Task.sleep(for: .milliseconds(100))
+        }
+        log.warning("the guest did not release /dev/baseimage within 30 s before the reboot")
+    }
+}
