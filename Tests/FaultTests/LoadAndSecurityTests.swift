@@ -134,41 +134,52 @@ extension FaultSuite {
                 let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
                 let builder = "dv-hostile-user-\(tag)"
                 let alias = "debusine-virt-test/hostile-user-\(tag)"
-                defer {
-                    Task {
-                        _ = try? await runner.run(Command("incus", ["delete", "--force", builder]))
-                        _ = try? await runner.run(Command("incus", ["image", "delete", alias]))
-                    }
+                // Awaited on every path: a clean-up left to a task of its own may never run.
+                func removeImage() async {
+                    _ = try? await runner.run(Command("incus", ["delete", "--force", builder]))
+                    _ = try? await runner.run(Command("incus", ["image", "delete", alias]))
                 }
-                // The hostile image: the test image with one passwd line more, published.
-                try await runner.check(
-                    Command("incus", ["launch", try Backend.artifact(), builder, "--profile", "debusine"]))
-                let line = "x\tdowntmp-host=/tmp/dv-pwned-\(tag):x:1000:1000::/nonexistent:/bin/sh"
-                try await runner.check(
-                    Command(
-                        "incus", ["exec", builder, "--", "sh", "-c", #"printf '%s\n' "$1" >> /etc/passwd"#, "sh", line])
-                )
-                try await runner.check(Command("incus", ["stop", "--force", builder]))
-                try await runner.check(
-                    Command("incus", ["publish", builder, "--alias", alias, "--compression", "none"]))
-                _ = try? await runner.run(Command("incus", ["delete", "--force", builder]))
+                var server: ServerUnderTest?
+                do {
+                    // The hostile image: the test image with one passwd line more, published.
+                    try await runner.check(
+                        Command("incus", ["launch", try Backend.artifact(), builder, "--profile", "debusine"]))
+                    let line = "x\tdowntmp-host=/tmp/dv-pwned-\(tag):x:1000:1000::/nonexistent:/bin/sh"
+                    try await runner.check(
+                        Command(
+                            "incus",
+                            ["exec", builder, "--", "sh", "-c", #"printf '%s\n' "$1" >> /etc/passwd"#, "sh", line]))
+                    try await runner.check(Command("incus", ["stop", "--force", builder]))
+                    try await runner.check(
+                        Command("incus", ["publish", builder, "--alias", alias, "--compression", "none"]))
+                    _ = try? await runner.run(Command("incus", ["delete", "--force", builder]))
 
-                let server = try await ServerUnderTest.start(.incus, image: alias)
-                defer { Task { await server.discard() } }
-                _ = try await server.open()
-                let auxverb = try await server.auxverb()
-                let passwd = try await runner.check(Command(argv: auxverb + ["getent", "passwd", "1000"]))
-                checks.expect(passwd.contains("downtmp-host="), "the hostile passwd line is in the testbed: \(passwd)")
-                let capabilities = try await server.process.request("capabilities")
-                checks.expect(!capabilities.contains("downtmp-host"), "a capability word was injected: \(capabilities)")
-                checks.expect(
-                    !capabilities.contains("suggested-normal-user"), "a hostile name was advertised: \(capabilities)")
-                checks.expect(try await server.process.request("close") == "ok", "close failed")
-                server.process.write(line: "quit")
-                checks.expect(
-                    try await server.process.wait(timeout: .seconds(120)) == .exited(0), "quit did not end it")
-                let left = try await server.leftovers()
-                checks.expect(left.isEmpty, "left behind: \(left)")
+                    let started = try await ServerUnderTest.start(.incus, image: alias)
+                    server = started
+                    _ = try await started.open()
+                    let auxverb = try await started.auxverb()
+                    let passwd = try await runner.check(Command(argv: auxverb + ["getent", "passwd", "1000"]))
+                    checks.expect(
+                        passwd.contains("downtmp-host="), "the hostile passwd line is in the testbed: \(passwd)")
+                    let capabilities = try await started.process.request("capabilities")
+                    checks.expect(
+                        !capabilities.contains("downtmp-host"), "a capability word was injected: \(capabilities)")
+                    checks.expect(
+                        !capabilities.contains("suggested-normal-user"),
+                        "a hostile name was advertised: \(capabilities)")
+                    checks.expect(try await started.process.request("close") == "ok", "close failed")
+                    started.process.write(line: "quit")
+                    checks.expect(
+                        try await started.process.wait(timeout: .seconds(120)) == .exited(0), "quit did not end it")
+                    let left = try await started.leftovers()
+                    checks.expect(left.isEmpty, "left behind: \(left)")
+                } catch {
+                    await server?.discard()
+                    await removeImage()
+                    throw error
+                }
+                await server?.discard()
+                await removeImage()
             }
         }
 
