@@ -40,7 +40,7 @@ struct InstalledNameTests {
 
     @Test(
         "autopkgtest SRC -- debusine-virt-qemu IMAGE works with the installed name",
-        .enabled(if: Installed.canRunQemu), .timeLimit(.minutes(10)))
+        .enabled(if: Installed.canRunQemu), .guestSlot(minutes: 10))
     func qemu() async throws {
         let images = try #require(
             Installed.qemuImages, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")

@@ -62,13 +62,18 @@ struct SbuildTests {
 
     @Test(
         "sbuild --autopkgtest-virt-server=debusine-virt-qemu builds the fixture package",
-        .enabled(if: Installed.canRunQemu), .timeLimit(.minutes(15)))
+        .enabled(if: Installed.canRunQemu), .guestSlot(minutes: 15))
     func qemu() async throws {
         let images = try #require(
             Installed.qemuImages, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
         try await build(
             server: "debusine-virt-qemu",
-            // A loaded 2-core CI machine can take minutes to boot a TCG guest.
-            options: ["--accel", "tcg", "--network", "none", "--boot-timeout", "900", "\(images)/bookworm-amd64.qcow2"])
+            // Each option its own --autopkgtest-virt-server-opts, as sbuild users give them
+            // (issue 13: `--ram-size 3072` and IMAGE). A loaded 2-core CI machine can take minutes
+            // to boot a TCG guest.
+            options: [
+                "--ram-size", "3072", "--accel", "tcg", "--network", "none", "--boot-timeout", "900",
+                "\(images)/bookworm-amd64.qcow2",
+            ])
     }
 }

@@ -30,7 +30,7 @@ struct AgentInstallTests {
 
     @Test(
         "an image without the agent gets it installed over the serial console from an apt repository on loopback; then commands run",
-        .enabled(if: enabled), .timeLimit(.minutes(20)))
+        .enabled(if: enabled), .guestSlot(minutes: 20))
     func installsTheAgent() async throws {
         let directory = try #require(
             Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
@@ -101,7 +101,7 @@ struct AgentInstallTests {
 
     @Test(
         "without network the agent cannot be installed: open fails soon with an error naming qemu-guest-agent and apt-get, leaving nothing behind",
-        .enabled(if: enabled), .timeLimit(.minutes(20)))
+        .enabled(if: enabled), .guestSlot(minutes: 20))
     func noNetwork() async throws {
         let directory = try #require(
             Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")

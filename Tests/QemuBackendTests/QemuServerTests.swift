@@ -24,7 +24,7 @@ struct QemuServerTests {
 
     @Test(
         "a whole session: open, auxverb contract, 256 MiB streams, 1 GiB and 2000-file copies, revert, reboot, quit; nothing left behind",
-        .enabled(if: enabled), .timeLimit(.minutes(30)))
+        .enabled(if: enabled), .guestSlot(minutes: 30))
     func wholeSession() async throws {
         let directory = try #require(
             Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
@@ -158,7 +158,7 @@ struct QemuServerTests {
 
     @Test(
         "debusine's executor's command line (--boot efi --dpkg-architecture amd64 IMAGE), with --network none, opens and runs a command",
-        .enabled(if: enabled), .timeLimit(.minutes(20)))
+        .enabled(if: enabled), .guestSlot(minutes: 20))
     func debusineCommandLine() async throws {
         let directory = try #require(
             Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
@@ -185,7 +185,7 @@ struct QemuServerTests {
 
     @Test(
         "--baseimage: /dev/baseimage reads as the base image, after a reboot and a revert too; an extra image is vdb, read-only; --overlay-dir keeps the overlay private and loses it at close; --show-boot shows the reboot",
-        .enabled(if: enabled), .timeLimit(.minutes(30)))
+        .enabled(if: enabled), .guestSlot(minutes: 30))
     func baseImageExtraDisksOverlayDirectory() async throws {
         let directory = try #require(
             Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
@@ -262,7 +262,7 @@ struct QemuServerTests {
 
     @Test(
         "autopkgtest runs the examples/ fixture package under debusine-virt-qemu with the expected summary",
-        .enabled(if: enabled), .timeLimit(.minutes(20)))
+        .enabled(if: enabled), .guestSlot(minutes: 20))
     func autopkgtestFixture() async throws {
         let directory = try #require(
             Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
@@ -297,7 +297,7 @@ struct QemuServerTests {
 
     @Test(
         "after the server is killed with SIGKILL, gc removes its QEMU and instance directory; a second gc finds nothing",
-        .enabled(if: enabled), .timeLimit(.minutes(10)))
+        .enabled(if: enabled), .guestSlot(minutes: 10))
     func gcAfterKill() async throws {
         let directory = try #require(
             Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
@@ -379,7 +379,7 @@ struct QemuServerTests {
 
     @Test(
         "a disk with nothing to boot ends open as soon as the firmware falls back to its shell, quoting it",
-        .enabled(if: enabled), .timeLimit(.minutes(8)))
+        .enabled(if: enabled), .guestSlot(minutes: 8))
     func firmwareShell() async throws {
         let (took, stderr) = try await bootWithoutLoader([])
         #expect(stderr.contains("and fell back to its UEFI shell"), "\(stderr)")
@@ -390,7 +390,7 @@ struct QemuServerTests {
 
     @Test(
         "with a network card, a disk with nothing to boot ends open when the firmware turns to the network",
-        .enabled(if: enabled), .timeLimit(.minutes(8)))
+        .enabled(if: enabled), .guestSlot(minutes: 8))
     func firmwareNetworkBoot() async throws {
         // A card with no network behind it (no -netdev): what the firmware sends goes nowhere.
         let (took, stderr) = try await bootWithoutLoader([
@@ -402,7 +402,7 @@ struct QemuServerTests {
 
     @Test(
         "an image whose guest agent never starts fails soon after its login prompt, naming qemu-guest-agent",
-        .enabled(if: enabled), .timeLimit(.minutes(8)))
+        .enabled(if: enabled), .guestSlot(minutes: 8))
     func noGuestAgent() async throws {
         let directory = try #require(
             Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
@@ -431,7 +431,7 @@ struct QemuServerTests {
 
     @Test(
         "shell gives an interactive root shell on a pseudo-terminal in the guest, on the caller's terminal",
-        .enabled(if: enabled), .timeLimit(.minutes(8)))
+        .enabled(if: enabled), .guestSlot(minutes: 8))
     func shell() async throws {
         let directory = try #require(
             Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")

@@ -61,7 +61,7 @@ struct SavedStateTests {
 
     @Test(
         "the first boot saves the VM; opens and reverts restore it into independent guests; a corrupt state is rebuilt, never used; --no-snapshot boots",
-        .enabled(if: QemuServerTests.enabled), .timeLimit(.minutes(40)))
+        .enabled(if: QemuServerTests.enabled), .guestSlot(minutes: 40))
     func savedStates() async throws {
         let work = try TestPaths.makeTemporaryDirectory("dv-state-vm.")
         defer { TestPaths.removeTree(work) }

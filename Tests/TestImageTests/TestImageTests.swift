@@ -18,8 +18,8 @@ struct TestImageTests {
     func runCheck(_ part: String) async throws -> String {
         let directory = try #require(
             Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run the suite through scripts/test")
-        // The script's 180 s for the agent is for a quiet machine; at the start of a test run a
-        // dozen VMs boot at once (180 s ran out once).
+        // The script's 180 s for the agent is for a quiet machine; a test run keeps the machine
+        // busy (180 s ran out once).
         let result = try await SubprocessRunner().run(
             Command(
                 "\(TestPaths.repositoryRoot)/scripts/check-test-images", [part, directory],
@@ -30,7 +30,9 @@ struct TestImageTests {
         return output
     }
 
-    @Test("QEMU under TCG boots the EFI image to a responding guest agent", .enabled(if: available))
+    @Test(
+        "QEMU under TCG boots the EFI image to a responding guest agent", .enabled(if: available),
+        .guestSlot(minutes: 20))
     func qemuBootsImage() async throws {
         let output = try await runCheck("--qemu-only")
         #expect(output.contains("1 passed, 0 failed"), "\(output)")

@@ -1,0 +1,100 @@
+import Foundation
+import Testing
+
+/// How many QEMU guests the tests of one process run at once (`DEBUSINE_VIRT_TEST_GUESTS`, 1 by
+/// default), whatever their suites.
+///
+/// A TCG guest keeps both cores of a CI machine busy while it boots or works. A dozen at once
+/// (every VM suite starting together) made each several times slower, past boot and reply
+/// timeouts, without finishing any sooner than one after the other; the tests that need no
+/// guest still run beside them.
+public actor GuestSlots {
+    public static let shared = GuestSlots(
+        limit: Int(ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_GUESTS"] ?? "").flatMap { $0 > 0 ? $0 : nil }
+            ?? 1)
+
+    private var free: Int
+    private var waiting: [CheckedContinuation<Void, Never>] = []
+
+    init(limit: Int) { free = limit }
+
+    func acquire() async {
+        if free > 0 {
+            free -= 1
+            return
+        }
+        await withCheckedContinuation { waiting.append($0) }
+    }
+
+    func release() {
+        if waiting.isEmpty {
+            free += 1
+        } else {
+            waiting.removeFirst().resume()
+        }
+    }
+
+    /// Runs `body` holding a slot.
+    public func run<T: Sendable>(_ body: @Sendable () async throws -> T) async rethrows -> T {
+        await acquire()
+        do {
+            let result = try await body()
+            release()
+            return result
+        } catch {
+            release()
+            throw error
+        }
+    }
+}
+
+/// The trait of a test that runs QEMU guests: it waits for a ``GuestSlots`` slot, then runs
+/// for at most `timeLimit`.
+///
+/// In place of `.timeLimit`, which would count the wait for the slot too (Swift Testing applies
+/// it around the test's scoping traits): a test that waited for others would time out without
+/// having run.
+public struct GuestSlot: TestTrait, TestScoping {
+    public let timeLimit: Duration
+
+    public func provideScope(
+        for test: Test, testCase: Test.Case?, performing function: @Sendable () async throws -> Void
+    ) async throws {
+        guard testCase != nil else {
+            try await function()
+            return
+        }
+        let limit = timeLimit
+        // The group ends (and with it the test's function) before this returns.
+        try await withoutActuallyEscaping(function) { function in
+            try await GuestSlots.shared.run {
+                try await Self.race(function, against: limit)
+            }
+        }
+    }
+
+    /// Runs `function`, recording an issue and cancelling it when it outlasts `limit`.
+    static func race(_ function: @escaping @Sendable () async throws -> Void, against limit: Duration) async throws {
+        try await withThrowingTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                try await function()
+                return true
+            }
+            group.addTask {
+                try await Task.sleep(for: limit)
+                return false
+            }
+            defer { group.cancelAll() }
+            guard let finished = try await group.next(), finished else {
+                Issue.record("the test ran longer than its time limit of \(limit) (once it had a guest slot)")
+                return
+            }
+        }
+    }
+}
+
+extension Trait where Self == GuestSlot {
+    /// Runs QEMU guests: one test of this kind at a time (``GuestSlots``), each for at most
+    /// `minutes` once it runs.
+    public static func guestSlot(minutes: Int) -> Self { GuestSlot(timeLimit: .seconds(minutes * 60)) }
+}
