@@ -126,12 +126,14 @@ public struct ImageCache: Sendable {
     }
 
     /// Checks a cached image (it may have been cached by a version that did not check, or by a
-    /// caller with another check) and removes it when refused, unless it is in use.
+    /// caller with another check) and removes it when refused, unless it is in use. A check that
+    /// could not be made (a timeout, qemu-img missing, a full disk) keeps the image: it is
+    /// fine as far as anyone knows, and costly to download again.
     private func checkCached(_ entry: Entry, _ check: ImageCheck) async throws(VirtError) {
         do throws(VirtError) {
             try await check(entry.image)
         } catch {
-            if !Pins.isInUse(entry.image) {
+            if error.code == .badImage && !Pins.isInUse(entry.image) {
                 CacheFiles.remove(entry.digest)
                 CacheFiles.remove(entry.image)
             }
@@ -184,6 +186,9 @@ public struct ImageCache: Sendable {
         _ url: String, into entry: Entry, expected: String?, check: ImageCheck?
     ) async throws(VirtError) {
         let (fd, temporary) = try CacheFiles.makeTemporaryFile(prefix: entry.temporaryPrefix)
+        // A check that could not be made (not a refusal) keeps the verified download as an
+        // entry, which the next fetch checks again; this fetch still fails with it.
+        var unchecked: VirtError?
         do throws(VirtError) {
             let command = CacheCommands.download(url, to: temporary, progress: showsProgress)
             if showsProgress { log.info("downloading \(url)") }
@@ -208,7 +213,11 @@ public struct ImageCache: Sendable {
                 }
             }
             // Before the rename: a refused image never becomes an entry another server could use.
-            try await check?(temporary)
+            do throws(VirtError) {
+                try await check?(temporary)
+            } catch  where error.code != .badImage {
+                unchecked = error
+            }
             // A digest recorded for the previous content must not outlive it, even by a crash.
             CacheFiles.remove(entry.digest)
             try CacheFiles.move(temporary, to: entry.image)
@@ -220,6 +229,7 @@ public struct ImageCache: Sendable {
             throw error
         }
         if let expected { record(expected, for: entry) }
+        if let unchecked { throw unchecked }
     }
 
     /// Records the digest `entry.image` was verified against. Only saves a later fetch the
@@ -312,13 +322,7 @@ public struct ImageCache: Sendable {
         return String(cString: directory)
     }
 
-    static func absolute(_ path: String) -> String {
-        if path.hasPrefix("/") { return path }
-        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        guard getcwd(&buffer, buffer.count) != nil else { return path }
-        let directory = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        return directory + "/" + path
-    }
+    static func absolute(_ path: String) -> String { AbsolutePath.of(path) }
 }
 
 /// Looks at a file the cache is about to hand out and throws when it must not be used.

@@ -71,6 +71,9 @@ public struct ImageInspection: Sendable {
         }
         let size = try Self.fileSize(path, name: name)
         if size == 0 { throw VirtError(.badImage, "the image \(name) is empty (0 bytes): it is not a disk image") }
+        // Before qemu-img opens it: a qemu-img older than 9.1 without the fix of CVE-2024-4467
+        // opens a qcow2's data file (a json: one too) even for `info`.
+        try Self.checkQcow2Header(path, name: name)
         let info = try await info(path, name: name)
         let format = try Self.check(info, name: name)
         var image = InspectedImage(path: path, format: format, virtualSize: info.virtualSize, partitions: nil)
@@ -104,7 +107,13 @@ public struct ImageInspection: Sendable {
     func info(_ path: String, name: String) async throws(VirtError) -> QemuImageInfo {
         let command = ImageCommands.info(path)
         let result = try await run(command, output: .capture)
-        guard result.status.succeeded else {
+        guard case .exited(let code) = result.status, code == 0 else {
+            // qemu-img saying it cannot read the file is a verdict on the image; qemu-img
+            // killed is not (the image is kept, and the next start tries again).
+            guard case .exited = result.status else {
+                throw VirtError(
+                    .commandFailed, "`\(command)` ended with \(result.status): \(result.errorText.lastLine)")
+            }
             throw VirtError(
                 .badImage, "the image \(name) is not a disk image qemu-img can read: \(result.errorText.lastLine)")
         }
@@ -211,20 +220,9 @@ public struct ImageInspection: Sendable {
         // O_TMPFILE is __O_TMPFILE | O_DIRECTORY (open(2)); Swift does not import the macro.
         let fd = open(directory, __O_TMPFILE | O_DIRECTORY | O_RDWR | O_CLOEXEC, 0o600)
         if fd >= 0 { return fd }
-        var template = Array("\(directory)/dv-image-head.XXXXXX".utf8CString)
-        let named = template.withUnsafeMutableBufferPointer { buffer -> Int32 in
-            guard let base = buffer.baseAddress else { return -1 }
-            let made = mkstemp(base)
-            if made >= 0 {
-                unlink(base)
-                // Our children get what they need explicitly, never this descriptor.
-                _ = fcntl(made, F_SETFD, FD_CLOEXEC)
-            }
-            return made
-        }
-        guard named >= 0 else {
-            throw VirtError(.io, "cannot create a file in \(directory): \(String(cString: strerror(errno)))")
-        }
+        // Without O_TMPFILE (some file systems): a file of our own, unlinked at once.
+        let (named, path) = try CacheFiles.makeTemporaryFile(prefix: "\(directory)/dv-image-head.")
+        CacheFiles.remove(path)
         return named
     }
 
@@ -246,6 +244,60 @@ public struct ImageInspection: Sendable {
 
     /// The byte size of a regular file, nil for a block device; anything else is refused: a FIFO
     /// or a terminal would block qemu-img, a directory is no image.
+    /// Refuses a qcow2 whose own header names a backing file or an external data file, read
+    /// straight from the file (qcow2 spec: big-endian; backing file offset at byte 8 and its
+    /// length at 16; version at 4; from version 3, incompatible features at 72, of which bit 2 is
+    /// "external data file", the header's length at 100 and the header extensions after it, the
+    /// data file's name in the one of type 0x44415441). Anything else is left to qemu-img.
+    static func checkQcow2Header(_ path: String, name: String) throws(VirtError) {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            throw VirtError(.notFound, "the image \(name) cannot be read: \(String(cString: strerror(errno)))")
+        }
+        defer { close(fd) }
+        // The header and its extensions lie in the first cluster, which is at least 512 bytes.
+        var header = [UInt8](repeating: 0, count: 65536)
+        let count = header.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+        guard count >= 32, header.starts(with: [0x51, 0x46, 0x49, 0xFB]) else { return }
+        func number(_ offset: Int, _ width: Int) -> UInt64 {
+            header[offset..<(offset + width)].reduce(0) { $0 << 8 | UInt64($1) }
+        }
+        let flatten = "to boot what it reads, flatten it into one file first with `qemu-img convert -O qcow2 IMAGE NEW`"
+        let backingOffset = number(8, 8)
+        if backingOffset != 0 {
+            let length = min(Int(number(16, 4)), 1023)
+            var backing = [UInt8](repeating: 0, count: length)
+            let read = backing.withUnsafeMutableBytes {
+                pread(fd, $0.baseAddress, $0.count, off_t(truncatingIfNeeded: backingOffset))
+            }
+            let named = String(decoding: backing.prefix(max(read, 0)), as: UTF8.self)
+            let what = named.hasPrefix("json:") ? "a backing file given as a json: specification" : "a backing file"
+            throw VirtError(
+                .badImage,
+                "the image \(name) has \(what) (\(named)): refused, because the guest would read what it names on "
+                    + "this host; \(flatten)")
+        }
+        if number(4, 4) >= 3, count >= 104, number(72, 8) & (1 << 2) != 0 {
+            // The data file's name, from the header extensions (type, length, data padded to 8).
+            var named = ""
+            var offset = Int(number(100, 4))
+            while offset >= 104, offset + 8 <= count {
+                let type = number(offset, 4)
+                let length = Int(number(offset + 4, 4))
+                guard type != 0, offset + 8 + length <= count else { break }
+                if type == 0x4441_5441 {
+                    named = String(decoding: header[(offset + 8)..<(offset + 8 + length)], as: UTF8.self)
+                    break
+                }
+                offset += 8 + (length + 7) / 8 * 8
+            }
+            throw VirtError(
+                .badImage,
+                "the image \(name) has an external data file (\(named)): refused, because the guest would read that "
+                    + "file of this host; \(flatten)")
+        }
+    }
+
     static func fileSize(_ path: String, name: String) throws(VirtError) -> Int64? {
         var info = stat()
         guard stat(path, &info) == 0 else {

@@ -247,7 +247,7 @@ public struct ImageImport: Sendable {
     /// is a tarball, whose raw member is converted with `-f raw`, never probed.
     static func checkDisk(_ path: String, name: String, runner: any CommandRunner) async throws(VirtError) {
         guard readMagic(path).starts(with: qcow2Magic) else { return }
-        let absolute = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+        let absolute = AbsolutePath.of(path)
         _ = try await ImageInspection(runner: runner).inspect(absolute, name: name, requireEFISystemPartition: false)
     }
 

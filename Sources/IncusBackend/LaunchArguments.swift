@@ -126,7 +126,10 @@ public struct LaunchArguments: Sendable, Equatable {
                         var value = String(letters.hasPrefix("=") ? letters.dropFirst() : letters)
                         letters = ""
                         var original = ["-\(letter)\(value)"]
-                        if value.isEmpty, index < arguments.endIndex {
+                        if value.isEmpty {
+                            guard index < arguments.endIndex else {
+                                throw VirtError(.usage, "the launch argument -\(letter) needs a value")
+                            }
                             value = arguments[index]
                             index += 1
                             original = ["-\(letter)", value]

@@ -39,14 +39,18 @@ enum BaseImage {
         done
         """
 
-    /// QMP `blockdev-add` of `image`, read-only, under ``QemuCommands/baseImageNode``.
+    /// QMP `blockdev-add` of `image`, read-only, under ``QemuCommands/baseImageNode``. A qcow2
+    /// is opened with its backing cut (`"backing": null`): the image was inspected at start-up,
+    /// and a file changed since then must not get to name a host file for the guest to read.
     static func blockdevAdd(_ image: AttachedImage) -> [String: JSONValue] {
-        [
+        var arguments: [String: JSONValue] = [
             "driver": .string(image.format.rawValue),
             "node-name": .string(QemuCommands.baseImageNode),
             "read-only": .bool(true),
             "file": .object(["driver": "file", "filename": .string(image.path), "read-only": .bool(true)]),
         ]
+        if image.format == .qcow2 { arguments["backing"] = .null }
+        return arguments
     }
 
     /// QMP `device_add` of the disk with serial BASEIMAGE, into the root port made for it.
@@ -66,11 +70,23 @@ extension QemuInstance {
             throw VirtError(.testbedFailure, "the testbed is not running")
         }
         if !handles.withLock({ $0.baseImageNode }) {
-            let image = AttachedImage(path: options.image, format: try await imageFormat())
+            let image = AttachedImage(path: options.image, format: options.imageFormat)
             _ = try await qmp.execute("blockdev-add", arguments: BaseImage.blockdevAdd(image))
             handles.withLock { $0.baseImageNode = true }
         }
+        // The unplug before a reboot may not have finished (a guest that rebooted before
+        // letting the disk go): the device is then still there, and plugged already.
+        if await pluggedDevices(qmp).contains(QemuCommands.baseImageDeviceID) {
+            log.debug("the base image is still plugged from before the reboot")
+            return
+        }
         _ = try await qmp.execute("device_add", arguments: BaseImage.deviceAdd)
+    }
+
+    /// The ids of the devices given on the command line or plugged since.
+    private func pluggedDevices(_ qmp: QMPClient) async -> [String] {
+        let children = try? await qmp.execute("qom-list", arguments: ["path": "/machine/peripheral"])
+        return children?.arrayValue?.compactMap { $0["name"]?.stringValue } ?? []
     }
 
     /// Unplugs the base image before a reboot and waits until the guest has let it go (the
@@ -86,9 +102,7 @@ extension QemuInstance {
         }
         let deadline = ContinuousClock.now + .seconds(30)
         while ContinuousClock.now < deadline {
-            let children = try? await qmp.execute("qom-list", arguments: ["path": "/machine/peripheral"])
-            let names = children?.arrayValue?.compactMap { $0["name"]?.stringValue } ?? []
-            if !names.contains(QemuCommands.baseImageDeviceID) { return }
+            if !(await pluggedDevices(qmp)).contains(QemuCommands.baseImageDeviceID) { return }
             try? await Task.sleep(for: .milliseconds(100))
         }
         log.warning("the guest did not release /dev/baseimage within 30 s before the reboot")

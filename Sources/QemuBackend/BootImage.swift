@@ -1,5 +1,6 @@
 import CommandRunner
 import ImageCache
+import Synchronization
 import VirtCore
 
 /// The image a server boots, looked at once before its banner: a local path, or a URL fetched
@@ -21,11 +22,19 @@ public enum BootImage {
         guard ImageCache.isURL(image) else {
             return try await inspection.inspect(image, name: name, requireEFISystemPartition: requireEFISystemPartition)
         }
+        // The cache runs the inspection on what becomes (or is) the entry; its result is kept
+        // rather than inspecting the entry a second time.
+        let found = Mutex<InspectedImage?>(nil)
         let path = try await ImageCache(directory: cacheDirectory, runner: runner).fetch(image, sha256: sha256) {
             path throws(VirtError) in
-            _ = try await inspection.inspect(path, name: name, requireEFISystemPartition: requireEFISystemPartition)
+            let inspected = try await inspection.inspect(
+                path, name: name, requireEFISystemPartition: requireEFISystemPartition)
+            found.withLock { $0 = inspected }
         }
-        // Again on the entry itself, which is what boots: milliseconds.
-        return try await inspection.inspect(path, name: name, requireEFISystemPartition: requireEFISystemPartition)
+        guard var inspected = found.withLock({ $0 }) else {
+            throw VirtError(.internalError, "the image cache handed out \(path) without inspecting it")
+        }
+        inspected.path = path
+        return inspected
     }
 }

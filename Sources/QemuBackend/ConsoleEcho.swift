@@ -64,23 +64,11 @@ final class ConsoleEcho: Sendable {
                     let count = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, offset) }
                     guard count > 0 else { break }
                     offset += off_t(count)
-                    Self.writeToStandardError(buffer[0..<count])
+                    Log.writeToStandardError(buffer[0..<count])
                 }
             }
             if last { return }
             usleep(100_000)
-        }
-    }
-
-    private static func writeToStandardError(_ bytes: ArraySlice<UInt8>) {
-        var rest = bytes
-        while !rest.isEmpty {
-            let written = rest.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
-            if written < 0 {
-                if errno == EINTR { continue }
-                return
-            }
-            rest = rest.dropFirst(written)
         }
     }
 }

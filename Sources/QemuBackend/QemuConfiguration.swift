@@ -22,9 +22,8 @@ public struct QemuOptions: Sendable, Equatable {
     }
 
     public var image: String
-    /// The image's format as ``ImageInspection`` found it, which becomes the overlay's `-F`;
-    /// nil when the options were not made from an inspected image: each boot inspects it then.
-    public var imageFormat: ImageFormat?
+    /// The image's format as ``ImageInspection`` found it, which becomes the overlay's `-F`.
+    public var imageFormat: ImageFormat
     public var ramMiB = 2048
     public var cpus = 2
     public var accelerator = Accelerator.auto
@@ -59,8 +58,11 @@ public struct QemuOptions: Sendable, Equatable {
     /// time (`--no-snapshot`).
     public var stateCache: String?
 
-    public init(image: String) {
+    /// Options for `image` read as `format`; the server makes them from an inspected image
+    /// (``init(image:)-(InspectedImage)``), tests from what they know.
+    public init(image: String, format: ImageFormat) {
         self.image = image
+        imageFormat = format
     }
 
     /// Options for an image that passed ``ImageInspection`` (``BootImage/prepare(_:name:sha256:cacheDirectory:requireEFISystemPartition:runner:)``).

@@ -60,18 +60,11 @@ final class QemuInstance: Sendable {
     /// Whether a failed restore was the saved state's fault, so that the state must go.
     var savedStateFailed: Bool { handles.withLock { $0.savedStateFailed } }
 
-    /// The boot image's format as inspection found it. Options not made from an inspected image
-    /// get it inspected now: an image nobody looked at never gets an overlay or a drive.
-    func imageFormat() async throws(VirtError) -> ImageFormat {
-        if let inspected = options.imageFormat { return inspected }
-        return try await ImageInspection(runner: runner).inspect(options.image, requireEFISystemPartition: true).format
-    }
-
     /// Starts QEMU on a fresh overlay over the image and waits until the guest agent answers
     /// and the guest helper is up.
     func boot(kvm: Bool) async throws(VirtError) {
         let deadline = ContinuousClock.now + options.bootTimeout
-        let format = try await imageFormat()
+        let format = options.imageFormat
         try await runner.check(QemuCommands.createOverlay(base: options.image, format: format, overlay: paths.overlay))
         try await runner.check(Command("cp", ["--", options.efiVars, paths.efiVars]))
         let (_, qga) = try await start(kvm: kvm, incoming: false)

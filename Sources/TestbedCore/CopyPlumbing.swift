@@ -63,16 +63,13 @@ public struct CopyRequest: Sendable, Equatable {
     }
 
     static func absoluteHostPath(_ path: String) throws(VirtError) -> String {
-        guard !path.hasPrefix("/") else { return path }
-        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        guard getcwd(&buffer, buffer.count) != nil else {
+        guard let resolved = AbsolutePath.resolving(path) else {
             throw VirtError(
                 .copyFailed,
                 "cannot resolve the relative path \(path): the working directory is gone "
                     + "(\(String(cString: strerror(errno))))")
         }
-        let directory = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        return directory == "/" ? "/" + path : directory + "/" + path
+        return resolved
     }
 }
 

@@ -65,17 +65,19 @@ public final class Log: Sendable {
     /// Writes text to fd 2, retrying on interruption and partial writes; errors are dropped
     /// because there is nowhere left to report them.
     public static func writeToStandardError(_ text: String) {
-        var bytes = Array(text.utf8)
-        var offset = 0
-        while offset < bytes.count {
-            let written = bytes.withUnsafeMutableBytes { buffer in
-                write(2, buffer.baseAddress.map { $0 + offset }, buffer.count - offset)
-            }
+        writeToStandardError(Array(text.utf8)[...])
+    }
+
+    /// Writes bytes, which need not be UTF-8 (a guest's console), to fd 2 the same way.
+    public static func writeToStandardError(_ bytes: ArraySlice<UInt8>) {
+        var rest = bytes
+        while !rest.isEmpty {
+            let written = rest.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
             if written < 0 {
                 if errno == EINTR { continue }
                 return
             }
-            offset += written
+            rest = rest.dropFirst(written)
         }
     }
 }

@@ -94,11 +94,18 @@ public struct Request: Sendable, Equatable {
 
 extension String {
     fileprivate func replacingUnderscores() -> String { String(map { $0 == "_" ? "-" : $0 }) }
+
+    fileprivate func leftPadded(_ width: Int) -> String {
+        count >= width ? self : String(repeating: "0", count: width - count) + self
+    }
 }
 
 /// A reply line.
 public enum Reply: Sendable, Equatable {
-    /// `ok` followed by words, which are written as given (callers encode where needed).
+    /// `ok` followed by words, written as given (callers encode where needed), except that
+    /// whitespace and control characters in a word are percent-encoded: the client splits the
+    /// line on whitespace, so a word holding a tab would reach it as two words (a capability of
+    /// the testbed's making, say), where percent-encoded it stays one.
     case ok([String])
     /// The copy failed; the session goes on.
     case copyFailed
@@ -108,10 +115,29 @@ public enum Reply: Sendable, Equatable {
     /// The line to write, without the newline.
     public var line: String {
         switch self {
-        case .ok(let words): return (["ok"] + words).joined(separator: " ")
+        case .ok(let words): return (["ok"] + words.map(Self.oneWord)).joined(separator: " ")
         case .copyFailed: return "copy-failed"
         case .timeout: return "timeout"
         }
+    }
+
+    /// `word` with every whitespace or control character (as ASCII or Unicode has them)
+    /// percent-encoded, byte by byte.
+    static func oneWord(_ word: String) -> String {
+        guard word.unicodeScalars.contains(where: Self.splits) else { return word }
+        var out = ""
+        for scalar in word.unicodeScalars {
+            if Self.splits(scalar) {
+                for byte in String(scalar).utf8 { out += "%" + String(byte, radix: 16, uppercase: true).leftPadded(2) }
+            } else {
+                out.unicodeScalars.append(scalar)
+            }
+        }
+        return out
+    }
+
+    static func splits(_ scalar: Unicode.Scalar) -> Bool {
+        scalar.properties.isWhitespace || scalar.properties.generalCategory == .control
     }
 
     /// The single word that `print-execute-command` answers with: each argv element

@@ -286,11 +286,19 @@ struct QemuServer: AsyncParsableCommand {
         try AutopkgtestQemu.checkBoot(
             AutopkgtestQemu.bootMode(boot: boot, efi: efi, arguments: Array(CommandLine.arguments.dropFirst())))
         let timeouts = try AutopkgtestQemu.timeouts(bootTimeout: bootTimeout, timeoutReboot: timeoutReboot)
-        for (option, value) in [("--user", user), ("--password", password)] {
-            // Typed on the serial console: a line break would end it early.
-            if let value, value.contains(where: { $0.isNewline }) || (option == "--user" && value.isEmpty) {
-                throw VirtError(.usage, "\(option) must be one line (and a user name not empty)")
-            }
+        // Typed on the serial console: a line break would end it early.
+        if let password, password.contains(where: { $0.isNewline }) {
+            throw VirtError(.usage, "--password must be one line")
+        }
+        // Also advertised as `suggested-normal-user=`, one word of the capabilities reply.
+        if let user,
+            user.isEmpty
+                || user.contains(where: {
+                    $0.isWhitespace || $0.unicodeScalars.contains { $0.properties.generalCategory == .control }
+                })
+        {
+            throw VirtError(
+                .usage, "--user must be a user name, without spaces or control characters: \(user.debugDescription)")
         }
         var extras: [AttachedImage] = []
         for path in extraImages {
@@ -338,12 +346,7 @@ struct QemuServer: AsyncParsableCommand {
         return path
     }
 
-    func absolute(_ path: String) -> String {
-        if path.hasPrefix("/") { return path }
-        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        guard getcwd(&buffer, buffer.count) != nil else { return path }
-        return String(cString: buffer) + "/" + path
-    }
+    func absolute(_ path: String) -> String { AbsolutePath.of(path) }
 
     static func findExecutable(_ name: String) -> Bool {
         if name.contains("/") { return access(name, X_OK) == 0 }

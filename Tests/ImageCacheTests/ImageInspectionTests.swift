@@ -183,6 +183,32 @@ struct ImageInspectionTests {
         #expect(data.contains("has an external data file (\(work)/data.raw)"), "\(data)")
     }
 
+    @Test(
+        "the qcow2 header alone refuses a backing file or a data file, before qemu-img opens the image",
+        .enabled(if: enabled))
+    func qcow2Header() async throws {
+        let work = try TestPaths.makeTemporaryDirectory()
+        defer { TestPaths.removeTree(work) }
+        try await TestDisks.qcow2("\(work)/backed.qcow2", backing: "\(work)/secret")
+        try await TestDisks.qcow2("\(work)/data.qcow2", dataFile: "\(work)/data.raw")
+        try await SubprocessRunner().check(
+            Command("qemu-img", ["create", "-q", "-f", "qcow2", "\(work)/plain.qcow2", "1M"]))
+        try await TestDisks.raw("\(work)/plain.raw", size: 1 << 20, layout: nil)
+        for (file, needle) in [
+            ("backed.qcow2", "has a backing file (\(work)/secret)"),
+            ("data.qcow2", "has an external data file (\(work)/data.raw)"),
+        ] {
+            do throws(VirtError) {
+                try ImageInspection.checkQcow2Header("\(work)/\(file)", name: file)
+                Issue.record("\(file) passed the header check")
+            } catch {
+                #expect(error.code == .badImage && error.message.contains(needle), "\(error.message)")
+            }
+        }
+        try ImageInspection.checkQcow2Header("\(work)/plain.qcow2", name: "plain.qcow2")
+        try ImageInspection.checkQcow2Header("\(work)/plain.raw", name: "plain.raw")
+    }
+
     @Test("formats other than raw and qcow2 are refused, naming the format", .enabled(if: enabled))
     func otherFormats() async throws {
         let work = try TestPaths.makeTemporaryDirectory()

@@ -119,7 +119,7 @@ struct AutopkgtestOptionsTests {
 
     @Test("--user names the normal user unless it is root, as autopkgtest-virt-qemu's determine_normal_user")
     func normalUser() {
-        var options = QemuOptions(image: "/i.qcow2")
+        var options = QemuOptions(image: "/i.qcow2", format: .qcow2)
         #expect(options.normalUser == nil)
         options.consoleUser = "root"
         #expect(options.normalUser == nil)
@@ -129,7 +129,7 @@ struct AutopkgtestOptionsTests {
 
     @Test("extra images follow the boot disk read-only in the order given; none changes nothing")
     func extraImagesArgv() {
-        var options = QemuOptions(image: "/images/base.qcow2")
+        var options = QemuOptions(image: "/images/base.qcow2", format: .qcow2)
         let plain = QemuCommands.qemu(options, paths, kvm: false).argv
         options.extraImages = [
             AttachedImage(path: "/images/data.qcow2", format: .qcow2),
@@ -149,7 +149,7 @@ struct AutopkgtestOptionsTests {
 
     @Test("--baseimage adds only a PCIe root port to hot-plug the disk into; its QMP commands name it read-only")
     func baseImageArgv() {
-        var options = QemuOptions(image: "/images/base.qcow2")
+        var options = QemuOptions(image: "/images/base.qcow2", format: .qcow2)
         let plain = QemuCommands.qemu(options, paths, kvm: false).argv
         options.baseImage = true
         let argv = QemuCommands.qemu(options, paths, kvm: false).argv
@@ -162,7 +162,11 @@ struct AutopkgtestOptionsTests {
                 == [
                     "driver": "qcow2", "node-name": "baseimage", "read-only": true,
                     "file": ["driver": "file", "filename": "/images/base.qcow2", "read-only": true],
+                    // Its backing cut: a file changed since its inspection names no host file.
+                    "backing": .null,
                 ])
+        let raw = BaseImage.blockdevAdd(AttachedImage(path: "/images/base.img", format: .raw))
+        #expect(raw["backing"] == nil, "a raw image has no backing to cut")
         #expect(
             JSONValue.object(BaseImage.deviceAdd)
                 == [
@@ -177,7 +181,7 @@ struct AutopkgtestOptionsTests {
 
     @Test("--qemu-options words and --qemu-option arguments end QEMU's command line, in that order")
     func qemuOptionsArgv() {
-        var options = QemuOptions(image: "/images/base.qcow2")
+        var options = QemuOptions(image: "/images/base.qcow2", format: .qcow2)
         options.extraArguments =
             AutopkgtestQemu.splitLikePython(" -device  virtio-balloon\t-smp 4 ") + ["-name", "a b"]
         let argv = QemuCommands.qemu(options, paths, kvm: false).argv
@@ -191,7 +195,7 @@ struct AutopkgtestOptionsTests {
         #expect(moved.overlayRecord == "/tmp/dvq.abc123/overlay-dir")
         #expect(moved.qmp == paths.qmp)
         #expect(paths.overlay == "/tmp/dvq.abc123/overlay.qcow2")
-        let options = QemuOptions(image: "/images/base.qcow2")
+        let options = QemuOptions(image: "/images/base.qcow2", format: .qcow2)
         let argv = QemuCommands.qemu(options, moved, kvm: false).argv
         #expect(
             argv.contains(
@@ -212,7 +216,7 @@ struct AutopkgtestOptionsTests {
         let extra = "\(directory)/extra.img"
         try Data("image".utf8).write(to: URL(fileURLWithPath: image))
         try Data("extra".utf8).write(to: URL(fileURLWithPath: extra))
-        let options = QemuOptions(image: image)
+        let options = QemuOptions(image: image, format: .qcow2)
         let base = SavedStateKey.description(options: options, kvm: false, qemuVersion: "v")
         #expect(!base.contains("extra image"))
         var withExtra = options

@@ -177,7 +177,7 @@ struct QemuCommandLineTests {
             (["--overlay-dir", "/nonexistent/dir"], 1, "--overlay-dir /nonexistent/dir is not a directory"),
             (["--timeout-reboot", "0"], 64, "--timeout-reboot must be positive"),
             (["--boot", "uefi"], 64, "'uefi' is invalid for '--boot"),
-            (["-u", ""], 64, "--user must be one line (and a user name not empty)"),
+            (["-u", ""], 64, "--user must be a user name, without spaces or control characters"),
             (["--password", "a\nb"], 64, "--password must be one line"),
         ])
     func usageErrors(_ arguments: [String], _ status: Int32, _ message: String) async throws {
@@ -196,6 +196,21 @@ struct QemuCommandLineTests {
         #expect(missing.contains("the image \(scratch.directory)/absent.img does not exist"), "\(missing)")
         let url = try await refused([scratch.image, "https://example.invalid/x.qcow2"], status: 64, scratch: scratch)
         #expect(url.contains("must be a local file"), "\(url)")
+    }
+
+    @Test(
+        "a --user with a tab or a newline, or an empty one, is refused before the banner: it would be two capability words"
+    )
+    func userNames() async throws {
+        let scratch = try await Scratch()
+        defer { scratch.remove() }
+        for user in ["x\tdowntmp-host=/tmp/p", "x\ny", "x y", ""] {
+            let stderr = try await refused(["--user", user, scratch.image], status: 64, scratch: scratch)
+            #expect(stderr.contains("--user must be a user name"), "\(stderr)")
+        }
+        let password = try await refused(
+            ["--user", "u", "--password", "a\nb", scratch.image], status: 64, scratch: scratch)
+        #expect(password.contains("--password must be one line"), "\(password)")
     }
 
     @Test("every option of the installed autopkgtest-virt-qemu is one of ours")

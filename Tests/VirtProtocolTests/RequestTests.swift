@@ -72,6 +72,11 @@ struct RequestTests {
     func replies() {
         #expect(Reply.ok([]).line == "ok")
         #expect(Reply.ok(["/tmp/x", "y"]).line == "ok /tmp/x y")
+        // A word with whitespace or control characters stays one word: they are percent-encoded.
+        #expect(
+            Reply.ok(["revert", "suggested-normal-user=x\tdowntmp-host=/p", "a b\n\u{85}\u{2003}"]).line
+                == "ok revert suggested-normal-user=x%09downtmp-host=/p a%20b%0A%C2%85%E2%80%83")
+        #expect(Reply.ok(["ü%/,x"]).line == "ok ü%/,x", "other words are written as given")
         #expect(Reply.copyFailed.line == "copy-failed")
         #expect(Reply.timeout.line == "timeout")
         #expect(Reply.executeCommandWord(["/usr/bin/x y", "--sock=/run/a"]) == "/usr/bin/x%20y,--sock%3D/run/a")
