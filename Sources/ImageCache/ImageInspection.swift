@@ -196,7 +196,10 @@ public struct ImageInspection: Sendable {
         defer { close(fd) }
         let command = ImageCommands.readHead(path, format: format, sectors: (bytes + 511) / 512)
         let result = try await run(command, output: .fileDescriptor(fd, closeAfterStart: false))
-        guard result.status.succeeded else {
+        guard case .exited(let code) = result.status, code == 0 else {
+            guard case .exited = result.status else {
+                throw VirtError(.commandFailed, "`\(command)` ended with \(result.status): \(result.errorText.lastLine)")
+            }
             throw VirtError(.badImage, "cannot read the start of the image \(path): \(result.errorText.lastLine)")
         }
         var head = [UInt8](repeating: 0, count: Int(bytes))
@@ -212,10 +215,24 @@ public struct ImageInspection: Sendable {
         return Array(head[0..<done])
     }
 
-    /// A file without a name in $TMPDIR (O_TMPFILE), private to this process: nothing is left
-    /// behind whatever happens to it. Where the file system has no O_TMPFILE, a named file is
-    /// unlinked the moment it exists.
+    private typealias MemfdCreate = @convention(c) (UnsafePointer<CChar>, UInt32) -> Int32
+
+    /// Glibc's Swift module does not export memfd_create (glibc 2.27 and later).
+    private static let memfdCreate: MemfdCreate? = {
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "memfd_create") else { return nil }
+        return unsafeBitCast(symbol, to: MemfdCreate.self)
+    }()
+
+    /// A file without a name, private to this process, so nothing is left behind whatever
+    /// happens to it: in memory (memfd_create), which needs no disk space (a full $TMPDIR must
+    /// not stop a server before its banner: its `open` reports that); else in $TMPDIR
+    /// (O_TMPFILE); else a named file there, unlinked the moment it exists.
     static func anonymousFile() throws(VirtError) -> Int32 {
+        // MFD_CLOEXEC is 1.
+        if let memfdCreate {
+            let fd = "debusine-virt-image-head".withCString { memfdCreate($0, 1) }
+            if fd >= 0 { return fd }
+        }
         let directory = PrivateDirectory.temporaryParent
         // O_TMPFILE is __O_TMPFILE | O_DIRECTORY (open(2)); Swift does not import the macro.
         let fd = open(directory, __O_TMPFILE | O_DIRECTORY | O_RDWR | O_CLOEXEC, 0o600)
