@@ -90,12 +90,11 @@ final class LineConnection: Sendable {
 
     /// Closes the socket; pending and later waits on ``lines`` fail with ``closedError``.
     ///
-    /// The peer must see the close at once (the guest agent serves one client at a time), but a
-    /// child forked by another thread shares the socket until it execs, and then a close alone
-    /// ends nothing: shutting the output down first reaches the peer whoever holds the socket.
+    /// A plain close, not a shutdown of the output first: NIO completes that only once pending
+    /// writes are out, and QEMU stops reading the agent's socket while no agent reads the port,
+    /// so a close that waited for it hung the boot wait for ever.
     func close() async {
         lines.finish(throwing: closedError)
-        try? await channel.close(mode: .output).get()
         do {
             try await channel.close().get()
         } catch {

@@ -151,8 +151,12 @@ public final class ServerProcess: Sendable {
         String(decoding: errorBytes.bytes.withLock { $0 }, as: UTF8.self)
     }
 
+    /// A server its client let go of: end of input, as when autopkgtest goes away, and SIGTERM
+    /// in case it is stuck where it does not read its input (a test that gave up on it): either
+    /// makes it clean up (its QEMU, its instance) and exit, so nothing outlives the client.
     deinit {
         closeStandardInput()
+        exitStatus.signal(SIGTERM)
     }
 }
 
