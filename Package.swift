@@ -33,8 +33,11 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        // Reading and writing tar streams block by block: the rootfs rewrite of an import, and
+        // the filter between a testbed's archive and the host's tar.
+        .target(name: "TarFormat", dependencies: ["VirtCore"]),
         // The Testbed seam a backend implements, plus scratch, reboot and copy plumbing.
-        .target(name: "TestbedCore", dependencies: ["VirtCore", "CommandRunner"]),
+        .target(name: "TestbedCore", dependencies: ["VirtCore", "CommandRunner", "TarFormat"]),
         // The request loop over injected line input/output, stdio and signal handling.
         .target(
             name: "VirtSession",
@@ -70,7 +73,8 @@ let package = Package(
         // concurrent servers.
         .target(name: "ImageCache", dependencies: ["VirtCore", "CommandRunner"]),
         // The Incus backend: setup, image import, instances through the incus CLI, gc.
-        .target(name: "IncusBackend", dependencies: ["VirtCore", "CommandRunner", "TestbedCore", "ImageCache"]),
+        .target(
+            name: "IncusBackend", dependencies: ["VirtCore", "CommandRunner", "TestbedCore", "ImageCache", "TarFormat"]),
         // The client side: a virt server as a child process, driven over pipes as autopkgtest does.
         .target(name: "VirtClient", dependencies: ["VirtCore", "VirtProtocol", "CommandRunner"]),
         // A testbed that is a private directory on the host: drives the protocol tests.
@@ -108,6 +112,7 @@ let package = Package(
         ),
 
         .testTarget(name: "VirtProtocolTests", dependencies: ["VirtProtocol", "VirtCore"]),
+        .testTarget(name: "TarFormatTests", dependencies: ["TarFormat", "CommandRunner", "VirtCore", "VirtTestSupport"]),
         .testTarget(name: "CommandRunnerTests", dependencies: ["CommandRunner", "VirtCore"]),
         .testTarget(
             name: "VirtSessionTests",
@@ -127,7 +132,7 @@ let package = Package(
         ),
         .testTarget(
             name: "IncusBackendTests",
-            dependencies: ["IncusBackend", "CommandRunner", "VirtCore", "VirtTestSupport"],
+            dependencies: ["IncusBackend", "CommandRunner", "VirtCore", "VirtTestSupport", "TarFormat"],
             exclude: ["Fixtures"]
         ),
         // The real clients (sbuild, and autopkgtest through the installed names) over the servers.
@@ -136,7 +141,9 @@ let package = Package(
         // Faults, fuzzing, load and security against both real backends (issue 7).
         .testTarget(
             name: "FaultTests",
-            dependencies: ["CommandRunner", "VirtCore", "VirtProtocol", "VirtTestSupport", "VirtBenchmark"]),
+            dependencies: [
+                "CommandRunner", "VirtCore", "VirtProtocol", "VirtTestSupport", "VirtBenchmark", "TarFormat",
+            ]),
         .testTarget(
             name: "BenchmarkTests", dependencies: ["VirtBenchmark", "CommandRunner", "VirtCore", "VirtTestSupport"]),
         .testTarget(

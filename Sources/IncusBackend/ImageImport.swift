@@ -1,6 +1,7 @@
 import CommandRunner
 import Foundation
 import ImageCache
+import TarFormat
 import VirtCore
 
 /// `debusine-virt-incus import`: makes a debusine system tarball (containers) or system image

@@ -1,3 +1,4 @@
+import TarFormat
 import VirtCore
 
 /// Copies a root filesystem tarball into an Incus unified image tarball: every member moves

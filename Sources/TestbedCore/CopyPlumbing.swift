@@ -1,4 +1,7 @@
 import CommandRunner
+import Foundation
+import Synchronization
+import TarFormat
 import VirtCore
 
 #if canImport(Glibc)
@@ -192,13 +195,94 @@ public enum CopyPlumbing {
             throw VirtError(.copyFailed, "cannot create \(request.hostPath): \(String(cString: strerror(errno)))")
         }
         let remote = testbed.command(["/bin/sh", "-ec", sendTreeScript, "sh", request.testbedPath])
+        // The testbed's archive is untrusted: it passes the safety filter, and the host's tar
+        // keeps the destination's own mode and makes what arrives with the user's umask (as
+        // tar does for anyone but root), never with the archive's setuid or world-write bits.
         let local = Command(
             "tar",
             [
-                "--warning=none", "--directory", request.hostPath, "--preserve-permissions", "--extract",
-                "--no-same-owner", "-f", "-",
+                "--warning=none", "--directory", request.hostPath, "--extract", "--no-same-owner",
+                "--no-same-permissions", "--no-overwrite-dir", "-f", "-",
             ])
-        try await pipeline(from: remote, to: local, testbed.runner, "copying the testbed's \(request.testbedPath)")
+        let what = "copying the testbed's \(request.testbedPath)"
+        let outcome = try await pipeline(from: remote, filteredBy: TarSafetyFilter(), to: local, testbed.runner, what)
+        if !outcome.leftOut.isEmpty {
+            let shown = outcome.leftOut.prefix(10).joined(separator: ", ")
+            let more = outcome.leftOut.count > 10 ? " and \(outcome.leftOut.count - 10) more" : ""
+            log.warning(
+                "copyup of \(request.testbedPath): left out what the host does not take from a testbed: \(shown)\(more)")
+        }
+    }
+
+    /// Runs `source | filter | destination`: the filter on a thread of its own (it blocks on
+    /// pipes), between two pipes. A filter error comes first in what is thrown: it says what was
+    /// wrong with the stream, where the destination would only see it cut short.
+    static func pipeline(
+        from source: Command, filteredBy filter: TarSafetyFilter, to destination: Command,
+        _ runner: any CommandRunner, _ what: String
+    ) async throws(VirtError) -> TarSafetyFilter.Outcome {
+        guard let (sourceRead, sourceWrite) = SpawnHygiene.pipe() else {
+            throw VirtError(.io, "\(what): cannot create a pipe: \(String(cString: strerror(errno)))")
+        }
+        guard let (filteredRead, filteredWrite) = SpawnHygiene.pipe() else {
+            let reason = String(cString: strerror(errno))
+            close(sourceRead)
+            close(sourceWrite)
+            throw VirtError(.io, "\(what): cannot create a pipe: \(reason)")
+        }
+        let filtering = FilterThread.start { () throws(VirtError) -> TarSafetyFilter.Outcome in
+            // The reader and writer own the descriptors: the destination sees EOF, and the source
+            // EPIPE, as soon as the filter is done.
+            try filter.filter(
+                BlockReader(fd: sourceRead, name: "the testbed's archive"),
+                into: BlockWriter(fd: filteredWrite, name: "the host's tar"))
+        }
+        let results: (CommandResult, CommandResult)
+        do {
+            results = try await withThrowingTaskGroup(of: (Int, CommandResult).self) { group in
+                group.addTask {
+                    (
+                        0,
+                        try await runner.run(
+                            source, input: .none, output: .fileDescriptor(sourceWrite, closeAfterStart: true),
+                            error: .capture)
+                    )
+                }
+                group.addTask {
+                    (
+                        1,
+                        try await runner.run(
+                            destination, input: .fileDescriptor(filteredRead, closeAfterStart: true),
+                            output: .discard, error: .capture)
+                    )
+                }
+                var byIndex: [Int: CommandResult] = [:]
+                for try await (index, result) in group { byIndex[index] = result }
+                guard let first = byIndex[0], let second = byIndex[1] else {
+                    throw VirtError(.internalError, "\(what): a side of the pipeline did not report")
+                }
+                return (first, second)
+            }
+        } catch let error as VirtError {
+            // Not waited for: a destination that never started leaves the filter blocked on a
+            // full pipe. It owns its descriptors and ends with the source.
+            throw error
+        } catch {
+            throw VirtError(.copyFailed, "\(what): \(error)")
+        }
+        let (sourceResult, destinationResult) = results
+        let outcome: TarSafetyFilter.Outcome
+        switch await filtering.value {
+        case .success(let value): outcome = value
+        case .failure(let error):
+            let detail = destinationResult.status.succeeded ? "" : "; the host's tar: \(destinationResult.errorText)"
+            throw VirtError(.copyFailed, "\(what) failed: \(error.message)\(detail)")
+        }
+        try require(destinationResult, what)
+        if sourceResult.status != .signaled(SIGPIPE) {
+            try require(sourceResult, what)
+        }
+        return outcome
     }
 
     /// Runs `source | destination` with a pipe between them, both concurrently.
@@ -260,5 +344,46 @@ public enum CopyPlumbing {
             throw VirtError(.copyFailed, "cannot open \(path): \(String(cString: strerror(errno)))")
         }
         return fd
+    }
+}
+
+/// Blocking work on a thread of its own, awaited as a task: the filter waits on pipes, which a
+/// task must not do on the cooperative pool (two threads on two cores).
+final class FilterThread<Value: Sendable>: Sendable {
+    private let state = Mutex<(result: Result<Value, VirtError>?, waiter: CheckedContinuation<Result<Value, VirtError>, Never>?)>((nil, nil))
+
+    static func start(_ body: @escaping @Sendable () throws(VirtError) -> Value) -> FilterThread {
+        let thread = FilterThread()
+        let worker = Thread {
+            let result: Result<Value, VirtError>
+            do throws(VirtError) { result = .success(try body()) } catch { result = .failure(error) }
+            thread.finish(result)
+        }
+        worker.start()
+        return thread
+    }
+
+    private func finish(_ result: Result<Value, VirtError>) {
+        let waiter = state.withLock { state in
+            state.result = result
+            let waiter = state.waiter
+            state.waiter = nil
+            return waiter
+        }
+        waiter?.resume(returning: result)
+    }
+
+    /// The body's result, once it has returned.
+    var value: Result<Value, VirtError> {
+        get async {
+            await withCheckedContinuation { continuation in
+                let ready = state.withLock { state -> Result<Value, VirtError>? in
+                    if let result = state.result { return result }
+                    state.waiter = continuation
+                    return nil
+                }
+                if let ready { continuation.resume(returning: ready) }
+            }
+        }
     }
 }

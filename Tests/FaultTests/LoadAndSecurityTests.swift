@@ -1,5 +1,6 @@
 import CommandRunner
 import Foundation
+import TarFormat
 import Testing
 import VirtCore
 import VirtProtocol
@@ -183,6 +184,99 @@ extension FaultSuite {
             }
         }
 
+        /// A test runs as root in the testbed and can put anything in a tree that autopkgtest
+        /// copies up, or replace the testbed's `tar` with one that sends any bytes it likes: the
+        /// host's side must keep the destination's mode, and make no setuid file, device node or
+        /// FIFO (issue 14, item 2).
+        @Test(
+            "copyup of a hostile tree plants no setuid file, device node or FIFO, and keeps the destination's mode",
+            .enabled(if: Backend.incusEnabled), .timeLimit(.minutes(10)))
+        func hostileCopyup() async throws {
+            try await faultCase(
+                "incus", "copyup of a tree with setuid files, a FIFO, mode 7777, and a forged archive with devices",
+                expected: "ok; destination mode kept; no setuid/setgid/sticky, no device or FIFO on the host"
+            ) { checks in
+                let server = try await ServerUnderTest.start(.incus)
+                do {
+                    _ = try await server.open()
+                    let auxverb = try await server.auxverb()
+                    let runner = SubprocessRunner()
+                    try await runner.check(
+                        Command(
+                            argv: auxverb + [
+                                "sh", "-ec",
+                                """
+                                mkdir /root/hostile; cd /root/hostile
+                                printf x > suid; chmod 4755 suid
+                                mkdir sgid; chmod 3777 sgid
+                                mkfifo fifo
+                                mknod null c 1 3 2>/dev/null || true
+                                chmod 7777 .
+                                """,
+                            ]))
+
+                    func expectSafe(_ destination: String, files: [String], _ what: String) {
+                        var info = stat()
+                        checks.expect(
+                            stat(destination, &info) == 0 && info.st_mode & 0o7777 == 0o750,
+                            "\(what): the destination's mode is now \(String(info.st_mode & 0o7777, radix: 8))")
+                        let names = TestPaths.contents(of: destination).sorted()
+                        checks.expect(names == files, "\(what): the host has \(names)")
+                        for name in names {
+                            let path = "\(destination)/\(name)"
+                            guard lstat(path, &info) == 0 else { continue }
+                            let type = info.st_mode & S_IFMT
+                            checks.expect(
+                                type == S_IFREG || type == S_IFDIR || type == S_IFLNK,
+                                "\(what): \(name) is of type \(String(type, radix: 8)) on the host")
+                            checks.expect(
+                                info.st_mode & 0o7000 == 0, "\(what): \(name) arrived with special mode bits")
+                            checks.expect(
+                                type == S_IFLNK || info.st_mode & 0o002 == 0, "\(what): \(name) is world-writable")
+                        }
+                    }
+
+                    let real = "\(server.parent)/real"
+                    checks.expect(mkdir(real, 0o750) == 0 && chmod(real, 0o750) == 0, "cannot make \(real)")
+                    let reply = try await server.process.request("copyup /root/hostile/ \(real)/")
+                    checks.expect(reply == "ok", "copyup of the real tree: \(reply)\n\(server.process.standardError)")
+                    expectSafe(real, files: ["sgid", "suid"], "the real tree")
+
+                    // The forged archive: what a replaced tar in the testbed sends instead.
+                    let forged = "\(server.parent)/forged.tar"
+                    try writeForgedArchive(forged)
+                    checks.expect(
+                        try await server.process.request("copydown \(forged) /root/forged.tar") == "ok",
+                        "copydown of the forged archive")
+                    try await runner.check(
+                        Command(
+                            argv: auxverb + [
+                                "sh", "-ec", #"printf '#!/bin/sh\nexec cat /root/forged.tar\n' > /usr/bin/tar"#,
+                            ]))
+                    let forgedCopy = "\(server.parent)/forged"
+                    checks.expect(
+                        mkdir(forgedCopy, 0o750) == 0 && chmod(forgedCopy, 0o750) == 0, "cannot make \(forgedCopy)")
+                    let forgedReply = try await server.process.request("copyup /root/hostile/ \(forgedCopy)/")
+                    checks.expect(forgedReply == "ok", "copyup of the forged archive: \(forgedReply)")
+                    expectSafe(forgedCopy, files: ["marker", "suid"], "the forged archive")
+                    checks.expect(
+                        server.process.standardError.contains("left out"),
+                        "what was left out is not said: \(server.process.standardError)")
+
+                    checks.expect(try await server.process.request("close") == "ok", "close failed")
+                    server.process.write(line: "quit")
+                    checks.expect(
+                        try await server.process.wait(timeout: .seconds(120)) == .exited(0), "quit did not end it")
+                    let left = try await server.leftovers().filter { !$0.hasSuffix("/real") && !$0.hasSuffix("/forged") && !$0.hasSuffix(".tar") }
+                    checks.expect(left.isEmpty, "left behind: \(left)")
+                } catch {
+                    await server.discard()
+                    throw error
+                }
+                await server.discard()
+            }
+        }
+
         @Test("hostile --profile values are data, never shell code", .enabled(if: Backend.incusEnabled))
         func hostileProfile() async throws {
             try await faultCase(
@@ -201,4 +295,25 @@ extension FaultSuite {
             }
         }
     }
+}
+
+/// An archive no honest tar writes from a testbed tree: a device node, a FIFO, a setuid file,
+/// a block device hidden as a directory's data behind a pax size, and one plain file.
+func writeForgedArchive(_ path: String) throws {
+    let writer = try BlockWriter(path: path)
+    func member(_ name: String, _ type: Character, mode: Int, data: String = "") throws {
+        let bytes = Array(data.utf8)
+        let header = TarHeader(
+            name: name, type: UInt8(ascii: type.unicodeScalars.first ?? "0"), mode: mode, size: bytes.count,
+            mtime: 1_700_000_000)
+        try writer.writeMember(header, data: bytes)
+    }
+    try member("./", "5", mode: 0o7777)
+    try member("./null", "3", mode: 0o666)
+    try member("./fifo", "6", mode: 0o666)
+    try member("./disk", "4", mode: 0o666)
+    try member("./suid", "0", mode: 0o6755, data: "#!/bin/sh\n")
+    try member("./marker", "0", mode: 0o644, data: "marker")
+    try writer.write([UInt8](repeating: 0, count: 1024))
+    try writer.flush()
 }

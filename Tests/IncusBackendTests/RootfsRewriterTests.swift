@@ -5,6 +5,7 @@ import VirtCore
 import VirtTestSupport
 
 @testable import IncusBackend
+import TarFormat
 
 /// The tarball rewriting, checked against GNU tar: what it lists and extracts.
 @Suite("Rewriting a root file system tarball under rootfs/")

@@ -7,24 +7,32 @@ import VirtCore
 #endif
 
 /// Reads a file in large blocks; the tar code asks for exact byte counts.
-final class BlockReader {
+package final class BlockReader {
     private let fd: Int32
     private var buffer: [UInt8]
     private var start = 0
     private var end = 0
-    let path: String
+    /// What error messages call the input: its path, or what a pipe carries.
+    package let path: String
 
-    init(path: String, bufferSize: Int = 1 << 20) throws(VirtError) {
+    package init(path: String, bufferSize: Int = 1 << 20) throws(VirtError) {
         fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw VirtError.io("cannot open \(path)") }
         buffer = [UInt8](repeating: 0, count: bufferSize)
         self.path = path
     }
 
+    /// Reads `fd`, which it owns from now on (a pipe, say), under the name `name`.
+    package init(fd: Int32, name: String, bufferSize: Int = 1 << 20) {
+        self.fd = fd
+        buffer = [UInt8](repeating: 0, count: bufferSize)
+        path = name
+    }
+
     deinit { Glibc.close(fd) }
 
     /// Exactly `count` bytes, or fewer only at the end of the file.
-    func read(_ count: Int) throws(VirtError) -> [UInt8] {
+    package func read(_ count: Int) throws(VirtError) -> [UInt8] {
         var result: [UInt8] = []
         result.reserveCapacity(count)
         while result.count < count {
@@ -39,7 +47,7 @@ final class BlockReader {
     }
 
     /// Hands `count` bytes to `body` in pieces, without collecting them.
-    func stream(_ count: Int, _ body: (ArraySlice<UInt8>) throws(VirtError) -> Void) throws(VirtError) {
+    package func stream(_ count: Int, _ body: (ArraySlice<UInt8>) throws(VirtError) -> Void) throws(VirtError) {
         var left = count
         while left > 0 {
             if start == end {
@@ -67,26 +75,33 @@ final class BlockReader {
 }
 
 /// Writes a file through a large buffer.
-final class BlockWriter {
+package final class BlockWriter {
     private let fd: Int32
     private var buffer: [UInt8] = []
-    let path: String
+    package let path: String
 
-    init(path: String) throws(VirtError) {
+    package init(path: String) throws(VirtError) {
         fd = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw VirtError.io("cannot create \(path)") }
         self.path = path
         buffer.reserveCapacity(1 << 20)
     }
 
+    /// Writes to `fd`, which it owns from now on, under the name `name`.
+    package init(fd: Int32, name: String) {
+        self.fd = fd
+        path = name
+        buffer.reserveCapacity(1 << 20)
+    }
+
     deinit { Glibc.close(fd) }
 
-    func write<C: Collection>(_ bytes: C) throws(VirtError) where C.Element == UInt8 {
+    package func write<C: Collection>(_ bytes: C) throws(VirtError) where C.Element == UInt8 {
         buffer.append(contentsOf: bytes)
         if buffer.count >= 1 << 20 { try flush() }
     }
 
-    func flush() throws(VirtError) {
+    package func flush() throws(VirtError) {
         var offset = 0
         while offset < buffer.count {
             let written = buffer.withUnsafeBytes { bytes -> Int in
@@ -105,19 +120,19 @@ final class BlockWriter {
 
 extension VirtError {
     /// An I/O error with errno's text.
-    static func io(_ what: String) -> VirtError {
+    package static func io(_ what: String) -> VirtError {
         VirtError(.io, "\(what): \(String(cString: strerror(errno)))")
     }
 }
 
 /// One tar header block, and the fields this code reads or writes.
-struct TarHeader {
-    var block: [UInt8]
+package struct TarHeader {
+    package var block: [UInt8]
 
-    init(block: [UInt8]) { self.block = block }
+    package init(block: [UInt8]) { self.block = block }
 
     /// A fresh POSIX ustar header.
-    init(name: String, type: UInt8, mode: Int, size: Int, linkName: String = "", mtime: Int) {
+    package init(name: String, type: UInt8, mode: Int, size: Int, linkName: String = "", mtime: Int) {
         block = [UInt8](repeating: 0, count: 512)
         setString(0, 100, name)
         setOctal(100, 8, mode)
@@ -133,26 +148,32 @@ struct TarHeader {
         updateChecksum()
     }
 
-    var isZero: Bool { block.allSatisfy { $0 == 0 } }
-    var type: UInt8 { block[156] }
-    var isPOSIX: Bool { Array(block[257..<263]) == Array("ustar\u{0}".utf8) }
+    package var isZero: Bool { block.allSatisfy { $0 == 0 } }
+    package var type: UInt8 { block[156] }
+    package var isPOSIX: Bool { Array(block[257..<263]) == Array("ustar\u{0}".utf8) }
 
-    var name: String { string(0, 100) }
-    var linkName: String { string(157, 100) }
-    var prefix: String { isPOSIX ? string(345, 155) : "" }
+    package var name: String { string(0, 100) }
+    package var linkName: String { string(157, 100) }
+    package var prefix: String { isPOSIX ? string(345, 155) : "" }
 
     /// The full name from the header alone (ustar prefix + name).
-    var fullName: String {
+    package var fullName: String {
         let prefix = self.prefix
         return prefix.isEmpty ? name : prefix + "/" + name
     }
 
-    func size() throws(VirtError) -> Int {
+    package func size() throws(VirtError) -> Int {
         let field = block[124..<136]
         if let first = field.first, first & 0x80 != 0 {
             // Base-256, for members of 8 GiB and more.
+            // Negative sizes (0xff first) and sizes past Int are no member's.
+            guard first & 0x40 == 0 else { throw VirtError(.io, "a tar header has a negative size") }
             var value = Int(first & 0x7f)
-            for byte in field.dropFirst() { value = value << 8 | Int(byte) }
+            for byte in field.dropFirst() {
+                let (shifted, overflow) = value.multipliedReportingOverflow(by: 256)
+                guard !overflow else { throw VirtError(.io, "a tar header's size is too large") }
+                value = shifted | Int(byte)
+            }
             return value
         }
         let text = String(decoding: field.prefix { $0 != 0 && $0 != 0x20 }.drop { $0 == 0x20 }, as: UTF8.self)
@@ -162,7 +183,7 @@ struct TarHeader {
         return value
     }
 
-    var checksumIsValid: Bool {
+    package var checksumIsValid: Bool {
         let stored = String(
             decoding: block[148..<156].prefix { $0 != 0 && $0 != 0x20 }.drop { $0 == 0x20 }, as: UTF8.self)
         guard let value = Int(stored, radix: 8) else { return false }
@@ -175,19 +196,40 @@ struct TarHeader {
         return sum
     }
 
-    mutating func updateChecksum() {
+    package mutating func updateChecksum() {
         let text = String(computedChecksum, radix: 8)
         let padded = String(repeating: "0", count: max(0, 6 - text.count)) + text
         block.replaceSubrange(148..<156, with: Array(padded.utf8) + [0, 0x20])
     }
 
-    mutating func setString(_ offset: Int, _ length: Int, _ value: String) {
+    package mutating func setString(_ offset: Int, _ length: Int, _ value: String) {
         let bytes = Array(value.utf8.prefix(length))
         block.replaceSubrange(
             offset..<(offset + length), with: bytes + [UInt8](repeating: 0, count: length - bytes.count))
     }
 
-    mutating func setOctal(_ offset: Int, _ length: Int, _ value: Int) {
+    /// The size field: octal while it fits (under 8 GiB), GNU base-256 past that.
+    package mutating func setSize(_ value: Int) {
+        if value < 0o77777777777 {
+            setOctal(124, 12, value)
+            return
+        }
+        var bytes = [UInt8](repeating: 0, count: 12)
+        var rest = value
+        for index in stride(from: 11, to: 0, by: -1) {
+            bytes[index] = UInt8(rest & 0xff)
+            rest >>= 8
+        }
+        bytes[0] = 0x80
+        block.replaceSubrange(124..<136, with: bytes)
+    }
+
+    /// The mode field as a number (0 when it does not parse).
+    package var mode: Int {
+        Int(String(decoding: block[100..<108].prefix { $0 != 0 && $0 != 0x20 }.drop { $0 == 0x20 }, as: UTF8.self), radix: 8) ?? 0
+    }
+
+    package mutating func setOctal(_ offset: Int, _ length: Int, _ value: Int) {
         let text = String(value, radix: 8)
         let padded = String(repeating: "0", count: max(0, length - 1 - text.count)) + text
         block.replaceSubrange(offset..<(offset + length), with: Array(padded.utf8) + [0])
@@ -199,17 +241,20 @@ struct TarHeader {
 }
 
 /// pax extended header records (`LEN key=value\n`), in their order.
-struct PaxRecords {
-    var records: [(key: String, value: [UInt8])] = []
+package struct PaxRecords {
+    package var records: [(key: String, value: [UInt8])] = []
 
-    init() {}
+    package init() {}
 
-    init(parsing data: [UInt8]) throws(VirtError) {
+    package init(parsing data: [UInt8]) throws(VirtError) {
         var index = 0
         while index < data.count {
-            guard let space = data[index...].firstIndex(of: 0x20),
-                let length = Int(String(decoding: data[index..<space], as: UTF8.self)), length > 0,
-                index + length <= data.count
+            // A record is `LEN key=value\n` and LEN counts all of it: anything shorter than its
+            // own prefix, longer than what is left, or not ending in a newline is malformed.
+            guard let space = data[index...].prefix(20).firstIndex(of: 0x20),
+                let length = Int(String(decoding: data[index..<space], as: UTF8.self)),
+                length > space - index + 2, length <= data.count - index,
+                data[index + length - 1] == 0x0A
             else { throw VirtError(.io, "a pax extended header is malformed") }
             let record = data[(space + 1)..<(index + length - 1)]
             guard let equals = record.firstIndex(of: 0x3D) else {
@@ -220,7 +265,7 @@ struct PaxRecords {
         }
     }
 
-    subscript(key: String) -> String? {
+    package subscript(key: String) -> String? {
         get { records.last { $0.key == key }.map { String(decoding: $0.value, as: UTF8.self) } }
         set {
             records.removeAll { $0.key == key }
@@ -228,9 +273,9 @@ struct PaxRecords {
         }
     }
 
-    var isEmpty: Bool { records.isEmpty }
+    package var isEmpty: Bool { records.isEmpty }
 
-    func encoded() -> [UInt8] {
+    package func encoded() -> [UInt8] {
         var data: [UInt8] = []
         for (key, value) in records {
             let body = 1 + key.utf8.count + 1 + value.count + 1  // " key=value\n"
@@ -244,13 +289,13 @@ struct PaxRecords {
 
 /// What a tar writer needs to add members of its own.
 extension BlockWriter {
-    func writeMember(_ header: TarHeader, data: [UInt8] = []) throws(VirtError) {
+    package func writeMember(_ header: TarHeader, data: [UInt8] = []) throws(VirtError) {
         try write(header.block)
         try write(data)
         try write([UInt8](repeating: 0, count: (512 - data.count % 512) % 512))
     }
 
-    func writePax(_ records: PaxRecords, mtime: Int) throws(VirtError) {
+    package func writePax(_ records: PaxRecords, mtime: Int) throws(VirtError) {
         let data = records.encoded()
         // The member's own name is in the records; this one is only what old tars extract.
         try writeMember(

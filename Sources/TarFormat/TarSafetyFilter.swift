@@ -1,0 +1,158 @@
+import VirtCore
+
+/// Stands between a tar stream that a testbed wrote and the host's `tar --extract`, which runs
+/// as the server's user (often root): only what is safe for that user to create on the host
+/// goes on.
+///
+/// The testbed is not trusted (a test runs as root there and can replace its `tar`), so a
+/// `copyup` of a directory must not plant setuid programs, device nodes or FIFOs on the host.
+/// What passes:
+/// - regular files, directories, symbolic and hard links, with their mode cut to the
+///   permission bits (no setuid, setgid or sticky bit);
+/// - their pax records and GNU long names, except a pax `size`, which goes into the header.
+///
+/// What is left out, with its data: device nodes, FIFOs, pax global headers, sparse and
+/// multi-volume members and any type tar knows no meaning for here. Each is named in
+/// ``Outcome/leftOut``.
+///
+/// The output is re-framed rather than copied: every member's header says exactly how much
+/// data follows it, and members without data have size 0, so the host's tar reads the members
+/// this filter checked and nothing else, whatever the input's framing tricks (a pax `size` on a
+/// directory, padding that is not zeros).
+package struct TarSafetyFilter {
+    /// What the filter left out: one entry per member, "NAME (what it was)".
+    package struct Outcome: Sendable, Equatable {
+        package var leftOut: [String] = []
+        package var members = 0
+    }
+
+    /// A pax header or GNU long name larger than this is not metadata.
+    package static let metadataLimit = 1 << 20
+
+    package init() {}
+
+    package func filter(_ reader: BlockReader, into writer: BlockWriter) throws(VirtError) -> Outcome {
+        var outcome = Outcome()
+        var pax = PaxRecords()
+        var longName: [UInt8]?
+        var longLink: [UInt8]?
+        while true {
+            let block = try reader.read(512)
+            guard block.count == 512 else {
+                throw VirtError(.io, "\(reader.path) ends without the end-of-archive blocks")
+            }
+            var header = TarHeader(block: block)
+            if header.isZero {
+                try writer.write([UInt8](repeating: 0, count: 1024))
+                try writer.flush()
+                return outcome
+            }
+            guard header.checksumIsValid else {
+                throw VirtError(.io, "\(reader.path) is not a valid tar archive (bad header checksum)")
+            }
+            let size = try header.size()
+            switch header.type {
+            case UInt8(ascii: "x"):
+                // Later records win, as in tar; values stay bytes (a path need not be UTF-8).
+                for record in try PaxRecords(parsing: try metadata(reader, size)).records {
+                    pax.records.removeAll { $0.key == record.key }
+                    pax.records.append(record)
+                }
+                continue
+            case UInt8(ascii: "L"):
+                longName = try metadata(reader, size)
+                continue
+            case UInt8(ascii: "K"):
+                longLink = try metadata(reader, size)
+                continue
+            default:
+                break
+            }
+
+            var dataSize = size
+            if let text = pax["size"] {
+                guard let value = Int(text), value >= 0 else {
+                    throw VirtError(.io, "\(reader.path): a pax size record is not a size: \(text)")
+                }
+                dataSize = value
+            }
+            guard dataSize < 1 << 60 else {
+                throw VirtError(.io, "\(reader.path): a member of \(dataSize) bytes is no file a testbed has")
+            }
+            let name =
+                pax["path"] ?? longName.map { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                ?? header.fullName
+            let kind = Self.kind(of: header.type)
+            let sparse = pax.records.contains { $0.key.hasPrefix("GNU.sparse.") }
+            if case .leftOut(let what) = kind {
+                outcome.leftOut.append("\(name) (\(what))")
+                try skip(reader, dataSize)
+            } else if sparse {
+                outcome.leftOut.append("\(name) (a sparse file)")
+                try skip(reader, dataSize)
+            } else {
+                outcome.members += 1
+                var records = pax
+                records["size"] = nil
+                if !records.isEmpty { try writer.writePax(records, mtime: 0) }
+                if let longLink { try writer.writeMember(Self.longHeader(UInt8(ascii: "K"), longLink), data: longLink) }
+                if let longName { try writer.writeMember(Self.longHeader(UInt8(ascii: "L"), longName), data: longName) }
+                let hasData = kind == .regular
+                header.setOctal(100, 8, header.mode & 0o777)
+                header.setSize(hasData ? dataSize : 0)
+                header.updateChecksum()
+                try writer.write(header.block)
+                if hasData {
+                    try reader.stream(dataSize) { (piece) throws(VirtError) in try writer.write(piece) }
+                    _ = try reader.read(Self.padding(dataSize))
+                    try writer.write([UInt8](repeating: 0, count: Self.padding(dataSize)))
+                } else {
+                    try skip(reader, dataSize)
+                }
+            }
+            pax = PaxRecords()
+            longName = nil
+            longLink = nil
+        }
+    }
+
+    enum Kind: Equatable {
+        case regular
+        case withoutData
+        case leftOut(String)
+    }
+
+    static func kind(of type: UInt8) -> Kind {
+        switch type {
+        case 0, UInt8(ascii: "0"), UInt8(ascii: "7"): .regular
+        case UInt8(ascii: "1"), UInt8(ascii: "2"), UInt8(ascii: "5"): .withoutData
+        case UInt8(ascii: "3"): .leftOut("a character device")
+        case UInt8(ascii: "4"): .leftOut("a block device")
+        case UInt8(ascii: "6"): .leftOut("a FIFO")
+        case UInt8(ascii: "g"): .leftOut("a pax global header")
+        case UInt8(ascii: "S"): .leftOut("a GNU sparse file")
+        case UInt8(ascii: "M"), UInt8(ascii: "V"): .leftOut("a multi-volume header")
+        default: .leftOut("a member of tar type \(String(decoding: [type], as: UTF8.self).debugDescription)")
+        }
+    }
+
+    static func padding(_ size: Int) -> Int { (512 - size % 512) % 512 }
+
+    static func longHeader(_ type: UInt8, _ data: [UInt8]) -> TarHeader {
+        TarHeader(name: "././@LongLink", type: type, mode: 0, size: data.count, mtime: 0)
+    }
+
+    private func metadata(_ reader: BlockReader, _ size: Int) throws(VirtError) -> [UInt8] {
+        guard size <= Self.metadataLimit else {
+            throw VirtError(.io, "\(reader.path): a tar metadata member of \(size) bytes is not metadata")
+        }
+        let data = try reader.read(size)
+        guard data.count == size else { throw VirtError(.io, "\(reader.path) ends in the middle of a member") }
+        try skip(reader, 0, padding: Self.padding(size))
+        return data
+    }
+
+    private func skip(_ reader: BlockReader, _ size: Int, padding: Int? = nil) throws(VirtError) {
+        try reader.stream(size + (padding ?? Self.padding(size))) { _ in }
+    }
+}
