@@ -191,9 +191,11 @@ public enum CommandEnd: Sendable, Equatable {
         let text = String(decoding: payload, as: UTF8.self)
         let parts = text.split(separator: " ", maxSplits: 1)
         let value = parts.count == 2 ? Int32(parts[1]) : nil
+        // The guest end is not trusted: a code past 255 would wrap (256 exits 0) and a signal
+        // past 64 (SIGRTMAX) is none, and a large one would overflow 128+N.
         switch (parts.first, value) {
-        case ("code", let code?): self = .exited(code)
-        case ("signal", let signal?): self = .signaled(signal)
+        case ("code", let code?) where (0...255).contains(code): self = .exited(code)
+        case ("signal", let signal?) where (1...64).contains(signal): self = .signaled(signal)
         case ("error", _) where parts.count == 2: self = .failed(String(parts[1]))
         default: self = .failed("unreadable exit report: \(text)")
         }

@@ -123,14 +123,22 @@ public enum CopyPlumbing {
     static func copyFileUp(_ request: CopyRequest, _ testbed: InTestbed) async throws(VirtError) {
         // A copy that fails (no such file in the testbed, a testbed gone) must leave the
         // destination as it was: the data goes to a new file beside it, renamed over it once
-        // whole. Only what is not a plain file (a device, a FIFO, a symbolic link) is written
-        // in place, as it cannot be replaced without changing what it is.
+        // whole, with the mode of the file it replaces. Only a device or a FIFO the client named
+        // (`/dev/null`) is written in place, as it cannot be replaced without changing what it
+        // is. A symbolic link is replaced, never written through: one that an earlier copyup of
+        // a directory brought from the testbed could point anywhere on the host.
         var existing = stat()
-        let inPlace = lstat(request.hostPath, &existing) == 0 && (existing.st_mode & S_IFMT) != S_IFREG
+        let found = lstat(request.hostPath, &existing) == 0
+        let type = existing.st_mode & S_IFMT
+        let inPlace = found && (type == S_IFCHR || type == S_IFBLK || type == S_IFIFO)
         let (fd, target) =
             inPlace
-            ? (try openHost(request.hostPath, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o666), request.hostPath)
+            ? (
+                try openHost(request.hostPath, flags: O_WRONLY | O_TRUNC | O_NOFOLLOW, mode: 0o666),
+                request.hostPath
+            )
             : try createBeside(request.hostPath)
+        if found && type == S_IFREG { fchmod(fd, existing.st_mode & 0o777) }
         let discard = { if !inPlace { unlink(target) } }
         let result: CommandResult
         do {

@@ -279,6 +279,20 @@ struct AuxverbTests {
     }
 }
 
+@Suite("Exit reports from the guest")
+struct CommandEndTests {
+    @Test(
+        "an exit report out of range is a failure (255), never a wrapped status or a crash",
+        arguments: [
+            ("code 0", Int32(0)), ("code 255", 253), ("code 256", 255), ("code -1", 255),
+            ("code 2147483647", 255), ("signal 9", 137), ("signal 127", 255), ("signal 2147483647", 255),
+            ("signal 0", 255), ("signal -128", 255), ("code 99999999999", 255),
+        ])
+    func clamps(_ payload: String, _ status: Int32) {
+        #expect(CommandEnd(payload: Array(payload.utf8)).auxverbStatus == status, "\(payload)")
+    }
+}
+
 @Suite("Guest helper script")
 struct GuestHelperScriptTests {
     @Test("the helper imports only modules that Debian's python3-minimal ships")

@@ -272,6 +272,30 @@ struct TestbedCoreTests {
         }
     }
 
+    @Test("a file copy up replaces a symbolic link at the destination, never writes through it; a file keeps its mode")
+    func copyUpReplacesLinks() async throws {
+        try await withTestbed { controller, scratch, host in
+            try write("\(host)/outside", "host data", mode: 0o644)
+            #expect(symlink("\(host)/outside", "\(host)/link") == 0)
+            try write("\(scratch)/new", "from the testbed")
+            #expect(
+                try await controller.copy(
+                    .init(direction: .up, hostPath: "\(host)/link", testbedPath: "\(scratch)/new", isDirectory: false))
+                    == .copied)
+            #expect(try String(contentsOfFile: "\(host)/outside", encoding: .utf8) == "host data")
+            var info = stat()
+            #expect(lstat("\(host)/link", &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG, "the link is still there")
+            #expect(try String(contentsOfFile: "\(host)/link", encoding: .utf8) == "from the testbed")
+
+            try write("\(host)/private", "secret", mode: 0o600)
+            #expect(
+                try await controller.copy(
+                    .init(direction: .up, hostPath: "\(host)/private", testbedPath: "\(scratch)/new", isDirectory: false))
+                    == .copied)
+            #expect(mode("\(host)/private") == 0o600, "the replaced file's mode was lost")
+        }
+    }
+
     @Test("copy requests follow the protocol's rules on empty paths and trailing slashes")
     func copyRequestRules() throws {
         #expect(throws: VirtError.self) { try CopyRequest.fromProtocol(.down, source: "", destination: "/x") }
