@@ -262,7 +262,9 @@ public struct ImageCache: Sendable {
         }
         var keys = Set<String>()
         for name in names {
-            if let dot = name.firstIndex(of: "."), Self.isDigest(String(name[..<dot])) {
+            if let dot = name.firstIndex(of: "."), Self.isDigest(String(name[..<dot])),
+                Entry(directory: directory, key: String(name[..<dot])).owns(name)
+            {
                 keys.insert(String(name[..<dot]))
             }
         }
@@ -270,7 +272,7 @@ public struct ImageCache: Sendable {
         var total: Int64 = 0
         for key in keys {
             let entry = Entry(directory: directory, key: key)
-            let bytes = names.filter { $0.hasPrefix(key + ".") }
+            let bytes = names.filter { entry.owns($0) }
                 .compactMap { CacheFiles.status("\(directory)/\($0)") }
                 .reduce(Int64(0)) { $0 + CacheFiles.diskUsage($1) }
             total += bytes
@@ -291,7 +293,7 @@ public struct ImageCache: Sendable {
                 continue
             }
             let removing = (try? CacheFiles.names(in: directory)) ?? []
-            for name in removing where name.hasPrefix(candidate.key + ".") && name != "\(candidate.key).lock" {
+            for name in removing where entry.owns(name) {
                 CacheFiles.remove("\(directory)/\(name)")
             }
             lock.removeAndRelease()
@@ -338,6 +340,12 @@ struct Entry {
     var lock: String { "\(directory)/\(key).lock" }
     /// Downloads in progress, and the digest file while it is rewritten, have names starting so.
     var temporaryPrefix: String { "\(directory)/\(key).tmp." }
+
+    /// Whether `name` (in the cache directory) is one of this entry's own files, the lock
+    /// aside: eviction removes only those, whatever else someone put beside them.
+    func owns(_ name: String) -> Bool {
+        name == "\(key).image" || name == "\(key).sha256" || name.hasPrefix("\(key).tmp.")
+    }
 
     func isTemporary(_ name: String) -> Bool {
         name.hasPrefix(key + ".") && name.contains(".tmp.")

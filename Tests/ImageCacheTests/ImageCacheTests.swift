@@ -240,6 +240,9 @@ struct ImageCacheTests {
             let a = try await fetch("a")
             let b = try await fetch("b")
             #expect(try await fetch("a") == a, "a is now more recently used than b")
+            // Someone else's file named like b's entry: not the cache's to remove.
+            let foreign = String(b.dropLast(".image".count)) + ".notes"
+            #expect(FileManager.default.createFile(atPath: foreign, contents: Data("mine".utf8)))
             let c = try await fetch("c")
             #expect(FileManager.default.fileExists(atPath: a))
             #expect(!FileManager.default.fileExists(atPath: b), "b was the least recently used")
@@ -247,7 +250,9 @@ struct ImageCacheTests {
             #expect(TestPaths.contents(of: cache.directory).filter { $0.hasSuffix(".image") }.count == 2)
             let bKey = String(b.split(separator: "/").last?.dropLast(".image".count) ?? "")
             #expect(!bKey.isEmpty)
-            #expect(!TestPaths.contents(of: cache.directory).contains { $0.hasPrefix(bKey) }, "b's lock file goes too")
+            #expect(
+                TestPaths.contents(of: cache.directory).filter { $0.hasPrefix(bKey) } == ["\(bKey).notes"],
+                "b's lock file goes too, a file not the cache's stays")
             #expect(server.requests("a.img") == 1)
         }
     }
