@@ -4,18 +4,22 @@ import VirtCore
 
 /// `debusine-virt-incus gc`: deletes the instances whose server died.
 ///
-/// An instance is collected when its labels name this host and its owner process is gone (or
-/// is another process under a recycled pid). Instances of other hosts and instances without
-/// our labels are never touched.
+/// An instance is collected when its labels name this host (and this machine id, when it has
+/// one) and its owner process is gone (or is another process under a recycled pid). Instances
+/// of other machines, of live processes that /proc hides, and without our labels are never
+/// touched.
 public struct IncusGarbageCollector: Sendable {
     public let cli: IncusCLI
     let runner: any CommandRunner
-    let host: String
+    /// This machine, as owners name it (its pid and start time are not used).
+    let machine: InstanceOwner
 
     public init(cli: IncusCLI = IncusCLI(), runner: any CommandRunner = SubprocessRunner(), host: String? = nil) {
         self.cli = cli
         self.runner = runner
-        self.host = host ?? InstanceOwner.hostName()
+        let current = InstanceOwner.current()
+        machine = InstanceOwner(
+            host: host ?? current.host, machineID: current.machineID, pid: 0, startTime: "")
     }
 
     /// The instances on the remote that belong to dead servers of this host.
@@ -25,7 +29,7 @@ public struct IncusGarbageCollector: Sendable {
         guard result.status.succeeded else { throw IncusErrors.describe(command, result) }
         return try Self.parse(result.standardOutput).compactMap { name, configuration in
             guard name.hasPrefix(InstanceName.prefix), let owner = InstanceOwner(configuration: configuration),
-                owner.host == host, !owner.isAlive
+                owner.isOnSameMachine(as: machine), !owner.isAlive
             else { return nil }
             return (name, owner)
         }

@@ -8,8 +8,9 @@ import VirtCore
 
 /// Who launched an instance: the labels `open` puts on it and `gc` reads back.
 ///
-/// A process is identified by host name, pid and the pid's start time (so a recycled pid is not
-/// mistaken for a live owner).
+/// A process is identified by host name and machine id (containers and cloned hosts share host
+/// names, and workers on one remote may be such), pid and the pid's start time (so a recycled
+/// pid is not mistaken for a live owner).
 public struct InstanceOwner: Sendable, Equatable {
     /// What every label's key starts with.
     public static let labelPrefix = "user.debusine-virt."
@@ -17,14 +18,18 @@ public struct InstanceOwner: Sendable, Equatable {
     public static let pidKey = "user.debusine-virt.pid"
     public static let startKey = "user.debusine-virt.pid-start"
     public static let launchedKey = "user.debusine-virt.launched"
+    public static let machineKey = "user.debusine-virt.machine-id"
 
     public var host: String
+    /// /etc/machine-id; empty when the host has none (or the instance predates the label).
+    public var machineID: String
     public var pid: Int32
     /// Field 22 of /proc/PID/stat: clock ticks after the host's boot.
     public var startTime: String
 
-    public init(host: String, pid: Int32, startTime: String) {
+    public init(host: String, machineID: String = "", pid: Int32, startTime: String) {
         self.host = host
+        self.machineID = machineID
         self.pid = pid
         self.startTime = startTime
     }
@@ -32,14 +37,14 @@ public struct InstanceOwner: Sendable, Equatable {
     /// This process.
     public static func current() -> InstanceOwner {
         let pid = getpid()
-        return InstanceOwner(host: hostName(), pid: pid, startTime: startTime(of: pid) ?? "")
+        return InstanceOwner(host: hostName(), machineID: machineID(), pid: pid, startTime: startTime(of: pid) ?? "")
     }
 
     /// The labels, as `incus launch --config` pairs.
     public func labels(launched: Int = Int(time(nil))) -> [(key: String, value: String)] {
         [
-            (Self.hostKey, host), (Self.pidKey, String(pid)), (Self.startKey, startTime),
-            (Self.launchedKey, String(launched)),
+            (Self.hostKey, host), (Self.machineKey, machineID), (Self.pidKey, String(pid)),
+            (Self.startKey, startTime), (Self.launchedKey, String(launched)),
         ]
     }
 
@@ -48,13 +53,35 @@ public struct InstanceOwner: Sendable, Equatable {
         guard let host = configuration[Self.hostKey], let pidText = configuration[Self.pidKey],
             let pid = Int32(pidText), let start = configuration[Self.startKey]
         else { return nil }
-        self.init(host: host, pid: pid, startTime: start)
+        self.init(host: host, machineID: configuration[Self.machineKey] ?? "", pid: pid, startTime: start)
     }
 
-    /// Whether the owning process still runs. Only answerable on the owner's own host.
+    /// Whether this owner ran on the machine `other` describes: the same host name, and the same
+    /// machine id when both know theirs.
+    public func isOnSameMachine(as other: InstanceOwner) -> Bool {
+        host == other.host && (machineID.isEmpty || other.machineID.isEmpty || machineID == other.machineID)
+    }
+
+    /// Whether the owning process still runs. Only answerable on the owner's own machine.
+    ///
+    /// When /proc does not show the pid (mounted with hidepid, another user's process), the
+    /// kernel still says whether it exists: EPERM from `kill(pid, 0)` is a live process that
+    /// is not ours to signal, and counts as the owner, as its start time cannot be read.
     public var isAlive: Bool {
-        guard let start = Self.startTime(of: pid) else { return false }
-        return startTime.isEmpty || start == startTime
+        guard pid > 0 else { return false }
+        if let start = Self.startTime(of: pid) {
+            return startTime.isEmpty || start == startTime
+        }
+        return kill(pid, 0) == 0 || errno == EPERM
+    }
+
+    /// This machine's id (/etc/machine-id, else D-Bus's copy), or "" without one.
+    public static func machineID() -> String {
+        for path in ["/etc/machine-id", "/var/lib/dbus/machine-id"] {
+            let text = String((readSmallFile(path) ?? "").filter { !$0.isWhitespace })
+            if text.count == 32 && text.allSatisfy(\.isHexDigit) { return text }
+        }
+        return ""
     }
 
     public static func hostName() -> String {

@@ -1,5 +1,6 @@
 import CommandRunner
 import Foundation
+import IncusBackend
 import Testing
 import VirtCore
 import VirtTestSupport
@@ -158,6 +159,62 @@ struct FakeIncusTests {
         let stderr = fake.server.standardError
         #expect(stderr.contains("incusd is not running"), "\(stderr)")
         #expect(stderr.contains("debusine-virt-incus gc"), "the leftover instance is reported: \(stderr)")
+    }
+
+    /// With /proc mounted hidepid=2, a worker's gc cannot see another user's server, and must
+    /// not take it for dead; an instance of another machine that shares the host name is not
+    /// this gc's either (issue 14, item 10).
+    @Test(
+        "gc run by a user /proc hides others from deletes only instances of dead servers on this machine",
+        .enabled(if: getuid() == 0, "needs root to mount a proc with hidepid and to run as another user"))
+    func gcSparesHiddenAndForeignOwners() async throws {
+        let state = try TestPaths.makeTemporaryDirectory("dv-fake-incus.")
+        defer { TestPaths.removeTree(state) }
+        #expect(chmod(state, 0o777) == 0)
+        let bin = state + "/bin"
+        try FileManager.default.createDirectory(atPath: bin, withIntermediateDirectories: false)
+        try FileManager.default.createSymbolicLink(
+            atPath: bin + "/incus",
+            withDestinationPath: "\(TestPaths.repositoryRoot)/Tests/IncusBackendTests/Fixtures/fake-incus")
+
+        // The live owner gc cannot see: a process of a user other than the one gc runs as.
+        let sleeper = try ServerProcess([
+            "/usr/bin/setpriv", "--reuid=4242", "--regid=4242", "--clear-groups", "/bin/sleep", "600",
+        ])
+        defer { sleeper.signal(SIGKILL) }
+        let start = try #require(InstanceOwner.startTime(of: sleeper.pid))
+        let exited = try ServerProcess(["/bin/true"])
+        #expect(try await exited.wait() == .exited(0))
+        let me = InstanceOwner.current()
+        try #require(!me.machineID.isEmpty, "this machine has no /etc/machine-id")
+        let owners: [(String, InstanceOwner)] = [
+            ("debusine-virt-live", InstanceOwner(host: me.host, machineID: me.machineID, pid: sleeper.pid, startTime: start)),
+            ("debusine-virt-dead", InstanceOwner(host: me.host, machineID: me.machineID, pid: exited.pid, startTime: "1")),
+            (
+                "debusine-virt-elsewhere",
+                InstanceOwner(host: me.host, machineID: String(repeating: "0", count: 32), pid: exited.pid, startTime: "1")
+            ),
+        ]
+        let listing = owners.map { name, owner -> [String: Any] in
+            ["name": name, "config": Dictionary(uniqueKeysWithValues: owner.labels().map { ($0.key, $0.value) })]
+        }
+        try JSONSerialization.data(withJSONObject: listing).write(to: URL(fileURLWithPath: state + "/list.json"))
+        for (name, _) in owners { FileManager.default.createFile(atPath: "\(state)/instance.\(name)", contents: nil) }
+
+        let path = "\(bin):\(ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin")"
+        let gc = try await SubprocessRunner().run(
+            Command(
+                "unshare",
+                [
+                    "--mount", "--fork", "sh", "-c",
+                    #"mount -t proc -o hidepid=2 proc /proc && exec setpriv --reuid=65534 --regid=65534 --clear-groups "$@""#,
+                    "sh", "env", "PATH=\(path)", "HOME=\(state)", "FAKE_INCUS_STATE=\(state)",
+                    TestPaths.executable("debusine-virt-incus"), "gc",
+                ]))
+        #expect(gc.status == .exited(0), "\(gc.errorText)")
+        let calls = ((try? String(contentsOfFile: state + "/calls", encoding: .utf8)) ?? "").split(separator: "\n")
+        let deletes = calls.filter { $0.hasPrefix("delete ") }
+        #expect(deletes == ["delete debusine-virt-dead --force"], "\(calls)\n\(gc.outputText)\(gc.errorText)")
     }
 
     @Test("a missing image or profile is an error before the banner that says what to do")
