@@ -60,18 +60,21 @@ struct RootfsRewriter {
             var size = try header.size()
             switch header.type {
             case UInt8(ascii: "x"):
-                pax = try PaxRecords(parsing: reader.read(size))
-                try reader.skipPadding(size)
+                pax = try Self.records(try metadata(reader, size), in: reader.path)
                 continue
             case UInt8(ascii: "L"), UInt8(ascii: "K"):
-                let data = try reader.read(size)
-                try reader.skipPadding(size)
+                let data = try metadata(reader, size)
                 let text = String(decoding: data.prefix { $0 != 0 }, as: UTF8.self)
                 if header.type == UInt8(ascii: "L") { longName = text } else { longLink = text }
                 continue
             case UInt8(ascii: "g"):
-                try writer.writeMember(header, data: try reader.read(size))
-                try reader.skipPadding(size)
+                let data = try metadata(reader, size)
+                // A global path or linkpath would rename every member after it, past the checks.
+                let global = try Self.records(data, in: reader.path)
+                if global["path"] != nil || global["linkpath"] != nil {
+                    throw VirtError(.badImage, "\(reader.path) has a pax global header that sets every member's path")
+                }
+                try writer.writeMember(header, data: data)
                 continue
             case UInt8(ascii: "S"), UInt8(ascii: "M"), UInt8(ascii: "V"):
                 throw VirtError(.io, "\(reader.path) holds GNU sparse or multi-volume members, which are not supported")
@@ -82,6 +85,7 @@ struct RootfsRewriter {
             let name = Self.relative(pax["path"] ?? longName ?? header.fullName)
             let isHardLink = header.type == UInt8(ascii: "1")
             let link = pax["linkpath"] ?? longLink ?? header.linkName
+            try Self.check(name: name, link: link, type: header.type, in: reader.path)
             let newName = Self.prefix + name
             let newLink = isHardLink ? Self.prefix + Self.relative(link) : link
             findings.members += 1
@@ -125,6 +129,55 @@ struct RootfsRewriter {
             longLink = nil
         }
         return findings
+    }
+}
+
+extension RootfsRewriter {
+    /// A pax header or GNU long name larger than this is not metadata.
+    static let metadataLimit = 1 << 20
+
+    /// pax records; malformed ones make the archive a bad image.
+    static func records(_ data: [UInt8], in path: String) throws(VirtError) -> PaxRecords {
+        do {
+            return try PaxRecords(parsing: data)
+        } catch {
+            throw VirtError(.badImage, "\(path): \(error.message)")
+        }
+    }
+
+    func metadata(_ reader: BlockReader, _ size: Int) throws(VirtError) -> [UInt8] {
+        guard size <= Self.metadataLimit else {
+            throw VirtError(.badImage, "\(reader.path) has a tar metadata member of \(size) bytes")
+        }
+        let data = try reader.read(size)
+        guard data.count == size else { throw VirtError(.io, "\(reader.path) ends in the middle of a member") }
+        try reader.skipPadding(size)
+        return data
+    }
+
+    /// Refuses what no root file system holds and what would reach outside it wherever the
+    /// archive is unpacked: a `..` in a member's name or a hard link's target, and an absolute
+    /// symbolic link target that climbs above `/`. Relative symbolic links with more `..` than
+    /// their depth are left alone: real packages ship them (lintian's
+    /// symlink-has-too-many-up-segments), and they resolve to `/` inside the container.
+    static func check(name: String, link: String, type: UInt8, in path: String) throws(VirtError) {
+        func hasParent(_ text: String) -> Bool { text.split(separator: "/").contains("..") }
+        if hasParent(name) {
+            throw VirtError(.badImage, "\(path) has a member whose name has a `..` component: \(name)")
+        }
+        if type == UInt8(ascii: "1") && hasParent(link) {
+            throw VirtError(.badImage, "\(path) has a hard link to a path with a `..` component: \(name) -> \(link)")
+        }
+        if type == UInt8(ascii: "2") && link.hasPrefix("/") {
+            var depth = 0
+            for component in link.split(separator: "/") where component != "." {
+                depth += component == ".." ? -1 : 1
+                if depth < 0 {
+                    throw VirtError(
+                        .badImage, "\(path) has a symbolic link whose target climbs above /: \(name) -> \(link)")
+                }
+            }
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 import CommandRunner
 import Foundation
+import TarFormat
 import Testing
 import VirtCore
 import VirtTestSupport
@@ -199,8 +200,10 @@ extension FaultSuite {
             ) { work in "the image file://\(work)/hostile.qcow2 has a backing file (\(work)/host-secret)" }
         }
 
-        /// `debusine-virt-incus import --vm FILE` in a private TMPDIR: refused, and no alias made.
-        func importRefuses(_ fault: String, image: (String) async throws -> String, saying words: String) async throws {
+        /// `debusine-virt-incus import [--vm] FILE` in a private TMPDIR: refused, and no alias made.
+        func importRefuses(
+            _ fault: String, vm: Bool = true, image: (String) async throws -> String, saying words: String
+        ) async throws {
             try await faultCase("incus", fault, expected: "import refused, exit 65, no alias, nothing left") { checks in
                 let work = try TestPaths.makeTemporaryDirectory("dv-image.")
                 defer { TestPaths.removeTree(work) }
@@ -209,7 +212,8 @@ extension FaultSuite {
                 let file = try await image(work)
                 let id = "hostile-\(getpid())"
                 let refusal = try await Refusal.run(
-                    [TestPaths.executable("debusine-virt-incus"), "import", "--artifact-id", id, "--vm", file],
+                    [TestPaths.executable("debusine-virt-incus"), "import", "--artifact-id", id]
+                        + (vm ? ["--vm"] : []) + [file],
                     parent: parent)
                 refusal.expectRefused(checks, saying: words)
                 let alias = try await runner.run(Command("incus", ["image", "info", "artifact/\(id)"]))
@@ -237,6 +241,39 @@ extension FaultSuite {
                             ["--create", "--file", "\(work)/image.tar", "--directory", "\(work)/member", "disk.img"]))
                     return "\(work)/image.tar"
                 }, saying: "is a symbolic link (to /etc/shadow), not a regular file")
+        }
+
+        /// Issue 14 item 5: a system tarball is data from an artifact store.
+        @Test(
+            "import refuses a system tarball with a `..` member or a link above /, and a malformed pax record",
+            .enabled(if: Backend.incusEnabled),
+            arguments: [
+                ("a member named ./../../etc/cron.d/x", "parent", "`..` component"),
+                ("a symbolic link to /../../etc/shadow", "link", "climbs above /"),
+                ("a pax record `1 x`", "pax", "malformed"),
+            ])
+        func importHostileTarball(_ fault: String, _ kind: String, _ words: String) async throws {
+            try await importRefuses(
+                "import: a system tarball with \(fault)", vm: false,
+                image: { work in
+                    let path = "\(work)/rootfs.tar"
+                    let writer = try BlockWriter(path: path)
+                    func member(_ name: String, _ type: UInt8, link: String = "", data: [UInt8] = []) throws {
+                        try writer.writeMember(
+                            TarHeader(name: name, type: type, mode: 0o755, size: data.count, linkName: link, mtime: 0),
+                            data: data)
+                    }
+                    try member("./sbin/init", UInt8(ascii: "0"), data: Array("#!/bin/sh\n".utf8))
+                    switch kind {
+                    case "parent": try member("./../../etc/cron.d/x", UInt8(ascii: "0"), data: Array("x".utf8))
+                    case "link": try member("./escape", UInt8(ascii: "2"), link: "/../../etc/shadow")
+                    default: try member("PaxHeaders/x", UInt8(ascii: "x"), data: Array("1 x".utf8))
+                    }
+                    try member("./etc/os-release", UInt8(ascii: "0"), data: Array("ID=debian\n".utf8))
+                    try writer.write([UInt8](repeating: 0, count: 1024))
+                    try writer.flush()
+                    return path
+                }, saying: words)
         }
 
         @Test("import --vm refuses a qcow2 with a backing file", .enabled(if: Backend.incusEnabled))

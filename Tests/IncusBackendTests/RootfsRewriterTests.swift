@@ -101,4 +101,61 @@ struct RootfsRewriterTests {
             try rewriter.rewrite(try BlockReader(path: garbage), into: try BlockWriter(path: "\(work)/out2.tar"))
         }
     }
+
+    /// An archive of hand-made members, as a hostile tarball is made.
+    func forged(_ path: String, _ members: [(TarHeader, [UInt8])]) throws {
+        let writer = try BlockWriter(path: path)
+        for (header, data) in members { try writer.writeMember(header, data: data) }
+        try writer.write([UInt8](repeating: 0, count: 1024))
+        try writer.flush()
+    }
+
+    func member(_ name: String, _ type: Character = "0", link: String = "", data: [UInt8] = []) -> (TarHeader, [UInt8]) {
+        (
+            TarHeader(
+                name: name, type: UInt8(ascii: type.unicodeScalars.first ?? "0"), mode: 0o644, size: data.count,
+                linkName: link, mtime: 0), data
+        )
+    }
+
+    @Test("hostile members are refused as a bad image: `..` in names and hard links, links above /, global paths, huge metadata")
+    func refusesHostileMembers() throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-tar.")
+        defer { TestPaths.removeTree(work) }
+        var globalPath = PaxRecords()
+        globalPath["path"] = "etc/shadow"
+        let global = globalPath.encoded()
+        var hugeName = member("././@LongLink", "L")
+        hugeName.0.setSize(RootfsRewriter.metadataLimit + 1)
+        hugeName.0.updateChecksum()
+        let cases: [(String, [(TarHeader, [UInt8])], String)] = [
+            ("parent", [member("./../etc/cron.d/x")], "`..` component"),
+            ("hard link", [member("./a", "1", link: "./../../etc/shadow")], "hard link"),
+            ("absolute link", [member("./a", "2", link: "/../../etc/shadow")], "climbs above /"),
+            ("global path", [(TarHeader(name: "g", type: UInt8(ascii: "g"), mode: 0, size: global.count, mtime: 0), global)], "global header"),
+            ("huge name", [hugeName], "metadata member"),
+        ]
+        let rewriter = RootfsRewriter(watchedPaths: [], capturedFiles: [])
+        for (name, members, words) in cases {
+            try forged("\(work)/\(name).tar", members + [member("./sbin/init")])
+            do {
+                _ = try rewriter.rewrite(
+                    try BlockReader(path: "\(work)/\(name).tar"), into: try BlockWriter(path: "\(work)/\(name).out"))
+                Issue.record("\(name): accepted")
+            } catch {
+                #expect(error.code == .badImage, "\(name): \(error)")
+                #expect(error.message.contains(words), "\(name): \(error.message)")
+            }
+        }
+        // What real packages ship: relative links with more `..` than their depth, absolute
+        // links, names with dots.
+        try forged(
+            "\(work)/fine.tar",
+            [
+                member("./usr/share/doc/a", "2", link: "../../../../../usr/share/doc/b"),
+                member("./etc/alternatives/x", "2", link: "/usr/bin/x"), member("./usr/lib/..hidden..", "0"),
+                member("./usr/lib/x", "1", link: "./usr/lib/..hidden.."),
+            ])
+        _ = try rewriter.rewrite(try BlockReader(path: "\(work)/fine.tar"), into: try BlockWriter(path: "\(work)/fine.out"))
+    }
 }
