@@ -176,9 +176,18 @@ struct AuxverbTests {
         try Data(GuestHelperScript.source.utf8).write(to: URL(fileURLWithPath: script))
         let helper = try ServerProcess(["/usr/bin/python3", script, "--listen", port])
         defer { helper.signal(SIGKILL) }
+        // The socket's file appears at bind(), before listen(): until then a connect is refused.
         let deadline = ContinuousClock.now + .seconds(60)
-        while access(port, F_OK) != 0 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
-        let fd = try RawPort.connect(port)
+        var connected: Int32?
+        while connected == nil {
+            do {
+                connected = try RawPort.connect(port)
+            } catch {
+                guard ContinuousClock.now < deadline else { throw error }
+                try await Task.sleep(for: .milliseconds(10))
+            }
+        }
+        let fd = try #require(connected)
         defer { close(fd) }
         // Nothing reads the port for a second: the first command's output fills the helper's
         // queue, so the second command's short output waits there long past the linger.
