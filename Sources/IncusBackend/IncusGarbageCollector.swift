@@ -23,22 +23,23 @@ public struct IncusGarbageCollector: Sendable {
     }
 
     /// The instances on the remote that belong to dead servers of this host.
-    public func orphans() async throws(VirtError) -> [(name: String, owner: InstanceOwner)] {
+    public func orphans(owner only: Int32? = nil) async throws(VirtError) -> [(name: String, owner: InstanceOwner)] {
         let command = cli.list(prefix: InstanceName.prefix)
         let result = try await runner.run(command, input: .none, output: .capture(limit: 64 << 20), error: .capture)
         guard result.status.succeeded else { throw IncusErrors.describe(command, result) }
         return try Self.parse(result.standardOutput).compactMap { name, configuration in
             guard name.hasPrefix(InstanceName.prefix), let owner = InstanceOwner(configuration: configuration),
-                owner.isOnSameMachine(as: machine), !owner.isAlive
+                owner.isOnSameMachine(as: machine), only == nil || owner.pid == only, !owner.isAlive
             else { return nil }
             return (name, owner)
         }
     }
 
     /// Deletes the orphans; returns one line per instance.
-    public func collect() async throws(VirtError) -> [String] {
+    /// With `owner`, only that server's instances (the death watch's run, once it has died).
+    public func collect(owner only: Int32? = nil) async throws(VirtError) -> [String] {
         var report: [String] = []
-        for (name, owner) in try await orphans() {
+        for (name, owner) in try await orphans(owner: only) {
             let command = cli.delete(name)
             var result = try await runner.run(command)
             // A server killed while making an instance leaves incusd making it: the delete is

@@ -66,13 +66,12 @@ public struct InstanceOwner: Sendable, Equatable {
     ///
     /// When /proc does not show the pid (mounted with hidepid, another user's process), the
     /// kernel still says whether it exists: EPERM from `kill(pid, 0)` is a live process that
-    /// is not ours to signal, and counts as the owner, as its start time cannot be read.
+    /// is not ours to signal, and counts as the owner, as its start time cannot be read. A
+    /// zombie has ended.
     public var isAlive: Bool {
-        guard pid > 0 else { return false }
-        if let start = Self.startTime(of: pid) {
-            return startTime.isEmpty || start == startTime
-        }
-        return kill(pid, 0) == 0 || errno == EPERM
+        guard LiveProcess.isRunning(pid) else { return false }
+        guard let start = Self.startTime(of: pid) else { return true }
+        return startTime.isEmpty || start == startTime
     }
 
     /// This machine's id (/etc/machine-id, else D-Bus's copy), or "" without one.

@@ -18,7 +18,8 @@ public enum QemuGarbageCollector {
     static let creationGrace: TimeInterval = 60
 
     /// Collects in `parent` (the servers' $TMPDIR); returns one line per instance removed.
-    public static func collect(parent: String) -> [String] {
+    /// With `owner`, only that server's instances (the death watch's run, once it has died).
+    public static func collect(parent: String, owner only: pid_t? = nil) -> [String] {
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []
         var report: [String] = []
         for name in entries.sorted() where name.hasPrefix("dvq.") {
@@ -28,6 +29,7 @@ public enum QemuGarbageCollector {
                 continue
             }
             let paths = InstancePaths(directory: directory)
+            if let only, readPID(paths.ownerFile) != only { continue }
             if let owner = readPID(paths.ownerFile) {
                 if isAlive(owner, commandContains: "debusine-virt-qemu") { continue }
             } else {
@@ -82,10 +84,7 @@ public enum QemuGarbageCollector {
 
     /// Whether `pid` runs and its command line contains `needle` (zombies count as gone).
     static func isAlive(_ pid: pid_t, commandContains needle: String) -> Bool {
-        guard pid > 0, let status = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else {
-            return false
-        }
-        if let close = status.lastIndex(of: ")"), status[status.index(after: close)...].hasPrefix(" Z") { return false }
+        guard LiveProcess.isRunning(pid) else { return false }
         guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
         let words = data.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
         return words.contains { $0.contains(needle) }

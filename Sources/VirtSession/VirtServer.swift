@@ -22,13 +22,19 @@ public enum VirtServer {
     ///
     /// SIGTERM, SIGINT and SIGHUP at any moment destroy the testbed (concurrently with whatever
     /// the session is doing) and then kill the process with the same signal.
-    public static func serve(_ backend: any Testbed, runner: any CommandRunner = SubprocessRunner()) async -> Never {
+    ///
+    /// With `cleanupAfterDeath`, a ``DeathWatch`` runs this executable with those arguments once
+    /// the process is gone, however it went (SIGKILL cannot be caught).
+    public static func serve(
+        _ backend: any Testbed, runner: any CommandRunner = SubprocessRunner(), cleanupAfterDeath: [String]? = nil
+    ) async -> Never {
         let flags = fcntl(0, F_GETFL)
         if flags >= 0 && flags & O_NONBLOCK != 0 {
             // A non-blocking stdin reads as EOF and would be mistaken for the caller quitting.
             log.error("stdin to a virt server must not be non-blocking")
             exit(ExitStatus.sessionFailure)
         }
+        if let cleanupAfterDeath { DeathWatch.start(arguments: cleanupAfterDeath) }
         let controller = TestbedController(backend: backend, runner: runner)
         let session = Session(controller: controller, output: FileDescriptorReplyWriter(fd: 1))
         let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint, .sighup)
@@ -52,6 +58,8 @@ public enum VirtServer {
 
     /// Ends the process as `outcome` says: an exit status, or death by a signal.
     public static func finish(_ outcome: SessionOutcome) -> Never {
+        // Every path here comes after the testbed's shutdown.
+        DeathWatch.disarm()
         switch outcome {
         case .exit(let status):
             exit(status)

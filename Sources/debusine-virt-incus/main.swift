@@ -103,7 +103,10 @@ struct IncusServer: AsyncParsableCommand {
                 "instances are made as: \(options.cli.launch(IncusCLI.Launch(image: options.image, name: "NAME", profiles: options.profiles, virtualMachine: options.virtualMachine, target: options.target, extraArguments: options.extraLaunchArguments)))"
             )
             try await IncusPreflight.check(options)
-            await VirtServer.serve(IncusTestbed(options: options))
+            await VirtServer.serve(
+                IncusTestbed(options: options),
+                cleanupAfterDeath: ["gc", "--owner", String(getpid())]
+                    + (options.cli.remote.map { ["--remote", $0] } ?? []))
         } catch {
             VirtServer.failBeforeBanner(error)
         }
@@ -272,6 +275,12 @@ struct GCCommand: AsyncParsableCommand {
     @Option(help: "The Incus remote to clean.")
     var remote: String?
 
+    @Option(
+        help: ArgumentHelp(
+            "Only the instances of this server, once it has ended (what a server's death watch runs).",
+            visibility: .hidden))
+    var owner: Int32?
+
     @Flag(name: [.short, .long], help: "Log more on stderr.")
     var debug = false
 
@@ -279,6 +288,13 @@ struct GCCommand: AsyncParsableCommand {
         Log.shared.configure(program: "debusine-virt-incus gc", debug: debug)
         do {
             let collector = IncusGarbageCollector(cli: IncusCLI(remote: remote))
+            if let owner {
+                _ = LiveProcess.waitForEnd(of: owner, seconds: 60)
+                for line in try await collector.collect(owner: owner) {
+                    log.warning("the server (pid \(owner)) died without cleaning up: \(line)")
+                }
+                return
+            }
             let report = try await collector.collect()
             Output.line(report.isEmpty ? "nothing to remove" : report.joined(separator: "\n"))
             if report.contains(where: { $0.hasPrefix("could not") }) { Glibc.exit(1) }

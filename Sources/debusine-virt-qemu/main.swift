@@ -52,6 +52,15 @@ struct QemuServer: AsyncParsableCommand {
     /// `debusine-virt-qemu gc` is taken before argument parsing, where it would read as an image.
     static func main() async {
         let arguments = Array(CommandLine.arguments.dropFirst())
+        if arguments.count == 3, arguments[0] == "gc", arguments[1] == "--owner", let owner = pid_t(arguments[2]) {
+            // The death watch (VirtServer.serve): once that server is gone, what it left.
+            Log.shared.configure(program: "debusine-virt-qemu", debug: false)
+            _ = LiveProcess.waitForEnd(of: owner, seconds: 60)
+            for line in QemuGarbageCollector.collect(parent: PrivateDirectory.temporaryParent, owner: owner) {
+                log.warning("the server (pid \(owner)) died without cleaning up: \(line)")
+            }
+            Glibc.exit(0)
+        }
         if arguments == ["gc"] || arguments == ["gc", "--help"] {
             if arguments.count == 2 {
                 Log.writeToStandardError(
@@ -213,7 +222,7 @@ struct QemuServer: AsyncParsableCommand {
         VirtServer.prepareProcess(program: "debusine-virt-qemu", debug: debug)
         do {
             let testbed = try QemuTestbed(options: try await options(), auxverbExecutable: try auxverbExecutable())
-            await VirtServer.serve(testbed)
+            await VirtServer.serve(testbed, cleanupAfterDeath: ["gc", "--owner", String(getpid())])
         } catch {
             VirtServer.failBeforeBanner(error)
         }

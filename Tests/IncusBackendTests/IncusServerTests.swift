@@ -224,8 +224,24 @@ struct IncusServerTests {
         #expect(orphans.isEmpty, "left behind: \(orphans)")
     }
 
+    /// A server opened, with its testbed and the spare for the next revert both made.
+    func openedWithSpare(_ image: String) async throws -> (ServerProcess, [String]) {
+        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), image])
+        #expect(try await server.readLine() == "ok")
+        #expect(try await server.request("open").hasPrefix("ok /"))
+        // Killed once the spare exists, maybe still being made by incusd: gc waits for that.
+        var left = try await instances(ownedBy: server.pid)
+        let deadline = ContinuousClock.now + .seconds(60)
+        while left.count < 2 && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(100))
+            left = try await instances(ownedBy: server.pid)
+        }
+        #expect(left.count == 2, "the testbed and its spare: \(left)")
+        return (server, left)
+    }
+
     @Test(
-        "SIGTERM while open deletes the instance and dies by the signal; after SIGKILL, gc deletes it and a second gc finds nothing",
+        "SIGTERM while open deletes the instance and dies by the signal; after SIGKILL the death watch deletes them, or gc does when the watch is gone too",
         .enabled(if: enabled), .timeLimit(.minutes(5)))
     func signalsAndGC() async throws {
         let image = try requireImage()
@@ -238,17 +254,22 @@ struct IncusServerTests {
         #expect(try await terminated.wait() == .signaled(SIGTERM))
         #expect(try await instances(ownedBy: terminated.pid).isEmpty)
 
-        let killed = try ServerProcess([TestPaths.executable("debusine-virt-incus"), image])
-        #expect(try await killed.readLine() == "ok")
-        #expect(try await killed.request("open").hasPrefix("ok /"))
-        // Killed once the spare exists, maybe still being made by incusd: gc waits for that.
-        var left = try await instances(ownedBy: killed.pid)
-        let deadline = ContinuousClock.now + .seconds(60)
-        while left.count < 2 && ContinuousClock.now < deadline {
-            try await Task.sleep(for: .milliseconds(100))
-            left = try await instances(ownedBy: killed.pid)
+        // SIGKILL: what the server cannot clean up, its death watch does.
+        let (watched, watchedLeft) = try await openedWithSpare(image)
+        watched.signal(SIGKILL)
+        _ = try await watched.wait()
+        let deadline = ContinuousClock.now + .seconds(120)
+        while try await !instances(ownedBy: watched.pid).isEmpty && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(200))
         }
-        #expect(left.count == 2, "the testbed and its spare: \(left)")
+        #expect(try await instances(ownedBy: watched.pid).isEmpty, "the death watch left \(watchedLeft)")
+        let said = await watched.standardError(containing: "died without cleaning up")
+        for name in watchedLeft { #expect(said.contains("deleted instance \(name)"), "\(said)") }
+
+        // The watch killed too (a kill of the whole session): gc, run by hand, deletes them.
+        let (killed, left) = try await openedWithSpare(image)
+        let watch = try await runner.run(Command("pkill", ["-KILL", "-f", "gc --owner \(killed.pid)$"]))
+        #expect(watch.status == .exited(0), "no death watch runs for \(killed.pid)")
         killed.signal(SIGKILL)
         _ = try await killed.wait()
         let gc = try await runner.run(Command(TestPaths.executable("debusine-virt-incus"), ["gc"]))

@@ -299,9 +299,9 @@ struct QemuServerTests {
     }
 
     @Test(
-        "after the server is killed with SIGKILL, gc removes its QEMU and instance directory; a second gc finds nothing",
+        "after the server is killed with SIGKILL, its death watch kills its QEMU and removes its instance directory",
         .enabled(if: enabled), .guestSlot(minutes: 10))
-    func gcAfterKill() async throws {
+    func deathWatchAfterKill() async throws {
         let directory = try #require(
             Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
         let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-gc.")
@@ -314,20 +314,57 @@ struct QemuServerTests {
             environment: ["TMPDIR": parent])
         #expect(try await server.readLine() == "ok")
         #expect(try await server.request("open", timeout: .seconds(960)).hasPrefix("ok /"))
+        #expect(try await runner.run(Command("pgrep", ["-f", parent])).status == .exited(0), "no QEMU runs")
         server.signal(SIGKILL)
         #expect(try await server.wait() == .signaled(SIGKILL))
-        #expect(TestPaths.contents(of: parent).count == 1, "the instance directory should still be there")
-        #expect(try await runner.run(Command("pgrep", ["-f", parent])).status == .exited(0), "QEMU should still run")
+        let deadline = ContinuousClock.now + .seconds(120)
+        func qemuRuns() async throws -> Bool {
+            try await runner.run(Command("pgrep", ["-f", parent])).status == .exited(0)
+        }
+        while ContinuousClock.now < deadline, try await qemuRuns() || !TestPaths.contents(of: parent).isEmpty {
+            try await Task.sleep(for: .milliseconds(200))
+        }
+        #expect(try await !qemuRuns(), "QEMU outlived its server")
+        #expect(TestPaths.contents(of: parent) == [], "the instance directory outlived its server")
+        let said = await server.standardError(containing: "died without cleaning up")
+        #expect(said.contains("killed its QEMU"), "the watch did not say what it did: \(said)")
+        let gc = try await runner.run(
+            Command(TestPaths.executable("debusine-virt-qemu"), ["gc"], environment: ["TMPDIR": parent]))
+        #expect(gc.outputText == "nothing to remove in \(parent)")
+    }
 
+    @Test("gc removes the instance directory of a dead server and kills what runs in it; a live server's stays")
+    func gcCollects() async throws {
+        let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-gc.")
+        defer { TestPaths.removeTree(parent) }
+        // A loop whose command line names the directory stands in for its QEMU; the live owner's
+        // names debusine-virt-qemu, as a server's does.
+        func loop(_ name: String) throws -> ServerProcess {
+            try ServerProcess(["/bin/sh", "-c", "while :; do sleep 1; done", name])
+        }
+        let exited = try ServerProcess(["/bin/true"])
+        #expect(try await exited.wait() == .exited(0))
+        let liveOwner = try loop("debusine-virt-qemu")
+        defer { liveOwner.signal(SIGKILL) }
+        var qemus: [ServerProcess] = []
+        defer { for qemu in qemus { qemu.signal(SIGKILL) } }
+        for (name, owner) in [("dvq.dead", exited.pid), ("dvq.live", liveOwner.pid)] {
+            let instance = "\(parent)/\(name)"
+            #expect(mkdir(instance, 0o700) == 0)
+            let qemu = try loop(instance)
+            qemus.append(qemu)
+            try Data("\(owner)\n".utf8).write(to: URL(fileURLWithPath: "\(instance)/owner"))
+            try Data("\(qemu.pid)\n".utf8).write(to: URL(fileURLWithPath: "\(instance)/qemu.pid"))
+        }
         let gc = Command(TestPaths.executable("debusine-virt-qemu"), ["gc"], environment: ["TMPDIR": parent])
         let first = try await runner.run(gc)
         #expect(first.status == .exited(0))
-        #expect(first.outputText.contains("removed \(parent)/dvq."), "\(first.outputText)")
-        #expect(first.outputText.contains("killed its QEMU"), "\(first.outputText)")
-        #expect(TestPaths.contents(of: parent) == [])
-        #expect(try await runner.run(Command("pgrep", ["-f", parent])).status == .exited(1), "QEMU survived gc")
+        #expect(
+            first.outputText == "removed \(parent)/dvq.dead and killed its QEMU (pid \(qemus[0].pid))",
+            "\(first.outputText)")
+        #expect(TestPaths.contents(of: parent) == ["dvq.live"])
+        #expect(try await qemus[0].wait(timeout: .seconds(10)) == .signaled(SIGKILL))
         let second = try await runner.run(gc)
-        #expect(second.status == .exited(0))
         #expect(second.outputText == "nothing to remove in \(parent)")
     }
 

@@ -1,6 +1,7 @@
 import CommandRunner
 import Foundation
 import Testing
+import VirtSession
 import VirtTestSupport
 
 #if canImport(Glibc)
@@ -160,5 +161,27 @@ func waitUntil(_ condition: () -> Bool) async throws {
             return
         }
         try await Task.sleep(for: .milliseconds(10))
+    }
+}
+
+@Suite("Death watch")
+struct DeathWatchTests {
+    /// The watcher's argv with `touch MARKER` as the clean-up, fed `input` and then end of file.
+    func watch(_ input: String) async throws -> Bool {
+        let work = try TestPaths.makeTemporaryDirectory("dv-watch.")
+        defer { TestPaths.removeTree(work) }
+        let argv = DeathWatch.argv(executable: "/usr/bin/touch", arguments: ["\(work)/marker"])
+        #expect(argv.prefix(2) == ["/bin/sh", "-c"])
+        #expect(argv.suffix(2) == ["/usr/bin/touch", "\(work)/marker"], "the clean-up is argv, not shell code")
+        let result = try await SubprocessRunner().run(
+            Command(argv: argv), input: .bytes(Array(input.utf8)), output: .discard, error: .capture)
+        #expect(result.status == .exited(0), "\(result.errorText)")
+        return access("\(work)/marker", F_OK) == 0
+    }
+
+    @Test("end of file without a line runs the clean-up; the server's line ends the watcher without it")
+    func watcher() async throws {
+        #expect(try await watch(""), "a server that died: the clean-up did not run")
+        #expect(try await !watch("\n"), "a server that cleaned up: the clean-up ran anyway")
     }
 }
