@@ -71,8 +71,9 @@ struct RootfsRewriter {
                 let data = try metadata(reader, size)
                 // A global path or linkpath would rename every member after it, past the checks.
                 let global = try Self.records(data, in: reader.path)
-                if global["path"] != nil || global["linkpath"] != nil {
-                    throw VirtError(.badImage, "\(reader.path) has a pax global header that sets every member's path")
+                if global["path"] != nil || global["linkpath"] != nil || global["size"] != nil {
+                    throw VirtError(
+                        .badImage, "\(reader.path) has a pax global header that sets every member's path or size")
                 }
                 try writer.writeMember(header, data: data)
                 continue
@@ -81,7 +82,12 @@ struct RootfsRewriter {
             default:
                 break
             }
-            if let paxSize = pax["size"], let value = Int(paxSize) { size = value }
+            if let paxSize = pax["size"] {
+                guard let value = Int(paxSize), value >= 0, value < 1 << 60 else {
+                    throw VirtError(.badImage, "\(reader.path) has a pax size record that is no size: \(paxSize)")
+                }
+                size = value
+            }
             let name = Self.relative(pax["path"] ?? longName ?? header.fullName)
             let isHardLink = header.type == UInt8(ascii: "1")
             let link = pax["linkpath"] ?? longLink ?? header.linkName
@@ -92,7 +98,14 @@ struct RootfsRewriter {
             let trimmed = name.hasSuffix("/") ? String(name.dropLast()) : name
             if watchedPaths.contains(trimmed) { findings.presentPaths.insert(trimmed) }
 
+            // Framing is this code's, not the input's: members without data get size 0 and their
+            // declared data is skipped, a file named `x/` becomes the directory tar makes of it,
+            // and the size is in the header only, so that the consumer's tar reads exactly the
+            // members checked here.
+            if Self.isRegular(header.type) && name.hasSuffix("/") { header.block[156] = UInt8(ascii: "5") }
+            let hasData = Self.isRegular(header.type)
             var records = pax
+            records["size"] = nil
             if pax["path"] != nil || newName.utf8.count > 100 { records["path"] = newName }
             if pax["linkpath"] != nil || newLink.utf8.count > 100 { records["linkpath"] = newLink }
             if let sparseName = pax["GNU.sparse.name"] {
@@ -106,14 +119,13 @@ struct RootfsRewriter {
             header.setString(0, 100, newName)
             if header.isPOSIX { header.setString(345, 155, "") }
             header.setString(157, 100, newLink)
+            header.setSize(hasData ? size : 0)
             header.updateChecksum()
             try writer.write(header.block)
 
-            let hasData = ![
-                UInt8(ascii: "2"), UInt8(ascii: "3"), UInt8(ascii: "4"), UInt8(ascii: "5"), UInt8(ascii: "6"),
-            ]
-            .contains(header.type)
-            if hasData && size > 0 {
+            if !hasData {
+                try reader.stream(size + (512 - size % 512) % 512) { _ in }
+            } else if size > 0 {
                 let capture = capturedFiles.contains(name) && findings.captured[name] == nil
                 var kept: [UInt8] = []
                 try reader.stream(size) { (piece) throws(VirtError) in
@@ -133,6 +145,11 @@ struct RootfsRewriter {
 }
 
 extension RootfsRewriter {
+    /// Regular files (`0`, NUL, contiguous `7`): the only members whose data tar reads.
+    static func isRegular(_ type: UInt8) -> Bool {
+        type == UInt8(ascii: "0") || type == 0 || type == UInt8(ascii: "7")
+    }
+
     /// A pax header or GNU long name larger than this is not metadata.
     static let metadataLimit = 1 << 20
 

@@ -12,8 +12,10 @@ import VirtCore
 /// - their pax records and GNU long names, except a pax `size`, which goes into the header.
 ///
 /// What is left out, with its data: device nodes, FIFOs, pax global headers, sparse and
-/// multi-volume members and any type tar knows no meaning for here. Each is named in
-/// ``Outcome/leftOut``.
+/// multi-volume members, any type tar knows no meaning for here, and links that point out of
+/// the copied tree (a symbolic link with an absolute target or a `..`, a hard link with a
+/// `..`). Each is named in ``Outcome/leftOut``. A file whose name ends in `/` goes on as the
+/// directory tar would make of it.
 ///
 /// The output is re-framed rather than copied: every member's header says exactly how much
 /// data follows it, and members without data have size 0, so the host's tar reads the members
@@ -80,9 +82,27 @@ package struct TarSafetyFilter {
                 throw VirtError(.io, "\(reader.path): a member of \(dataSize) bytes is no file a testbed has")
             }
             let name =
-                pax["path"] ?? longName.map { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                pax.cString("path") ?? longName.map { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
                 ?? header.fullName
-            let kind = Self.kind(of: header.type)
+            let link =
+                pax.cString("linkpath") ?? longLink.map { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                ?? header.linkName
+            var kind = Self.kind(of: header.type)
+            if kind == .regular && name.hasSuffix("/") {
+                // GNU tar makes a directory of a file whose name ends in `/`, and then does not
+                // skip its data: it goes on as a directory, without data, or its data would be
+                // read as members.
+                kind = .withoutData
+                header.block[156] = UInt8(ascii: "5")
+            }
+            if header.type == UInt8(ascii: "2") && (link.hasPrefix("/") || Self.hasParent(link)) {
+                // tar guards against such links only within one run: a later copyup into the
+                // same directory (autopkgtest's artifacts/) would write through this one.
+                kind = .leftOut("a symbolic link out of the copy, to \(link)")
+            }
+            if header.type == UInt8(ascii: "1") && Self.hasParent(link) {
+                kind = .leftOut("a hard link out of the copy, to \(link)")
+            }
             let sparse = pax.records.contains { $0.key.hasPrefix("GNU.sparse.") }
             if case .leftOut(let what) = kind {
                 outcome.leftOut.append("\(name) (\(what))")
@@ -137,6 +157,8 @@ package struct TarSafetyFilter {
     }
 
     static func padding(_ size: Int) -> Int { (512 - size % 512) % 512 }
+
+    static func hasParent(_ path: String) -> Bool { path.split(separator: "/").contains("..") }
 
     static func longHeader(_ type: UInt8, _ data: [UInt8]) -> TarHeader {
         TarHeader(name: "././@LongLink", type: type, mode: 0, size: data.count, mtime: 0)

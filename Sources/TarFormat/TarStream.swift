@@ -176,8 +176,11 @@ package struct TarHeader {
             }
             return value
         }
-        let text = String(decoding: field.prefix { $0 != 0 && $0 != 0x20 }.drop { $0 == 0x20 }, as: UTF8.self)
-        guard let value = Int(text.isEmpty ? "0" : text, radix: 8) else {
+        let text = String(decoding: field.drop { $0 == 0x20 }.prefix { $0 != 0 && $0 != 0x20 }, as: UTF8.self)
+        // Octal digits only: Int() would take a sign ("-1"), and a negative size moves every
+        // member after it.
+        guard text.allSatisfy({ ("0"..."7").contains($0) }), let value = Int(text.isEmpty ? "0" : text, radix: 8)
+        else {
             throw VirtError(.io, "a tar header has an invalid size field")
         }
         return value
@@ -274,6 +277,11 @@ package struct PaxRecords {
     }
 
     package var isEmpty: Bool { records.isEmpty }
+
+    /// A record's value as tar uses it: a C string, up to its first NUL.
+    package func cString(_ key: String) -> String? {
+        records.last { $0.key == key }.map { String(decoding: $0.value.prefix { $0 != 0 }, as: UTF8.self) }
+    }
 
     package func encoded() -> [UInt8] {
         var data: [UInt8] = []

@@ -157,7 +157,7 @@ public enum CopyPlumbing {
             discard()
             throw error
         }
-        if executable {
+        if executable && !inPlace {
             var info = stat()
             if stat(target, &info) == 0 {
                 // Execute bits follow the read bits, as `chmod +x` under the usual umask would.
@@ -363,6 +363,13 @@ final class FilterThread<Value: Sendable>: Sendable {
     static func start(_ body: @escaping @Sendable () throws(VirtError) -> Value) -> FilterThread {
         let thread = FilterThread()
         let worker = Thread {
+            // A reader that went away must be an EPIPE here, not the death of the process
+            // (test runners do not ignore SIGPIPE as the servers do): SIGPIPE from write() goes
+            // to the writing thread, so blocking it here is enough.
+            var pipeSignal = sigset_t()
+            sigemptyset(&pipeSignal)
+            sigaddset(&pipeSignal, SIGPIPE)
+            pthread_sigmask(SIG_BLOCK, &pipeSignal, nil)
             let result: Result<Value, VirtError>
             do throws(VirtError) { result = .success(try body()) } catch { result = .failure(error) }
             thread.finish(result)

@@ -58,8 +58,6 @@ public enum VirtServer {
 
     /// Ends the process as `outcome` says: an exit status, or death by a signal.
     public static func finish(_ outcome: SessionOutcome) -> Never {
-        // Every path here comes after the testbed's shutdown.
-        DeathWatch.disarm()
         switch outcome {
         case .exit(let status):
             exit(status)

@@ -297,8 +297,8 @@ extension FaultSuite {
     }
 }
 
-/// An archive no honest tar writes from a testbed tree: a device node, a FIFO, a setuid file,
-/// a block device hidden as a directory's data behind a pax size, and one plain file.
+/// An archive no honest tar writes from a testbed tree: a character and a block device, a
+/// FIFO, a setuid file, and one plain file.
 func writeForgedArchive(_ path: String) throws {
     let writer = try BlockWriter(path: path)
     func member(_ name: String, _ type: Character, mode: Int, data: String = "") throws {

@@ -126,9 +126,9 @@ struct TarSafetyFilterTests {
     func reframes() async throws {
         let work = try TestPaths.makeTemporaryDirectory("dv-tarfilter.")
         defer { TestPaths.removeTree(work) }
-        // A FIFO's header hidden as the data of a directory (tar skips it there) and as the data
-        // a regular file's header announces where its pax size says 0 (tar reads it as the next
-        // member): either way the filter sees what tar would, and tar only sees the output.
+        // A FIFO's header hidden as the data of a directory and as the data a regular file's
+        // header announces where its pax size says 0 (tar reads it as the next member): tar
+        // only sees the output, framed by the filter.
         let fifo = Member("./hidden-fifo", "6", mode: 0o666).header.block
         var directory = Member("./dir/", "5", mode: 0o755).header
         directory.setSize(512)
@@ -173,7 +173,7 @@ struct TarSafetyFilterTests {
         "malformed pax records are clear errors, never crashes",
         arguments: [
             ("a record shorter than its own length field", "1 x"),
-            ("a length past Int", "99999999999999999999999 x=y\n"),
+            ("a length past Int", "9999999999999999999 x=y\n"),
             ("a length past the data", "40 x=y\n"),
             ("a record without its newline", "6 x=yz"),
             ("a record without `=`", "5 xy\n"),
@@ -213,6 +213,11 @@ struct TarSafetyFilterTests {
         negative.updateChecksum()
         try refused("negative", [Member(header: negative, rawData: [])], saying: "negative")
 
+        var negativeOctal = Member("./file", "0").header
+        negativeOctal.block.replaceSubrange(124..<136, with: Array("00000000-1 \u{0}".utf8))
+        negativeOctal.updateChecksum()
+        try refused("negative octal", [Member(header: negativeOctal, rawData: [])], saying: "invalid size")
+
         var huge = Member("./file", "0").header
         huge.block.replaceSubrange(124..<136, with: [0x80] + [UInt8](repeating: 0xff, count: 11))
         huge.updateChecksum()
@@ -222,5 +227,57 @@ struct TarSafetyFilterTests {
         bigName.header.setSize(TarSafetyFilter.metadataLimit + 1)
         bigName.header.updateChecksum()
         try refused("metadata", [bigName], saying: "not metadata")
+    }
+
+    /// What lands on the host when the filter's output is extracted as copyup extracts it.
+    func extracted(_ archive: String, into destination: String) async throws -> [String] {
+        #expect(mkdir(destination, 0o755) == 0)
+        _ = try await runner.run(
+            Command(
+                "tar",
+                [
+                    "--warning=none", "--directory", destination, "--extract", "--no-same-owner",
+                    "--no-same-permissions", "--no-overwrite-dir", "-f", archive,
+                ]))
+        let found = try await runner.check(Command("find", [destination, "-mindepth", "1", "-printf", "%y %P\\n"]))
+        return found.split(separator: "\n").map(String.init).sorted()
+    }
+
+    @Test("a file named `x/` lands as the directory tar makes of it, and its data is no member")
+    func trailingSlash() async throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-tarfilter.")
+        defer { TestPaths.removeTree(work) }
+        var fifo = Member("./smuggled-fifo", "6", mode: 0o666).header
+        fifo.updateChecksum()
+        let hidden = fifo.block + [UInt8](repeating: 0, count: 1024)
+        var slashed = Member("./d/", "0").header
+        slashed.setSize(hidden.count)
+        slashed.updateChecksum()
+        try write([Member(header: slashed, rawData: hidden), Member("./after", "0", data: "after")], to: "\(work)/in.tar")
+        let outcome = try filter("\(work)/in.tar", "\(work)/out.tar")
+        #expect(outcome.leftOut.isEmpty)
+        #expect(try await extracted("\(work)/out.tar", into: "\(work)/x") == ["d d", "f after"])
+    }
+
+    @Test("links out of the copied tree are left out: absolute or `..` symbolic links, `..` hard links")
+    func linksOut() async throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-tarfilter.")
+        defer { TestPaths.removeTree(work) }
+        try write(
+            [
+                Member("./etc", "2", mode: 0o777, link: "/etc"),
+                Member("./up", "2", mode: 0o777, link: "../../etc"),
+                Member("./sub/", "5", mode: 0o755),
+                Member("./sub/ok", "2", mode: 0o777, link: "file"),
+                Member("./sub/file", "0", data: "data"),
+                Member("./hard", "1", link: "./sub/../../x"),
+            ], to: "\(work)/in.tar")
+        let outcome = try filter("\(work)/in.tar", "\(work)/out.tar")
+        #expect(
+            outcome.leftOut == [
+                "./etc (a symbolic link out of the copy, to /etc)", "./up (a symbolic link out of the copy, to ../../etc)",
+                "./hard (a hard link out of the copy, to ./sub/../../x)",
+            ])
+        #expect(try await extracted("\(work)/out.tar", into: "\(work)/x") == ["d sub", "f sub/file", "l sub/ok"])
     }
 }
