@@ -112,7 +112,8 @@ let package = Package(
         ),
 
         .testTarget(name: "VirtProtocolTests", dependencies: ["VirtProtocol", "VirtCore"]),
-        .testTarget(name: "TarFormatTests", dependencies: ["TarFormat", "CommandRunner", "VirtCore", "VirtTestSupport"]),
+        .testTarget(
+            name: "TarFormatTests", dependencies: ["TarFormat", "CommandRunner", "VirtCore", "VirtTestSupport"]),
         .testTarget(name: "CommandRunnerTests", dependencies: ["CommandRunner", "VirtCore"]),
         .testTarget(
             name: "VirtSessionTests",

@@ -229,7 +229,9 @@ package struct TarHeader {
 
     /// The mode field as a number (0 when it does not parse).
     package var mode: Int {
-        Int(String(decoding: block[100..<108].prefix { $0 != 0 && $0 != 0x20 }.drop { $0 == 0x20 }, as: UTF8.self), radix: 8) ?? 0
+        Int(
+            String(decoding: block[100..<108].prefix { $0 != 0 && $0 != 0x20 }.drop { $0 == 0x20 }, as: UTF8.self),
+            radix: 8) ?? 0
     }
 
     package mutating func setOctal(_ offset: Int, _ length: Int, _ value: Int) {

@@ -218,7 +218,8 @@ public enum CopyPlumbing {
             let shown = outcome.leftOut.prefix(10).joined(separator: ", ")
             let more = outcome.leftOut.count > 10 ? " and \(outcome.leftOut.count - 10) more" : ""
             log.warning(
-                "copyup of \(request.testbedPath): left out what the host does not take from a testbed: \(shown)\(more)")
+                "copyup of \(request.testbedPath): left out what the host does not take from a testbed: \(shown)\(more)"
+            )
         }
     }
 
@@ -358,7 +359,9 @@ public enum CopyPlumbing {
 /// Blocking work on a thread of its own, awaited as a task: the filter waits on pipes, which a
 /// task must not do on the cooperative pool (two threads on two cores).
 final class FilterThread<Value: Sendable>: Sendable {
-    private let state = Mutex<(result: Result<Value, VirtError>?, waiter: CheckedContinuation<Result<Value, VirtError>, Never>?)>((nil, nil))
+    private let state = Mutex<
+        (result: Result<Value, VirtError>?, waiter: CheckedContinuation<Result<Value, VirtError>, Never>?)
+    >((nil, nil))
 
     static func start(_ body: @escaping @Sendable () throws(VirtError) -> Value) -> FilterThread {
         let thread = FilterThread()

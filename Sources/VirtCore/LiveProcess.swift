@@ -16,7 +16,9 @@ public enum LiveProcess {
 
     /// Field 3 of /proc/PID/stat (R, S, D, Z, ...), or nil when it cannot be read.
     public static func state(of pid: pid_t) -> Character? {
-        guard let text = SmallFile.text("/proc/\(pid)/stat", limit: 4096), let close = text.lastIndex(of: ")") else { return nil }
+        guard let text = SmallFile.text("/proc/\(pid)/stat", limit: 4096), let close = text.lastIndex(of: ")") else {
+            return nil
+        }
         return text[text.index(after: close)...].dropFirst().first
     }
 

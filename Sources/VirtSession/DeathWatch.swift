@@ -75,7 +75,8 @@ public enum DeathWatch {
         // writeEnd stays open, unused, for the life of this process: its closing is the signal.
         // It is close-on-exec, so no other child holds it.
         _ = writeEnd
-        log.debug("death watch: pid \(pid) runs `\(executable) \(arguments.joined(separator: " "))` when this server ends")
+        log.debug(
+            "death watch: pid \(pid) runs `\(executable) \(arguments.joined(separator: " "))` when this server ends")
         return true
     }
 

@@ -267,7 +267,9 @@ extension FaultSuite {
                     server.process.write(line: "quit")
                     checks.expect(
                         try await server.process.wait(timeout: .seconds(120)) == .exited(0), "quit did not end it")
-                    let left = try await server.leftovers().filter { !$0.hasSuffix("/real") && !$0.hasSuffix("/forged") && !$0.hasSuffix(".tar") }
+                    let left = try await server.leftovers().filter {
+                        !$0.hasSuffix("/real") && !$0.hasSuffix("/forged") && !$0.hasSuffix(".tar")
+                    }
                     checks.expect(left.isEmpty, "left behind: \(left)")
                 } catch {
                     await server.discard()

@@ -188,11 +188,18 @@ struct FakeIncusTests {
         let me = InstanceOwner.current()
         try #require(!me.machineID.isEmpty, "this machine has no /etc/machine-id")
         let owners: [(String, InstanceOwner)] = [
-            ("debusine-virt-live", InstanceOwner(host: me.host, machineID: me.machineID, pid: sleeper.pid, startTime: start)),
-            ("debusine-virt-dead", InstanceOwner(host: me.host, machineID: me.machineID, pid: exited.pid, startTime: "1")),
+            (
+                "debusine-virt-live",
+                InstanceOwner(host: me.host, machineID: me.machineID, pid: sleeper.pid, startTime: start)
+            ),
+            (
+                "debusine-virt-dead",
+                InstanceOwner(host: me.host, machineID: me.machineID, pid: exited.pid, startTime: "1")
+            ),
             (
                 "debusine-virt-elsewhere",
-                InstanceOwner(host: me.host, machineID: String(repeating: "0", count: 32), pid: exited.pid, startTime: "1")
+                InstanceOwner(
+                    host: me.host, machineID: String(repeating: "0", count: 32), pid: exited.pid, startTime: "1")
             ),
         ]
         let listing = owners.map { name, owner -> [String: Any] in

@@ -1,11 +1,11 @@
 import CommandRunner
 import Foundation
+import TarFormat
 import Testing
 import VirtCore
 import VirtTestSupport
 
 @testable import IncusBackend
-import TarFormat
 
 /// The tarball rewriting, checked against GNU tar: what it lists and extracts.
 @Suite("Rewriting a root file system tarball under rootfs/")
@@ -110,7 +110,8 @@ struct RootfsRewriterTests {
         try writer.flush()
     }
 
-    func member(_ name: String, _ type: Character = "0", link: String = "", data: [UInt8] = []) -> (TarHeader, [UInt8]) {
+    func member(_ name: String, _ type: Character = "0", link: String = "", data: [UInt8] = []) -> (TarHeader, [UInt8])
+    {
         (
             TarHeader(
                 name: name, type: UInt8(ascii: type.unicodeScalars.first ?? "0"), mode: 0o644, size: data.count,
@@ -118,7 +119,9 @@ struct RootfsRewriterTests {
         )
     }
 
-    @Test("hostile members are refused as a bad image: `..` in names and hard links, links above /, global paths, huge metadata")
+    @Test(
+        "hostile members are refused as a bad image: `..` in names and hard links, links above /, global paths, huge metadata"
+    )
     func refusesHostileMembers() throws {
         let work = try TestPaths.makeTemporaryDirectory("dv-tar.")
         defer { TestPaths.removeTree(work) }
@@ -132,7 +135,11 @@ struct RootfsRewriterTests {
             ("parent", [member("./../etc/cron.d/x")], "`..` component"),
             ("hard link", [member("./a", "1", link: "./../../etc/shadow")], "hard link"),
             ("absolute link", [member("./a", "2", link: "/../../etc/shadow")], "climbs above /"),
-            ("global path", [(TarHeader(name: "g", type: UInt8(ascii: "g"), mode: 0, size: global.count, mtime: 0), global)], "global header"),
+            (
+                "global path",
+                [(TarHeader(name: "g", type: UInt8(ascii: "g"), mode: 0, size: global.count, mtime: 0), global)],
+                "global header"
+            ),
             ("huge name", [hugeName], "metadata member"),
         ]
         let rewriter = RootfsRewriter(watchedPaths: [], capturedFiles: [])
@@ -156,6 +163,7 @@ struct RootfsRewriterTests {
                 member("./etc/alternatives/x", "2", link: "/usr/bin/x"), member("./usr/lib/..hidden..", "0"),
                 member("./usr/lib/x", "1", link: "./usr/lib/..hidden.."),
             ])
-        _ = try rewriter.rewrite(try BlockReader(path: "\(work)/fine.tar"), into: try BlockWriter(path: "\(work)/fine.out"))
+        _ = try rewriter.rewrite(
+            try BlockReader(path: "\(work)/fine.tar"), into: try BlockWriter(path: "\(work)/fine.out"))
     }
 }

@@ -57,7 +57,8 @@ struct TarSafetyFilterTests {
 
     /// `tar --list --verbose` lines as (mode string, name).
     func listing(_ archive: String) async throws -> [(String, String)] {
-        let text = try await runner.check(Command("tar", ["--list", "--verbose", "--numeric-owner", "--file", archive]))
+        let text = try await runner.check(
+            Command("tar", ["--list", "--verbose", "--numeric-owner", "--file", archive]))
         return text.split(separator: "\n").map { line in
             let fields = line.split(separator: " ", omittingEmptySubsequences: true)
             return (String(fields[0]), fields.dropFirst(5).joined(separator: " "))
@@ -101,7 +102,8 @@ struct TarSafetyFilterTests {
         #expect(outcome.members == 6)
         let listed = try await listing("\(work)/out.tar")
         #expect(listed.map(\.1) == ["./", "./suid", "./sgid/", "./after", "./link -> after", "./hard link to ./after"])
-        #expect(listed.map(\.0) == ["drwxrwxrwx", "-rwxr-xr-x", "drwxrwxrwx", "-rw-r--r--", "lrwxrwxrwx", "hrw-r--r--"])
+        #expect(
+            listed.map(\.0) == ["drwxrwxrwx", "-rwxr-xr-x", "drwxrwxrwx", "-rw-r--r--", "lrwxrwxrwx", "hrw-r--r--"])
 
         // Extracted as copyup does, into a destination that exists with a mode of its own.
         let destination = "\(work)/destination"
@@ -253,7 +255,8 @@ struct TarSafetyFilterTests {
         var slashed = Member("./d/", "0").header
         slashed.setSize(hidden.count)
         slashed.updateChecksum()
-        try write([Member(header: slashed, rawData: hidden), Member("./after", "0", data: "after")], to: "\(work)/in.tar")
+        try write(
+            [Member(header: slashed, rawData: hidden), Member("./after", "0", data: "after")], to: "\(work)/in.tar")
         let outcome = try filter("\(work)/in.tar", "\(work)/out.tar")
         #expect(outcome.leftOut.isEmpty)
         #expect(try await extracted("\(work)/out.tar", into: "\(work)/x") == ["d d", "f after"])
@@ -275,7 +278,8 @@ struct TarSafetyFilterTests {
         let outcome = try filter("\(work)/in.tar", "\(work)/out.tar")
         #expect(
             outcome.leftOut == [
-                "./etc (a symbolic link out of the copy, to /etc)", "./up (a symbolic link out of the copy, to ../../etc)",
+                "./etc (a symbolic link out of the copy, to /etc)",
+                "./up (a symbolic link out of the copy, to ../../etc)",
                 "./hard (a hard link out of the copy, to ./sub/../../x)",
             ])
         #expect(try await extracted("\(work)/out.tar", into: "\(work)/x") == ["d sub", "f sub/file", "l sub/ok"])

@@ -290,7 +290,8 @@ struct TestbedCoreTests {
             try write("\(host)/private", "secret", mode: 0o600)
             #expect(
                 try await controller.copy(
-                    .init(direction: .up, hostPath: "\(host)/private", testbedPath: "\(scratch)/new", isDirectory: false))
+                    .init(
+                        direction: .up, hostPath: "\(host)/private", testbedPath: "\(scratch)/new", isDirectory: false))
                     == .copied)
             #expect(mode("\(host)/private") == 0o600, "the replaced file's mode was lost")
         }
