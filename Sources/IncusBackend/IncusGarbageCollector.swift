@@ -52,11 +52,23 @@ public struct IncusGarbageCollector: Sendable {
             }
             if result.status.succeeded || IncusErrors.isNotFound(result) {
                 report.append("deleted instance \(cli.qualified(name)) (its server, pid \(owner.pid), is gone)")
+            } else if try await !exists(name) {
+                // Another gc (a server's death watch, an admin's) deleted it meanwhile, and incusd
+                // said so in words of its own.
+                report.append("deleted instance \(cli.qualified(name)) (its server, pid \(owner.pid), is gone)")
             } else {
                 report.append("could not delete instance \(cli.qualified(name)): \(result.errorText)")
             }
         }
         return report
+    }
+
+    /// Whether an instance named exactly `name` is on the remote.
+    func exists(_ name: String) async throws(VirtError) -> Bool {
+        let command = cli.list(prefix: name)
+        let result = try await runner.run(command, input: .none, output: .capture(limit: 64 << 20), error: .capture)
+        guard result.status.succeeded else { throw IncusErrors.describe(command, result) }
+        return try Self.parse(result.standardOutput).contains { $0.0 == name }
     }
 
     /// Names and `config` maps from `incus list --format json`.

@@ -331,7 +331,7 @@ extension FaultSuite {
                     Command(
                         TestPaths.executable("debusine-virt-incus"), ["gc", "--remote", "flaky"],
                         environment: environment))
-                checks.expect(gc.status.succeeded, "gc failed: \(gc.errorText)")
+                checks.expect(gc.status.succeeded, "gc failed: \(gc.outputText)\n\(gc.errorText)")
                 await proxy.stop()
                 let left = try await server.leftovers()
                 checks.expect(left.isEmpty, "left behind after gc: \(left)")
