@@ -42,19 +42,22 @@ public struct IncusGarbageCollector: Sendable {
         for (name, owner) in try await orphans(owner: only) {
             let command = cli.delete(name)
             var result = try await runner.run(command)
-            // A server killed while making an instance leaves incusd making it: the delete is
-            // refused until that ends, which takes seconds.
+            var gone = result.status.succeeded || IncusErrors.isNotFound(result)
+            // A server killed while making an instance leaves incusd making it, and another gc
+            // (a server's death watch, an admin's) may be deleting it too: incusd refuses the
+            // delete meanwhile, in words that vary. Try again while the instance is there.
             let clock = ContinuousClock()
             let deadline = clock.now + .seconds(120)
-            while !result.status.succeeded && result.errorText.contains("is busy running") && clock.now < deadline {
+            while !gone && clock.now < deadline {
+                if !result.errorText.contains("is busy running"), try await !exists(name) {
+                    gone = true
+                    break
+                }
                 try? await Task.sleep(for: .seconds(1))
                 result = try await runner.run(command)
+                gone = result.status.succeeded || IncusErrors.isNotFound(result)
             }
-            if result.status.succeeded || IncusErrors.isNotFound(result) {
-                report.append("deleted instance \(cli.qualified(name)) (its server, pid \(owner.pid), is gone)")
-            } else if try await !exists(name) {
-                // Another gc (a server's death watch, an admin's) deleted it meanwhile, and incusd
-                // said so in words of its own.
+            if gone {
                 report.append("deleted instance \(cli.qualified(name)) (its server, pid \(owner.pid), is gone)")
             } else {
                 report.append("could not delete instance \(cli.qualified(name)): \(result.errorText)")
