@@ -60,15 +60,15 @@ struct RootfsRewriter {
             var size = try header.size()
             switch header.type {
             case UInt8(ascii: "x"):
-                pax = try Self.records(try metadata(reader, size), in: reader.path)
+                pax = try Self.records(try reader.metadata(size, refusedAs: .badImage), in: reader.path)
                 continue
             case UInt8(ascii: "L"), UInt8(ascii: "K"):
-                let data = try metadata(reader, size)
+                let data = try reader.metadata(size, refusedAs: .badImage)
                 let text = String(decoding: data.prefix { $0 != 0 }, as: UTF8.self)
                 if header.type == UInt8(ascii: "L") { longName = text } else { longLink = text }
                 continue
             case UInt8(ascii: "g"):
-                let data = try metadata(reader, size)
+                let data = try reader.metadata(size, refusedAs: .badImage)
                 // A global path or linkpath would rename every member after it, past the checks.
                 let global = try Self.records(data, in: reader.path)
                 if global["path"] != nil || global["linkpath"] != nil || global["size"] != nil {
@@ -150,9 +150,6 @@ extension RootfsRewriter {
         type == UInt8(ascii: "0") || type == 0 || type == UInt8(ascii: "7")
     }
 
-    /// A pax header or GNU long name larger than this is not metadata.
-    static let metadataLimit = 1 << 20
-
     /// pax records; malformed ones make the archive a bad image.
     static func records(_ data: [UInt8], in path: String) throws(VirtError) -> PaxRecords {
         do {
@@ -160,16 +157,6 @@ extension RootfsRewriter {
         } catch {
             throw VirtError(.badImage, "\(path): \(error.message)")
         }
-    }
-
-    func metadata(_ reader: BlockReader, _ size: Int) throws(VirtError) -> [UInt8] {
-        guard size <= Self.metadataLimit else {
-            throw VirtError(.badImage, "\(reader.path) has a tar metadata member of \(size) bytes")
-        }
-        let data = try reader.read(size)
-        guard data.count == size else { throw VirtError(.io, "\(reader.path) ends in the middle of a member") }
-        try reader.skipPadding(size)
-        return data
     }
 
     /// Refuses what no root file system holds and what would reach outside it wherever the
@@ -198,8 +185,3 @@ extension RootfsRewriter {
     }
 }
 
-extension BlockReader {
-    func skipPadding(_ size: Int) throws(VirtError) {
-        _ = try read((512 - size % 512) % 512)
-    }
-}

@@ -28,9 +28,6 @@ package struct TarSafetyFilter {
         package var members = 0
     }
 
-    /// A pax header or GNU long name larger than this is not metadata.
-    package static let metadataLimit = 1 << 20
-
     package init() {}
 
     package func filter(_ reader: BlockReader, into writer: BlockWriter) throws(VirtError) -> Outcome {
@@ -56,16 +53,16 @@ package struct TarSafetyFilter {
             switch header.type {
             case UInt8(ascii: "x"):
                 // Later records win, as in tar; values stay bytes (a path need not be UTF-8).
-                for record in try PaxRecords(parsing: try metadata(reader, size)).records {
+                for record in try PaxRecords(parsing: try reader.metadata(size, refusedAs: .io)).records {
                     pax.records.removeAll { $0.key == record.key }
                     pax.records.append(record)
                 }
                 continue
             case UInt8(ascii: "L"):
-                longName = try metadata(reader, size)
+                longName = try reader.metadata(size, refusedAs: .io)
                 continue
             case UInt8(ascii: "K"):
-                longLink = try metadata(reader, size)
+                longLink = try reader.metadata(size, refusedAs: .io)
                 continue
             default:
                 break
@@ -162,16 +159,6 @@ package struct TarSafetyFilter {
 
     static func longHeader(_ type: UInt8, _ data: [UInt8]) -> TarHeader {
         TarHeader(name: "././@LongLink", type: type, mode: 0, size: data.count, mtime: 0)
-    }
-
-    private func metadata(_ reader: BlockReader, _ size: Int) throws(VirtError) -> [UInt8] {
-        guard size <= Self.metadataLimit else {
-            throw VirtError(.io, "\(reader.path): a tar metadata member of \(size) bytes is not metadata")
-        }
-        let data = try reader.read(size)
-        guard data.count == size else { throw VirtError(.io, "\(reader.path) ends in the middle of a member") }
-        try skip(reader, 0, padding: Self.padding(size))
-        return data
     }
 
     private func skip(_ reader: BlockReader, _ size: Int, padding: Int? = nil) throws(VirtError) {

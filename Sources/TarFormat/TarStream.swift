@@ -74,6 +74,29 @@ package final class BlockReader {
     }
 }
 
+/// What both readers of untrusted archives need: metadata members read whole but bounded.
+extension BlockReader {
+    /// A pax header or GNU long name larger than this is not metadata.
+    package static let metadataLimit = 1 << 20
+
+    /// A metadata member's `size` bytes and its padding; an error of `code` past
+    /// ``metadataLimit``, an I/O error when the input ends first.
+    package func metadata(_ size: Int, refusedAs code: VirtError.Code) throws(VirtError) -> [UInt8] {
+        guard size <= Self.metadataLimit else {
+            throw VirtError(code, "\(path) has a tar metadata member of \(size) bytes, not metadata")
+        }
+        let data = try read(size)
+        guard data.count == size else { throw VirtError(.io, "\(path) ends in the middle of a member") }
+        try skipPadding(size)
+        return data
+    }
+
+    /// Reads past the zeros that fill a member of `size` bytes to its last block.
+    package func skipPadding(_ size: Int) throws(VirtError) {
+        _ = try read((512 - size % 512) % 512)
+    }
+}
+
 /// Writes a file through a large buffer.
 package final class BlockWriter {
     private let fd: Int32

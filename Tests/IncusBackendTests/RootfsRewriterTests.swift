@@ -129,7 +129,7 @@ struct RootfsRewriterTests {
         globalPath["path"] = "etc/shadow"
         let global = globalPath.encoded()
         var hugeName = member("././@LongLink", "L")
-        hugeName.0.setSize(RootfsRewriter.metadataLimit + 1)
+        hugeName.0.setSize(BlockReader.metadataLimit + 1)
         hugeName.0.updateChecksum()
         let cases: [(String, [(TarHeader, [UInt8])], String)] = [
             ("parent", [member("./../etc/cron.d/x")], "`..` component"),

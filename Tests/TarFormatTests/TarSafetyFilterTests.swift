@@ -226,7 +226,7 @@ struct TarSafetyFilterTests {
         try refused("huge", [Member(header: huge, rawData: [])], saying: "too large")
 
         var bigName = Member("././@LongLink", "L")
-        bigName.header.setSize(TarSafetyFilter.metadataLimit + 1)
+        bigName.header.setSize(BlockReader.metadataLimit + 1)
         bigName.header.updateChecksum()
         try refused("metadata", [bigName], saying: "not metadata")
     }
