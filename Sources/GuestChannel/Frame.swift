@@ -44,6 +44,9 @@ public struct Frame: Sendable, Equatable {
     public static let headerSize = 9
     /// No frame carries more; senders split data.
     public static let maximumPayload = 1 << 20
+    /// A `spawn` carries a whole argv, which cannot be split: Linux takes up to 6 MiB of
+    /// arguments and environment (3/4 of the largest default stack), so this is above that.
+    public static let maximumSpawnPayload = 8 << 20
     /// How many unacknowledged bytes of output (and of stdin) may be in flight per command.
     public static let window = 4 << 20
 
@@ -150,7 +153,8 @@ public struct FrameDecoder: Sendable {
         let rawKind = header[start + 4]
         let length = header.suffix(4).reduce(0) { $0 << 8 | Int($1) }
         guard let kind = Frame.Kind(rawValue: rawKind) else { throw .unknownKind(rawKind) }
-        guard length <= Frame.maximumPayload else { throw .oversized(length) }
+        let limit = kind == .spawn ? Frame.maximumSpawnPayload : Frame.maximumPayload
+        guard length <= limit else { throw .oversized(length) }
         let end = start + Frame.headerSize + length
         guard buffer.count >= end else { return compact() }
         let frame = Frame(channel: channel, kind, Array(buffer[(start + Frame.headerSize)..<end]))

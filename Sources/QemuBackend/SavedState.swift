@@ -13,9 +13,10 @@ import VirtCore
 /// What a saved VM state is valid for, written out so that its digest is the state's key in the
 /// ``StateStore``: a state restores only into exactly the VM that saved it.
 ///
-/// Files are named by identity (real path, device, inode, size, modification time), not by
-/// content digest: hashing a multi-GiB image at every `open` would cost more than the restore
-/// saves, and an image or firmware changed in place gets a new modification time.
+/// Files are named by identity (real path, device, inode, size, modification and change times),
+/// not by content digest: hashing a multi-GiB image at every `open` would cost more than the
+/// restore saves. An image changed in place gets a new change time even when its modification
+/// time is set back (`touch -r`, `cp -p`, `tar` keep or restore it; the change time no one sets).
 enum SavedStateKey {
     /// Bumped whenever what is saved, or how it is restored, changes.
     static let format = 1
@@ -62,7 +63,8 @@ enum SavedStateKey {
         var info = stat()
         guard stat(real, &info) == 0 else { return "\(real) missing" }
         return
-            "\(real) dev \(info.st_dev) ino \(info.st_ino) size \(info.st_size) mtime \(CacheFiles.modificationTime(info))"
+            "\(real) dev \(info.st_dev) ino \(info.st_ino) size \(info.st_size) mtime \(CacheFiles.modificationTime(info)) "
+            + "ctime \(Int64(info.st_ctim.tv_sec) * 1_000_000_000 + Int64(info.st_ctim.tv_nsec))"
     }
 }
 
