@@ -14,12 +14,17 @@ import VirtCore
 /// port's chardev socket), giving each command its own channel id.
 ///
 /// Each client gets its own outgoing queue, so a client that reads slowly holds up nobody else;
-/// the credit window bounds what any queue can hold.
+/// the credit window bounds what any queue can hold. The relay enforces that window itself: the
+/// guest end is not trusted (a root test can replace the helper), and a guest that sends more
+/// than it was granted has its channel dropped rather than filling the host's memory.
 public actor AuxverbRelay {
     public nonisolated let socketPath: String
     private var guest: NIOAsyncChannelOutboundWriter<ByteBuffer>?
     private var guestLost = false
     private var clients: [UInt32: AsyncStream<Frame>.Continuation] = [:]
+    /// Per command: the output bytes the guest may still send (its window plus the client's
+    /// credits, less what it sent), and the stdin bytes it has not acknowledged yet.
+    private var allowances: [UInt32: (output: Int, stdin: Int)] = [:]
     private var nextChannel: UInt32 = 1
     /// The boot id the running helper reported in its hello; nil until one has.
     public private(set) var helperBootID: String?
@@ -50,15 +55,26 @@ public actor AuxverbRelay {
                     try await guestChannel.executeThenClose { inbound, outbound in
                         await self.attach(outbound)
                         var decoder = FrameDecoder()
+                        var broken: String?
                         do {
-                            for try await buffer in inbound {
+                            reading: for try await buffer in inbound {
                                 decoder.append(buffer.readableBytesView)
-                                while let frame = try decoder.next() { await self.route(frame) }
+                                while let frame = try decoder.next() {
+                                    broken = await self.route(frame)
+                                    if broken != nil { break reading }
+                                }
                             }
+                        } catch let error as FrameDecoder.DecodeError {
+                            broken = "it sent a malformed frame (\(error))"
                         } catch {
                             log.debug("guest channel: \(error)")
                         }
-                        await self.guestClosed()
+                        if let broken {
+                            log.error(
+                                "the guest helper broke the protocol: \(broken); its port is closed, and commands in "
+                                    + "the testbed fail from now on")
+                        }
+                        await self.guestClosed(broken)
                     }
                 }
                 try await server.executeThenClose { connections in
@@ -155,11 +171,11 @@ public actor AuxverbRelay {
         guest = writer
     }
 
-    private func guestClosed() {
+    private func guestClosed(_ broken: String?) {
         guest = nil
         guestLost = true
         helperBootID = nil
-        failAll("the testbed is gone")
+        failAll(broken.map { "the testbed's helper broke the protocol: \($0)" } ?? "the testbed is gone")
     }
 
     private func failAll(_ reason: String) {
@@ -168,9 +184,12 @@ public actor AuxverbRelay {
             continuation.finish()
         }
         clients.removeAll()
+        allowances.removeAll()
     }
 
-    private func route(_ frame: Frame) {
+    /// Hands a frame from the guest to its command's client. Returns why the guest channel must
+    /// be dropped when the frame breaks the protocol's bounds.
+    private func route(_ frame: Frame) -> String? {
         switch frame.kind {
         case .hello:
             if helperBootID != nil { failAll("the guest helper restarted") }
@@ -179,9 +198,25 @@ public actor AuxverbRelay {
             helperBootID = String(words.first ?? "")
             helperStatus = words.dropFirst(2).joined(separator: " ")
             log.debug("guest helper up: \(text)")
-        case .stdout, .stderr, .stdinCredit:
-            clients[frame.channel]?.yield(frame)
+        case .stdout, .stderr:
+            guard let continuation = clients[frame.channel], var allowance = allowances[frame.channel] else { break }
+            allowance.output -= frame.payload.count
+            // One frame of slack: the helper's own "cannot run" message is sent without credit.
+            guard allowance.output >= -Frame.maximumPayload else {
+                return "it sent command output beyond the credit window (\(Frame.window) bytes plus what was read)"
+            }
+            allowances[frame.channel] = allowance
+            continuation.yield(frame)
+        case .stdinCredit:
+            guard let continuation = clients[frame.channel], var allowance = allowances[frame.channel],
+                frame.countValue > 0
+            else { break }
+            allowance.stdin -= frame.countValue
+            guard allowance.stdin >= 0 else { return "it acknowledged more stdin than was sent" }
+            allowances[frame.channel] = allowance
+            continuation.yield(frame)
         case .exit:
+            allowances[frame.channel] = nil
             if let continuation = clients.removeValue(forKey: frame.channel) {
                 continuation.yield(frame)
                 continuation.finish()
@@ -189,22 +224,43 @@ public actor AuxverbRelay {
         default:
             break
         }
+        return nil
+    }
+
+    /// Counts a frame from a client before it goes to the guest: credits widen the window, stdin
+    /// is owed an acknowledgement.
+    private func account(_ frame: Frame, channel: UInt32) {
+        guard var allowance = allowances[channel] else { return }
+        switch frame.kind {
+        case .credit: allowance.output += frame.countValue
+        case .stdin: allowance.stdin += frame.payload.count
+        default: return
+        }
+        allowances[channel] = allowance
     }
 
     /// Registers a new command; nil when there is no helper to run it.
     private func register(
-        _ continuation: AsyncStream<Frame>.Continuation
+        _ continuation: AsyncStream<Frame>.Continuation, spawn: Frame
     ) -> (UInt32, NIOAsyncChannelOutboundWriter<ByteBuffer>)? {
         guard let guest, helperBootID != nil else { return nil }
         let channel = nextChannel
         nextChannel &+= 1
         if nextChannel == 0 { nextChannel = 1 }
         clients[channel] = continuation
+        allowances[channel] = (output: Self.window(of: spawn), stdin: 0)
         return (channel, guest)
+    }
+
+    /// The output window a spawn request grants: its first field's first word.
+    static func window(of spawn: Frame) -> Int {
+        let head = spawn.payload.prefix { $0 != 0 && $0 != UInt8(ascii: " ") }
+        return Int(String(decoding: head, as: UTF8.self)).map { max(0, min($0, Int(UInt32.max))) } ?? 0
     }
 
     /// The client went away before its command ended: stop the command.
     private func abandon(_ channel: UInt32) -> NIOAsyncChannelOutboundWriter<ByteBuffer>? {
+        allowances[channel] = nil
         guard clients.removeValue(forKey: channel) != nil else { return nil }
         return guest
     }
@@ -222,13 +278,15 @@ public actor AuxverbRelay {
                     }
                     var decoder = FrameDecoder()
                     var assigned: (channel: UInt32, guest: NIOAsyncChannelOutboundWriter<ByteBuffer>)?
+                    var guestGone = false
                     defer { continuation.finish() }
                     do {
                         for try await buffer in inbound {
                             decoder.append(buffer.readableBytesView)
                             while var frame = try decoder.next() {
                                 if assigned == nil {
-                                    guard frame.kind == .spawn, let registered = await self.register(continuation)
+                                    guard frame.kind == .spawn,
+                                        let registered = await self.register(continuation, spawn: frame)
                                     else {
                                         continuation.yield(Self.notReady)
                                         continuation.finish()
@@ -237,8 +295,20 @@ public actor AuxverbRelay {
                                     assigned = registered
                                 }
                                 guard let (channel, guest) = assigned else { return }
+                                if frame.kind == .credit || frame.kind == .stdin {
+                                    await self.account(frame, channel: channel)
+                                }
                                 frame.channel = channel
-                                try await guest.write(ByteBuffer(bytes: frame.encoded))
+                                guard !guestGone else { continue }
+                                do {
+                                    try await guest.write(ByteBuffer(bytes: frame.encoded))
+                                } catch {
+                                    // Read on until the client hangs up: leaving the inbound
+                                    // stream closes the connection before the reply task has
+                                    // delivered what the client is owed, its failure included.
+                                    log.debug("auxverb client's frame to the guest: \(error)")
+                                    guestGone = true
+                                }
                             }
                         }
                     } catch {
