@@ -50,6 +50,9 @@ public struct QemuOptions: Sendable, Equatable {
     public var overlayParent: String?
     /// Copy the serial console to stderr while the guest boots (`--show-boot`).
     public var showBoot = false
+    /// Bytes of the serial console's log kept on the disk (`--console-log-limit`): what the guest
+    /// writes past it pushes out the oldest part.
+    public var consoleLogLimit = ConsoleLog.defaultLimit
     /// Who logs in on the serial console to install qemu-guest-agent (`--user`, `--password`):
     /// root by default. Another user needs sudo.
     public var consoleUser: String?

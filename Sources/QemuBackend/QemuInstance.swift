@@ -32,6 +32,7 @@ final class QemuInstance: Sendable {
         /// Set while the helper goes away on purpose (a reboot): its port closing is no news.
         var helperLossExpected = false
         var portWatch: Task<Void, Never>?
+        var consoleWatch: Task<Void, Never>?
         /// A restore failed because of the saved state itself (it did not verify, load or run).
         var savedStateFailed = false
         /// The `--baseimage` block node exists in this QEMU (it outlives the device's unplugging).
@@ -96,6 +97,14 @@ final class QemuInstance: Sendable {
         for socket in [paths.qmp, paths.qga, paths.helperPort, paths.console] { chmod(socket, 0o600) }
         let portWatch = Task { await self.watchHelperPort(qmp) }
         try store { $0.portWatch = portWatch }
+        let consoleLog = ConsoleLog(path: paths.consoleLog, limit: options.consoleLogLimit, runner: runner)
+        let consoleWatch = Task { await consoleLog.keepBounded() }
+        do throws(VirtError) {
+            try store { $0.consoleWatch = consoleWatch }
+        } catch {
+            consoleWatch.cancel()
+            throw error
+        }
         let relay = self.relay
         let helperPort = paths.helperPort
         let relayTask = Task {
@@ -390,6 +399,7 @@ final class QemuInstance: Sendable {
             _ = await qemu.value
         }
         current.portWatch?.cancel()
+        current.consoleWatch?.cancel()
         await current.qmp?.close()
         await current.qga?.close()
         current.relay?.cancel()
@@ -437,10 +447,8 @@ final class QemuInstance: Sendable {
 
     /// The end of the serial console, for error messages.
     func consoleTail(_ count: Int = 4000) -> String {
-        guard let text = try? String(contentsOfFile: paths.consoleLog, encoding: .utf8), !text.isEmpty else {
-            return ""
-        }
-        return "\n--- end of the serial console (\(paths.consoleLog)) ---\n\(text.suffix(count))"
+        let text = ConsoleLog.tail(of: paths.consoleLog, characters: count)
+        return text.isEmpty ? "" : "\n--- end of the serial console (\(paths.consoleLog)) ---\n\(text)"
     }
 
     static func writeFile(_ path: String, _ text: String) throws(VirtError) {

@@ -164,6 +164,13 @@ struct QemuServer: AsyncParsableCommand {
     var showBoot = false
 
     @Option(
+        help: ArgumentHelp(
+            "How much of the serial console's log (console.log in the instance directory) is kept on the disk; "
+                + "what the guest writes past it pushes out the oldest part.",
+            valueName: "MiB"))
+    var consoleLogLimit = ConsoleLog.defaultLimit >> 20
+
+    @Option(
         name: [.customShort("u", allowingJoined: true), .long],
         help: ArgumentHelp(
             "The user for tests that do not need root (suggested-normal-user), unless root; also who logs in on the "
@@ -252,6 +259,9 @@ struct QemuServer: AsyncParsableCommand {
             throw VirtError(
                 .notFound, "the \(what) \(path) is missing: apt-get install ovmf, or pass --efi-code/--efi-vars")
         }
+        guard (1...(1 << 20)).contains(consoleLogLimit) else {
+            throw VirtError(.usage, "--console-log-limit must be between 1 and 1048576 MiB")
+        }
         guard ramSize >= 128, cpus >= 1, shutdownTimeout >= 0 else {
             throw VirtError(.usage, "--ram-size, --cpus and the timeouts must be positive")
         }
@@ -279,6 +289,7 @@ struct QemuServer: AsyncParsableCommand {
         options.baseImage = baseimage
         options.overlayParent = dropIn.overlayParent
         options.showBoot = showBoot
+        options.consoleLogLimit = consoleLogLimit << 20
         options.consoleUser = user
         options.consolePassword = password
         options.stateCache = snapshot ? ImageCache(directory: cacheDir).directory : nil
