@@ -279,6 +279,146 @@ extension FaultSuite {
             }
         }
 
+        /// A test in the VM floods the serial console, then kills the guest helper as root and
+        /// takes its port to send a command's output past the credit window: console.log stays
+        /// within its limit on the disk, the relay drops the port instead of buffering, and a
+        /// revert gives a working testbed again (issue 14, items 4 and 8).
+        @Test(
+            "a test flooding the serial console and the helper's port fills neither the disk nor the server's memory",
+            .enabled(if: Backend.qemuEnabled), .timeLimit(.minutes(20)))
+        func hostileGuestFloods() async throws {
+            let server = try await ServerUnderTest.start(.qemu, options: ["--console-log-limit", "1"])
+            do {
+                _ = try await server.open()
+                let auxverb = try await server.auxverb()
+                let runner = SubprocessRunner()
+                let consoleLog = try #require(
+                    FileManager.default.enumerator(atPath: server.parent)?.compactMap { $0 as? String }
+                        .first { $0.hasSuffix("/console.log") }
+                        .map { "\(server.parent)/\($0)" },
+                    "no console.log under \(server.parent)")
+                func consoleTail() -> String {
+                    guard let handle = FileHandle(forReadingAtPath: consoleLog) else { return "" }
+                    defer { try? handle.close() }
+                    let end = (try? handle.seekToEnd()) ?? 0
+                    try? handle.seek(toOffset: end > 4096 ? end - 4096 : 0)
+                    return String(decoding: (try? handle.readToEnd()) ?? Data(), as: UTF8.self)
+                }
+                func onDisk() -> (size: Int, blocks: Int) {
+                    var info = stat()
+                    guard stat(consoleLog, &info) == 0 else { return (0, 0) }
+                    return (Int(info.st_size), Int(info.st_blocks) * 512)
+                }
+
+                try await faultCase(
+                    "qemu", "a test writes 6 MiB to /dev/ttyS0 with --console-log-limit 1",
+                    expected: "console.log holds at most about 1 MiB on the disk and keeps the end; the session goes on"
+                ) { checks in
+                    let flood = try await runner.run(
+                        Command(
+                            argv: auxverb + [
+                                "sh", "-c",
+                                "head -c 6291456 /dev/zero | tr '\\0' x > /dev/ttyS0; echo; echo console-flood-done",
+                            ]), input: .none, output: .capture, error: .capture)
+                    checks.expect(flood.status == .exited(0), "the flood failed: \(flood.status) \(flood.errorText)")
+                    _ = try await runner.run(
+                        Command(argv: auxverb + ["sh", "-c", "echo console-flood-end > /dev/ttyS0"]))
+                    try await Task.sleep(for: .seconds(2))
+                    let (size, blocks) = onDisk()
+                    checks.expect(size >= 6 << 20, "console.log is \(size) bytes long: the flood did not reach it")
+                    checks.expect(blocks <= 2 << 20, "console.log takes \(blocks) bytes on the disk")
+                    let tail = consoleTail()
+                    checks.expect(
+                        tail.contains("console-flood-end"), "the end of the console is not kept: \(tail.suffix(200))")
+                    checks.expect(
+                        server.process.standardError.contains("wrote more than 1 MiB to its serial console"),
+                        "no warning about the console's size:\n\(server.process.standardError)")
+                }
+
+                try await faultCase(
+                    "qemu", "a root test kills the guest helper and floods its port past the credit window",
+                    expected: "the port is dropped with an error, the command fails (255), a revert works again"
+                ) { checks in
+                    // The hostile command: it stops its parent (the helper), opens the port, says
+                    // hello, and sends output for the next command spawned, ignoring credits.
+                    let hostile = """
+                        import os, signal, struct, time
+                        os.kill(os.getppid(), signal.SIGKILL)
+                        for _ in range(400):
+                            try:
+                                port = os.open('/dev/virtio-ports/org.debusine.virt.0', os.O_RDWR)
+                                break
+                            except OSError:
+                                time.sleep(0.05)
+                        # Once the server has noticed the helper's end, a hello makes it the helper.
+                        time.sleep(1)
+                        os.write(port, struct.pack('>IBI', 0, 0x16, 14) + b'hostile-boot 1')
+                        with open('/dev/ttyS0', 'w') as console:
+                            console.write('\\nhostile-port-open\\n')
+                        seen = b''
+                        while True:
+                            seen += os.read(port, 1 << 20)
+                            at = seen.find(b'4194304\\0')
+                            if at >= 9 and seen[at - 5] == 1:
+                                channel = struct.unpack('>I', seen[at - 9:at - 5])[0]
+                                break
+                        frame = struct.pack('>IBI', channel, 0x11, 1 << 20) + b'x' * (1 << 20)
+                        for _ in range(64):
+                            os.write(port, frame)
+                        """
+                    let taker = try startAuxverb(auxverb, ["python3", "-c", hostile])
+                    let deadline = ContinuousClock.now + .seconds(120)
+                    while !consoleTail().contains("hostile-port-open"), ContinuousClock.now < deadline {
+                        try await Task.sleep(for: .milliseconds(200))
+                    }
+                    checks.expect(consoleTail().contains("hostile-port-open"), "the hostile test did not take the port")
+                    // The server tries a new helper 3 s after the old one's port closed: that one
+                    // finds the port taken, and the hostile hello stands.
+                    try await Task.sleep(for: .seconds(8))
+                    // Nobody reads the victim's stdout until the relay has had its chance to buffer.
+                    var ends: [Int32] = [-1, -1]
+                    try #require(pipe(&ends) == 0)
+                    let writeEnd = ends[1]
+                    let victim = Task {
+                        try await SubprocessRunner().run(
+                            Command(argv: auxverb + ["cat"]), input: .none,
+                            output: .fileDescriptor(writeEnd, closeAfterStart: true), error: .capture)
+                    }
+                    while !server.process.standardError.contains("broke the protocol"),
+                        ContinuousClock.now < deadline + .seconds(300)
+                    {
+                        try await Task.sleep(for: .milliseconds(500))
+                    }
+                    checks.expect(
+                        server.process.standardError.contains("beyond the credit window"),
+                        "the relay did not drop the port:\n\(server.process.standardError)")
+                    let drained = try await runner.run(
+                        Command("wc", ["-c"]), input: .fileDescriptor(ends[0], closeAfterStart: true), output: .capture,
+                        error: .discard)
+                    let result = try await victim.value
+                    checks.expect(result.status == .exited(255), "the flooded command ended with \(result.status)")
+                    checks.expect(
+                        result.errorText.contains("broke the protocol"), "the command's error: \(result.errorText)")
+                    let received = Int(drained.outputText.trimmingCharacters(in: .whitespaces)) ?? .max
+                    checks.expect(received <= 6 << 20, "the command got \(received) bytes, more than the window")
+                    taker.signal(SIGKILL)
+                    _ = try? await taker.wait(timeout: .seconds(30))
+                    checks.expect(try await server.process.request("revert") == "ok", "revert failed")
+                    let after = try await runner.run(Command(argv: auxverb + ["echo", "back"]))
+                    checks.expect(after.outputText == "back", "after the revert: \(after.status) \(after.errorText)")
+                }
+                #expect(try await server.process.request("close") == "ok")
+                server.process.write(line: "quit")
+                _ = try await server.process.wait(timeout: .seconds(120))
+                let left = try await server.leftovers()
+                #expect(left.isEmpty, "left behind: \(left)")
+            } catch {
+                await server.discard()
+                throw error
+            }
+            await server.discard()
+        }
+
         @Test("hostile --profile values are data, never shell code", .enabled(if: Backend.incusEnabled))
         func hostileProfile() async throws {
             try await faultCase(

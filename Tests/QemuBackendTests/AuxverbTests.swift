@@ -108,6 +108,21 @@ struct AuxverbTests {
         }
     }
 
+    @Test("an argv of 1.5 MiB (more than one frame's payload, less than Linux's limit) runs whole")
+    func largeArgv() async throws {
+        try await withHelper { host in
+            // A word may be up to 128 KiB on Linux (MAX_ARG_STRLEN): twelve of 130,000 bytes.
+            let words = (0..<12).map {
+                String(repeating: Character(String(UnicodeScalar(UInt8(97 + $0)))), count: 130_000)
+            }
+            let result = try await host.run(["sh", "-c", #"echo $#; printf %s "$@" | md5sum"#, "sh"] + words)
+            #expect(result.status == .exited(0))
+            let digest = try await SubprocessRunner().run(
+                Command("md5sum", []), input: .bytes(Array(words.joined().utf8)), output: .capture, error: .discard)
+            #expect(result.outputText == "12\n\(digest.outputText)")
+        }
+    }
+
     @Test("64 MiB stream in through stdin and out through stdout, byte for byte")
     func streaming() async throws {
         try await withHelper { host in
@@ -288,7 +303,108 @@ struct AuxverbTests {
     }
 }
 
-@Suite("Exit reports from the guest")
+/// A guest end written by an attacker (a root test can stop the helper and take its port): it
+/// says hello like the helper, then breaks the channel's bounds. The real relay and client face it.
+@Suite("A guest end that breaks the channel's bounds", .serialized)
+struct HostileGuestEndTests {
+    static let fake = """
+        import socket, struct, sys
+        path, mode, report = sys.argv[1:4]
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        server.listen(1)
+        conn, _ = server.accept()
+        header = struct.Struct('>IBI')
+        def send(channel, kind, payload):
+            conn.sendall(header.pack(channel, kind, len(payload)) + payload)
+        send(0, 0x16, b'hostile-boot 1')
+        buffered, channel = b'', None
+        while channel is None:
+            data = conn.recv(1 << 20)
+            if not data:
+                sys.exit(1)
+            buffered += data
+            while len(buffered) >= 9:
+                frame_channel, kind, length = header.unpack_from(buffered)
+                if len(buffered) < 9 + length:
+                    break
+                if kind == 1:
+                    channel = frame_channel
+                buffered = buffered[9 + length:]
+        outcome = 'open'
+        conn.settimeout(60)
+        try:
+            if mode == 'output':
+                sent = 0
+                while sent < (64 << 20):
+                    send(channel, 0x11, b'x' * (1 << 20))
+                    sent += 1 << 20
+                outcome = 'sent all %d' % sent
+            else:
+                send(channel, 0x14, struct.pack('>I', 1000))
+            while conn.recv(1 << 20):
+                pass
+            outcome = 'closed' if outcome == 'open' else outcome
+        except OSError:
+            outcome = 'closed' if outcome == 'open' else outcome
+        with open(report, 'w') as f:
+            f.write(outcome)
+        """
+
+    @Test(
+        "output past the credit window, or stdin acknowledged that was never sent, closes the guest's port with a clear error",
+        arguments: ["output", "stdin-credit"])
+    func dropsTheGuestEnd(_ mode: String) async throws {
+        let directory = try TestPaths.makeTemporaryDirectory("dv-hostile.")
+        defer { TestPaths.removeTree(directory) }
+        let script = "\(directory)/fake.py"
+        try Data(Self.fake.utf8).write(to: URL(fileURLWithPath: script))
+        let port = "\(directory)/port.sock"
+        let report = "\(directory)/report"
+        let guestEnd = try ServerProcess(["/usr/bin/python3", script, port, mode, report])
+        let deadline = ContinuousClock.now + .seconds(60)
+        while access(port, F_OK) != 0 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+        let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock")
+        let relayTask = Task { try? await relay.run(guestPortPath: port) }
+        _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+
+        // Nobody reads the client's stdout yet: whatever the guest sends piles up in the relay.
+        var ends: [Int32] = [-1, -1]
+        try #require(pipe(&ends) == 0)
+        let (writeEnd, socket) = (ends[1], relay.socketPath)
+        let client = Task {
+            try await SubprocessRunner().run(
+                Command(argv: [TestPaths.executable("debusine-virt-auxverb"), socket, "cat"]),
+                input: .none, output: .fileDescriptor(writeEnd, closeAfterStart: true), error: .capture)
+        }
+        while access(report, F_OK) != 0 && ContinuousClock.now < deadline + .seconds(60) {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        // The relay closed the port after a window's worth (4 MiB, plus what the sockets hold),
+        // not after taking all 64 MiB into memory.
+        #expect(String(decoding: FileManager.default.contents(atPath: report) ?? Data(), as: UTF8.self) == "closed")
+        let drained = try await SubprocessRunner().run(
+            Command("wc", ["-c"]), input: .fileDescriptor(ends[0], closeAfterStart: true), output: .capture,
+            error: .discard)
+        let result = try await client.value
+        #expect(result.status == .exited(255))
+        #expect(result.errorText.contains("broke the protocol"), "\(result.errorText)")
+        #expect(
+            (Int(drained.outputText.trimmingCharacters(in: .whitespaces)) ?? .max) <= Frame.window + 2
+                * Frame.maximumPayload)
+        // The relay goes on serving, and says why there is no testbed to run in.
+        let after = try await SubprocessRunner().run(
+            Command(argv: [TestPaths.executable("debusine-virt-auxverb"), relay.socketPath, "true"]), input: .none,
+            output: .discard, error: .capture)
+        #expect(after.status == .exited(255))
+        relayTask.cancel()
+        await relayTask.value
+        guestEnd.signal(SIGKILL)
+        _ = try? await guestEnd.wait(timeout: .seconds(10))
+    }
+}
+
+@Suite("Exit reports and frame sizes from the guest")
 struct CommandEndTests {
     @Test(
         "an exit report out of range is a failure (255), never a wrapped status or a crash",
@@ -299,6 +415,18 @@ struct CommandEndTests {
         ])
     func clamps(_ payload: String, _ status: Int32) {
         #expect(CommandEnd(payload: Array(payload.utf8)).auxverbStatus == status, "\(payload)")
+    }
+
+    @Test("a spawn frame may carry a whole argv past 1 MiB; any other frame past 1 MiB is refused")
+    func frameLimits() throws {
+        var decoder = FrameDecoder()
+        decoder.append(Frame(.spawn, [UInt8](repeating: 0x61, count: 6 << 20)).encoded)
+        #expect(try decoder.next()?.payload.count == 6 << 20)
+        decoder.append(Frame(.stdout, [UInt8](repeating: 0x61, count: Frame.maximumPayload + 1)).encoded)
+        #expect(throws: FrameDecoder.DecodeError.oversized(Frame.maximumPayload + 1)) { try decoder.next() }
+        var spawns = FrameDecoder()
+        spawns.append(Frame(.spawn, [UInt8](repeating: 0x61, count: Frame.maximumSpawnPayload + 1)).encoded)
+        #expect(throws: FrameDecoder.DecodeError.oversized(Frame.maximumSpawnPayload + 1)) { try spawns.next() }
     }
 }
 

@@ -160,6 +160,19 @@ struct SavedStateCommandTests {
         usleep(10_000)
         try Data("image, changed".utf8).write(to: URL(fileURLWithPath: image))
         #expect(key(options) != base)
+        // Rewritten again with the same size, its modification time set back (`touch -r`, `cp -p`):
+        // only the change time, which nobody sets, tells.
+        let rewritten = key(options)
+        var before = stat()
+        #expect(stat(image, &before) == 0)
+        usleep(10_000)
+        try Data("image, CHANGED".utf8).write(to: URL(fileURLWithPath: image))
+        var times = [before.st_atim, before.st_mtim]
+        #expect(utimensat(AT_FDCWD, image, &times, 0) == 0)
+        var after = stat()
+        #expect(stat(image, &after) == 0)
+        #expect(after.st_size == before.st_size && after.st_mtim.tv_nsec == before.st_mtim.tv_nsec)
+        #expect(key(options) != rewritten)
         options.stateCache = "/elsewhere"
         #expect(
             key(options) == key(QemuOptions(image: image, format: .qcow2)), "where states are kept is not part of them")
@@ -236,5 +249,49 @@ struct ConsoleWatchTests {
                 "BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x3,0x0): Not Found\r\n"
                     + "BdsDxe: loading Boot0002 \"UEFI Misc Device 2\" from PciRoot(0x0)/Pci(0x5,0x0)\r\n") == nil)
         #expect(ConsoleWatch.withoutTerminalEscapes("\u{1B}[2J\u{1B}[01;01H\u{1B}[=3hBdsDxe") == "BdsDxe")
+    }
+}
+
+@Suite("The serial console's log on the disk")
+struct ConsoleLogTests {
+    @Test("a log written on at its offset, as QEMU does, stays within its limit on the disk and keeps its end")
+    func staysBounded() async throws {
+        let directory = try TestPaths.makeTemporaryDirectory("dv-console.")
+        defer { TestPaths.removeTree(directory) }
+        let path = "\(directory)/console.log"
+        // QEMU opens its log file once, without O_APPEND, and writes on from where it is.
+        let writer = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        try #require(writer >= 0)
+        defer { close(writer) }
+        let consoleLog = ConsoleLog(path: path, limit: 1 << 20, runner: SubprocessRunner())
+        let chunk = [UInt8](repeating: UInt8(ascii: "x"), count: 256 << 10)
+        var trims = 0
+        var largest = 0
+        for _ in 0..<64 {
+            #expect(chunk.withUnsafeBytes { write(writer, $0.baseAddress, $0.count) } == chunk.count)
+            if await consoleLog.trim() != nil { trims += 1 }
+            var info = stat()
+            #expect(stat(path, &info) == 0)
+            largest = max(largest, Int(info.st_blocks) * 512)
+        }
+        // Invalid UTF-8 at the end, as a guest may write: decoded, not dropped.
+        let end: [UInt8] = Array("the end \u{FC} ".utf8) + [0xFF, 0xFE] + Array(" last line\n".utf8)
+        #expect(end.withUnsafeBytes { write(writer, $0.baseAddress, $0.count) } == end.count)
+        var info = stat()
+        #expect(stat(path, &info) == 0)
+        #expect(Int(info.st_size) == 64 * chunk.count + end.count, "the file goes on at QEMU's offset")
+        #expect(trims >= 20)
+        #expect(largest <= (1 << 20) + chunk.count + 4096, "at most the limit and one write: \(largest)")
+        let tail = ConsoleLog.tail(of: path, characters: 30)
+        #expect(tail.hasSuffix("the end \u{FC} \u{FFFD}\u{FFFD} last line\n"), "\(tail)")
+        #expect(ConsoleLog.tail(of: "\(directory)/missing", characters: 30) == "")
+    }
+
+    @Test("fallocate punches a hole from the start of the file, by argv")
+    func punchHoleCommand() {
+        #expect(
+            ConsoleLog.punchHole("/tmp/d/console.log", length: 8192).argv == [
+                "fallocate", "--punch-hole", "--offset", "0", "--length", "8192", "--", "/tmp/d/console.log",
+            ])
     }
 }
