@@ -53,11 +53,52 @@ public struct StateStore: Sendable {
         public func file(_ name: String) -> String { "\(path)/\(name)" }
     }
 
+    /// How long a lookup waits for an entry's lock, which others hold only to check and remove
+    /// it (or, briefly, to find it exists): past that, booting is the better use of the time.
+    static let lookupWait: Duration = .seconds(10)
+
     /// The complete entry for `key`, marked as used now, and pinned (a shared flock on its
-    /// manifest) so that no other server's eviction removes it while this process lives; nil
-    /// when there is none.
-    public func lookup(_ key: String) -> Entry? {
+    /// manifest) so that no other server's eviction or discard removes it while this process
+    /// lives; nil when there is none.
+    ///
+    /// The pin is taken under the entry's lock, which a removal holds from its check for pins to
+    /// the entry's rename: without it, a removal could check, this lookup pin, and the removal
+    /// then take away an entry about to be restored.
+    public func lookup(_ key: String) async -> Entry? {
         let path = "\(directory)/\(key)"
+        guard CacheFiles.exists("\(path)/\(Self.manifestName)") else { return nil }
+        let deadline = ContinuousClock.now + Self.lookupWait
+        let lock: FileLock
+        while true {
+            do throws(VirtError) {
+                if let taken = try FileLock.attempt("\(directory)/\(key).lock") {
+                    lock = taken
+                    break
+                }
+            } catch {
+                log.warning("cannot use the saved state \(path): \(error.message)")
+                return nil
+            }
+            guard ContinuousClock.now < deadline, (try? await Task.sleep(for: .milliseconds(50))) != nil else {
+                log.info("the saved state \(key) stays locked by another server: booting instead")
+                return nil
+            }
+        }
+        defer { lock.release() }
+        guard let digests = Self.manifest(of: path) else { return nil }
+        do throws(VirtError) {
+            try Pins.pin("\(path)/\(Self.manifestName)")
+        } catch {
+            log.warning("cannot use the saved state \(path): \(error.message)")
+            return nil
+        }
+        CacheFiles.touch(path)
+        return Entry(key: key, path: path, digests: digests)
+    }
+
+    /// File name to SHA-256, as the manifest of the entry at `path` lists them; nil without a
+    /// readable, well-formed manifest.
+    static func manifest(of path: String) -> [String: String]? {
         guard let text = SmallFile.text("\(path)/\(Self.manifestName)", limit: 65536) else { return nil }
         var digests: [String: String] = [:]
         for line in text.split(separator: "\n") {
@@ -68,10 +109,7 @@ public struct StateStore: Sendable {
             guard !name.contains("/"), !name.isEmpty else { return nil }
             digests[name] = String(fields[0])
         }
-        guard !digests.isEmpty else { return nil }
-        try? Pins.pin("\(path)/\(Self.manifestName)")
-        CacheFiles.touch(path)
-        return Entry(key: key, path: path, digests: digests)
+        return digests.isEmpty ? nil : digests
     }
 
     /// Checks every file of `entry` against its manifest (with coreutils' sha256sum, as cached
@@ -110,13 +148,23 @@ public struct StateStore: Sendable {
     }
 
     /// Removes `entry` (a state that failed to restore or verify), unless another process is
-    /// saving or removing it right now.
-    public func discard(_ entry: Entry) {
-        Pins.unpin(entry.file(Self.manifestName))
-        guard let lock = try? FileLock.attempt("\(directory)/\(entry.key).lock") else { return }
+    /// saving or removing it right now, or uses it: a server restoring from it finds out for
+    /// itself, and the last one to fail removes it. Returns whether it was removed.
+    @discardableResult
+    public func discard(_ entry: Entry) -> Bool {
+        let manifest = entry.file(Self.manifestName)
+        Pins.unpin(manifest)
+        guard let lock = try? FileLock.attempt("\(directory)/\(entry.key).lock") else { return false }
         defer { lock.release() }
+        // Another server may have replaced it already with a good one: that one stays.
+        guard Self.manifest(of: entry.path) == entry.digests else { return false }
+        guard !Pins.isInUse(manifest) else {
+            log.info("the saved state \(entry.path) is in use by another server: left for it")
+            return false
+        }
         remove(entry.path)
         log.info("removed the saved state \(entry.path)")
+        return true
     }
 
     /// A new entry being saved; ``commit(digests:)`` gives it its name.

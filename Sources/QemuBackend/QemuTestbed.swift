@@ -213,7 +213,7 @@ public final class QemuTestbed: Testbed {
         let echo = options.showBoot ? ConsoleEcho.start(path: InstancePaths(directory: path).consoleLog) : nil
         defer { echo?.stop() }
         let saved = await savedStates()
-        if let saved, let entry = saved.store.lookup(saved.key) {
+        if let saved, let entry = await saved.store.lookup(saved.key) {
             let started = ContinuousClock.now
             log.info("restoring the saved VM state \(entry.path)")
             let store = saved.store
@@ -235,13 +235,27 @@ public final class QemuTestbed: Testbed {
                 try await ready(instance)
                 return
             } catch {
-                verification.cancel()
                 current.withLock { if $0 === instance { $0 = nil } }
-                let blamesState = instance.savedStateFailed
+                // A close or a signal stopped the restore: there is nothing to boot for.
+                let stopped = instance.isDestroyed || Task.isCancelled
                 await instance.destroy(graceful: false, removeDirectory: orphaned(path))
-                guard blamesState else { throw error }
-                log.warning("cannot restore the saved state \(entry.path), removing it and booting: \(error.message)")
-                store.discard(entry)
+                if stopped {
+                    verification.cancel()
+                    throw error
+                }
+                // Whatever failed, a boot may still work. The state goes only when it is to blame:
+                // it did not load or run, or its files do not match (which the verification,
+                // left to finish, says even when something else failed first).
+                let corrupt = instance.savedStateFailed ? nil : await verification.value
+                if instance.savedStateFailed || corrupt != nil {
+                    log.warning(
+                        "cannot restore the saved state \(entry.path), removing it and booting: "
+                            + "\((corrupt ?? error).message)")
+                    store.discard(entry)
+                } else {
+                    log.warning("cannot restore the saved state \(entry.path), booting: \(error.message)")
+                }
+                if orphaned(path) { throw VirtError(.testbedFailure, "the testbed was closed while it was restored") }
             }
         }
         let instance = try QemuInstance(

@@ -28,7 +28,7 @@ struct StateStoreTests {
         try Data(state.utf8).write(to: URL(fileURLWithPath: "\(builder.path)/vmstate"))
         try Data("disk".utf8).write(to: URL(fileURLWithPath: "\(builder.path)/disk.qcow2"))
         try await builder.commit()
-        return try #require(store.lookup(key))
+        return try #require(await store.lookup(key))
     }
 
     func names(_ directory: String) -> [String] {
@@ -39,7 +39,7 @@ struct StateStoreTests {
     func saveAndFind() async throws {
         try await withStore { store, _ in
             let key = StateStore.key(for: "qemu 10\nargv ...\n")
-            #expect(store.lookup(key) == nil)
+            #expect(await store.lookup(key) == nil)
             let entry = try await save(store, key)
             #expect(entry.path == "\(store.directory)/\(key)")
             #expect(entry.digests.keys.sorted() == ["disk.qcow2", "vmstate"])
@@ -70,7 +70,7 @@ struct StateStoreTests {
                     #expect(error.message.contains(file), "\(error.message)")
                 }
                 store.discard(entry)
-                #expect(store.lookup(key) == nil, "a discarded entry is gone")
+                #expect(await store.lookup(key) == nil, "a discarded entry is gone")
             }
         }
     }
@@ -119,7 +119,7 @@ struct StateStoreTests {
             try FileManager.default.createDirectory(
                 atPath: "\(store.directory)/\(key)", withIntermediateDirectories: true)
             try Data("x".utf8).write(to: URL(fileURLWithPath: "\(store.directory)/\(key)/vmstate"))
-            #expect(store.lookup(key) == nil, "an entry without a manifest is not complete")
+            #expect(await store.lookup(key) == nil, "an entry without a manifest is not complete")
             try await save(store, key)
             #expect(names(store.directory) == [key, "\(key).lock"])
         }
@@ -142,6 +142,74 @@ struct StateStoreTests {
             #expect(left.contains(keys[0]), "the entry in use stays")
             #expect(left.contains(keys[3]), "the newest stays")
             #expect(!left.contains(keys[1]) && !left.contains(keys[2]), "\(left)")
+        }
+    }
+
+    /// Another server's pin: a shared flock of its own on the manifest.
+    func pinElsewhere(_ entry: StateStore.Entry) throws -> Int32 {
+        let fd = open(entry.file(StateStore.manifestName), O_RDONLY | O_CLOEXEC)
+        try #require(fd >= 0 && flock(fd, LOCK_SH | LOCK_NB) == 0)
+        return fd
+    }
+
+    @Test("a state another server uses is not removed by a discard; the last user's discard removes it")
+    func discardSparesOthers() async throws {
+        try await withStore { store, _ in
+            let key = StateStore.key(for: "shared")
+            let entry = try await save(store, key)
+            let other = try pinElsewhere(entry)
+            #expect(!store.discard(entry), "removed while another server restores from it")
+            #expect(await store.lookup(key) == entry)
+            close(other)
+            #expect(store.discard(entry))
+            #expect(await store.lookup(key) == nil)
+        }
+    }
+
+    @Test("a discard of a state rebuilt meanwhile by another server leaves the new one")
+    func discardSparesRebuilt() async throws {
+        try await withStore { store, _ in
+            let key = StateStore.key(for: "rebuilt")
+            let old = try await save(store, key, state: "old")
+            // Another server found it corrupt, removed it and saved it again.
+            #expect(store.discard(old))
+            let new = try await save(store, key, state: "new")
+            #expect(new.digests != old.digests)
+            Pins.unpin(new.file(StateStore.manifestName))
+            #expect(!store.discard(old), "the old entry's discard took the new one")
+            #expect(await store.lookup(key) == new)
+        }
+    }
+
+    @Test("a lookup while a removal holds the entry's lock waits for it, and does not return an entry being removed")
+    func lookupWaitsForRemoval() async throws {
+        try await withStore { store, _ in
+            let key = StateStore.key(for: "racing")
+            let entry = try await save(store, key)
+            Pins.unpin(entry.file(StateStore.manifestName))
+            // A removal (eviction or discard) between its check for pins and its rename.
+            let removal = try #require(try FileLock.attempt("\(store.directory)/\(key).lock"))
+            #expect(!Pins.isInUse(entry.file(StateStore.manifestName)))
+            let lookup = Task { await store.lookup(key) }
+            try await Task.sleep(for: .milliseconds(300))
+            store.remove(entry.path)
+            removal.release()
+            #expect(await lookup.value == nil, "the lookup pinned an entry that was being removed")
+        }
+    }
+
+    @Test("a lookup gives up on a lock held for long, and boots instead of waiting without end")
+    func lookupGivesUp() async throws {
+        try await withStore { store, _ in
+            let key = StateStore.key(for: "held")
+            let entry = try await save(store, key)
+            Pins.unpin(entry.file(StateStore.manifestName))
+            let holder = try #require(try FileLock.attempt("\(store.directory)/\(key).lock"))
+            let started = ContinuousClock.now
+            #expect(await store.lookup(key) == nil)
+            #expect(ContinuousClock.now - started >= StateStore.lookupWait)
+            holder.release()
+            #expect(await store.lookup(key) == entry)
         }
     }
 }

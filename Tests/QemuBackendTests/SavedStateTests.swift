@@ -148,6 +148,22 @@ struct SavedStateTests {
         let digest = String(actual.outputText.prefix(64))
         #expect(manifest.contains("\(digest) *vmstate"), "\(manifest) against \(actual.outputText)")
 
+        // A state that fails before its verification has finished (here the EFI variables cannot
+        // be copied: the file is a directory now) is no reason to fail the open: it boots, and the
+        // verification, left to finish, finds the entry bad and has it rebuilt.
+        let efiVars = "\(cache)/states/\(entry)/efivars.fd"
+        unlink(efiVars)
+        try FileManager.default.createDirectory(atPath: efiVars, withIntermediateDirectories: false)
+        let fifth = try server(cache: cache, parent: parent)
+        let fifthAux = try await open(fifth)
+        #expect(fifth.standardError.contains("cannot restore the saved state"), "\(fifth.standardError)")
+        #expect(fifth.standardError.contains("removing it and booting"), "\(fifth.standardError)")
+        #expect(fifth.standardError.contains("saved the VM state"), "\(fifth.standardError)")
+        #expect(try await run(fifthAux, ["cat", "/etc/debian_version"]).hasPrefix("12"))
+        try await finish(fifth)
+        var rebuilt = stat()
+        #expect(stat(efiVars, &rebuilt) == 0 && rebuilt.st_mode & S_IFMT == S_IFREG, "the entry was not rebuilt")
+
         #expect(TestPaths.contents(of: parent) == [], "instance directories left: \(TestPaths.contents(of: parent))")
         let leftover = try await runner.run(Command("pgrep", ["-f", parent]))
         #expect(leftover.outputText.isEmpty, "QEMU processes left behind: \(leftover.outputText)")
