@@ -39,7 +39,7 @@ public struct IncusGarbageCollector: Sendable {
     /// With `owner`, only that server's instances (the death watch's run, once it has died).
     public func collect(owner only: Int32? = nil) async throws(VirtError) -> [String] {
         var report: [String] = []
-        for (name, owner) in try await orphans(owner: only) {
+        for (name, owner) in try await orphans(owner: only) where !Task.isCancelled {
             let command = cli.delete(name)
             var result = try await runner.run(command)
             var gone = result.status.succeeded || IncusErrors.isNotFound(result)
@@ -48,7 +48,7 @@ public struct IncusGarbageCollector: Sendable {
             // delete meanwhile, in words that vary. Try again while the instance is there.
             let clock = ContinuousClock()
             let deadline = clock.now + .seconds(120)
-            while !gone && clock.now < deadline {
+            while !gone && clock.now < deadline && !Task.isCancelled {
                 if !result.errorText.contains("is busy running"), try await !exists(name) {
                     gone = true
                     break

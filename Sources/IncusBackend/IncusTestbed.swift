@@ -49,6 +49,8 @@ public final class IncusTestbed: Testbed {
         /// `incus launch` and `incus delete` commands running now: a close must outwait them,
         /// or an instance a launch is still making, or one half deleted, outlives the server.
         var commandsInFlight = 0
+        /// The sweep for instances of dead servers, started by the first open.
+        var sweep: Task<Void, Never>?
     }
 
     public init(options: IncusOptions, runner: any CommandRunner = SubprocessRunner()) {
@@ -70,6 +72,7 @@ public final class IncusTestbed: Testbed {
     }
 
     public func open() async throws(VirtError) -> [String] {
+        sweepOnce()
         let auxverb = try await launch()
         prepareSpare()
         return auxverb
@@ -100,6 +103,23 @@ public final class IncusTestbed: Testbed {
         let auxverb = try launched.get()
         prepareSpare()
         return auxverb
+    }
+
+    /// Deletes, in the background, the instances of servers of this machine that died without
+    /// their death watch cleaning up (the whole session killed, the machine restarted): what
+    /// `gc` does, limited as it is to owners that are provably gone.
+    private func sweepOnce() {
+        state.withLock { state in
+            guard state.sweep == nil, !state.closed else { return }
+            let collector = IncusGarbageCollector(cli: cli, runner: runner)
+            state.sweep = Task {
+                do throws(VirtError) {
+                    for line in try await collector.collect() { log.info("start-up sweep: \(line)") }
+                } catch {
+                    log.debug("start-up sweep: \(error.message)")
+                }
+            }
+        }
     }
 
     /// Makes the spare for the next revert in the background, unless there is one.
@@ -176,6 +196,12 @@ public final class IncusTestbed: Testbed {
         async let spareDeletion: Void = deleteIfAny(spare, counted: false)
         if let name { await stopAndDelete(name) }
         await spareDeletion
+        // Others' leftovers are no reason to keep the caller waiting: an unfinished sweep ends
+        // with an interrupted delete, which incusd completes, or the next sweep does.
+        if let sweep = state.withLock({ $0.sweep }) {
+            sweep.cancel()
+            await sweep.value
+        }
     }
 
     /// Runs an instance-making or -deleting command, counted for ``close()``.

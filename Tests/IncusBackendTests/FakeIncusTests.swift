@@ -224,6 +224,55 @@ struct FakeIncusTests {
         #expect(deletes == ["delete debusine-virt-dead --force"], "\(calls)\n\(gc.outputText)\(gc.errorText)")
     }
 
+    @Test("the first open deletes instances of this machine's dead servers, and no live or foreign server's")
+    func startUpSweep() async throws {
+        let fake = try Fake("")
+        defer { fake.cleanUp() }
+        #expect(try await fake.server.readLine() == "ok")
+        let exited = try ServerProcess(["/bin/true"])
+        #expect(try await exited.wait() == .exited(0))
+        let me = InstanceOwner.current()
+        try #require(!me.machineID.isEmpty, "this machine has no /etc/machine-id")
+        let owners: [(String, InstanceOwner)] = [
+            ("debusine-virt-mine", me),
+            ("debusine-virt-live", InstanceOwner.current()),
+            (
+                "debusine-virt-dead",
+                InstanceOwner(host: me.host, machineID: me.machineID, pid: exited.pid, startTime: "1")
+            ),
+            (
+                "debusine-virt-elsewhere",
+                InstanceOwner(
+                    host: me.host, machineID: String(repeating: "0", count: 32), pid: exited.pid, startTime: "1")
+            ),
+            (
+                "debusine-virt-other-host",
+                InstanceOwner(host: "elsewhere", machineID: "", pid: exited.pid, startTime: "1")
+            ),
+        ]
+        let listing = owners.map { name, owner -> [String: Any] in
+            ["name": name, "config": Dictionary(uniqueKeysWithValues: owner.labels().map { ($0.key, $0.value) })]
+        }
+        try JSONSerialization.data(withJSONObject: listing).write(to: URL(fileURLWithPath: fake.state + "/list.json"))
+        for (name, _) in owners {
+            FileManager.default.createFile(atPath: "\(fake.state)/instance.\(name)", contents: nil)
+        }
+        #expect(try await fake.request("open")?.hasPrefix("ok /") == true, "\(fake.server.standardError)")
+        let deadline = ContinuousClock.now + .seconds(30)
+        while !fake.calls.contains("delete debusine-virt-dead --force") && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(try await fake.request("close") == "ok")
+        #expect(try await fake.request("quit") == nil)
+        #expect(try await fake.server.wait() == .exited(0))
+        let swept = fake.calls.filter { $0.hasPrefix("delete debusine-virt-") && !$0.contains("debusine-virt-test") }
+            .filter { call in owners.contains { call.hasPrefix("delete \($0.0) ") } }
+        #expect(swept == ["delete debusine-virt-dead --force"], "\(fake.calls)")
+        #expect(
+            fake.server.standardError.contains("start-up sweep: deleted instance debusine-virt-dead"),
+            "\(fake.server.standardError)")
+    }
+
     @Test("a missing image or profile is an error before the banner that says what to do")
     func preflight() async throws {
         let state = try TestPaths.makeTemporaryDirectory("dv-fake-incus.")
