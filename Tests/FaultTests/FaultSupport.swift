@@ -159,18 +159,21 @@ final class Checks: Sendable {
 }
 
 /// Runs one fault case and adds a line to the report named by DEBUSINE_VIRT_FAULT_REPORT (set by
-/// scripts/test; scripts/fault-table turns it into docs/reliability.md).
+/// scripts/test; scripts/fault-table turns it into docs/reliability.md). A `hostile` case is an
+/// attack by what the security model does not trust (an image, a tarball, a test in the
+/// testbed), and goes into the table of hostile input.
 func faultCase(
-    _ backend: String, _ fault: String, expected: String, _ body: (Checks) async throws -> Void
+    _ backend: String, _ fault: String, expected: String, hostile: Bool = false,
+    _ body: (Checks) async throws -> Void
 ) async throws {
     let checks = Checks()
     do {
         try await body(checks)
     } catch {
-        FaultReport.add(backend: backend, fault: fault, expected: expected, held: false)
+        FaultReport.add(backend: backend, fault: fault, expected: expected, hostile: hostile, held: false)
         throw error
     }
-    FaultReport.add(backend: backend, fault: fault, expected: expected, held: checks.held)
+    FaultReport.add(backend: backend, fault: fault, expected: expected, hostile: hostile, held: checks.held)
 }
 
 enum FaultReport {
@@ -178,12 +181,14 @@ enum FaultReport {
         var backend: String
         var fault: String
         var expected: String
+        var hostile: Bool
         var held: Bool
     }
 
-    static func add(backend: String, fault: String, expected: String, held: Bool) {
+    static func add(backend: String, fault: String, expected: String, hostile: Bool, held: Bool) {
         guard let path = ProcessInfo.processInfo.environment["DEBUSINE_VIRT_FAULT_REPORT"],
-            let data = try? JSONEncoder().encode(Line(backend: backend, fault: fault, expected: expected, held: held))
+            let data = try? JSONEncoder().encode(
+                Line(backend: backend, fault: fault, expected: expected, hostile: hostile, held: held))
         else { return }
         // One write of a short line with O_APPEND: lines from parallel tests do not mix.
         let fd = Glibc.open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)

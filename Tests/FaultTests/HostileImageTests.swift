@@ -81,7 +81,8 @@ extension FaultSuite {
             _ fault: String, image: (String) async throws -> String, saying words: @escaping (String) -> String
         ) async throws {
             try await faultCase(
-                "qemu", fault, expected: "refused before the banner, exit 65, within seconds, nothing left"
+                "qemu", fault, expected: "refused before the banner, exit 65, within seconds, nothing left",
+                hostile: true
             ) { checks in
                 let work = try TestPaths.makeTemporaryDirectory("dv-image.")
                 defer { TestPaths.removeTree(work) }
@@ -136,7 +137,7 @@ extension FaultSuite {
         func backingFile() async throws {
             try await faultCase(
                 "qemu", "a qcow2 image whose backing file is a host file",
-                expected: "refused before the banner naming the file; nothing of it reaches a guest"
+                expected: "refused before the banner naming the file; nothing of it reaches a guest", hostile: true
             ) { checks in
                 let work = try TestPaths.makeTemporaryDirectory("dv-image.")
                 defer { TestPaths.removeTree(work) }
@@ -204,7 +205,9 @@ extension FaultSuite {
         func importRefuses(
             _ fault: String, vm: Bool = true, image: (String) async throws -> String, saying words: String
         ) async throws {
-            try await faultCase("incus", fault, expected: "import refused, exit 65, no alias, nothing left") { checks in
+            try await faultCase(
+                "incus", fault, expected: "import refused, exit 65, no alias, nothing left", hostile: true
+            ) { checks in
                 let work = try TestPaths.makeTemporaryDirectory("dv-image.")
                 defer { TestPaths.removeTree(work) }
                 let parent = "\(work)/tmp"

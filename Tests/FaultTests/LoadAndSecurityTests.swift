@@ -129,7 +129,7 @@ extension FaultSuite {
         func hostileUserName() async throws {
             try await faultCase(
                 "incus", "image whose normal user is named `x<TAB>downtmp-host=/tmp/...`",
-                expected: "no downtmp-host= capability, no suggested-normal-user; the session goes on"
+                expected: "no downtmp-host= capability, no suggested-normal-user; the session goes on", hostile: true
             ) { checks in
                 let runner = SubprocessRunner()
                 let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
@@ -194,7 +194,8 @@ extension FaultSuite {
         func hostileCopyup() async throws {
             try await faultCase(
                 "incus", "copyup of a tree with setuid files, a FIFO, mode 7777, and a forged archive with devices",
-                expected: "ok; destination mode kept; no setuid/setgid/sticky, no device or FIFO on the host"
+                expected: "ok; destination mode kept; no setuid/setgid/sticky, no device or FIFO on the host",
+                hostile: true
             ) { checks in
                 let server = try await ServerUnderTest.start(.incus)
                 do {
@@ -312,7 +313,9 @@ extension FaultSuite {
 
                 try await faultCase(
                     "qemu", "a test writes 6 MiB to /dev/ttyS0 with --console-log-limit 1",
-                    expected: "console.log holds at most about 1 MiB on the disk and keeps the end; the session goes on"
+                    expected:
+                        "console.log holds at most about 1 MiB on the disk and keeps the end; the session goes on",
+                    hostile: true
                 ) { checks in
                     let flood = try await runner.run(
                         Command(
@@ -337,7 +340,8 @@ extension FaultSuite {
 
                 try await faultCase(
                     "qemu", "a root test kills the guest helper and floods its port past the credit window",
-                    expected: "the port is dropped with an error, the command fails (255), a revert works again"
+                    expected: "the port is dropped with an error, the command fails (255), a revert works again",
+                    hostile: true
                 ) { checks in
                     // The hostile command: it stops its parent (the helper), opens the port, says
                     // hello, and sends output for the next command spawned, ignoring credits.
