@@ -177,6 +177,10 @@ struct QemuServerTests {
         let aux = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
         let result = try await runner.run(Command(argv: aux + ["dpkg", "--print-architecture"]))
         #expect(result.status == .exited(0) && result.outputText == "amd64", "\(result.errorText)")
+        // An argv of 1.5 MiB: more than one frame's payload, within Linux's limit, in the guest too.
+        let words = (0..<12).map { String(repeating: String(UnicodeScalar(UInt8(97 + $0))), count: 130_000) }
+        let large = try await runner.run(Command(argv: aux + ["sh", "-c", #"echo $# ${#12}"#, "sh"] + words))
+        #expect(large.status == .exited(0) && large.outputText == "12 130000", "\(large.status) \(large.errorText)")
         #expect(try await server.request("close") == "ok")
         server.write(line: "quit")
         #expect(try await server.wait() == .exited(0))
