@@ -60,6 +60,9 @@ public struct QemuOptions: Sendable, Equatable {
     /// Where booted VM states are saved and restored from (the image cache's); nil boots every
     /// time (`--no-snapshot`).
     public var stateCache: String?
+    /// IMAGE is the image cache's copy of a URL: the cache writes it once (a new download is a
+    /// new file) and marks it used at every fetch, so its times say nothing about its content.
+    public var imageIsCached = false
 
     /// Options for `image` read as `format`; the server makes them from an inspected image
     /// (``init(image:)-(InspectedImage)``), tests from what they know.

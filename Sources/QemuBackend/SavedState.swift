@@ -40,7 +40,7 @@ enum SavedStateKey {
                 "debusine-virt saved state format \(format)",
                 "qemu: \(qemuVersion)",
                 "argv: \(template.argv.joined(separator: " "))",
-                "image: \(identity(options.image))",
+                "image: \(identity(options.image, times: !options.imageIsCached))",
             ] + extraImages + [
                 "efi code: \(identity(options.efiCode))",
                 "efi vars: \(identity(options.efiVars))",
@@ -57,11 +57,14 @@ enum SavedStateKey {
         return String(line)
     }
 
-    static func identity(_ path: String) -> String {
+    /// Without `times` (a cached download, whose times change with every use), the file is
+    /// known by its path, inode and size: a new download is a new file.
+    static func identity(_ path: String, times: Bool = true) -> String {
         var resolved = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
         let real = realpath(path, &resolved) != nil ? String(cString: resolved) : path
         var info = stat()
         guard stat(real, &info) == 0 else { return "\(real) missing" }
+        guard times else { return "\(real) dev \(info.st_dev) ino \(info.st_ino) size \(info.st_size)" }
         return
             "\(real) dev \(info.st_dev) ino \(info.st_ino) size \(info.st_size) mtime \(CacheFiles.modificationTime(info)) "
             + "ctime \(Int64(info.st_ctim.tv_sec) * 1_000_000_000 + Int64(info.st_ctim.tv_nsec))"

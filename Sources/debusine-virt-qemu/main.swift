@@ -274,6 +274,7 @@ struct QemuServer: AsyncParsableCommand {
         let inspected = try await BootImage.prepare(
             isURL ? image : absolute(image), name: image, sha256: sha256, cacheDirectory: cacheDir)
         var options = QemuOptions(image: inspected)
+        options.imageIsCached = isURL
         options.ramMiB = ramSize
         options.cpus = cpus
         options.accelerator = accel

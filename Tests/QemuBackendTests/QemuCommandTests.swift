@@ -173,6 +173,15 @@ struct SavedStateCommandTests {
         #expect(stat(image, &after) == 0)
         #expect(after.st_size == before.st_size && after.st_mtim.tv_nsec == before.st_mtim.tv_nsec)
         #expect(key(options) != rewritten)
+        // The image cache's copy of a URL is marked used (its times set) at every fetch: the
+        // saved state must still be found by the next server.
+        var cached = options
+        cached.imageIsCached = true
+        let beforeUse = key(cached)
+        usleep(10_000)
+        #expect(utimensat(AT_FDCWD, image, nil, 0) == 0)
+        #expect(key(cached) == beforeUse, "a cached image's use changed its state's key")
+        #expect(key(options) != rewritten, "a path's image is known by its times too")
         options.stateCache = "/elsewhere"
         #expect(
             key(options) == key(QemuOptions(image: image, format: .qcow2)), "where states are kept is not part of them")
