@@ -134,7 +134,13 @@ public struct FrameDecoder: Sendable {
     private var buffer: [UInt8] = []
     private var start = 0
 
-    public init() {}
+    /// The largest `spawn` accepted: only the host sends them, so a decoder of what the guest
+    /// sends takes none larger than any other frame.
+    private let spawnLimit: Int
+
+    public init(spawnLimit: Int = Frame.maximumSpawnPayload) {
+        self.spawnLimit = spawnLimit
+    }
 
     public enum DecodeError: Error, Equatable {
         case unknownKind(UInt8)
@@ -153,7 +159,7 @@ public struct FrameDecoder: Sendable {
         let rawKind = header[start + 4]
         let length = header.suffix(4).reduce(0) { $0 << 8 | Int($1) }
         guard let kind = Frame.Kind(rawValue: rawKind) else { throw .unknownKind(rawKind) }
-        let limit = kind == .spawn ? Frame.maximumSpawnPayload : Frame.maximumPayload
+        let limit = kind == .spawn ? spawnLimit : Frame.maximumPayload
         guard length <= limit else { throw .oversized(length) }
         let end = start + Frame.headerSize + length
         guard buffer.count >= end else { return compact() }

@@ -67,22 +67,9 @@ public struct StateStore: Sendable {
     public func lookup(_ key: String) async -> Entry? {
         let path = "\(directory)/\(key)"
         guard CacheFiles.exists("\(path)/\(Self.manifestName)") else { return nil }
-        let deadline = ContinuousClock.now + Self.lookupWait
-        let lock: FileLock
-        while true {
-            do throws(VirtError) {
-                if let taken = try FileLock.attempt("\(directory)/\(key).lock") {
-                    lock = taken
-                    break
-                }
-            } catch {
-                log.warning("cannot use the saved state \(path): \(error.message)")
-                return nil
-            }
-            guard ContinuousClock.now < deadline, (try? await Task.sleep(for: .milliseconds(50))) != nil else {
-                log.info("the saved state \(key) stays locked by another server: booting instead")
-                return nil
-            }
+        guard let lock = await lockEntry(key) else {
+            log.info("the saved state \(key) stays locked by another server: booting instead")
+            return nil
         }
         defer { lock.release() }
         guard let digests = Self.manifest(of: path) else { return nil }
@@ -94,6 +81,23 @@ public struct StateStore: Sendable {
         }
         CacheFiles.touch(path)
         return Entry(key: key, path: path, digests: digests)
+    }
+
+    /// The lock of the entry for `key`, waiting up to ``lookupWait`` for it; nil when it stays
+    /// taken, or cannot be taken.
+    func lockEntry(_ key: String) async -> FileLock? {
+        let deadline = ContinuousClock.now + Self.lookupWait
+        while true {
+            do throws(VirtError) {
+                if let taken = try FileLock.attempt("\(directory)/\(key).lock") { return taken }
+            } catch {
+                log.warning("cannot lock the saved state \(key): \(error.message)")
+                return nil
+            }
+            guard ContinuousClock.now < deadline, (try? await Task.sleep(for: .milliseconds(50))) != nil else {
+                return nil
+            }
+        }
     }
 
     /// File name to SHA-256, as the manifest of the entry at `path` lists them; nil without a
@@ -147,18 +151,20 @@ public struct StateStore: Sendable {
             + "\(info.st_ctim.tv_sec).\(info.st_ctim.tv_nsec) \(digest)"
     }
 
-    /// Removes `entry` (a state that failed to restore or verify), unless another process is
-    /// saving or removing it right now, or uses it: a server restoring from it finds out for
-    /// itself, and the last one to fail removes it. Returns whether it was removed.
+    /// Removes `entry` (a state that failed to restore or verify). A `corrupt` one (its files do
+    /// not match its manifest) goes even while other servers use it: their QEMUs keep the files
+    /// they opened, and their next lookup boots. One that only failed to load or run here stays
+    /// while another server uses it: that one finds out for itself, and the last to fail removes
+    /// it. Returns whether it was removed.
     @discardableResult
-    public func discard(_ entry: Entry) -> Bool {
+    public func discard(_ entry: Entry, corrupt: Bool) async -> Bool {
         let manifest = entry.file(Self.manifestName)
         Pins.unpin(manifest)
-        guard let lock = try? FileLock.attempt("\(directory)/\(entry.key).lock") else { return false }
+        guard let lock = await lockEntry(entry.key) else { return false }
         defer { lock.release() }
         // Another server may have replaced it already with a good one: that one stays.
         guard Self.manifest(of: entry.path) == entry.digests else { return false }
-        guard !Pins.isInUse(manifest) else {
+        guard corrupt || !Pins.isInUse(manifest) else {
             log.info("the saved state \(entry.path) is in use by another server: left for it")
             return false
         }

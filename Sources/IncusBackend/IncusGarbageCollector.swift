@@ -22,14 +22,20 @@ public struct IncusGarbageCollector: Sendable {
             host: host ?? current.host, machineID: current.machineID, pid: 0, startTime: "")
     }
 
-    /// The instances on the remote that belong to dead servers of this host.
-    public func orphans(owner only: Int32? = nil) async throws(VirtError) -> [(name: String, owner: InstanceOwner)] {
+    /// The instances on the remote that belong to dead servers of this host. `provenMachine`
+    /// takes only owners labelled with this machine's id (not a host name alone, which two
+    /// machines or containers may share): for sweeps no one asked for.
+    public func orphans(
+        owner only: Int32? = nil, provenMachine: Bool = false
+    ) async throws(VirtError) -> [(name: String, owner: InstanceOwner)] {
         let command = cli.list(prefix: InstanceName.prefix)
         let result = try await runner.run(command, input: .none, output: .capture(limit: 64 << 20), error: .capture)
         guard result.status.succeeded else { throw IncusErrors.describe(command, result) }
         return try Self.parse(result.standardOutput).compactMap { name, configuration in
             guard name.hasPrefix(InstanceName.prefix), let owner = InstanceOwner(configuration: configuration),
-                owner.isOnSameMachine(as: machine), only == nil || owner.pid == only, !owner.isAlive
+                owner.isOnSameMachine(as: machine), only == nil || owner.pid == only,
+                !provenMachine || (!machine.machineID.isEmpty && owner.machineID == machine.machineID),
+                !owner.isAlive
             else { return nil }
             return (name, owner)
         }
@@ -37,9 +43,9 @@ public struct IncusGarbageCollector: Sendable {
 
     /// Deletes the orphans; returns one line per instance.
     /// With `owner`, only that server's instances (the death watch's run, once it has died).
-    public func collect(owner only: Int32? = nil) async throws(VirtError) -> [String] {
+    public func collect(owner only: Int32? = nil, provenMachine: Bool = false) async throws(VirtError) -> [String] {
         var report: [String] = []
-        for (name, owner) in try await orphans(owner: only) where !Task.isCancelled {
+        for (name, owner) in try await orphans(owner: only, provenMachine: provenMachine) where !Task.isCancelled {
             let command = cli.delete(name)
             var result = try await runner.run(command)
             var gone = result.status.succeeded || IncusErrors.isNotFound(result)

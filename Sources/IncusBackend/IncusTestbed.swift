@@ -114,7 +114,9 @@ public final class IncusTestbed: Testbed {
             let collector = IncusGarbageCollector(cli: cli, runner: runner)
             state.sweep = Task {
                 do throws(VirtError) {
-                    for line in try await collector.collect() { log.info("start-up sweep: \(line)") }
+                    for line in try await collector.collect(provenMachine: true) {
+                        log.info("start-up sweep: \(line)")
+                    }
                 } catch {
                     log.debug("start-up sweep: \(error.message)")
                 }

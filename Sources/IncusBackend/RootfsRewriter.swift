@@ -184,4 +184,3 @@ extension RootfsRewriter {
         }
     }
 }
-

@@ -54,7 +54,7 @@ public actor AuxverbRelay {
                 tasks.addTask {
                     try await guestChannel.executeThenClose { inbound, outbound in
                         await self.attach(outbound)
-                        var decoder = FrameDecoder()
+                        var decoder = FrameDecoder(spawnLimit: Frame.maximumPayload)
                         var broken: String?
                         do {
                             reading: for try await buffer in inbound {

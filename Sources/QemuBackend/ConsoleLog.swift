@@ -37,8 +37,9 @@ public struct ConsoleLog: Sendable {
     /// Trims the file whenever it occupies more than the limit, until cancelled.
     func keepBounded() async {
         var warned = false
+        var lastCut = 0
         while !Task.isCancelled {
-            if let kept = await trim(), !warned {
+            if let kept = await trim(after: &lastCut), !warned {
                 warned = true
                 log.warning(
                     "the guest wrote more than \(limit >> 20) MiB to its serial console: \(path) keeps the last "
@@ -50,19 +51,37 @@ public struct ConsoleLog: Sendable {
 
     /// Punches out all but the end of the file if it occupies more than the limit; returns how
     /// much of it is kept then, nil when nothing was done.
-    func trim() async -> Int? {
+    ///
+    /// `lastCut` is where the last trim cut: a file system that keeps blocks allocated past a
+    /// hole (XFS preallocates) is punched again only once the guest wrote a quarter of the limit
+    /// more, not at every look.
+    func trim(after lastCut: inout Int) async -> Int? {
         var info = stat()
         guard stat(path, &info) == 0, Int(info.st_blocks) * 512 > limit else { return nil }
         let keep = max(limit / 2, 4096)
         // Whole blocks only: a partial one at the cut would be zeroed, not freed.
         let cut = (Int(info.st_size) - keep) & ~4095
-        guard cut > 0 else { return nil }
-        let punched = try? await runner.run(
-            Self.punchHole(path, length: cut), input: .none, output: .discard, error: .capture)
-        if punched?.status.succeeded != true {
-            // A filesystem without holes: empty the file. QEMU's next write at its offset leaves
+        // A new file (a revert started QEMU on a fresh one) starts over.
+        if cut < lastCut { lastCut = 0 }
+        guard cut > 0, lastCut == 0 || cut >= lastCut + limit / 4 else { return nil }
+        let result: CommandResult
+        do throws(VirtError) {
+            result = try await runner.run(
+                Self.punchHole(path, length: cut), input: .none, output: .discard, error: .capture)
+        } catch {
+            // Cancelled (the instance is going away), or no fallocate: the log stays whole.
+            log.debug("cannot punch a hole into \(path): \(error.message)")
+            return nil
+        }
+        lastCut = cut
+        guard result.status.succeeded else {
+            guard result.errorText.contains("not supported") else {
+                log.debug("cannot punch a hole into \(path): \(result.errorText)")
+                return nil
+            }
+            // A file system without holes: empty the file. QEMU's next write at its offset leaves
             // the space before it unallocated, which is what a hole would have been.
-            log.debug("cannot punch a hole into \(path): \(punched?.errorText ?? "fallocate did not run"); emptying it")
+            log.debug("\(path) is on a file system without holes: emptying it")
             guard truncate(path, 0) == 0 else { return nil }
             return 0
         }

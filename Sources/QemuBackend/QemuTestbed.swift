@@ -244,14 +244,19 @@ public final class QemuTestbed: Testbed {
                     throw error
                 }
                 // Whatever failed, a boot may still work. The state goes only when it is to blame:
-                // it did not load or run, or its files do not match (which the verification,
-                // left to finish, says even when something else failed first).
-                let corrupt = instance.savedStateFailed ? nil : await verification.value
-                if instance.savedStateFailed || corrupt != nil {
+                // its files do not match (which the verification, left to finish, says even when
+                // something else failed first), or it did not load or run.
+                let verdict = await withTaskCancellationHandler {
+                    await verification.value
+                } onCancel: {
+                    verification.cancel()
+                }
+                if Task.isCancelled { throw error }
+                if instance.savedStateFailed || verdict != nil {
                     log.warning(
                         "cannot restore the saved state \(entry.path), removing it and booting: "
-                            + "\((corrupt ?? error).message)")
-                    store.discard(entry)
+                            + "\((verdict ?? error).message)")
+                    await store.discard(entry, corrupt: verdict != nil)
                 } else {
                     log.warning("cannot restore the saved state \(entry.path), booting: \(error.message)")
                 }

@@ -249,6 +249,12 @@ struct FakeIncusTests {
                 "debusine-virt-other-host",
                 InstanceOwner(host: "elsewhere", machineID: "", pid: exited.pid, startTime: "1")
             ),
+            // Which machine it was on is unknown (labels from before machine ids): `gc` may take
+            // it, a sweep nobody asked for does not.
+            (
+                "debusine-virt-unproven",
+                InstanceOwner(host: me.host, machineID: "", pid: exited.pid, startTime: "1")
+            ),
         ]
         let listing = owners.map { name, owner -> [String: Any] in
             ["name": name, "config": Dictionary(uniqueKeysWithValues: owner.labels().map { ($0.key, $0.value) })]

@@ -178,10 +178,11 @@ struct SavedStateCommandTests {
         var cached = options
         cached.imageIsCached = true
         let beforeUse = key(cached)
+        let pathBeforeUse = key(options)
         usleep(10_000)
         #expect(utimensat(AT_FDCWD, image, nil, 0) == 0)
         #expect(key(cached) == beforeUse, "a cached image's use changed its state's key")
-        #expect(key(options) != rewritten, "a path's image is known by its times too")
+        #expect(key(options) != pathBeforeUse, "a path's image is known by its times too")
         options.stateCache = "/elsewhere"
         #expect(
             key(options) == key(QemuOptions(image: image, format: .qcow2)), "where states are kept is not part of them")
@@ -276,9 +277,10 @@ struct ConsoleLogTests {
         let chunk = [UInt8](repeating: UInt8(ascii: "x"), count: 256 << 10)
         var trims = 0
         var largest = 0
+        var lastCut = 0
         for _ in 0..<64 {
             #expect(chunk.withUnsafeBytes { write(writer, $0.baseAddress, $0.count) } == chunk.count)
-            if await consoleLog.trim() != nil { trims += 1 }
+            if await consoleLog.trim(after: &lastCut) != nil { trims += 1 }
             var info = stat()
             #expect(stat(path, &info) == 0)
             largest = max(largest, Int(info.st_blocks) * 512)
@@ -289,8 +291,10 @@ struct ConsoleLogTests {
         var info = stat()
         #expect(stat(path, &info) == 0)
         #expect(Int(info.st_size) == 64 * chunk.count + end.count, "the file goes on at QEMU's offset")
-        #expect(trims >= 20)
-        #expect(largest <= (1 << 20) + chunk.count + 4096, "at most the limit and one write: \(largest)")
+        #expect(trims >= 10)
+        // The limit, a quarter of it before the next cut, and one write (plus what a file system
+        // allocates ahead).
+        #expect(largest <= 2 << 20, "more than twice the limit on the disk: \(largest)")
         let tail = ConsoleLog.tail(of: path, characters: 30)
         #expect(tail.hasSuffix("the end \u{FC} \u{FFFD}\u{FFFD} last line\n"), "\(tail)")
         #expect(ConsoleLog.tail(of: "\(directory)/missing", characters: 30) == "")
