@@ -5,7 +5,6 @@ let argumentParser: Target.Dependency = .product(name: "ArgumentParser", package
 
 let package = Package(
     name: "debusine-virt",
-    platforms: [.macOS(.v15)],
     products: [
         .executable(name: "debusine-virt-qemu", targets: ["debusine-virt-qemu"]),
         .executable(name: "debusine-virt-incus", targets: ["debusine-virt-incus"]),
@@ -20,7 +19,7 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
-        // Errors, logging to stderr, timeouts: what every other module shares.
+        // Errors, logging to stderr, timeouts, the C library: what every other module shares.
         .target(name: "VirtCore"),
         // Parsing requests and formatting replies of the virt-server protocol.
         .target(name: "VirtProtocol", dependencies: ["VirtCore"]),
@@ -42,7 +41,7 @@ let package = Package(
         .target(
             name: "VirtSession",
             dependencies: [
-                "VirtCore", "VirtProtocol", "TestbedCore",
+                "VirtCore", "VirtProtocol", "TestbedCore", "CommandRunner",
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             ]
         ),

@@ -225,7 +225,8 @@ struct Session: Sendable {
     func step<T: Sendable>(_ what: String, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
         do {
             return try await withTimeout(timeout, "\(label): \(what)", body)
-        } catch let error as VirtError where error.code == .timeout {
+        } catch {
+            guard error.code == .timeout else { throw error }
             throw VirtError(.timeout, error.message + errorTail)
         }
     }

@@ -1,10 +1,5 @@
+import Glibc
 import GuestChannel
-
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
 
 /// The program autopkgtest and sbuild execute as the auxverb: runs one command in the testbed
 /// through the server's relay socket, streaming stdin, stdout and stderr, and exits with the

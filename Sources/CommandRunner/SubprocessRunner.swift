@@ -3,12 +3,6 @@ import Subprocess
 import SystemPackage
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// Runs commands with swift-subprocess.
 ///
 /// The child never inherits our stdin or stdout: stdin is always given explicitly and stdout is
@@ -147,7 +141,7 @@ enum BytesFeeder {
     /// Returns the read end for the child.
     static func start(_ bytes: [UInt8]) throws(VirtError) -> Int32 {
         guard let (readEnd, writeEnd) = SpawnHygiene.pipe() else {
-            throw VirtError(.io, "cannot create a pipe: \(String(cString: strerror(errno)))")
+            throw VirtError(.io, "cannot create a pipe", errno: errno)
         }
         let thread = Thread {
             // A child that exits unread must give us EPIPE, not kill us: SIGPIPE from write()

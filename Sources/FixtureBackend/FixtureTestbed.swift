@@ -3,12 +3,6 @@ import Synchronization
 import TestbedCore
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The in-test backend: a "testbed" that is a private directory on the host, entered with
 /// `env TMPDIR=...`. It exercises the shared core for real (scratch directory, copies through
 /// the auxverb, the reboot sequence) without a VM, so the protocol tests run in milliseconds.
@@ -111,7 +105,7 @@ public final class FixtureTestbed: Testbed {
         let directory: String
         if let previous = firstRoot.withLock({ $0 }) {
             guard mkdir(previous, 0o700) == 0 else {
-                throw VirtError(.io, "cannot re-create \(previous): \(String(cString: strerror(errno)))")
+                throw VirtError(.io, "cannot re-create \(previous)", errno: errno)
             }
             directory = previous
         } else {

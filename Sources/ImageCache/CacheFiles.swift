@@ -1,19 +1,11 @@
 import Synchronization
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The POSIX file operations the cache needs, with errors as ``VirtError`` naming the path.
 ///
 /// Plain system calls rather than Foundation: the cache must control modes (0700 directories,
 /// 0600 files whatever the umask), fsync and rename, which FileManager hides.
 public enum CacheFiles {
-    static func errorText(_ number: Int32 = errno) -> String { String(cString: strerror(number)) }
-
     /// The file's status, or nil when it does not exist (or cannot be examined).
     static func status(_ path: String) -> stat? {
         var info = stat()
@@ -29,7 +21,7 @@ public enum CacheFiles {
         for component in path.split(separator: "/") {
             prefix += "/" + component
             if mkdir(prefix, 0o700) != 0 && errno != EEXIST {
-                throw VirtError(.io, "cannot create the image cache directory \(prefix): \(errorText())")
+                throw VirtError(.io, "cannot create the image cache directory \(prefix)", errno: errno)
             }
         }
         guard let info = status(path), info.st_mode & S_IFMT == S_IFDIR else {
@@ -39,14 +31,14 @@ public enum CacheFiles {
             throw VirtError(.io, "the image cache \(path) belongs to another user (uid \(info.st_uid))")
         }
         if info.st_mode & 0o777 != 0o700 && chmod(path, 0o700) != 0 {
-            throw VirtError(.io, "cannot make the image cache \(path) private (mode 0700): \(errorText())")
+            throw VirtError(.io, "cannot make the image cache \(path) private (mode 0700)", errno: errno)
         }
     }
 
     /// The names in a directory, without `.` and `..`.
     static func names(in directory: String) throws(VirtError) -> [String] {
         guard let handle = opendir(directory) else {
-            throw VirtError(.io, "cannot list the image cache \(directory): \(errorText())")
+            throw VirtError(.io, "cannot list the image cache \(directory)", errno: errno)
         }
         defer { closedir(handle) }
         var names: [String] = []
@@ -68,7 +60,7 @@ public enum CacheFiles {
             return mkstemp(base)
         }
         guard fd >= 0 else {
-            throw VirtError(.io, "cannot create a file \(prefix)XXXXXX: \(errorText())")
+            throw VirtError(.io, "cannot create a file \(prefix)XXXXXX", errno: errno)
         }
         // Our children (curl, sha256sum) get what they need explicitly, never this descriptor.
         _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
@@ -83,7 +75,7 @@ public enum CacheFiles {
     static func sync(_ fd: Int32, _ path: String) throws(VirtError) {
         while fsync(fd) != 0 {
             if errno == EINTR { continue }
-            throw VirtError(.io, "cannot write \(path) to the disk: \(errorText())")
+            throw VirtError(.io, "cannot write \(path) to the disk", errno: errno)
         }
     }
 
@@ -99,7 +91,7 @@ public enum CacheFiles {
     /// Renames atomically: readers see the old file or the new one under `to`, never a mix.
     static func move(_ from: String, to: String) throws(VirtError) {
         guard rename(from, to) == 0 else {
-            throw VirtError(.io, "cannot rename \(from) to \(to): \(errorText())")
+            throw VirtError(.io, "cannot rename \(from) to \(to)", errno: errno)
         }
     }
 
@@ -121,7 +113,7 @@ public enum CacheFiles {
             let bytes = Array((line + "\n").utf8)
             let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
             guard written == bytes.count else {
-                throw VirtError(.io, "cannot write \(temporary): \(errorText())")
+                throw VirtError(.io, "cannot write \(temporary)", errno: errno)
             }
             try sync(fd, temporary)
             close(fd)
@@ -198,13 +190,13 @@ final class FileLock {
         while true {
             let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
             guard fd >= 0 else {
-                throw VirtError(.io, "cannot open the lock file \(path): \(CacheFiles.errorText())")
+                throw VirtError(.io, "cannot open the lock file \(path)", errno: errno)
             }
             if flock(fd, LOCK_EX | LOCK_NB) != 0 {
                 let number = errno
                 close(fd)
                 if number == EWOULDBLOCK || number == EINTR { return nil }
-                throw VirtError(.io, "cannot lock \(path): \(CacheFiles.errorText(number))")
+                throw VirtError(.io, "cannot lock \(path)", errno: number)
             }
             // The holder before us may have removed the file we opened: then our lock guards
             // nothing and we must lock whatever the name holds now.
@@ -246,14 +238,14 @@ enum Pins {
             if held[path] != nil { return nil }
             let fd = open(path, O_RDONLY | O_CLOEXEC)
             guard fd >= 0 else {
-                return VirtError(.io, "cannot open \(path): \(CacheFiles.errorText())")
+                return VirtError(.io, "cannot open \(path)", errno: errno)
             }
             // Non-blocking: an exclusive lock on an entry is only taken, briefly, by an eviction
             // that holds the entry's lock file, which the caller holds now.
             guard flock(fd, LOCK_SH | LOCK_NB) == 0 else {
                 let number = errno
                 close(fd)
-                return VirtError(.io, "cannot lock \(path) for use: \(CacheFiles.errorText(number))")
+                return VirtError(.io, "cannot lock \(path) for use", errno: number)
             }
             held[path] = fd
             return nil

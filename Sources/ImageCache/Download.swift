@@ -1,12 +1,6 @@
 import CommandRunner
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The external commands of the cache: curl to download, sha256sum to verify.
 enum CacheCommands {
     /// Downloads `url` into the existing file `output`.
@@ -36,7 +30,7 @@ enum CacheCommands {
     /// The SHA-256 of the file open on `fd` (read from its start), as lowercase hexadecimal.
     static func sha256(of fd: Int32, path: String, runner: any CommandRunner) async throws(VirtError) -> String {
         guard lseek(fd, 0, SEEK_SET) == 0 else {
-            throw VirtError(.io, "cannot read \(path): \(CacheFiles.errorText())")
+            throw VirtError(.io, "cannot read \(path)", errno: errno)
         }
         let result: CommandResult
         do throws(VirtError) {

@@ -1,12 +1,6 @@
 import CommandRunner
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// A per-user cache of system images downloaded from URLs, shared by concurrent servers.
 ///
 /// An entry is named by the SHA-256 of its URL (`KEY`) and made of, in ``directory``:
@@ -244,7 +238,7 @@ public struct ImageCache: Sendable {
 
     private func hash(_ path: String) async throws(VirtError) -> String {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw VirtError(.io, "cannot open \(path): \(CacheFiles.errorText())") }
+        guard fd >= 0 else { throw VirtError(.io, "cannot open \(path)", errno: errno) }
         defer { close(fd) }
         return try await CacheCommands.sha256(of: fd, path: path, runner: runner)
     }

@@ -2,12 +2,6 @@ import CommandRunner
 import Foundation
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The disk image formats QEMU is given explicitly (never probed: probing raw images is unsafe).
 public enum DiskFormat: String, Sendable, CaseIterable {
     case qcow2, raw
@@ -198,7 +192,8 @@ public struct ImageInspection: Sendable {
         let result = try await run(command, output: .fileDescriptor(fd, closeAfterStart: false))
         guard case .exited(let code) = result.status, code == 0 else {
             guard case .exited = result.status else {
-                throw VirtError(.commandFailed, "`\(command)` ended with \(result.status): \(result.errorText.lastLine)")
+                throw VirtError(
+                    .commandFailed, "`\(command)` ended with \(result.status): \(result.errorText.lastLine)")
             }
             throw VirtError(.badImage, "cannot read the start of the image \(path): \(result.errorText.lastLine)")
         }
@@ -249,13 +244,11 @@ public struct ImageInspection: Sendable {
             return try await withTimeout(timeout, "`\(command)`") {
                 try await runner.run(command, input: .none, output: output, error: .capture)
             }
-        } catch let error as VirtError {
+        } catch {
             if error.code == .commandFailed, !ImageCache.findExecutable("qemu-img") {
                 throw VirtError(.unavailable, "qemu-img is needed to inspect images: apt-get install qemu-utils")
             }
             throw error
-        } catch {
-            throw VirtError(.internalError, "`\(command)`: \(error)")
         }
     }
 
@@ -269,7 +262,7 @@ public struct ImageInspection: Sendable {
     static func checkQcow2Header(_ path: String, name: String) throws(VirtError) {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {
-            throw VirtError(.notFound, "the image \(name) cannot be read: \(String(cString: strerror(errno)))")
+            throw VirtError(.notFound, "the image \(name) cannot be read", errno: errno)
         }
         defer { close(fd) }
         // The header and its extensions lie in the first cluster, which is at least 512 bytes.
@@ -318,7 +311,7 @@ public struct ImageInspection: Sendable {
     static func fileSize(_ path: String, name: String) throws(VirtError) -> Int64? {
         var info = stat()
         guard stat(path, &info) == 0 else {
-            throw VirtError(.notFound, "the image \(name) cannot be read: \(String(cString: strerror(errno)))")
+            throw VirtError(.notFound, "the image \(name) cannot be read", errno: errno)
         }
         switch info.st_mode & S_IFMT {
         case S_IFREG: return Int64(info.st_size)

@@ -2,12 +2,6 @@ import CommandRunner
 import Synchronization
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// Saved VM states, kept in the image cache's `states/` directory so that later servers restore
 /// a booted guest instead of booting one.
 ///
@@ -127,7 +121,7 @@ public struct StateStore: Sendable {
             let path = entry.file(name)
             let fd = open(path, O_RDONLY | O_CLOEXEC)
             guard fd >= 0 else {
-                throw VirtError(.testbedFailure, "the saved state \(path) is missing: \(CacheFiles.errorText())")
+                throw VirtError(.testbedFailure, "the saved state \(path) is missing", errno: errno)
             }
             defer { close(fd) }
             var info = stat()
@@ -198,7 +192,7 @@ public struct StateStore: Sendable {
             for name in try CacheFiles.names(in: path).sorted() {
                 let file = "\(path)/\(name)"
                 let fd = open(file, O_RDONLY | O_CLOEXEC)
-                guard fd >= 0 else { throw VirtError(.io, "cannot open \(file): \(CacheFiles.errorText())") }
+                guard fd >= 0 else { throw VirtError(.io, "cannot open \(file)", errno: errno) }
                 defer { close(fd) }
                 let digest = try await CacheCommands.sha256(of: fd, path: file, runner: store.runner)
                 try CacheFiles.sync(fd, file)

@@ -238,7 +238,7 @@ public final class IncusTestbed: Testbed {
         let name = try runningName()
         let tty = Glibc.open("/dev/tty", O_RDWR | O_CLOEXEC)
         guard tty >= 0 else {
-            log.error("cannot run a shell: /dev/tty: \(String(cString: strerror(errno)))")
+            log.error("cannot run a shell: /dev/tty: \(VirtError.text(errno: errno))")
             return
         }
         defer { Glibc.close(tty) }

@@ -1,11 +1,5 @@
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// Who launched an instance: the labels `open` puts on it and `gc` reads back.
 ///
 /// A process is identified by host name and machine id (containers and cloned hosts share host

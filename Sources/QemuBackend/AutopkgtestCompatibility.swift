@@ -1,11 +1,5 @@
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// `--boot`, with autopkgtest-virt-qemu's values.
 public enum BootMode: String, Sendable, CaseIterable {
     case auto, bios, efi, ieee1275, none

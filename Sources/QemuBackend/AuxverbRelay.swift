@@ -3,12 +3,6 @@ import NIOCore
 import NIOPosix
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The server side of the auxverb: serves auxverb clients on a unix socket in the instance
 /// directory and relays their frames to the guest helper over one stream (the virtio-serial
 /// port's chardev socket), giving each command its own channel id.

@@ -2,12 +2,6 @@ import Foundation
 import Synchronization
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// `--show-boot`: copies what the guest writes on its serial console to stderr while it boots,
 /// as autopkgtest-virt-qemu's option does.
 ///

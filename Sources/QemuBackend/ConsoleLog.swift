@@ -2,12 +2,6 @@ import CommandRunner
 import Foundation
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// console.log, where QEMU logs the serial console: kept bounded on the disk, and read only by
 /// its ends.
 ///

@@ -1,8 +1,4 @@
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
+import VirtCore
 
 /// What EFI firmware says on the serial console when it finds nothing to boot on the disk.
 ///

@@ -2,12 +2,6 @@ import CommandRunner
 import ImageCache
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// Everything that decides how an instance's QEMU runs, as given on the command line.
 public struct QemuOptions: Sendable, Equatable {
     public enum Accelerator: String, Sendable, CaseIterable {

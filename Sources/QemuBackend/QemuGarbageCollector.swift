@@ -1,12 +1,6 @@
 import Foundation
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// Removes what servers that died without cleaning up (SIGKILL, a crash, a power cut of the
 /// worker's session) left behind: their QEMU processes and instance directories.
 ///

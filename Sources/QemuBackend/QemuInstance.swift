@@ -5,12 +5,6 @@ import QemuMonitor
 import Synchronization
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// One boot of one VM: its private directory, the QEMU process, the monitor and agent
 /// connections and the auxverb relay.
 ///
@@ -205,12 +199,12 @@ final class QemuInstance: Sendable {
                     + "through it): no guest agent answered, and installing it over the serial console failed: "
                     + "\(reason)\(consoleTail())")
         }
+        let boot = Deadline(deadline)
         func left(_ limit: Duration) throws(VirtError) -> Duration {
-            let remaining = deadline - ContinuousClock.now
-            guard remaining > .zero else {
+            guard !boot.hasPassed else {
                 throw failure("the boot timeout (\(options.bootTimeout.formattedSeconds)) passed")
             }
-            return min(limit, remaining)
+            return boot.remaining(atMost: limit)
         }
         let console = try await SerialConsole.connect(path: paths.console, timeout: try left(.seconds(10)))
         let status: Int32

@@ -5,12 +5,6 @@ import Synchronization
 import TestbedCore
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The QEMU backend: a VM from a system image, on a fresh qcow2 overlay per boot.
 public final class QemuTestbed: Testbed {
     let options: QemuOptions
@@ -156,7 +150,7 @@ public final class QemuTestbed: Testbed {
     public func shell(_ testbed: InTestbed, directory: String, environment: [String]) async throws(VirtError) {
         let tty = Glibc.open("/dev/tty", O_RDWR | O_CLOEXEC)
         guard tty >= 0 else {
-            log.error("cannot run a shell: /dev/tty: \(String(cString: strerror(errno)))")
+            log.error("cannot run a shell: /dev/tty: \(VirtError.text(errno: errno))")
             return
         }
         defer { Glibc.close(tty) }

@@ -4,12 +4,6 @@ import ImageCache
 import QemuMonitor
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// What a saved VM state is valid for, written out so that its digest is the state's key in the
 /// ``StateStore``: a state restores only into exactly the VM that saved it.
 ///
@@ -86,7 +80,7 @@ extension QemuInstance {
         do throws(VirtError) {
             unlink(paths.stateOut)
             guard symlink("\(builder.path)/\(SavedStateKey.stateFile)", paths.stateOut) == 0 else {
-                throw VirtError(.io, "cannot link \(paths.stateOut): \(String(cString: strerror(errno)))")
+                throw VirtError(.io, "cannot link \(paths.stateOut)", errno: errno)
             }
             _ = try await qmp.execute("stop")
             _ = try await qmp.execute("migrate", arguments: ["uri": .string(QemuCommands.saveURI)])
@@ -150,7 +144,7 @@ extension QemuInstance {
         try await runner.check(Command("cp", ["--", entry.file(SavedStateKey.efiVarsFile), paths.efiVars]))
         unlink(paths.stateIn)
         guard symlink(entry.file(SavedStateKey.stateFile), paths.stateIn) == 0 else {
-            throw VirtError(.io, "cannot link \(paths.stateIn): \(String(cString: strerror(errno)))")
+            throw VirtError(.io, "cannot link \(paths.stateIn)", errno: errno)
         }
         defer { unlink(paths.stateIn) }
         let (qmp, _) = try await start(kvm: kvm, incoming: true)

@@ -59,7 +59,7 @@ public actor QGAClient {
     /// Throws a ``VirtError/Code/timeout`` error if the agent does not answer within `timeout`:
     /// it may not be running yet, and callers retry.
     public func sync(timeout: Duration) async throws(VirtError) {
-        try await withDeadline(timeout, "QGA guest-sync-delimited") {
+        try await withTimeout(timeout, "QGA guest-sync-delimited") {
             try await self.exclusively(.sync)
         }
     }
@@ -76,7 +76,7 @@ public actor QGAClient {
     ) async throws(VirtError) -> JSONValue {
         let request = Self.request(command, arguments)
         let what = "QGA \(command)"
-        return try await withDeadline(timeout, what) {
+        return try await withTimeout(timeout, what) {
             try await self.exclusively(.execute(request, what: what))
         }
     }
@@ -89,7 +89,7 @@ public actor QGAClient {
         timeout: Duration = .seconds(30)
     ) async throws(VirtError) {
         let request = Self.request(command, arguments)
-        try await withDeadline(timeout, "QGA \(command)") {
+        try await withTimeout(timeout, "QGA \(command)") {
             _ = try await self.exclusively(.send(request))
         }
     }
@@ -181,7 +181,7 @@ public actor QGAClient {
     ///
     /// The agent forgets a process once it reported it exited: a second wait for the same pid fails.
     public func waitForExec(pid: Int, timeout: Duration) async throws(VirtError) -> GuestExecResult {
-        try await withDeadline(timeout, "waiting for guest process \(pid)") {
+        try await withTimeout(timeout, "waiting for guest process \(pid)") {
             var interval = Duration.milliseconds(20)
             while true {
                 let status = try await self.execute(
@@ -258,17 +258,17 @@ public actor QGAClient {
     /// Performs `exchange` holding the lock, so one exchange at a time uses the stream.
     @discardableResult
     private func exclusively(_ exchange: Exchange) async throws -> JSONValue {
-        try await lock.lock()
-        defer { lock.unlock() }
-        switch exchange {
-        case .sync:
-            try await performSync()
-            return .null
-        case .execute(let request, let what):
-            return try await performExecute(request, what: what)
-        case .send(let request):
-            try await performSend(request)
-            return .null
+        try await lock.withLock {
+            switch exchange {
+            case .sync:
+                try await performSync()
+                return .null
+            case .execute(let request, let what):
+                return try await performExecute(request, what: what)
+            case .send(let request):
+                try await performSend(request)
+                return .null
+            }
         }
     }
 

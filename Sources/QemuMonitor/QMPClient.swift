@@ -54,7 +54,7 @@ public actor QMPClient {
         let deadline = clock.now.advanced(by: timeout)
         let connection = try await LineConnection.connect(path: path, name: "QMP \(path)", timeout: timeout)
         do throws(VirtError) {
-            let line = try await withDeadline(clock.now.duration(to: deadline), "QMP greeting on \(path)") {
+            let line = try await withTimeout(clock.now.duration(to: deadline), "QMP greeting on \(path)") {
                 try await connection.lines.next()
             }
             let greeting = try JSONValue(parsing: line)
@@ -92,7 +92,7 @@ public actor QMPClient {
         pending[id] = slot
         defer { pending[id] = nil }
         let connection = connection
-        let reply = try await withDeadline(timeout, "QMP \(command)") {
+        let reply = try await withTimeout(timeout, "QMP \(command)") {
             try await connection.send(line)
             return try await slot.next()
         }

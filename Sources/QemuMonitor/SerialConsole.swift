@@ -88,7 +88,7 @@ public actor SerialConsole {
     /// naming `what` after `timeout`, and a ``VirtError/Code/testbedFailure`` one if the
     /// console closes.
     public func expect(_ patterns: [String], _ what: String, timeout: Duration) async throws(VirtError) -> Int {
-        try await withDeadline(timeout, "waiting for \(what) on the serial console") {
+        try await withTimeout(timeout, "waiting for \(what) on the serial console") {
             try await self.readUntil(patterns.map { Array($0.utf8) })
         }
     }
@@ -140,16 +140,15 @@ public actor SerialConsole {
     /// Throws a ``VirtError/Code/testbedFailure`` error saying why not (a password is needed,
     /// no shell answered) or a ``VirtError/Code/timeout`` one.
     public func logIn(user: String, password: String?, timeout: Duration) async throws(VirtError) -> Login {
-        let deadline = ContinuousClock.now + timeout
-        func left() -> Duration { max(deadline - ContinuousClock.now, .milliseconds(1)) }
+        let deadline = Deadline(after: timeout)
         // The shell's prompts, and login's answers. A prompt is confirmed by the probe below.
         // Not "login: ": a successful login may print "Last login: ...".
         let answers = ["Password:", "Login incorrect", "# ", "$ "]
         try await send("\(user)\n")
-        var answer = try await expect(answers, "an answer to the login", timeout: left())
+        var answer = try await expect(answers, "an answer to the login", timeout: deadline.remaining())
         if answer == 0 {
             try await send("\(password ?? "")\n")
-            answer = try await expect(answers, "an answer to the password", timeout: left())
+            answer = try await expect(answers, "an answer to the password", timeout: deadline.remaining())
             if answer < 2 {
                 throw VirtError(
                     .testbedFailure,
@@ -162,8 +161,8 @@ public actor SerialConsole {
         }
         // Whatever the prompt looks like: a shell prints this (its echo does not contain it).
         try await send("unset HISTFILE; printf '%s-%s-%s\\n' debusine-virt shell \"$(id -u)\"\n")
-        _ = try await expect(["debusine-virt-shell-"], "the shell to answer", timeout: left())
-        _ = try await expect(["\n"], "the shell to answer", timeout: left())
+        _ = try await expect(["debusine-virt-shell-"], "the shell to answer", timeout: deadline.remaining())
+        _ = try await expect(["\n"], "the shell to answer", timeout: deadline.remaining())
         let uid = String(skippedText.filter { !$0.isWhitespace })
         return uid == "0" ? .root : .user(uid: uid)
     }
@@ -184,31 +183,29 @@ public actor SerialConsole {
         guard !script.contains("'"), !script.contains("\n") else {
             throw VirtError(.internalError, "\(what): the script cannot be quoted for sudo")
         }
-        let deadline = ContinuousClock.now + timeout
-        func left() -> Duration { max(deadline - ContinuousClock.now, .milliseconds(1)) }
+        let deadline = Deadline(after: timeout)
         try await send(
             "sudo -p '\(Self.sudoPromptArgument)' sh -c '\(script)'; "
                 + "printf '%s-%s-%s\\n' debusine-virt status \"$?\"\n")
-        var answer = try await expect([Self.sudoPrompt, "debusine-virt-status-"], what, timeout: left())
+        var answer = try await expect([Self.sudoPrompt, "debusine-virt-status-"], what, timeout: deadline.remaining())
         if answer == 0 {
             try await send("\(password ?? "")\n")
-            answer = try await expect([Self.sudoPrompt, "debusine-virt-status-"], what, timeout: left())
+            answer = try await expect([Self.sudoPrompt, "debusine-virt-status-"], what, timeout: deadline.remaining())
             if answer == 0 {
                 throw VirtError(.testbedFailure, "sudo did not take the password given, for \(what)")
             }
         }
-        return try await readStatus(what, timeout: left())
+        return try await readStatus(what, timeout: deadline.remaining())
     }
 
     /// Runs `script` in the logged-in shell and returns its exit status. `script` must be a
     /// constant command line of the caller (never user input) without newlines; its output goes
     /// to the console. Throws a ``VirtError/Code/timeout`` error after `timeout`.
     public func run(_ script: String, _ what: String, timeout: Duration) async throws(VirtError) -> Int32 {
-        let deadline = ContinuousClock.now + timeout
-        func left() -> Duration { max(deadline - ContinuousClock.now, .milliseconds(1)) }
+        let deadline = Deadline(after: timeout)
         try await send("\(script); printf '%s-%s-%s\\n' debusine-virt status \"$?\"\n")
-        _ = try await expect(["debusine-virt-status-"], what, timeout: left())
-        return try await readStatus(what, timeout: left())
+        _ = try await expect(["debusine-virt-status-"], what, timeout: deadline.remaining())
+        return try await readStatus(what, timeout: deadline.remaining())
     }
 
     /// The status after a `debusine-virt-status-` marker that was just matched.

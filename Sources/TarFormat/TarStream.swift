@@ -1,11 +1,5 @@
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// Reads a file in large blocks; the tar code asks for exact byte counts.
 package final class BlockReader {
     private let fd: Int32
@@ -144,7 +138,7 @@ package final class BlockWriter {
 extension VirtError {
     /// An I/O error with errno's text.
     package static func io(_ what: String) -> VirtError {
-        VirtError(.io, "\(what): \(String(cString: strerror(errno)))")
+        VirtError(.io, what, errno: errno)
     }
 }
 

@@ -4,12 +4,6 @@ import Synchronization
 import TarFormat
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// One `copydown` or `copyup` request.
 public struct CopyRequest: Sendable, Equatable {
     public enum Direction: Sendable, Equatable {
@@ -70,7 +64,7 @@ public struct CopyRequest: Sendable, Equatable {
             throw VirtError(
                 .copyFailed,
                 "cannot resolve the relative path \(path): the working directory is gone "
-                    + "(\(String(cString: strerror(errno))))")
+                    + "(\(VirtError.text(errno: errno)))")
         }
         return resolved
     }
@@ -166,7 +160,7 @@ public enum CopyPlumbing {
             }
         }
         if !inPlace && rename(target, request.hostPath) != 0 {
-            let reason = String(cString: strerror(errno))
+            let reason = VirtError.text(errno: errno)
             discard()
             throw VirtError(.copyFailed, "cannot move the copy to \(request.hostPath): \(reason)")
         }
@@ -183,8 +177,7 @@ public enum CopyPlumbing {
             if fd >= 0 { return (fd, name) }
             if errno != EEXIST { break }
         }
-        throw VirtError(
-            .copyFailed, "cannot create a file beside \(path): \(String(cString: strerror(errno)))")
+        throw VirtError(.copyFailed, "cannot create a file beside \(path)", errno: errno)
     }
 
     static func copyDirectoryDown(_ request: CopyRequest, _ testbed: InTestbed) async throws(VirtError) {
@@ -200,7 +193,7 @@ public enum CopyPlumbing {
     static func copyDirectoryUp(_ request: CopyRequest, _ testbed: InTestbed) async throws(VirtError) {
         // The destination itself, not its parents (the client makes those), as upstream does.
         if mkdir(request.hostPath, 0o777) != 0 && errno != EEXIST {
-            throw VirtError(.copyFailed, "cannot create \(request.hostPath): \(String(cString: strerror(errno)))")
+            throw VirtError(.copyFailed, "cannot create \(request.hostPath)", errno: errno)
         }
         let remote = testbed.command(["/bin/sh", "-ec", sendTreeScript, "sh", request.testbedPath])
         // The testbed's archive is untrusted: it passes the safety filter, and the host's tar
@@ -231,10 +224,10 @@ public enum CopyPlumbing {
         _ runner: any CommandRunner, _ what: String
     ) async throws(VirtError) -> TarSafetyFilter.Outcome {
         guard let (sourceRead, sourceWrite) = SpawnHygiene.pipe() else {
-            throw VirtError(.io, "\(what): cannot create a pipe: \(String(cString: strerror(errno)))")
+            throw VirtError(.io, "\(what): cannot create a pipe", errno: errno)
         }
         guard let (filteredRead, filteredWrite) = SpawnHygiene.pipe() else {
-            let reason = String(cString: strerror(errno))
+            let reason = VirtError.text(errno: errno)
             close(sourceRead)
             close(sourceWrite)
             throw VirtError(.io, "\(what): cannot create a pipe: \(reason)")
@@ -299,7 +292,7 @@ public enum CopyPlumbing {
         from source: Command, to destination: Command, _ runner: any CommandRunner, _ what: String
     ) async throws(VirtError) {
         guard let (readEnd, writeEnd) = SpawnHygiene.pipe() else {
-            throw VirtError(.io, "\(what): cannot create a pipe: \(String(cString: strerror(errno)))")
+            throw VirtError(.io, "\(what): cannot create a pipe", errno: errno)
         }
         let results: (CommandResult, CommandResult)
         do {
@@ -350,7 +343,7 @@ public enum CopyPlumbing {
     static func openHost(_ path: String, flags: Int32, mode: mode_t = 0) throws(VirtError) -> Int32 {
         let fd = open(path, flags | O_CLOEXEC, mode)
         guard fd >= 0 else {
-            throw VirtError(.copyFailed, "cannot open \(path): \(String(cString: strerror(errno)))")
+            throw VirtError(.copyFailed, "cannot open \(path)", errno: errno)
         }
         return fd
     }

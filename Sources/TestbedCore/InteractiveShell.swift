@@ -1,12 +1,6 @@
 import CommandRunner
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The default `shell`: `bash -i` through the auxverb, wired to the caller's terminal.
 public enum InteractiveShell {
     /// cd to $1, export the remaining `VAR=value` words, then an interactive bash.
@@ -19,7 +13,7 @@ public enum InteractiveShell {
         let tty = open("/dev/tty", O_RDWR | O_CLOEXEC)
         guard tty >= 0 else {
             // Upstream logs and still answers ok: a missing terminal is not a protocol error.
-            log.error("cannot run a shell: /dev/tty: \(String(cString: strerror(errno)))")
+            log.error("cannot run a shell: /dev/tty: \(VirtError.text(errno: errno))")
             return
         }
         defer { close(tty) }

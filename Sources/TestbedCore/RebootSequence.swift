@@ -43,7 +43,7 @@ public enum RebootSequence {
         // Read before the save: once the mark is gone a prepare-only test may reboot at once.
         let previous = try await backend.bootID(testbed)
         let saveDirectories = backend.rebootSaveDirectories
-        try await timed(copyTimeout, "saving the scratch directory before reboot") {
+        try await withTimeout(copyTimeout, "saving the scratch directory before reboot") {
             try await testbed.script(saveScript, [scratch] + saveDirectories)
         }
         try await backend.prepareReboot(testbed)
@@ -52,11 +52,11 @@ public enum RebootSequence {
         } else {
             try await backend.requestReboot(testbed)
         }
-        let auxverb = try await timed(backend.rebootTimeout, "waiting for the testbed to reboot") {
+        let auxverb = try await withTimeout(backend.rebootTimeout, "waiting for the testbed to reboot") {
             try await backend.waitForReboot(testbed, previousBootID: previous, requested: !prepareOnly)
         }
         let rebooted = InTestbed(auxverb: auxverb, runner: testbed.runner)
-        try await timed(copyTimeout, "restoring the scratch directory after reboot") {
+        try await withTimeout(copyTimeout, "restoring the scratch directory after reboot") {
             try await rebooted.script(restoreScript, saveDirectories)
         }
         return auxverb
@@ -88,19 +88,5 @@ public enum RebootSequence {
                 throw VirtError(.timeout, "waiting for the testbed to reboot was cancelled")
             }
         }
-    }
-}
-
-/// ``withTimeout(_:_:_:)`` with the typed error the callers here throw.
-@discardableResult
-func timed<T: Sendable>(
-    _ duration: Duration, _ what: String, _ operation: @escaping @Sendable () async throws -> T
-) async throws(VirtError) -> T {
-    do {
-        return try await withTimeout(duration, what, operation)
-    } catch let error as VirtError {
-        throw error
-    } catch {
-        throw VirtError(.internalError, "\(what): \(error)")
     }
 }

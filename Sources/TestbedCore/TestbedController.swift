@@ -1,12 +1,6 @@
 import CommandRunner
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The shared backend core: the protocol's state (open or not, the scratch path, the auxverb)
 /// and every verb's semantics on top of a ``Testbed``.
 ///
@@ -114,7 +108,7 @@ public actor TestbedController {
         let backend = self.backend
         do {
             let request = try request.resolvingHostPath()
-            try await timed(copyTimeout, "copy") { try await backend.copy(request, testbed) }
+            try await withTimeout(copyTimeout, "copy") { try await backend.copy(request, testbed) }
             return .copied
         } catch let error where error.code == .timeout {
             return .timedOut

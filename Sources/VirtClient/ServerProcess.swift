@@ -3,12 +3,6 @@ import Foundation
 import Synchronization
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// A server started as a real child process, driven like autopkgtest drives one: requests on a
 /// pipe to its stdin, replies read line by line from a pipe on its stdout, stderr collected.
 public final class ServerProcess: Sendable {
@@ -69,7 +63,7 @@ public final class ServerProcess: Sendable {
             close(stdinPipe[1])
             close(stdoutPipe[0])
             close(stderrPipe[0])
-            throw VirtError(.commandFailed, "cannot start \(argv[0]): \(String(cString: strerror(status)))")
+            throw VirtError(.commandFailed, "cannot start \(argv[0])", errno: status)
         }
         pid = child
         input = Mutex(stdinPipe[1])

@@ -1,8 +1,4 @@
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
+import Glibc
 
 /// Paths given relative to the working directory, made absolute at the moment that counts.
 public enum AbsolutePath {

@@ -1,8 +1,4 @@
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
+import Glibc
 
 /// Whether a process runs, as the clean-up code needs to know: a zombie has ended (it only
 /// waits for its parent to read its status), and a process /proc hides (hidepid) but the

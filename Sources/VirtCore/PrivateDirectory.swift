@@ -1,8 +1,4 @@
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
+import Glibc
 
 /// Directories only the current user can enter (mode 0700, from `mkdtemp`), for instance state:
 /// sockets, overlays and logs must not be reachable by other users.
@@ -15,7 +11,7 @@ public enum PrivateDirectory {
             return String(cString: result)
         }
         guard let made else {
-            throw VirtError(.io, "cannot create a directory in \(parent): \(String(cString: strerror(errno)))")
+            throw VirtError(.io, "cannot create a directory in \(parent)", errno: errno)
         }
         return made
     }

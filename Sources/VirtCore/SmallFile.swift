@@ -1,8 +1,4 @@
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
+import Glibc
 
 /// Reading the small text files the servers consult (a digest, a manifest, /proc/cpuinfo)
 /// without Foundation, and without reading more than a bound from a file that grew.

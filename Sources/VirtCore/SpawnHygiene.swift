@@ -1,8 +1,4 @@
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
+import Glibc
 
 /// What our own posix_spawn calls need so that a child holds no descriptor but its stdin,
 /// stdout and stderr, and what every descriptor that a child must not keep alive needs.

@@ -1,25 +1,54 @@
-/// Runs `operation`, racing it against a timer in a task group.
+/// Runs `operation`, racing it against a timer in a task group: the one timeout of the project.
 ///
 /// When the timer wins, the operation's task is cancelled and a ``VirtError`` with code
 /// ``VirtError/Code/timeout`` naming `what` is thrown. Operations that run subprocesses stop them
-/// on cancellation, so nothing keeps running after the timeout.
+/// on cancellation, so nothing keeps running after the timeout. Every failure is a ``VirtError``:
+/// the operation's own, a timeout when the calling task was cancelled, an internal error for
+/// anything else.
+@discardableResult
 public func withTimeout<T: Sendable>(
     _ duration: Duration,
     _ what: String,
     _ operation: @escaping @Sendable () async throws -> T
-) async throws -> T {
-    try await withThrowingTaskGroup(of: T.self) { group in
-        group.addTask { try await operation() }
-        group.addTask {
-            try await Task.sleep(for: duration)
-            throw VirtError(.timeout, "\(what) timed out after \(duration.formattedSeconds)")
+) async throws(VirtError) -> T {
+    do {
+        return try await withThrowingTaskGroup(of: T.self) { group in
+            group.addTask { try await operation() }
+            group.addTask {
+                try await Task.sleep(for: duration)
+                throw VirtError(.timeout, "\(what) timed out after \(duration.formattedSeconds)")
+            }
+            defer { group.cancelAll() }
+            guard let first = try await group.next() else {
+                throw VirtError(.internalError, "timeout race for \(what) ended without a result")
+            }
+            return first
         }
-        defer { group.cancelAll() }
-        guard let first = try await group.next() else {
-            throw VirtError(.internalError, "timeout race for \(what) ended without a result")
-        }
-        return first
+    } catch let error as VirtError {
+        throw error
+    } catch is CancellationError {
+        throw VirtError(.timeout, "\(what) was cancelled")
+    } catch {
+        throw VirtError(.internalError, "\(what): \(error)")
     }
+}
+
+/// A point in time that several waits share, each taking what is left of it.
+public struct Deadline: Sendable {
+    public let instant: ContinuousClock.Instant
+
+    public init(after duration: Duration) { instant = .now + duration }
+
+    public init(_ instant: ContinuousClock.Instant) { self.instant = instant }
+
+    /// The time left, never less than `floor` (a wait of zero would not wait at all), nor more
+    /// than `atMost`.
+    public func remaining(atMost limit: Duration? = nil, floor: Duration = .milliseconds(1)) -> Duration {
+        let left = max(instant - .now, floor)
+        return limit.map { min(left, $0) } ?? left
+    }
+
+    public var hasPassed: Bool { ContinuousClock.now >= instant }
 }
 
 extension Duration {

@@ -1,3 +1,5 @@
+import Glibc
+
 /// The one error type of debusine-virt: a machine-readable code and a message for humans.
 ///
 /// Every module throws this type. How a code becomes a process exit status is decided in
@@ -31,12 +33,27 @@ public struct VirtError: Error, Sendable, Equatable, CustomStringConvertible {
     }
 
     public var code: Code
+    /// The whole text for humans, with the system's reason when there is one.
     public var message: String
+    /// The errno of the system call that failed, when one did: what a caller tests (ENOSPC,
+    /// ENOENT) instead of the text.
+    public var underlying: Int32?
 
     public init(_ code: Code, _ message: String) {
         self.code = code
         self.message = message
+        self.underlying = nil
     }
+
+    /// An error from a failed system call: `message`, then the system's text for `errno`.
+    public init(_ code: Code, _ message: String, errno number: Int32) {
+        self.code = code
+        self.message = "\(message): \(Self.text(errno: number))"
+        self.underlying = number
+    }
+
+    /// The system's text for an errno value (strerror), for logs that are no error.
+    public static func text(errno number: Int32) -> String { String(cString: strerror(number)) }
 
     public var description: String { message }
 }

@@ -1,11 +1,5 @@
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// Cleans up after this server however it dies: a small watcher process, in a session of its
 /// own, waits for end of file on a pipe whose only writer is this process. When the server ends
 /// (SIGKILL from a job runner, the OOM killer, a crash) the kernel closes the pipe and the
@@ -33,7 +27,7 @@ public enum DeathWatch {
             return false
         }
         guard let (readEnd, writeEnd) = SpawnHygiene.pipe() else {
-            log.debug("no death watch: cannot make a pipe: \(String(cString: strerror(errno)))")
+            log.debug("no death watch: cannot make a pipe: \(VirtError.text(errno: errno))")
             return false
         }
         defer { close(readEnd) }
@@ -68,7 +62,7 @@ public enum DeathWatch {
         var pid: pid_t = 0
         let status = posix_spawn(&pid, "/bin/sh", &actions, &attributes, &cArguments, environ)
         guard status == 0 else {
-            log.debug("no death watch: cannot start /bin/sh: \(String(cString: strerror(status)))")
+            log.debug("no death watch: cannot start /bin/sh: \(VirtError.text(errno: status))")
             close(writeEnd)
             return false
         }

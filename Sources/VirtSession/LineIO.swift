@@ -1,12 +1,6 @@
 import Foundation
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// Where reply lines go. Each line is written and flushed as a whole before `writeLine` returns.
 public protocol ReplyWriter: Sendable {
     /// Writes `line` plus a newline. Throws when the reader has gone away.
@@ -30,7 +24,7 @@ public struct FileDescriptorReplyWriter: ReplyWriter {
             }
             if written < 0 {
                 if errno == EINTR { continue }
-                throw VirtError(.io, "cannot write the reply: \(String(cString: strerror(errno)))")
+                throw VirtError(.io, "cannot write the reply", errno: errno)
             }
             offset += written
         }
@@ -68,7 +62,7 @@ public enum LineReader {
             let count = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
             if count < 0 {
                 if errno == EINTR { continue }
-                continuation.yield(.readError(String(cString: strerror(errno))))
+                continuation.yield(.readError(VirtError.text(errno: errno)))
                 break
             }
             if count == 0 { break }

@@ -2,12 +2,6 @@ import TestbedCore
 import VirtCore
 import VirtProtocol
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// How a session ended, for the process to turn into its exit.
 public enum SessionOutcome: Sendable, Equatable {
     case exit(Int32)

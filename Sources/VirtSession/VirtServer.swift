@@ -3,12 +3,6 @@ import TestbedCore
 import UnixSignals
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// Process-level glue for the executables: stdio, signals and the exit status.
 public enum VirtServer {
     /// The first thing every executable does: with SIGPIPE ignored a vanished reader is an EPIPE

@@ -1,11 +1,6 @@
 import AuxverbClient
+import Glibc
 import GuestChannel
-
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
 
 // debusine-virt-auxverb [--terminal ROWSxCOLUMNS] SOCKET COMMAND [ARG...]
 //

@@ -4,12 +4,6 @@ import IncusBackend
 import VirtCore
 import VirtSession
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// `debusine-virt-incus [options] artifact/ID`: the autopkgtest virt server for Incus, plus its
 /// `setup`, `import` and `gc` commands.
 @main

@@ -4,12 +4,6 @@ import QemuBackend
 import VirtCore
 import VirtSession
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// `debusine-virt-qemu [options] IMAGE`: the autopkgtest virt server for QEMU system images.
 @main
 struct QemuServer: AsyncParsableCommand {

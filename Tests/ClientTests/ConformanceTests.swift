@@ -4,12 +4,6 @@ import Testing
 import VirtCore
 import VirtTestSupport
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The conformance matrix: autopkgtest called in every way people and debusine call it, against
 /// our installed servers and against autopkgtest's own on the same image, with the summaries
 /// compared line for line (differential testing).

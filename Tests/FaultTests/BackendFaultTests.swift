@@ -4,12 +4,6 @@ import Testing
 import VirtCore
 import VirtTestSupport
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The instance directory is 0700, everything in it ours and not writable by others, and its
 /// sockets closed to others.
 func expectPrivate(_ server: ServerUnderTest, _ checks: Checks) throws {

@@ -5,12 +5,6 @@ import Testing
 import VirtCore
 import VirtTestSupport
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// Every fault test runs inside this suite, one at a time: each boots VMs or launches
 /// containers, and the rest of the test run (other suites, in parallel) boots its own.
 @Suite("Fault suite", .serialized)

@@ -6,12 +6,6 @@ import VirtCore
 import VirtProtocol
 import VirtTestSupport
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// Random request lines, hostile on purpose: unknown verbs, wrong argument counts, huge lines,
 /// invalid percent-encoding, invalid UTF-8, NUL bytes, empty lines, and copies whose paths have
 /// `..`, newlines, commas, quotes and shell syntax. Paths always decode to places inside

@@ -5,12 +5,6 @@ import Testing
 import VirtCore
 import VirtTestSupport
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// A server or `import` run on a bad or hostile image: how it ended, within how long, and what
 /// it left behind in its private TMPDIR (and image cache).
 struct Refusal {

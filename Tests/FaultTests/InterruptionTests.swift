@@ -4,12 +4,6 @@ import Testing
 import VirtCore
 import VirtTestSupport
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// Where in a session the interruption arrives.
 enum Phase: String, CaseIterable, Sendable, CustomTestStringConvertible {
     case opening, open, auxverb, copy, reverting, rebooting, closing

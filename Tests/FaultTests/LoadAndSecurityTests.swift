@@ -6,12 +6,6 @@ import VirtCore
 import VirtProtocol
 import VirtTestSupport
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// One server's share of the load: concurrent auxverb commands and copies both ways, verified.
 func loadSession(_ backend: Backend, options: [String], work: String, index: Int) async throws -> (pid_t, [String]) {
     let server = try await ServerUnderTest.start(backend, options: options)

@@ -6,12 +6,6 @@ import VirtTestSupport
 
 @testable import ImageCache
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The image cache against a real HTTP server on 127.0.0.1 and real curl and sha256sum.
 @Suite("The image cache")
 struct ImageCacheTests {
@@ -421,5 +415,24 @@ struct ImageCacheTests {
             #expect(ImageCache(directory: "/nonexistent").maxBytes == 20 << 30)
         }
         #expect(ImageCache(directory: "relative").directory.hasPrefix("/"), "the directory is made absolute")
+    }
+}
+
+@Suite("Errors of system calls")
+struct SystemCallErrorTests {
+    @Test("a failed system call's error keeps its errno and says the system's reason after the message")
+    func underlyingErrno() {
+        let missing = "/nonexistent-\(getpid())"
+        #expect(throws: VirtError(.io, "cannot list the image cache \(missing)", errno: ENOENT)) {
+            try CacheFiles.names(in: missing)
+        }
+        do {
+            _ = try CacheFiles.names(in: missing)
+            Issue.record("listing a missing directory succeeded")
+        } catch {
+            #expect(error.underlying == ENOENT)
+            #expect(error.message == "cannot list the image cache \(missing): No such file or directory")
+        }
+        #expect(VirtError(.io, "plain").underlying == nil)
     }
 }

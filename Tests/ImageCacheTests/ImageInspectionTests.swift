@@ -6,12 +6,6 @@ import VirtTestSupport
 
 @testable import ImageCache
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 @Suite("Image inspection: commands and partition tables")
 struct ImageInspectionUnitTests {
     @Test("qemu-img info reads the image's own header as JSON, force-shared, never its backing chain")

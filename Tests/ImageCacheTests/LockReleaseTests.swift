@@ -4,12 +4,6 @@ import VirtTestSupport
 
 @testable import ImageCache
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// A released lock is free at once, even while a child forked meanwhile (by any thread of the
 /// process, as every spawn does) still shares its descriptor because it has not exec'd yet.
 ///

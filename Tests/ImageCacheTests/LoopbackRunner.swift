@@ -5,12 +5,6 @@ import Testing
 import VirtCore
 import VirtTestSupport
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The real runner, restricted for tests: curl may only reach loopback or local files, never
 /// through a proxy; and it counts the commands it runs, so a test can tell a cache hit (no curl,
 /// no sha256sum) from a miss. Nothing is faked: every command really runs.

@@ -6,12 +6,6 @@ import VirtTestSupport
 
 @testable import ImageCache
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// debusine-virt-qemu given an image URL, as autopkgtest starts it: the built executable on real
 /// pipes. No VM boots: `--qemu /bin/true` and stand-in firmware files pass the checks before the
 /// banner, and the session ends at end of input before any `open`.

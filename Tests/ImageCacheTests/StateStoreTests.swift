@@ -6,12 +6,6 @@ import VirtTestSupport
 
 @testable import ImageCache
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The saved-state store with real files, locks and sha256sum.
 @Suite("Saved VM states in the cache")
 struct StateStoreTests {

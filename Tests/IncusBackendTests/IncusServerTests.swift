@@ -5,12 +5,6 @@ import Testing
 import VirtCore
 import VirtTestSupport
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// debusine-virt-incus against the real incusd, as autopkgtest runs it: the built executable
 /// over real pipes, launching containers of the project-built tarball imported as artifact/1
 /// (scripts/test runs `setup` and `import` first and sets DEBUSINE_VIRT_INCUS_IMAGE).

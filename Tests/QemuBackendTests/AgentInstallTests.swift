@@ -6,12 +6,6 @@ import VirtTestSupport
 
 @testable import QemuBackend
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// debusine-virt-qemu on an image without qemu-guest-agent (the agent-less variant that
 /// scripts/build-test-images makes, like Debian's nocloud images): the server logs in as root
 /// on the serial console and installs the agent with apt-get.

@@ -6,12 +6,6 @@ import VirtTestSupport
 
 @testable import QemuBackend
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// autopkgtest-virt-qemu's options as this server reads them (the reference is autopkgtest 5.49's
 /// autopkgtest_qemu.py): the tables and rules, and what they put on QEMU's command line.
 @Suite("autopkgtest-virt-qemu's options: meaning and QEMU command lines")

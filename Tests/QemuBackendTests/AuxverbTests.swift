@@ -6,12 +6,6 @@ import Testing
 import VirtCore
 import VirtTestSupport
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The auxverb path end to end without a VM: the real guest helper (Python) runs on the host in
 /// `--listen` mode where QEMU's port would be, the real relay serves the real client executable.
 /// Everything the commands do here happens on the host, so they are harmless ones.

@@ -4,12 +4,6 @@ import Testing
 import VirtCore
 import VirtTestSupport
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// debusine-virt-qemu as autopkgtest runs it: the built executable over real pipes, booting the
 /// project-built Debian image under TCG. One session covers open, the auxverb, copies, revert,
 /// reboot and quit, because every boot costs half a minute here.

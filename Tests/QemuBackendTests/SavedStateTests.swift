@@ -4,12 +4,6 @@ import Testing
 import VirtCore
 import VirtTestSupport
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// Saved VM states with real VMs: the first boot saves, later opens and reverts restore, and a
 /// restored guest is a machine of its own. One test, in order, because each boot costs half a
 /// minute under TCG here: it boots three times (without states, to save, after a corruption)

@@ -3,12 +3,6 @@ import VirtCore
 
 @testable import QemuMonitor
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 private let qemuGA = "/usr/sbin/qemu-ga"
 
 /// The agent runs on the host as whoever runs the tests: everything that could change the host is

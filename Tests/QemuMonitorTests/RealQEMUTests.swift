@@ -3,12 +3,6 @@ import VirtCore
 
 @testable import QemuMonitor
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 private let qemuSystem = "/usr/bin/qemu-system-x86_64"
 
 @Suite("QMP client against a real QEMU", .enabled(if: hostToolAvailable(qemuSystem)))

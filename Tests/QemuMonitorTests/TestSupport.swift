@@ -7,12 +7,6 @@ import VirtTestSupport
 
 @testable import QemuMonitor
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// A unix-socket server in a private directory that accepts one client and lets a test play
 /// QEMU's or the agent's side of the conversation line by line.
 ///
@@ -86,12 +80,12 @@ final class FakePeer: Sendable {
 
     /// Waits until the client has connected.
     func waitForClient() async throws {
-        try await withDeadline(.seconds(60), "waiting for the client to connect") { try await self.connected.next() }
+        try await withTimeout(.seconds(60), "waiting for the client to connect") { try await self.connected.next() }
     }
 
     /// The next line the client sent, as sent.
     func nextLine() async throws -> [UInt8] {
-        try await withDeadline(.seconds(60), "waiting for a line from the client") { try await self.received.next() }
+        try await withTimeout(.seconds(60), "waiting for a line from the client") { try await self.received.next() }
     }
 
     /// The next line the client sent, parsed as JSON.
@@ -133,7 +127,7 @@ final class FakePeer: Sendable {
         shutdown(listener, Int32(SHUT_RDWR))
         disconnect()
         do {
-            try await withDeadline(.seconds(60), "fake peer shutdown") { try await self.threadEnded.next() }
+            try await withTimeout(.seconds(60), "fake peer shutdown") { try await self.threadEnded.next() }
         } catch {
             Issue.record("the fake peer's thread did not stop: \(error)")
         }

@@ -4,12 +4,6 @@ import Testing
 import VirtSession
 import VirtTestSupport
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The built executables driven as the clients drive them: real processes, real pipes.
 @Suite("Server processes")
 struct ServerProcessTests {

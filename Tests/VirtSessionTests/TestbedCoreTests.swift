@@ -6,12 +6,6 @@ import Testing
 import VirtCore
 import VirtTestSupport
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// The shared core (scratch directory, copy plumbing, reboot sequence) over the fixture
 /// backend, checked on the files themselves.
 @Suite("Shared testbed core")

@@ -1,11 +1,6 @@
 import Testing
+import VirtCore
 import VirtTestSupport
-
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
 
 /// Every transcript in protocol-spec/transcripts, replayed twice: through the session loop in
 /// this process, and through the built `virt-fixture-server` over real pipes.

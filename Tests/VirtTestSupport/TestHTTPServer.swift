@@ -3,12 +3,6 @@ import Foundation
 import Synchronization
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// A real HTTP server on 127.0.0.1 (Python's http.server, started by the test), serving the
 /// files of ``files`` under paths that choose its behaviour:
 /// - `/files/NAME`: the file;

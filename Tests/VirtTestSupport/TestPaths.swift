@@ -2,12 +2,6 @@ import Foundation
 import VirtClient
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// Where the tests find the repository and the built executables.
 public enum TestPaths {
     /// The repository root, from this file's location (Tests/VirtTestSupport/TestPaths.swift).

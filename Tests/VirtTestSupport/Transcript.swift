@@ -2,12 +2,6 @@ import CommandRunner
 import Foundation
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// A protocol transcript: requests to send, replies expected, how the server must end.
 /// The format is described in protocol-spec/README.md ("Transcripts").
 public struct Transcript: Sendable, CustomStringConvertible {

@@ -1,5 +1,4 @@
 import Synchronization
-import VirtCore
 
 // Cancellable waiting primitives.
 //
@@ -8,7 +7,7 @@ import VirtCore
 // AsyncStream is not usable here: cancelling a task blocked in its `next()` terminates the stream.
 
 /// A queue with one consumer at a time, whose waits can be cancelled without closing the queue.
-final class Mailbox<Element: Sendable>: Sendable {
+public final class Mailbox<Element: Sendable>: Sendable {
     private struct State {
         var elements: [Element] = []
         var head = 0
@@ -34,10 +33,10 @@ final class Mailbox<Element: Sendable>: Sendable {
 
     private let state = Mutex(State())
 
-    init() {}
+    public init() {}
 
     /// Adds an element, handing it straight to a waiting consumer if there is one; ignored once finished.
-    func push(_ element: Element) {
+    public func push(_ element: Element) {
         let waiter = state.withLock { state -> CheckedContinuation<Element, any Error>? in
             guard state.failure == nil else { return nil }
             if let waiter = state.waiter {
@@ -51,7 +50,7 @@ final class Mailbox<Element: Sendable>: Sendable {
     }
 
     /// Ends the queue: elements already queued are still delivered, then `next()` throws `error`.
-    func finish(throwing error: VirtError) {
+    public func finish(throwing error: VirtError) {
         let waiter = state.withLock { state -> CheckedContinuation<Element, any Error>? in
             guard state.failure == nil else { return nil }
             state.failure = error
@@ -62,11 +61,11 @@ final class Mailbox<Element: Sendable>: Sendable {
     }
 
     /// Whether ``finish(throwing:)`` was called.
-    var isFinished: Bool { state.withLock { $0.failure != nil } }
+    public var isFinished: Bool { state.withLock { $0.failure != nil } }
 
     /// The next element; throws the finishing error once drained, or `CancellationError` when the
     /// calling task is cancelled (the queue stays usable).
-    func next() async throws -> Element {
+    public func next() async throws -> Element {
         let id = state.withLock { state -> UInt64 in
             state.nextWaiterID += 1
             return state.nextWaiterID
@@ -100,7 +99,7 @@ final class Mailbox<Element: Sendable>: Sendable {
 ///
 /// An actor alone does not serialise async methods (they interleave at every `await`), and QGA
 /// replies carry no id: two commands in flight at once could not be told apart.
-final class AsyncLock: Sendable {
+public final class AsyncLock: Sendable {
     private struct State {
         var held = false
         var waiters: [(id: UInt64, continuation: CheckedContinuation<Void, any Error>)] = []
@@ -109,10 +108,10 @@ final class AsyncLock: Sendable {
 
     private let state = Mutex(State())
 
-    init() {}
+    public init() {}
 
     /// Waits for the lock; throws `CancellationError` (without taking it) when cancelled first.
-    func lock() async throws {
+    public func lock() async throws {
         let id = state.withLock { state -> UInt64 in
             state.nextWaiterID += 1
             return state.nextWaiterID
@@ -139,8 +138,18 @@ final class AsyncLock: Sendable {
         }
     }
 
+    /// Runs `body` holding the lock, released however `body` ends; throws `CancellationError`
+    /// without running it when cancelled while waiting.
+    public func withLock<T: Sendable>(
+        isolation: isolated (any Actor)? = #isolation, _ body: () async throws -> T
+    ) async throws -> T {
+        try await lock()
+        defer { unlock() }
+        return try await body()
+    }
+
     /// Releases the lock, handing it directly to the longest waiter.
-    func unlock() {
+    public func unlock() {
         let next = state.withLock { state -> CheckedContinuation<Void, any Error>? in
             guard !state.waiters.isEmpty else {
                 state.held = false
@@ -149,23 +158,5 @@ final class AsyncLock: Sendable {
             return state.waiters.removeFirst().continuation
         }
         next?.resume()
-    }
-}
-
-/// `withTimeout` with every failure turned into a ``VirtError``, for `throws(VirtError)` APIs.
-@discardableResult
-func withDeadline<T: Sendable>(
-    _ duration: Duration,
-    _ what: String,
-    _ operation: @escaping @Sendable () async throws -> T
-) async throws(VirtError) -> T {
-    do {
-        return try await withTimeout(duration, what, operation)
-    } catch let error as VirtError {
-        throw error
-    } catch is CancellationError {
-        throw VirtError(.timeout, "\(what) was cancelled")
-    } catch {
-        throw VirtError(.internalError, "\(what): \(error)")
     }
 }
