@@ -222,7 +222,10 @@ struct ConformanceTests {
     static func column(_ server: Server, _ setup: Setup) async throws -> [String: Outcome] {
         var outcomes: [String: Outcome] = [:]
         for form in forms where server != .theirsQemu || form.referenceQemu {
+            let started = ContinuousClock.now
             let outcome = try await run(form, on: server, setup)
+            // Where the matrix's time goes, per server and form.
+            print("conformance: \(server): \((ContinuousClock.now - started).components.seconds) s: \(form.name)")
             check(outcome, form, server)
             outcomes[form.name] = outcome
         }

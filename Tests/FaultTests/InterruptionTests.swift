@@ -49,14 +49,17 @@ enum Interruption: Sendable, CustomTestStringConvertible {
 /// Interrupts a real server at `phase` and checks that it ends as the protocol says and leaves
 /// no instance, directory, socket or process behind.
 ///
-/// QEMU servers boot every time here (`--no-snapshot`): a restore from a saved state is over
-/// before the signal comes. ``QemuSavedStateInterruptionTests`` interrupts saves and restores.
+/// QEMU servers boot (`--no-snapshot`) where the step interrupted is a boot, opening or
+/// reverting: a restore from a saved state would be over before the signal comes. At the other
+/// steps they restore, as servers do by default, which spares a TCG boot each.
+/// ``QemuSavedStateInterruptionTests`` interrupts saves and restores.
 func interrupt(_ backend: Backend, _ phase: Phase, _ interruption: Interruption) async throws {
     let fault = "\(interruption.testDescription) \(phase.testDescription)"
     try await faultCase(backend.rawValue, fault, expected: interruption.expected) { checks in
         let work = try TestPaths.makeTemporaryDirectory("dv-fault-work.")
         defer { TestPaths.removeTree(work) }
-        let server = try await ServerUnderTest.start(backend, options: backend == .qemu ? ["--no-snapshot"] : [])
+        let boots = backend == .qemu && [.opening, .reverting].contains(phase)
+        let server = try await ServerUnderTest.start(backend, options: boots ? ["--no-snapshot"] : [])
         let process = server.process
         var command: ServerProcess?
         do {

@@ -65,13 +65,27 @@ public struct GuestSlot: TestTrait, TestScoping {
             return
         }
         let limit = timeLimit
+        let clock = ContinuousClock()
+        let asked = clock.now
         // The group ends (and with it the test's function) before this returns.
         try await withoutActuallyEscaping(function) { function in
             try await GuestSlots.shared.run {
+                let started = clock.now
+                // Swift Testing's own figure counts the wait for the slot too: this line is what
+                // the test itself took, for finding where a run's time goes.
+                defer {
+                    let name = test.displayName ?? test.name
+                    FileHandle.standardError.write(
+                        Data(
+                            "guest-slot: \(Self.seconds(clock.now - started)) s after waiting \(Self.seconds(started - asked)) s: \(name)\n"
+                                .utf8))
+                }
                 try await Self.race(function, against: limit)
             }
         }
     }
+
+    static func seconds(_ duration: Duration) -> Int { Int(duration.components.seconds) }
 
     /// Runs `function`, recording an issue and cancelling it when it outlasts `limit`.
     static func race(_ function: @escaping @Sendable () async throws -> Void, against limit: Duration) async throws {
