@@ -4,12 +4,6 @@ import VirtClient
 import VirtCore
 import VirtProtocol
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// Drives any virt server, given its command line, through the protocol as autopkgtest does,
 /// and times each part of a session.
 public struct BenchmarkRunner: Sendable {
@@ -184,7 +178,7 @@ public struct BenchmarkRunner: Sendable {
 
     private static func openFile(_ path: String, flags: Int32) throws(VirtError) -> Int32 {
         let fd = Glibc.open(path, flags | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw VirtError(.io, "cannot open \(path): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw VirtError(.io, "cannot open \(path)", errno: errno) }
         return fd
     }
 

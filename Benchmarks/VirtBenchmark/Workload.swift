@@ -1,12 +1,6 @@
 import Foundation
 import VirtCore
 
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Musl)
-    import Musl
-#endif
-
 /// How much work one benchmark run does: the same for every server compared.
 public struct Workload: Codable, Sendable, Equatable {
     public var repetitions = 3
@@ -83,7 +77,7 @@ struct HostFiles {
             if target >= 0 { Glibc.close(target) }
         }
         guard source >= 0, target >= 0 else {
-            throw VirtError(.io, "cannot write \(path): \(String(cString: strerror(errno)))")
+            throw VirtError(.io, "cannot write \(path)", errno: errno)
         }
         var buffer = [UInt8](repeating: 0, count: 1 << 20)
         var left = bytes
@@ -97,7 +91,7 @@ struct HostFiles {
                     Glibc.write(target, $0.baseAddress.map { $0 + offset }, got - offset)
                 }
                 guard written > 0 else {
-                    throw VirtError(.io, "cannot write \(path): \(String(cString: strerror(errno)))")
+                    throw VirtError(.io, "cannot write \(path)", errno: errno)
                 }
                 offset += written
             }

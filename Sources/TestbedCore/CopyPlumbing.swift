@@ -62,9 +62,7 @@ public struct CopyRequest: Sendable, Equatable {
     static func absoluteHostPath(_ path: String) throws(VirtError) -> String {
         guard let resolved = AbsolutePath.resolving(path) else {
             throw VirtError(
-                .copyFailed,
-                "cannot resolve the relative path \(path): the working directory is gone "
-                    + "(\(VirtError.text(errno: errno)))")
+                .copyFailed, "cannot resolve the relative path \(path): the working directory is gone", errno: errno)
         }
         return resolved
     }
@@ -160,9 +158,9 @@ public enum CopyPlumbing {
             }
         }
         if !inPlace && rename(target, request.hostPath) != 0 {
-            let reason = VirtError.text(errno: errno)
+            let number = errno
             discard()
-            throw VirtError(.copyFailed, "cannot move the copy to \(request.hostPath): \(reason)")
+            throw VirtError(.copyFailed, "cannot move the copy to \(request.hostPath)", errno: number)
         }
     }
 
@@ -227,10 +225,10 @@ public enum CopyPlumbing {
             throw VirtError(.io, "\(what): cannot create a pipe", errno: errno)
         }
         guard let (filteredRead, filteredWrite) = SpawnHygiene.pipe() else {
-            let reason = VirtError.text(errno: errno)
+            let number = errno
             close(sourceRead)
             close(sourceWrite)
-            throw VirtError(.io, "\(what): cannot create a pipe: \(reason)")
+            throw VirtError(.io, "\(what): cannot create a pipe", errno: number)
         }
         let filtering = FilterThread.start { () throws(VirtError) -> TarSafetyFilter.Outcome in
             // The reader and writer own the descriptors: the destination sees EOF, and the source

@@ -2,5 +2,5 @@
 /// so this is the one place that says so.
 ///
 /// The auxverb's modules (GuestChannel, AuxverbClient, debusine-virt-auxverb) stay free of
-/// VirtCore to keep that binary small, and import Glibc themselves.
+/// VirtCore to keep that binary small; those that need the C library import Glibc themselves.
 @_exported import Glibc

@@ -36,7 +36,8 @@ public struct VirtError: Error, Sendable, Equatable, CustomStringConvertible {
     /// The whole text for humans, with the system's reason when there is one.
     public var message: String
     /// The errno of the system call that failed, when one did: what a caller tests (ENOSPC,
-    /// ENOENT) instead of the text.
+    /// ENOENT) instead of the text. Part of equality: an error made with `errno:` equals only
+    /// another made with the same errno.
     public var underlying: Int32?
 
     public init(_ code: Code, _ message: String) {
@@ -52,7 +53,7 @@ public struct VirtError: Error, Sendable, Equatable, CustomStringConvertible {
         self.underlying = number
     }
 
-    /// The system's text for an errno value (strerror), for logs that are no error.
+    /// The system's text for an errno value (strerror), for log lines; errors take `errno:`.
     public static func text(errno number: Int32) -> String { String(cString: strerror(number)) }
 
     public var description: String { message }

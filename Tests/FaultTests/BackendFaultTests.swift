@@ -168,8 +168,7 @@ extension FaultSuite {
             try await runner.check(
                 Command("sh", ["-c", #"head -c 67108864 "$1" > "$2""#, "sh", try Backend.qcow2(), truncated]))
             for (fault, options, image) in [
-                // Garbage firmware never boots: the time-out is the failure path, so a short one.
-                ("wrong EFI firmware", ["--efi-code", "\(work)/garbage.fd", "--boot-timeout", "20"], nil as String?),
+                ("wrong EFI firmware", ["--efi-code", "\(work)/garbage.fd", "--boot-timeout", "60"], nil as String?),
                 ("a truncated qcow2 image", ["--boot-timeout", "60"], truncated),
             ] {
                 try await faultCase("qemu", fault, expected: "open fails: exit 12, one clear line; nothing left") {

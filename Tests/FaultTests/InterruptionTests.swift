@@ -49,9 +49,9 @@ enum Interruption: Sendable, CustomTestStringConvertible {
 /// Interrupts a real server at `phase` and checks that it ends as the protocol says and leaves
 /// no instance, directory, socket or process behind.
 ///
-/// QEMU servers boot (`--no-snapshot`) where the step interrupted is a boot, opening or
-/// reverting: a restore from a saved state would be over before the signal comes. At the other
-/// steps they restore, as servers do by default, which spares a TCG boot each.
+/// QEMU servers boot (`--no-snapshot`) when the step interrupted is opening or reverting: there a
+/// restore from a saved state would be over before the signal comes. At the other steps they
+/// restore, as servers do by default, which spares a TCG boot each (a reboot boots either way).
 /// ``QemuSavedStateInterruptionTests`` interrupts saves and restores.
 func interrupt(_ backend: Backend, _ phase: Phase, _ interruption: Interruption) async throws {
     let fault = "\(interruption.testDescription) \(phase.testDescription)"

@@ -75,10 +75,10 @@ public struct GuestSlot: TestTrait, TestScoping {
                 // the test itself took, for finding where a run's time goes.
                 defer {
                     let name = test.displayName ?? test.name
+                    let held = Self.seconds(clock.now - started)
+                    let waited = Self.seconds(started - asked)
                     FileHandle.standardError.write(
-                        Data(
-                            "guest-slot: \(Self.seconds(clock.now - started)) s after waiting \(Self.seconds(started - asked)) s: \(name)\n"
-                                .utf8))
+                        Data("guest-slot: \(held) s after waiting \(waited) s: \(name)\n".utf8))
                 }
                 try await Self.race(function, against: limit)
             }
