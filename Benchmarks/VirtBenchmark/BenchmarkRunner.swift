@@ -116,7 +116,7 @@ public struct BenchmarkRunner: Sendable {
             let status = try await process.wait(timeout: .seconds(workload.stepTimeoutSeconds))
             guard status == .exited(0) else {
                 throw VirtError(
-                    .testbedFailure, "\(label): the server ended with \(status) after quit\(session.errorTail)")
+                    .testbedFailure, "\(label): the server ended with \(status) after quit\(await session.errorTail(ended: true))")
             }
             try? FileManager.default.removeItem(atPath: files.back)
             return figures
@@ -210,9 +210,11 @@ struct Session: Sendable {
     let timeout: Duration
     let label: String
 
-    /// The server's last stderr lines, for messages.
-    var errorTail: String {
-        let lines = process.standardError.split(separator: "\n").suffix(15)
+    /// The server's last stderr lines, for messages: all of them when it has ended (its stdout
+    /// did), what came so far when it hangs.
+    func errorTail(ended: Bool) async -> String {
+        let text = ended ? await process.standardErrorAtEnd() : process.standardError
+        let lines = text.split(separator: "\n").suffix(15)
         return lines.isEmpty ? "" : "; its stderr ended with:\n" + lines.joined(separator: "\n")
     }
 
@@ -221,7 +223,7 @@ struct Session: Sendable {
             return try await withTimeout(timeout, "\(label): \(what)", body)
         } catch {
             guard error.code == .timeout else { throw error }
-            throw VirtError(.timeout, error.message + errorTail)
+            throw VirtError(.timeout, error.message + (await errorTail(ended: false)))
         }
     }
 
@@ -229,7 +231,8 @@ struct Session: Sendable {
         let line = try await process.readLine(timeout: timeout)
         guard line == expected else {
             throw VirtError(
-                .protocolMisuse, "\(label): expected `\(expected)`, got `\(line ?? "end of output")`\(errorTail)")
+                .protocolMisuse,
+                "\(label): expected `\(expected)`, got `\(line ?? "end of output")`\(await errorTail(ended: line == nil))")
         }
     }
 
@@ -242,7 +245,9 @@ struct Session: Sendable {
             return try await process.readLine(timeout: timeout)
         }
         guard let reply, reply == "ok" || reply.hasPrefix("ok ") else {
-            throw VirtError(.testbedFailure, "\(label): `\(line)` got `\(reply ?? "end of output")`\(errorTail)")
+            throw VirtError(
+                .testbedFailure,
+                "\(label): `\(line)` got `\(reply ?? "end of output")`\(await errorTail(ended: reply == nil))")
         }
         return reply
     }
@@ -251,7 +256,7 @@ struct Session: Sendable {
     func requestOK(_ verb: String, _ arguments: String...) async throws {
         let reply = try await request(verb, arguments)
         guard reply == "ok" else {
-            throw VirtError(.testbedFailure, "\(label): `\(verb)` got `\(reply)`\(errorTail)")
+            throw VirtError(.testbedFailure, "\(label): `\(verb)` got `\(reply)`\(await errorTail(ended: false))")
         }
     }
 

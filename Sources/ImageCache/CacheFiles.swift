@@ -171,18 +171,16 @@ final class FileLock {
     /// and could not be cancelled. `waiting` is called once, when the lock is found taken.
     static func acquire(_ path: String, waiting: () -> Void) async throws(VirtError) -> FileLock {
         var announced = false
-        while true {
+        let lock = try await Deadline.none.poll(every: .milliseconds(100)) { () throws(VirtError) -> FileLock? in
             if let lock = try attempt(path) { return lock }
             if !announced {
                 waiting()
                 announced = true
             }
-            do {
-                try await Task.sleep(for: .milliseconds(100))
-            } catch {
-                throw VirtError(.timeout, "cancelled while waiting for the lock \(path)")
-            }
+            return nil
         }
+        guard let lock else { throw VirtError(.timeout, "cancelled while waiting for the lock \(path)") }
+        return lock
     }
 
     /// An exclusive lock on `path` if nobody holds one, else nil.

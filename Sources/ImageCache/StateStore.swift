@@ -80,17 +80,14 @@ public struct StateStore: Sendable {
     /// The lock of the entry for `key`, waiting up to ``lookupWait`` for it; nil when it stays
     /// taken, or cannot be taken.
     func lockEntry(_ key: String) async -> FileLock? {
-        let deadline = ContinuousClock.now + Self.lookupWait
-        while true {
-            do throws(VirtError) {
-                if let taken = try FileLock.attempt("\(directory)/\(key).lock") { return taken }
-            } catch {
-                log.warning("cannot lock the saved state \(key): \(error.message)")
-                return nil
+        do throws(VirtError) {
+            return try await Deadline(after: Self.lookupWait).poll(every: .milliseconds(50)) {
+                () throws(VirtError) -> FileLock? in
+                try FileLock.attempt("\(directory)/\(key).lock")
             }
-            guard ContinuousClock.now < deadline, (try? await Task.sleep(for: .milliseconds(50))) != nil else {
-                return nil
-            }
+        } catch {
+            log.warning("cannot lock the saved state \(key): \(error.message)")
+            return nil
         }
     }
 

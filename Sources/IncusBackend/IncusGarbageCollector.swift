@@ -47,26 +47,23 @@ public struct IncusGarbageCollector: Sendable {
         var report: [String] = []
         for (name, owner) in try await orphans(owner: only, provenMachine: provenMachine) where !Task.isCancelled {
             let command = cli.delete(name)
-            var result = try await runner.run(command)
-            var gone = result.status.succeeded || IncusErrors.isNotFound(result)
             // A server killed while making an instance leaves incusd making it, and another gc
             // (a server's death watch, an admin's) may be deleting it too: incusd refuses the
             // delete meanwhile, in words that vary. Try again while the instance is there.
-            let clock = ContinuousClock()
-            let deadline = clock.now + .seconds(120)
-            while !gone && clock.now < deadline && !Task.isCancelled {
-                if !result.errorText.contains("is busy running"), try await !exists(name) {
-                    gone = true
-                    break
+            var result: CommandResult?
+            let gone = try await Deadline(after: .seconds(120)).poll(every: .seconds(1)) {
+                () throws(VirtError) -> Bool in
+                if let last = result, !last.errorText.contains("is busy running"), try await !exists(name) {
+                    return true
                 }
-                try? await Task.sleep(for: .seconds(1))
-                result = try await runner.run(command)
-                gone = result.status.succeeded || IncusErrors.isNotFound(result)
+                let attempt = try await runner.run(command)
+                result = attempt
+                return attempt.status.succeeded || IncusErrors.isNotFound(attempt)
             }
             if gone {
                 report.append("deleted instance \(cli.qualified(name)) (its server, pid \(owner.pid), is gone)")
             } else {
-                report.append("could not delete instance \(cli.qualified(name)): \(result.errorText)")
+                report.append("could not delete instance \(cli.qualified(name)): \(result?.errorText ?? "cancelled")")
             }
         }
         return report

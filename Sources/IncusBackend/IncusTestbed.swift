@@ -38,6 +38,13 @@ public final class IncusTestbed: Testbed {
     let runner: any CommandRunner
     let owner: InstanceOwner
     private let state = Mutex<State>(State())
+    /// `incus launch`, `init`, `start` and `delete` commands running now: a close must outwait
+    /// them, or an instance a launch is still making, or one half deleted, outlives the server.
+    /// Closing it stops new launches.
+    ///
+    /// Lock order: its lock may be taken while holding `state`'s, never the other way round, so
+    /// a check of "closed" and what it guards are one step.
+    private let inFlight = InFlight()
 
     struct State {
         var name: String?
@@ -45,10 +52,6 @@ public final class IncusTestbed: Testbed {
         var spareName: String?
         var spareTask: Task<String?, Never>?
         var normalUser: String?
-        var closed = false
-        /// `incus launch` and `incus delete` commands running now: a close must outwait them,
-        /// or an instance a launch is still making, or one half deleted, outlives the server.
-        var commandsInFlight = 0
         /// The sweep for instances of dead servers, started by the first open.
         var sweep: Task<Void, Never>?
     }
@@ -79,13 +82,15 @@ public final class IncusTestbed: Testbed {
     }
 
     public func revert() async throws(VirtError) -> [String] {
+        // Counted before the name is taken: a close finds either the name or its deletion.
+        inFlight.enter(evenIfClosed: true)
         let (old, spareTask) = state.withLock { state -> (String?, Task<String?, Never>?) in
             let old = state.name
             state.name = nil
-            if old != nil { state.commandsInFlight += 1 }
             defer { state.spareTask = nil }
             return (old, state.spareTask)
         }
+        if old == nil { inFlight.leave() }
         // The old instance's state is thrown away: it is force-deleted while the new one is
         // started, rather than shut down cleanly first.
         async let deletion: Void = deleteIfAny(old)
@@ -110,7 +115,7 @@ public final class IncusTestbed: Testbed {
     /// `gc` does, limited as it is to owners that are provably gone.
     private func sweepOnce() {
         state.withLock { state in
-            guard state.sweep == nil, !state.closed else { return }
+            guard state.sweep == nil, !inFlight.isClosed else { return }
             let collector = IncusGarbageCollector(cli: cli, runner: runner)
             state.sweep = Task {
                 do throws(VirtError) {
@@ -128,12 +133,12 @@ public final class IncusTestbed: Testbed {
     private func prepareSpare() {
         guard options.spare else { return }
         state.withLock { state in
-            guard !state.closed, state.spareTask == nil, state.spareName == nil else { return }
+            guard !inFlight.isClosed, state.spareTask == nil, state.spareName == nil else { return }
             state.spareTask = Task<String?, Never> {
                 do throws(VirtError) {
                     return try await self.createInstance(.spare)
                 } catch {
-                    if !self.state.withLock({ $0.closed }) {
+                    if !self.inFlight.isClosed {
                         log.info("could not make a spare instance for the next revert: \(error.message)")
                     }
                     return nil
@@ -146,7 +151,7 @@ public final class IncusTestbed: Testbed {
     private func takeSpare(_ task: Task<String?, Never>?) async -> String? {
         guard let task, let made = await task.value else { return nil }
         return state.withLock { state -> String? in
-            guard state.spareName == made, !state.closed else { return nil }
+            guard state.spareName == made, !inFlight.isClosed else { return nil }
             state.spareName = nil
             state.name = made
             return made
@@ -171,22 +176,18 @@ public final class IncusTestbed: Testbed {
     /// at close the spare (not counted: close waits for nothing after it).
     private func deleteIfAny(_ name: String?, counted: Bool = true) async {
         guard let name else { return }
-        defer { if counted { state.withLock { $0.commandsInFlight -= 1 } } }
+        defer { if counted { inFlight.leave() } }
         await delete(name)
     }
 
     public func close() async {
         // Not cancelled: a spare being made is outwaited below like any launch, since an
         // interrupted `incus init` may still leave the instance made.
-        state.withLock { $0.closed = true }
-        // After `closed`, nothing new starts; what runs now (a launch for open or revert, the
-        // making of a spare, the deletion of the instance a revert replaced) is waited for, so
-        // its result is known.
-        let clock = ContinuousClock()
-        let deadline = clock.now + options.bootTimeout
-        while state.withLock({ $0.commandsInFlight > 0 }) && clock.now < deadline {
-            try? await Task.sleep(for: .milliseconds(50))
-        }
+        inFlight.close()
+        // After that, nothing new starts; what runs now (a launch for open or revert, the making
+        // of a spare, the deletion of the instance a revert replaced) is waited for, so its
+        // result is known.
+        _ = await inFlight.waitUntilIdle(timeout: options.bootTimeout)
         let (name, spare) = state.withLock { state -> (String?, String?) in
             defer {
                 state.name = nil
@@ -208,8 +209,8 @@ public final class IncusTestbed: Testbed {
 
     /// Runs an instance-making or -deleting command, counted for ``close()``.
     private func counted(_ command: Command) async throws(VirtError) -> CommandResult {
-        state.withLock { $0.commandsInFlight += 1 }
-        defer { state.withLock { $0.commandsInFlight -= 1 } }
+        inFlight.enter(evenIfClosed: true)
+        defer { inFlight.leave() }
         return try await runner.run(command)
     }
 
@@ -302,14 +303,12 @@ public final class IncusTestbed: Testbed {
             // Registered and counted in the same step as the check, so a close either stops
             // this launch or waits for it and then deletes what it made.
             let isClosed = state.withLock { state -> Bool in
-                if !state.closed {
-                    switch role {
-                    case .current: state.name = name
-                    case .spare: state.spareName = name
-                    }
-                    state.commandsInFlight += 1
+                guard inFlight.enter() else { return true }
+                switch role {
+                case .current: state.name = name
+                case .spare: state.spareName = name
                 }
-                return state.closed
+                return false
             }
             if isClosed { throw VirtError(.testbedFailure, "the server is shutting down") }
             let launch = IncusCLI.Launch(
@@ -327,7 +326,7 @@ public final class IncusTestbed: Testbed {
             }
             let result: CommandResult
             do {
-                defer { state.withLock { $0.commandsInFlight -= 1 } }
+                defer { inFlight.leave() }
                 result = try await runner.run(command)
             }
             if result.status.succeeded { return name }
@@ -363,28 +362,25 @@ public final class IncusTestbed: Testbed {
 
     /// Polls `systemctl is-system-running` until the instance has booted.
     func waitBooted(_ name: String, timeout: Duration) async throws(VirtError) {
-        let clock = ContinuousClock()
-        let deadline = clock.now + timeout
         var last = ""
-        while clock.now < deadline {
+        let booted = try await Deadline(after: timeout).poll(every: .milliseconds(100)) {
+            () throws(VirtError) -> Bool in
             let result = try await runner.run(cli.exec(name, ["systemctl", "is-system-running"]))
             switch BootState(result) {
             case .booted:
-                return
+                return true
             case .noSystemd:
                 log.debug("\(name) has no systemctl; taking a working exec as booted")
-                return
+                return true
             case .waiting(let why):
                 last = why
+                return false
             case .gone(let why):
                 throw VirtError(.testbedFailure, "\(cli.qualified(name)) stopped while booting: \(why)")
             }
-            do {
-                try await Task.sleep(for: .milliseconds(100))
-            } catch {
-                throw VirtError(.timeout, "waiting for \(name) to boot was cancelled")
-            }
         }
+        if booted { return }
+        if Task.isCancelled { throw VirtError(.timeout, "waiting for \(name) to boot was cancelled") }
         let instanceLog = (try? await runner.check(cli.showLog(name))) ?? "(no log)"
         throw VirtError(
             .timeout,

@@ -1,6 +1,7 @@
 import GuestChannel
 import NIOCore
 import NIOPosix
+import QemuMonitor
 import VirtCore
 
 /// The server side of the auxverb: serves auxverb clients on a unix socket in the instance
@@ -90,55 +91,44 @@ public actor AuxverbRelay {
     /// a moment before its owner listens on it.
     static func connect(
         _ path: String, group: MultiThreadedEventLoopGroup
-    ) async throws -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
-        let deadline = ContinuousClock.now + .seconds(10)
-        while true {
-            do {
-                return try await ClientBootstrap(group: group).connect(unixDomainSocketPath: path) { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
-                    }
+    ) async throws(VirtError) -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
+        try await UnixConnector.connect(
+            name: "the guest helper's port \(path)", timeout: .seconds(10), every: .milliseconds(20)
+        ) {
+            try await ClientBootstrap(group: group).connect(unixDomainSocketPath: path) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
                 }
-            } catch {
-                guard ContinuousClock.now < deadline else { throw error }
-                try await Task.sleep(for: .milliseconds(20))
             }
         }
     }
 
     /// Waits until a helper has said hello with a boot id other than `previous`; returns it.
     public func waitForHelper(notBootID previous: String?, timeout: Duration) async throws(VirtError) -> String {
-        let deadline = ContinuousClock.now + timeout
-        while true {
+        let started = try await Deadline(after: timeout).poll(every: .milliseconds(20)) {
+            () throws(VirtError) -> String? in
             if let helperBootID, helperBootID != previous { return helperBootID }
             if guestLost { throw VirtError(.testbedFailure, "the guest helper's port closed") }
-            guard ContinuousClock.now < deadline else {
-                throw VirtError(.timeout, "the guest helper did not start within \(timeout.formattedSeconds)")
-            }
-            do {
-                try await Task.sleep(for: .milliseconds(20))
-            } catch {
-                throw VirtError(.timeout, "waiting for the guest helper was cancelled")
-            }
+            return nil
         }
+        guard let started else {
+            throw VirtError(.timeout, "the guest helper did not start within \(timeout.formattedSeconds)")
+        }
+        return started
     }
 
     /// Waits until the relay holds its connection to the guest port's socket: a VM restored from
     /// a saved state must find the host side of the port connected, as it was when saved, or the
     /// guest sees the port close and the helper in it ends.
     public func waitUntilConnected(timeout: Duration) async throws(VirtError) {
-        let deadline = ContinuousClock.now + timeout
-        while guest == nil {
+        let connected = try await Deadline(after: timeout).poll(every: .milliseconds(10)) {
+            () throws(VirtError) -> Bool in
+            if guest != nil { return true }
             if guestLost { throw VirtError(.testbedFailure, "the guest helper's port closed") }
-            guard ContinuousClock.now < deadline else {
-                throw VirtError(
-                    .timeout, "cannot connect to the guest helper's port within \(timeout.formattedSeconds)")
-            }
-            do {
-                try await Task.sleep(for: .milliseconds(10))
-            } catch {
-                throw VirtError(.timeout, "waiting for the guest helper's port was cancelled")
-            }
+            return false
+        }
+        guard connected else {
+            throw VirtError(.timeout, "cannot connect to the guest helper's port within \(timeout.formattedSeconds)")
         }
     }
 

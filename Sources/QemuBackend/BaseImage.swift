@@ -100,11 +100,10 @@ extension QemuInstance {
             log.debug("device_del of the base image: \(error.message)")
             return
         }
-        let deadline = ContinuousClock.now + .seconds(30)
-        while ContinuousClock.now < deadline {
-            if !(await pluggedDevices(qmp)).contains(QemuCommands.baseImageDeviceID) { return }
-            try? await Task.sleep(for: .milliseconds(100))
+        let released = await Deadline(after: .seconds(30)).poll(every: .milliseconds(100)) {
+            !(await pluggedDevices(qmp)).contains(QemuCommands.baseImageDeviceID)
         }
+        if released { return }
         log.warning("the guest did not release /dev/baseimage within 30 s before the reboot")
     }
 }

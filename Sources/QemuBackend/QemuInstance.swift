@@ -332,15 +332,12 @@ final class QemuInstance: Sendable {
         defer { handles.withLock { $0.helperLossExpected = false } }
         await relay.helperGone("the testbed is rebooting")
         guard let qga else { throw VirtError(.testbedFailure, "no guest agent connection") }
-        let deadline = ContinuousClock.now + timeout
-        while true {
+        let newBoot = try await Deadline(after: timeout).poll(every: .seconds(1)) { () throws(VirtError) -> Bool in
             try checkAlive("while rebooting")
-            if let id = try? await bootID(qga), !id.isEmpty, id != previousBootID { break }
-            guard ContinuousClock.now < deadline else {
-                throw VirtError(.timeout, "the testbed did not come back from reboot\(consoleTail())")
-            }
-            try? await Task.sleep(for: .seconds(1))
+            guard let id = try? await bootID(qga) else { return false }
+            return !id.isEmpty && id != previousBootID
         }
+        guard newBoot else { throw VirtError(.timeout, "the testbed did not come back from reboot\(consoleTail())") }
         try await startHelper(qga, previousBootID: nil)
     }
 
@@ -414,11 +411,10 @@ final class QemuInstance: Sendable {
         }
     }
 
+    /// Waits at most `timeout` for QEMU to end, even when the caller was cancelled: a teardown
+    /// cut short by a signal still gives the guest its time to shut down.
     func waitForEnd(_ timeout: Duration) async {
-        let deadline = ContinuousClock.now + timeout
-        while !hasEnded && ContinuousClock.now < deadline {
-            try? await Task.sleep(for: .milliseconds(50))
-        }
+        await Task { _ = await Deadline(after: timeout).poll(every: .milliseconds(50)) { self.hasEnded } }.value
     }
 
     func store(_ update: (inout Handles) -> Void) throws(VirtError) {

@@ -107,22 +107,21 @@ extension QemuInstance {
 
     /// Waits for the outgoing migration to complete; its failure or QEMU's end is an error.
     private func waitForMigration(_ qmp: QMPClient, timeout: Duration) async throws(VirtError) {
-        let deadline = ContinuousClock.now + timeout
-        while true {
+        let completed = try await Deadline(after: timeout).poll(every: .milliseconds(50)) {
+            () throws(VirtError) -> Bool in
             try checkAlive("while saving the VM state")
             let info = try await qmp.execute("query-migrate")
             switch info["status"]?.stringValue {
-            case "completed": return
+            case "completed": return true
             case "failed", "cancelled":
                 throw VirtError(
                     .testbedFailure,
                     "saving the VM state failed: \(info["error-desc"]?.stringValue ?? "no reason given")")
-            default: break
+            default: return false
             }
-            guard ContinuousClock.now < deadline else {
-                throw VirtError(.timeout, "saving the VM state took more than \(timeout.formattedSeconds)")
-            }
-            try? await Task.sleep(for: .milliseconds(50))
+        }
+        guard completed else {
+            throw VirtError(.timeout, "saving the VM state took more than \(timeout.formattedSeconds)")
         }
     }
 
@@ -154,21 +153,19 @@ extension QemuInstance {
         do throws(VirtError) {
             if let failure = await verification.value { throw failure }
             _ = try await qmp.execute("migrate-incoming", arguments: ["uri": .string(QemuCommands.restoreURI)])
-            while true {
+            let loaded = try await Deadline(deadline).poll(every: .milliseconds(20)) { () throws(VirtError) -> Bool in
                 try checkAlive("while loading the saved state")
-                let status = try await qmp.execute("query-status")
-                if status["status"]?.stringValue != "inmigrate" { break }
-                guard ContinuousClock.now < deadline else {
-                    throw VirtError(
-                        .timeout, "loading the saved state took more than \(options.bootTimeout.formattedSeconds)")
-                }
-                try? await Task.sleep(for: .milliseconds(20))
+                return try await qmp.execute("query-status")["status"]?.stringValue != "inmigrate"
             }
-            let loaded = try await qmp.execute("query-migrate")
-            if let status = loaded["status"]?.stringValue, status != "completed" {
+            guard loaded else {
+                throw VirtError(
+                    .timeout, "loading the saved state took more than \(options.bootTimeout.formattedSeconds)")
+            }
+            let migration = try await qmp.execute("query-migrate")
+            if let status = migration["status"]?.stringValue, status != "completed" {
                 throw VirtError(
                     .testbedFailure,
-                    "loading the saved state failed (\(status)): \(loaded["error-desc"]?.stringValue ?? "no reason given")"
+                    "loading the saved state failed (\(status)): \(migration["error-desc"]?.stringValue ?? "no reason given")"
                 )
             }
             _ = try await qmp.execute("cont")

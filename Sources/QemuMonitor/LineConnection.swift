@@ -36,44 +36,12 @@ final class LineConnection: Sendable {
     /// Connects to `path`, retrying while the socket does not exist yet or refuses connections:
     /// QEMU and the agent create their sockets some time after they start.
     static func connect(path: String, name: String, timeout: Duration) async throws(VirtError) -> LineConnection {
-        let clock = ContinuousClock()
-        let deadline = clock.now.advanced(by: timeout)
-        var lastError = ""
-        while true {
-            let lines = Mailbox<[UInt8]>()
-            let closedError = VirtError(.testbedFailure, "\(name): connection closed")
-            let bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(
-                            ByteToMessageHandler(LineBasedFrameDecoder(), maximumBufferSize: maximumLineLength))
-                        try channel.pipeline.syncOperations.addHandler(
-                            LineForwarder(lines: lines, closedError: closedError, name: name))
-                    }
-                }
-            do {
-                let channel = try await bootstrap.connect(unixDomainSocketPath: path).get()
-                log.debug("\(name): connected")
-                return LineConnection(name: name, lines: lines, channel: channel)
-            } catch let error as SocketAddressError {
-                // A path over 108 bytes never starts working.
-                throw VirtError(.io, "\(name): cannot connect: \(error)")
-            } catch {
-                lastError = "\(error)"
-            }
-            guard !Task.isCancelled else {
-                throw VirtError(.timeout, "connecting to \(name) was cancelled")
-            }
-            guard clock.now.advanced(by: .milliseconds(50)) < deadline else {
-                throw VirtError(
-                    .timeout, "cannot connect to \(name) within \(timeout.formattedSeconds): \(lastError)")
-            }
-            do {
-                try await Task.sleep(for: .milliseconds(50))
-            } catch {
-                throw VirtError(.timeout, "connecting to \(name) was cancelled")
-            }
+        let (channel, lines) = try await UnixConnector.connect(
+            path: path, name: name, timeout: timeout, every: .milliseconds(50)
+        ) { pipeline in
+            try pipeline.addHandler(ByteToMessageHandler(LineBasedFrameDecoder(), maximumBufferSize: maximumLineLength))
         }
+        return LineConnection(name: name, lines: lines, channel: channel)
     }
 
     /// Writes `bytes` (which must already end in a newline) and waits until the kernel has them.
@@ -100,38 +68,5 @@ final class LineConnection: Sendable {
         } catch {
             // Already closed by the peer: nothing left to do.
         }
-    }
-}
-
-/// Moves decoded lines from the event loop into the connection's queue.
-private final class LineForwarder: ChannelInboundHandler {
-    typealias InboundIn = ByteBuffer
-
-    private let lines: Mailbox<[UInt8]>
-    private let closedError: VirtError
-    private let name: String
-
-    init(lines: Mailbox<[UInt8]>, closedError: VirtError, name: String) {
-        self.lines = lines
-        self.closedError = closedError
-        self.name = name
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        var buffer = unwrapInboundIn(data)
-        lines.push(buffer.readBytes(length: buffer.readableBytes) ?? [])
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        log.debug("\(name): connection closed")
-        lines.finish(throwing: closedError)
-        context.fireChannelInactive()
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // ECONNRESET when QEMU dies, or an unterminated last line: either way the peer is gone.
-        log.debug("\(name): \(error)")
-        lines.finish(throwing: closedError)
-        context.close(promise: nil)
     }
 }

@@ -41,36 +41,9 @@ public actor SerialConsole {
     /// Connects to the console socket at `path`, retrying while it does not accept yet.
     public static func connect(path: String, timeout: Duration) async throws(VirtError) -> SerialConsole {
         let name = "serial console \(path)"
-        let clock = ContinuousClock()
-        let deadline = clock.now.advanced(by: timeout)
-        while true {
-            let chunks = Mailbox<[UInt8]>()
-            let bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(
-                            ChunkForwarder(
-                                chunks: chunks, closedError: VirtError(.testbedFailure, "\(name): connection closed"),
-                                name: name))
-                    }
-                }
-            do {
-                let channel = try await bootstrap.connect(unixDomainSocketPath: path).get()
-                log.debug("\(name): connected")
-                return SerialConsole(name: name, chunks: chunks, channel: channel)
-            } catch let error as SocketAddressError {
-                throw VirtError(.io, "\(name): cannot connect: \(error)")
-            } catch {
-                guard clock.now.advanced(by: .milliseconds(100)) < deadline, !Task.isCancelled else {
-                    throw VirtError(.timeout, "cannot connect to \(name) within \(timeout.formattedSeconds): \(error)")
-                }
-            }
-            do {
-                try await Task.sleep(for: .milliseconds(100))
-            } catch {
-                throw VirtError(.timeout, "connecting to \(name) was cancelled")
-            }
-        }
+        let (channel, chunks) = try await UnixConnector.connect(
+            path: path, name: name, timeout: timeout, every: .milliseconds(100))
+        return SerialConsole(name: name, chunks: chunks, channel: channel)
     }
 
     /// Types `text` (the caller adds the newlines).
@@ -234,37 +207,5 @@ public actor SerialConsole {
         } catch {
             // Already closed.
         }
-    }
-}
-
-/// Moves received bytes from the event loop into the console's queue.
-private final class ChunkForwarder: ChannelInboundHandler {
-    typealias InboundIn = ByteBuffer
-
-    private let chunks: Mailbox<[UInt8]>
-    private let closedError: VirtError
-    private let name: String
-
-    init(chunks: Mailbox<[UInt8]>, closedError: VirtError, name: String) {
-        self.chunks = chunks
-        self.closedError = closedError
-        self.name = name
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        var buffer = unwrapInboundIn(data)
-        chunks.push(buffer.readBytes(length: buffer.readableBytes) ?? [])
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        log.debug("\(name): connection closed")
-        chunks.finish(throwing: closedError)
-        context.fireChannelInactive()
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        log.debug("\(name): \(error)")
-        chunks.finish(throwing: closedError)
-        context.close(promise: nil)
     }
 }

@@ -67,26 +67,19 @@ public enum RebootSequence {
     public static func pollForNewBootID(
         _ backend: some Testbed, _ testbed: InTestbed, previousBootID: String
     ) async throws(VirtError) {
-        while true {
-            if Task.isCancelled {
-                throw VirtError(.timeout, "waiting for the testbed to reboot was cancelled")
-            }
+        let back = await Deadline.none.poll(every: .seconds(1)) { () async -> Bool in
             do {
                 let current = try await withTimeout(.seconds(30), "reading the boot id") {
                     try await backend.bootID(testbed)
                 }
-                if !current.isEmpty && current != previousBootID {
-                    log.debug("testbed is back with boot id \(current)")
-                    return
-                }
+                guard !current.isEmpty && current != previousBootID else { return false }
+                log.debug("testbed is back with boot id \(current)")
+                return true
             } catch {
                 log.debug("testbed not back yet: \(error)")
-            }
-            do {
-                try await Task.sleep(for: .seconds(1))
-            } catch {
-                throw VirtError(.timeout, "waiting for the testbed to reboot was cancelled")
+                return false
             }
         }
+        guard back else { throw VirtError(.timeout, "waiting for the testbed to reboot was cancelled") }
     }
 }

@@ -30,7 +30,7 @@ public actor TestbedController {
     /// Opens and reverts in the backend right now. A shutdown (a signal) runs while they are
     /// suspended; what they make after its close (a directory, a process, an instance) would
     /// outlive the process, so the shutdown waits for them and closes again.
-    private var creating = 0
+    private let creating = InFlight()
 
     /// How long a shutdown waits for an open or revert its close cut short.
     static let creationGrace: Duration = .seconds(30)
@@ -57,8 +57,8 @@ public actor TestbedController {
         guard !isOpen else { throw VirtError(.protocolMisuse, "`open' when already open") }
         closing = nil
         needsClose = true
-        creating += 1
-        defer { creating -= 1 }
+        creating.enter()
+        defer { creating.leave() }
         let auxverb = try await backend.open()
         guard closing == nil else {
             // Whatever open made after the shutdown ran must go too.
@@ -80,8 +80,8 @@ public actor TestbedController {
         guard await backend.capabilities().contains(Capability.revert) else {
             throw VirtError(.protocolMisuse, "`revert' when `revert' not advertised")
         }
-        creating += 1
-        defer { creating -= 1 }
+        creating.enter()
+        defer { creating.leave() }
         let auxverb = try await backend.revert()
         self.auxverb = auxverb
         return try await makeScratch(auxverb)
@@ -135,15 +135,12 @@ public actor TestbedController {
         }
         guard needsClose else { return }
         let backend = self.backend
-        let interrupted = creating > 0
+        let creating = self.creating
+        let interrupted = creating.count > 0
         let task = Task {
             await backend.close()
             guard interrupted else { return }
-            let deadline = ContinuousClock.now + Self.creationGrace
-            while await self.creating > 0 && ContinuousClock.now < deadline {
-                try? await Task.sleep(for: .milliseconds(20))
-            }
-            if await self.creating > 0 {
+            if !(await creating.waitUntilIdle(timeout: Self.creationGrace)) {
                 log.warning(
                     "an open or revert did not end within \(Self.creationGrace.formattedSeconds) of the shutdown")
             }

@@ -80,6 +80,7 @@ public final class ServerProcess: Sendable {
                 errorBytes.bytes.withLock { $0.append(contentsOf: buffer[0..<count]) }
             }
             close(stderrFD)
+            errorBytes.closed.set(())
         }.start()
         exitStatus = ExitWaiter(pid: child)
     }
@@ -117,9 +118,14 @@ public final class ServerProcess: Sendable {
     }
 
     /// The next reply line, nil at end of output; throws after `timeout`, which is how a reply
-    /// stuck in a buffer shows up.
+    /// stuck in a buffer shows up. At the end of output, ``standardError`` is complete too (or
+    /// two seconds have passed): a server's last words on stderr come as its stdout ends.
     public func readLine(timeout: Duration = .seconds(60)) async throws -> String? {
-        try await replies.next(timeout: timeout)
+        guard let line = try await replies.next(timeout: timeout) else {
+            _ = await standardErrorAtEnd(timeout: .seconds(2))
+            return nil
+        }
+        return line
     }
 
     /// Signals the server unless it has already ended (its pid may belong to another process by then).
@@ -128,12 +134,15 @@ public final class ServerProcess: Sendable {
     /// Stops reading the server's stdout, as autopkgtest does before `quit`.
     public func closeReplies() { replies.close() }
 
-    /// Waits for the server to end; kills it and throws after `timeout`.
+    /// Waits for the server to end; kills it and throws after `timeout`. Then ``standardError``
+    /// is complete too (or two seconds have passed: something it started may hold it open).
     public func wait(timeout: Duration = .seconds(60)) async throws -> ProcessStatus {
         do {
-            return try await withTimeout(timeout, "waiting for the server to exit") { [exitStatus] in
+            let status = try await withTimeout(timeout, "waiting for the server to exit") { [exitStatus] in
                 try await exitStatus.status()
             }
+            _ = await standardErrorAtEnd(timeout: .seconds(2))
+            return status
         } catch {
             exitStatus.signal(SIGKILL)
             throw error
@@ -143,6 +152,15 @@ public final class ServerProcess: Sendable {
     /// Everything the server wrote on stderr so far.
     public var standardError: String {
         String(decoding: errorBytes.bytes.withLock { $0 }, as: UTF8.self)
+    }
+
+    /// Everything the server wrote on stderr, once it has closed it, or `timeout` later (a
+    /// process it left behind may hold it open). Its last words come after its stdout ends.
+    public func standardErrorAtEnd(timeout: Duration = .seconds(5)) async -> String {
+        _ = try? await withTimeout(timeout, "reading the server's stderr") { [errorBytes] in
+            try await errorBytes.closed.wait()
+        }
+        return standardError
     }
 
     /// A server its client let go of: end of input, as when autopkgtest goes away, and SIGTERM
@@ -157,37 +175,29 @@ public final class ServerProcess: Sendable {
 /// Bytes collected by a reader thread.
 final class ByteSink: Sendable {
     let bytes = Mutex<[UInt8]>([])
+    /// Set when the writer closed its end.
+    let closed = Latch<Void>()
 }
 
 /// Lines arriving from somewhere (a reader thread, an in-process writer), taken in order.
 public final class LineQueue: Sendable {
-    private struct State {
-        var lines: [String] = []
-        var finished = false
-    }
-    private let state = Mutex(State())
+    private let lines = Mailbox<String>()
 
     public init() {}
 
-    public func push(_ line: String) { state.withLock { $0.lines.append(line) } }
+    public func push(_ line: String) { lines.push(line) }
 
-    public func finish() { state.withLock { $0.finished = true } }
+    /// No more lines: once the queued ones are taken, ``next(timeout:)`` gives nil.
+    public func finish() { lines.finish(throwing: VirtError(.io, "end of the lines")) }
 
     /// The next line, nil once finished and drained; throws after `timeout`.
     public func next(timeout: Duration) async throws -> String? {
-        let deadline = ContinuousClock.now + timeout
-        while true {
-            let (line, finished) = state.withLock { s -> (String?, Bool) in
-                if !s.lines.isEmpty { return (s.lines.removeFirst(), false) }
-                return (nil, s.finished)
-            }
-            if let line { return line }
-            if finished { return nil }
-            if ContinuousClock.now >= deadline {
-                throw VirtError(.timeout, "no reply line within \(timeout.formattedSeconds)")
-            }
-            // Poll briefly rather than park: a parked continuation cannot time out.
-            try await Task.sleep(for: .milliseconds(2))
+        do {
+            return try await withTimeout(timeout, "waiting for a reply line") { [lines] in try await lines.next() }
+        } catch {
+            // The queue's finishing error, as opposed to the time running out.
+            if error.code != .timeout && lines.isFinished { return nil }
+            throw error
         }
     }
 }
@@ -245,18 +255,22 @@ final class ReplyQueue: Sendable {
 final class ExitWaiter: Sendable {
     private let pid: pid_t
     private let result = Mutex<ProcessStatus?>(nil)
+    private let ended = Latch<ProcessStatus>()
 
     init(pid: pid_t) {
         self.pid = pid
         Thread { [self] in
             var info = siginfo_t()
             while waitid(P_PID, id_t(pid), &info, WEXITED | WNOWAIT) < 0 && errno == EINTR {}
-            result.withLock { result in
+            let status = result.withLock { result -> ProcessStatus in
                 var status: Int32 = 0
                 while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
                 let low = status & 0x7f
-                result = low == 0 ? .exited((status >> 8) & 0xff) : .signaled(low)
+                let ended: ProcessStatus = low == 0 ? .exited((status >> 8) & 0xff) : .signaled(low)
+                result = ended
+                return ended
             }
+            ended.set(status)
         }.start()
     }
 
@@ -267,12 +281,7 @@ final class ExitWaiter: Sendable {
         }
     }
 
-    func status() async throws -> ProcessStatus {
-        while true {
-            if let status = result.withLock({ $0 }) { return status }
-            try await Task.sleep(for: .milliseconds(5))
-        }
-    }
+    func status() async throws -> ProcessStatus { try await ended.wait() }
 }
 
 func withCStrings(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> Int32) -> Int32 {

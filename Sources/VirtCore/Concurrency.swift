@@ -160,3 +160,157 @@ public final class AsyncLock: Sendable {
         next?.resume()
     }
 }
+
+/// Cancellable waiters parked until something happens, each resumed once.
+private struct Waiters<Value> {
+    private var parked: [(id: UInt64, continuation: CheckedContinuation<Value, any Error>)] = []
+    private var nextID: UInt64 = 0
+
+    mutating func makeID() -> UInt64 {
+        nextID += 1
+        return nextID
+    }
+
+    mutating func park(_ id: UInt64, _ continuation: CheckedContinuation<Value, any Error>) {
+        parked.append((id, continuation))
+    }
+
+    mutating func remove(_ id: UInt64) -> CheckedContinuation<Value, any Error>? {
+        guard let index = parked.firstIndex(where: { $0.id == id }) else { return nil }
+        return parked.remove(at: index).continuation
+    }
+
+    mutating func removeAll() -> [CheckedContinuation<Value, any Error>] {
+        defer { parked.removeAll() }
+        return parked.map(\.continuation)
+    }
+}
+
+/// A value set once and awaited by any number of tasks, whose waits can be cancelled.
+public final class Latch<Value: Sendable>: Sendable {
+    private struct State {
+        var value: Value?
+        var waiters = Waiters<Value>()
+    }
+
+    private let state = Mutex(State())
+
+    public init() {}
+
+    /// Sets the value and wakes every waiter; later calls are ignored.
+    public func set(_ value: Value) {
+        let woken = state.withLock { state -> [CheckedContinuation<Value, any Error>] in
+            guard state.value == nil else { return [] }
+            state.value = value
+            return state.waiters.removeAll()
+        }
+        for waiter in woken { waiter.resume(returning: value) }
+    }
+
+    /// The value if it has been set.
+    public var value: Value? { state.withLock { $0.value } }
+
+    /// Waits for the value; throws `CancellationError` when the calling task is cancelled first.
+    public func wait() async throws -> Value {
+        let id = state.withLock { $0.waiters.makeID() }
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Value, any Error>) in
+                let outcome = state.withLock { state -> Result<Value, any Error>? in
+                    if let value = state.value { return .success(value) }
+                    if Task.isCancelled { return .failure(CancellationError()) }
+                    state.waiters.park(id, continuation)
+                    return nil
+                }
+                if let outcome { continuation.resume(with: outcome) }
+            }
+        } onCancel: {
+            state.withLock { $0.waiters.remove(id) }?.resume(throwing: CancellationError())
+        }
+    }
+}
+
+/// Operations in flight that a shutdown must outwait, with a gate that stops new ones.
+///
+/// A close that finds an `incus launch` or an open still running waits for it, so that what it
+/// makes is known and cleaned up, instead of outliving the server.
+public final class InFlight: Sendable {
+    private struct State {
+        var count = 0
+        var closed = false
+        var idle = Waiters<Void>()
+    }
+
+    private let state = Mutex(State())
+
+    public init() {}
+
+    /// Counts one more operation; false (and nothing counted) once ``close()`` was called, unless
+    /// `evenIfClosed` (work that finishes what was already started, such as deleting an instance
+    /// a revert replaced).
+    @discardableResult
+    public func enter(evenIfClosed: Bool = false) -> Bool {
+        state.withLock { state in
+            guard evenIfClosed || !state.closed else { return false }
+            state.count += 1
+            return true
+        }
+    }
+
+    /// Ends an operation that ``enter(evenIfClosed:)`` counted.
+    public func leave() {
+        let woken = state.withLock { state -> [CheckedContinuation<Void, any Error>] in
+            precondition(state.count > 0, "InFlight.leave without enter")
+            state.count -= 1
+            return state.count == 0 ? state.idle.removeAll() : []
+        }
+        for waiter in woken { waiter.resume() }
+    }
+
+    /// Runs `body` counted; throws `closedError` without running it once closed.
+    public func run<T>(
+        isolation: isolated (any Actor)? = #isolation, evenIfClosed: Bool = false, closedError: VirtError,
+        _ body: () async throws(VirtError) -> T
+    ) async throws(VirtError) -> T {
+        guard enter(evenIfClosed: evenIfClosed) else { throw closedError }
+        defer { leave() }
+        return try await body()
+    }
+
+    /// Stops new operations (``enter(evenIfClosed:)`` fails from now on).
+    public func close() { state.withLock { $0.closed = true } }
+
+    public var isClosed: Bool { state.withLock { $0.closed } }
+
+    /// How many operations are in flight now.
+    public var count: Int { state.withLock { $0.count } }
+
+    /// Waits until no operation is in flight, at most `timeout`; true when that happened. A
+    /// cancelled caller waits too: the shutdown that calls this must know what was made.
+    public func waitUntilIdle(timeout: Duration) async -> Bool {
+        await Task { await self.idle(within: timeout) }.value
+    }
+
+    private func idle(within timeout: Duration) async -> Bool {
+        let id = state.withLock { $0.idle.makeID() }
+        do {
+            try await withTimeout(timeout, "waiting for operations in flight") { [self] in
+                try await withTaskCancellationHandler {
+                    try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                        let outcome = state.withLock { state -> Result<Void, any Error>? in
+                            if state.count == 0 { return .success(()) }
+                            if Task.isCancelled { return .failure(CancellationError()) }
+                            state.idle.park(id, continuation)
+                            return nil
+                        }
+                        if let outcome { continuation.resume(with: outcome) }
+                    }
+                } onCancel: {
+                    state.withLock { $0.idle.remove(id) }?.resume(throwing: CancellationError())
+                }
+            }
+            return true
+        } catch {
+            return false
+        }
+    }
+}

@@ -41,6 +41,9 @@ public struct Deadline: Sendable {
 
     public init(_ instant: ContinuousClock.Instant) { self.instant = instant }
 
+    /// A deadline that never comes (a hundred years on), for waits that end only by cancellation.
+    public static var none: Deadline { Deadline(after: .seconds(100 * 365 * 86_400)) }
+
     /// The time left, never less than `floor` (a wait of zero would not wait at all), nor more
     /// than `atMost`.
     public func remaining(atMost limit: Duration? = nil, floor: Duration = .milliseconds(1)) -> Duration {
@@ -49,6 +52,35 @@ public struct Deadline: Sendable {
     }
 
     public var hasPassed: Bool { ContinuousClock.now >= instant }
+
+    /// Calls `check` every `interval` until it gives a value, which is returned; nil once the
+    /// deadline has passed (`check` runs at least once) or the calling task is cancelled.
+    ///
+    /// The one sleep-and-retry loop: for state only visible by asking (QMP's migration status, a
+    /// command's exit code in a guest, a socket that is not listening yet).
+    public func poll<T, Failure: Error>(
+        isolation: isolated (any Actor)? = #isolation, every interval: Duration,
+        _ check: () async throws(Failure) -> T?
+    ) async throws(Failure) -> T? {
+        while true {
+            if let value = try await check() { return value }
+            guard !hasPassed, !Task.isCancelled else { return nil }
+            do {
+                try await Task.sleep(for: min(interval, remaining()))
+            } catch {
+                return nil
+            }
+        }
+    }
+
+    /// ``poll(every:_:)`` for a condition: true once `condition` held, false when time ran out.
+    public func poll<Failure: Error>(
+        isolation: isolated (any Actor)? = #isolation, every interval: Duration,
+        until condition: () async throws(Failure) -> Bool
+    ) async throws(Failure) -> Bool {
+        try await poll(every: interval) { () async throws(Failure) -> Bool? in try await condition() ? true : nil }
+            ?? false
+    }
 }
 
 extension Duration {

@@ -145,10 +145,16 @@ struct QGAClientTests {
     func resyncAfterTimeout() async throws {
         try await withFakePeer { peer in
             let client = try await QGAClient.connect(path: peer.path, timeout: .seconds(60))
-            // Long enough for the sync exchange below even on a loaded machine.
-            let slow = Task { try await client.execute("guest-info", timeout: .seconds(5)) }
+            // The first command, answered: no time limit that a loaded machine could miss (a
+            // test process's tasks can wait seconds for a thread).
+            async let first = client.execute("guest-ping", timeout: .seconds(60))
             let firstID = try await expectSync(peer)
             peer.send(bytes: [0xFF] + JSONValue.object(["return": firstID]).serializedBytes + [0x0A])
+            #expect(try await peer.nextMessage() == ["execute": "guest-ping"])
+            peer.send(#"{"return": {}}"#)
+            _ = try await first
+            // In step now: the next command goes out without a sync, and its reply never comes.
+            let slow = Task { try await client.execute("guest-info", timeout: .seconds(1)) }
             #expect(try await peer.nextMessage() == ["execute": "guest-info"])
             #expect(await caughtError { _ = try await slow.value }?.code == .timeout)
 

@@ -1,9 +1,10 @@
-/// SHA-256 (FIPS 180-4), streaming, in plain Swift: names cache entries by the digest of their URL.
+/// SHA-256 (FIPS 180-4), streaming, in plain Swift: names cache entries by the digest of their URL,
+/// and the guest helper by the digest of its program.
 ///
 /// Images themselves are hashed by coreutils' `sha256sum`, which is faster on big files (300 MiB:
 /// 0.73 s against 1.0 s for this code in a release build and 8 s in a debug build); for a URL a
 /// process per hash would cost more than the hash, and swift-crypto for one function is not worth it.
-struct SHA256: Sendable {
+public struct SHA256: Sendable {
     private var state: (UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32) = (
         0x6a09_e667, 0xbb67_ae85, 0x3c6e_f372, 0xa54f_f53a, 0x510e_527f, 0x9b05_688c, 0x1f83_d9ab, 0x5be0_cd19
     )
@@ -11,10 +12,10 @@ struct SHA256: Sendable {
     private var pending: [UInt8] = []
     private var length: UInt64 = 0
 
-    init() {}
+    public init() {}
 
     /// Adds bytes to the message.
-    mutating func update(_ bytes: UnsafeRawBufferPointer) {
+    public mutating func update(_ bytes: UnsafeRawBufferPointer) {
         guard let base = bytes.baseAddress, !bytes.isEmpty else { return }
         length &+= UInt64(bytes.count)
         var offset = 0
@@ -39,13 +40,13 @@ struct SHA256: Sendable {
     }
 
     /// Adds bytes to the message.
-    mutating func update<Bytes: Sequence<UInt8>>(_ bytes: Bytes) {
+    public mutating func update<Bytes: Sequence<UInt8>>(_ bytes: Bytes) {
         let array = Array(bytes)
         array.withUnsafeBytes { update($0) }
     }
 
     /// The 32-byte digest of everything added so far.
-    func finalize() -> [UInt8] {
+    public func finalize() -> [UInt8] {
         var copy = self
         var tail: [UInt8] = [0x80]
         let used = Int(length % 64)
@@ -67,16 +68,16 @@ struct SHA256: Sendable {
     }
 
     /// The digest as 64 lowercase hexadecimal digits.
-    func hexDigest() -> String { Self.hex(finalize()) }
+    public func hexDigest() -> String { Self.hex(finalize()) }
 
     /// The digest of some bytes as lowercase hexadecimal.
-    static func hexDigest<Bytes: Sequence<UInt8>>(of bytes: Bytes) -> String {
+    public static func hexDigest<Bytes: Sequence<UInt8>>(of bytes: Bytes) -> String {
         var hash = SHA256()
         hash.update(bytes)
         return hash.hexDigest()
     }
 
-    static func hex(_ bytes: [UInt8]) -> String {
+    public static func hex(_ bytes: [UInt8]) -> String {
         let digits = Array("0123456789abcdef".utf8)
         var text: [UInt8] = []
         text.reserveCapacity(bytes.count * 2)

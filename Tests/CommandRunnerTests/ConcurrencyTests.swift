@@ -1,0 +1,154 @@
+import Synchronization
+import Testing
+import VirtCore
+
+/// The waiting primitives of VirtCore that the servers build on: each ends its waits when it
+/// should, and cancellation never leaves a waiter parked.
+@Suite("Concurrency primitives")
+struct ConcurrencyTests {
+    @Test("poll returns the first value found, after as many looks as it took")
+    func pollFindsValue() async throws {
+        let looks = Mutex(0)
+        let found = await Deadline(after: .seconds(10)).poll(every: .milliseconds(5)) { () -> Int? in
+            let look = looks.withLock { count -> Int in
+                count += 1
+                return count
+            }
+            return look == 3 ? 42 : nil
+        }
+        #expect(found == 42)
+        #expect(looks.withLock { $0 } == 3)
+    }
+
+    @Test("poll gives nil once the deadline passes, having looked at least once")
+    func pollTimesOut() async throws {
+        let looks = Mutex(0)
+        let clock = ContinuousClock()
+        let started = clock.now
+        let found = await Deadline(after: .milliseconds(100)).poll(every: .milliseconds(20)) { () -> Int? in
+            looks.withLock { $0 += 1 }
+            return nil
+        }
+        #expect(found == nil)
+        #expect(clock.now - started >= .milliseconds(100))
+        #expect(clock.now - started < .seconds(5))
+        #expect(looks.withLock { $0 } >= 2)
+
+        let once = Mutex(0)
+        let passed = await Deadline(after: .zero).poll(every: .seconds(1)) { () -> Bool in
+            once.withLock { $0 += 1 }
+            return false
+        }
+        #expect(!passed)
+        #expect(once.withLock { $0 } == 1)
+    }
+
+    @Test("poll passes on the check's error at once")
+    func pollThrows() async throws {
+        let error = await #expect(throws: VirtError.self) {
+            _ = try await Deadline(after: .seconds(10)).poll(every: .milliseconds(5)) { () throws(VirtError) -> Int? in
+                throw VirtError(.testbedFailure, "gone")
+            }
+        }
+        #expect(error?.message == "gone")
+    }
+
+    @Test("a cancelled poll stops waiting at once")
+    func pollCancelled() async throws {
+        let clock = ContinuousClock()
+        let started = clock.now
+        let task = Task { await Deadline.none.poll(every: .seconds(30)) { false } }
+        try await Task.sleep(for: .milliseconds(50))
+        task.cancel()
+        #expect(await task.value == false)
+        #expect(clock.now - started < .seconds(10))
+    }
+
+    @Test("a latch wakes every waiter with its value; later sets are ignored")
+    func latch() async throws {
+        let latch = Latch<Int>()
+        #expect(latch.value == nil)
+        async let first = latch.wait()
+        async let second = latch.wait()
+        try await Task.sleep(for: .milliseconds(20))
+        latch.set(7)
+        latch.set(8)
+        #expect(try await first == 7)
+        #expect(try await second == 7)
+        #expect(try await latch.wait() == 7)
+        #expect(latch.value == 7)
+    }
+
+    @Test("a cancelled wait on a latch throws CancellationError and leaves the latch usable")
+    func latchCancelled() async throws {
+        let latch = Latch<Int>()
+        let task = Task { try await latch.wait() }
+        try await Task.sleep(for: .milliseconds(20))
+        task.cancel()
+        await #expect(throws: CancellationError.self) { try await task.value }
+        latch.set(1)
+        #expect(try await latch.wait() == 1)
+    }
+
+    @Test("waitUntilIdle returns once the last operation leaves, and at once when none runs")
+    func inFlightIdle() async throws {
+        let inFlight = InFlight()
+        #expect(await inFlight.waitUntilIdle(timeout: .seconds(1)))
+        #expect(inFlight.enter())
+        #expect(inFlight.enter())
+        #expect(inFlight.count == 2)
+        let waiter = Task { await inFlight.waitUntilIdle(timeout: .seconds(30)) }
+        try await Task.sleep(for: .milliseconds(20))
+        inFlight.leave()
+        try await Task.sleep(for: .milliseconds(20))
+        inFlight.leave()
+        #expect(await waiter.value)
+        #expect(inFlight.count == 0)
+    }
+
+    @Test("waitUntilIdle gives false after its timeout while an operation runs")
+    func inFlightTimeout() async throws {
+        let inFlight = InFlight()
+        inFlight.enter()
+        #expect(await inFlight.waitUntilIdle(timeout: .milliseconds(50)) == false)
+        inFlight.leave()
+        #expect(await inFlight.waitUntilIdle(timeout: .milliseconds(50)))
+    }
+
+    @Test("a closed InFlight refuses new operations unless they finish earlier work")
+    func inFlightClosed() async throws {
+        let inFlight = InFlight()
+        inFlight.close()
+        #expect(inFlight.isClosed)
+        #expect(inFlight.enter() == false)
+        #expect(inFlight.count == 0)
+        #expect(inFlight.enter(evenIfClosed: true))
+        #expect(inFlight.count == 1)
+        inFlight.leave()
+        let error = await #expect(throws: VirtError.self) {
+            try await inFlight.run(closedError: VirtError(.testbedFailure, "shutting down")) { () throws(VirtError) in
+                Issue.record("ran although closed")
+            }
+        }
+        #expect(error?.message == "shutting down")
+    }
+
+    @Test("a shutdown's waitUntilIdle waits even when its caller is cancelled")
+    func inFlightWaitsWhenCancelled() async throws {
+        let inFlight = InFlight()
+        inFlight.enter()
+        let clock = ContinuousClock()
+        let task = Task {
+            let started = clock.now
+            let idle = await inFlight.waitUntilIdle(timeout: .seconds(30))
+            return (idle, clock.now - started)
+        }
+        try await Task.sleep(for: .milliseconds(20))
+        task.cancel()
+        try await Task.sleep(for: .milliseconds(200))
+        inFlight.leave()
+        let (idle, waited) = await task.value
+        #expect(idle)
+        #expect(waited >= .milliseconds(200))
+    }
+}

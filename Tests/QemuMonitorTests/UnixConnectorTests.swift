@@ -1,0 +1,87 @@
+import Foundation
+import Testing
+import VirtCore
+
+@testable import QemuMonitor
+
+/// The one connect-with-retry of QMP, the guest agent, the serial console and the helper's port.
+@Suite("Connecting to QEMU's unix sockets")
+struct UnixConnectorTests {
+    /// A listening socket at `path`, as QEMU makes one some time after it starts.
+    static func listen(at path: String) throws -> Int32 {
+        let listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard listener >= 0 else { throw VirtError(.io, "socket", errno: errno) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
+            for (index, byte) in path.utf8.enumerated() { buffer[index] = byte }
+        }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+        guard bound == 0, Glibc.listen(listener, 4) == 0 else {
+            let failure = VirtError(.io, "cannot listen on \(path)", errno: errno)
+            close(listener)
+            throw failure
+        }
+        return listener
+    }
+
+    @Test("a socket that starts listening late is connected to, and its lines arrive")
+    func connectsLate() async throws {
+        try await withPrivateDirectory("connector-") { directory in
+            let path = "\(directory)/qmp.sock"
+            async let connection = LineConnection.connect(path: path, name: "QMP \(path)", timeout: .seconds(30))
+            try await Task.sleep(for: .milliseconds(300))
+            let listener = try Self.listen(at: path)
+            defer { close(listener) }
+            // Never a blocking accept here: it would hold one of the cooperative pool's two
+            // threads, which the connecting task needs.
+            #expect(fcntl(listener, F_SETFL, O_NONBLOCK) == 0)
+            let accepted = await Deadline(after: .seconds(60)).poll(every: .milliseconds(10)) { () -> Int32? in
+                let fd = accept(listener, nil, nil)
+                return fd >= 0 ? fd : nil
+            }
+            let client = try #require(accepted)
+            defer { close(client) }
+            let greeting = Array("hello\r\n".utf8)
+            #expect(greeting.withUnsafeBytes { write(client, $0.baseAddress, $0.count) } == greeting.count)
+            let lines = try await connection.lines
+            #expect(try await lines.next() == Array("hello".utf8))
+            // The peer goes away (a shutdown, not a close: the deferred close owns the descriptor).
+            shutdown(client, Int32(SHUT_RDWR))
+            await #expect(throws: VirtError.self) { _ = try await lines.next() }
+        }
+    }
+
+    @Test("nothing listening: a timeout naming the socket and the last error")
+    func timesOut() async throws {
+        try await withPrivateDirectory("connector-") { directory in
+            let path = "\(directory)/missing.sock"
+            let clock = ContinuousClock()
+            let started = clock.now
+            let error = await caughtError {
+                _ = try await SerialConsole.connect(path: path, timeout: .milliseconds(400))
+            }
+            #expect(error?.code == .timeout)
+            #expect(error?.message.contains("cannot connect to serial console \(path) within 0.4 s") == true)
+            #expect(clock.now - started >= .milliseconds(400))
+            #expect(clock.now - started < .seconds(10))
+        }
+    }
+
+    @Test("a path too long for a socket address fails at once, not after the timeout")
+    func pathTooLong() async throws {
+        let path = "/tmp/" + String(repeating: "x", count: 200)
+        let clock = ContinuousClock()
+        let started = clock.now
+        let error = await caughtError {
+            _ = try await LineConnection.connect(path: path, name: "QMP", timeout: .seconds(60))
+        }
+        #expect(error?.code == .io)
+        #expect(error?.message.hasPrefix("QMP: cannot connect:") == true)
+        #expect(clock.now - started < .seconds(10))
+    }
+}
