@@ -66,14 +66,21 @@ let package = Package(
                 "VirtCore", "CommandRunner", "TestbedCore", "GuestChannel", "QemuMonitor", "ImageCache",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
-            ]
+            ],
+            // Programs that run in the guest, kept as files so that they are linted as what they are.
+            resources: [.embedInCode("Resources/guest-helper.py"), .embedInCode("Resources/guest-helper-launcher.sh")]
         ),
         // Images downloaded from URLs, and saved VM states, in a per-user cache shared by
         // concurrent servers.
         .target(name: "ImageCache", dependencies: ["VirtCore", "CommandRunner"]),
         // The Incus backend: setup, image import, instances through the incus CLI, gc.
         .target(
-            name: "IncusBackend", dependencies: ["VirtCore", "CommandRunner", "TestbedCore", "ImageCache", "TarFormat"]),
+            name: "IncusBackend",
+            dependencies: ["VirtCore", "CommandRunner", "TestbedCore", "ImageCache", "TarFormat"],
+            resources: [
+                .embedInCode("Resources/auxverb-wrapper.sh"), .embedInCode("Resources/install-auxverb-wrapper.sh"),
+                .embedInCode("Resources/container-generator.sh"),
+            ]),
         // The client side: a virt server as a child process, driven over pipes as autopkgtest does.
         .target(name: "VirtClient", dependencies: ["VirtCore", "VirtProtocol", "CommandRunner"]),
         // A testbed that is a private directory on the host: drives the protocol tests.

@@ -26,9 +26,14 @@ public actor AuxverbRelay {
     /// What the helper's last hello said after its boot id and version (after a restore: what it
     /// did about the clock and the random generator).
     public private(set) var helperStatus = ""
+    /// The version the running helper announced in its hello.
+    public private(set) var helperVersion: String?
+    /// The version the helper must announce: this server's program.
+    public nonisolated let expectedVersion: String
 
-    public init(socketPath: String) {
+    public init(socketPath: String, expectedVersion: String = GuestHelperScript.version) {
         self.socketPath = socketPath
+        self.expectedVersion = expectedVersion
     }
 
     /// Serves until cancelled or until the guest side closes. `guestPortPath` is the unix socket
@@ -103,7 +108,8 @@ public actor AuxverbRelay {
         }
     }
 
-    /// Waits until a helper has said hello with a boot id other than `previous`; returns it.
+    /// Waits until a helper has said hello with a boot id other than `previous`; returns it. A
+    /// helper of another version (a saved state's, left by another server) is an error.
     public func waitForHelper(notBootID previous: String?, timeout: Duration) async throws(VirtError) -> String {
         let started = try await Deadline(after: timeout).poll(every: .milliseconds(20)) {
             () throws(VirtError) -> String? in
@@ -113,6 +119,11 @@ public actor AuxverbRelay {
         }
         guard let started else {
             throw VirtError(.timeout, "the guest helper did not start within \(timeout.formattedSeconds)")
+        }
+        guard helperVersion == expectedVersion else {
+            throw VirtError(
+                .testbedFailure,
+                "the guest helper is version \(helperVersion ?? "(none)"), not this server's \(expectedVersion)")
         }
         return started
     }
@@ -180,6 +191,7 @@ public actor AuxverbRelay {
             let text = String(decoding: frame.payload, as: UTF8.self)
             let words = text.split(separator: " ")
             helperBootID = String(words.first ?? "")
+            helperVersion = words.count > 1 ? String(words[1]) : nil
             helperStatus = words.dropFirst(2).joined(separator: " ")
             log.debug("guest helper up: \(text)")
         case .stdout, .stderr:

@@ -258,10 +258,8 @@ final class QemuInstance: Sendable {
         do {
             pid = try await qga.exec(
                 path: "/bin/sh",
-                arguments: [
-                    "-c", GuestHelperScript.launcher, "sh", "/usr/bin/python3", GuestHelperScript.guestPath,
-                    "/dev/virtio-ports/\(GuestHelperScript.portName)",
-                ],
+                arguments: ["-c", GuestHelperScript.launcher, "sh", "/usr/bin/python3"]
+                    + GuestHelperScript.arguments(port: "/dev/virtio-ports/\(GuestHelperScript.portName)"),
                 captureOutput: true)
         } catch {
             throw VirtError(

@@ -354,12 +354,14 @@ extension FaultSuite {
                     expected: "the port is dropped with an error, the command fails (255), a revert works again",
                     hostile: true
                 ) { checks in
-                    // The hostile command: it kills the helper, opens the port, says hello, and
-                    // sends output for the next command spawned, ignoring credits.
+                    // The hostile command: it kills the helper, opens the port, says hello (with
+                    // the version it read from the helper's argv), and sends output for the next
+                    // command spawned, ignoring credits.
                     let hostile = """
                         import os, signal, struct, time
                         # Out of the command's way first: it must report its end before the helper goes.
                         time.sleep(1)
+                        version = b'-'
                         for entry in os.listdir('/proc'):
                             try:
                                 with open('/proc/%s/cmdline' % entry, 'rb') as f:
@@ -367,6 +369,8 @@ extension FaultSuite {
                             except (OSError, ValueError):
                                 continue
                             if len(args) > 1 and args[1] == b'/run/debusine-virt-helper.py':
+                                if len(args) > 3 and args[2] == b'--version':
+                                    version = args[3]
                                 os.kill(int(entry), signal.SIGKILL)
                         for _ in range(400):
                             try:
@@ -381,7 +385,8 @@ extension FaultSuite {
                                 view = view[os.write(port, view):]
                         # Once the server has noticed the helper's end, a hello makes it the helper.
                         time.sleep(1)
-                        write_all(struct.pack('>IBI', 0, 0x16, 14) + b'hostile-boot 1')
+                        hello = b'hostile-boot ' + version
+                        write_all(struct.pack('>IBI', 0, 0x16, len(hello)) + hello)
                         with open('/dev/ttyS0', 'w') as console:
                             console.write('\\nhostile-port-open\\n')
                         seen = b''

@@ -21,7 +21,8 @@ final class HostHelper: Sendable {
         directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
         let script = "\(directory)/helper.py"
         try Data(GuestHelperScript.source.utf8).write(to: URL(fileURLWithPath: script))
-        helper = try ServerProcess(["/usr/bin/python3", script, "--listen", "\(directory)/port.sock"])
+        helper = try ServerProcess(
+            ["/usr/bin/python3", script, "--version", GuestHelperScript.version, "--listen", "\(directory)/port.sock"])
         let port = "\(directory)/port.sock"
         let deadline = ContinuousClock.now + .seconds(60)
         while access(port, F_OK) != 0 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
@@ -183,7 +184,9 @@ struct AuxverbTests {
         let script = "\(directory)/helper.py"
         let port = "\(directory)/port.sock"
         try Data(GuestHelperScript.source.utf8).write(to: URL(fileURLWithPath: script))
-        let helper = try ServerProcess(["/usr/bin/python3", script, "--listen", port])
+        let helper = try ServerProcess([
+            "/usr/bin/python3", script, "--version", GuestHelperScript.version, "--listen", port,
+        ])
         defer { helper.signal(SIGKILL) }
         // The socket's file appears at bind(), before listen(): until then a connect is refused.
         let deadline = ContinuousClock.now + .seconds(60)
@@ -359,7 +362,8 @@ struct HostileGuestEndTests {
         let guestEnd = try ServerProcess(["/usr/bin/python3", script, port, mode, report])
         let deadline = ContinuousClock.now + .seconds(60)
         while access(port, F_OK) != 0 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
-        let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock")
+        // The fake says it is version 1.
+        let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock", expectedVersion: "1")
         let relayTask = Task { try? await relay.run(guestPortPath: port) }
         _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
 
@@ -454,6 +458,60 @@ struct GuestHelperScriptTests {
         }
         #expect(!imported.isEmpty)
         #expect(imported.subtracting(minimal).isEmpty, "not in python3-minimal: \(imported.subtracting(minimal))")
+    }
+
+    @Test("the helper's version is the digest of its program file, so a changed helper is a new version")
+    func versionFromBytes() throws {
+        let file = "\(TestPaths.repositoryRoot)/Sources/QemuBackend/Resources/guest-helper.py"
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: file))
+        #expect(Array(GuestHelperScript.source.utf8) == Array(bytes), "the embedded program is the file")
+        #expect(GuestHelperScript.version == String(SHA256.hexDigest(of: Array(bytes)).prefix(16)))
+        var changed = Array(bytes)
+        changed.append(UInt8(ascii: "\n"))
+        #expect(GuestHelperScript.version != String(SHA256.hexDigest(of: changed).prefix(16)))
+    }
+
+    @Test("Python's frame kinds are GuestChannel's, value for value")
+    func frameKindsAgree() throws {
+        // The helper's two constant lines: `SPAWN, STDIN, ... = 1, 2, ...`.
+        let names: [String: Frame.Kind] = [
+            "SPAWN": .spawn, "STDIN": .stdin, "STDIN_EOF": .stdinEOF, "KILL": .kill, "CREDIT": .credit,
+            "PING": .ping, "RESUMED": .resumed, "STDOUT": .stdout, "STDERR": .stderr, "EXIT": .exit,
+            "STDIN_CREDIT": .stdinCredit, "PONG": .pong, "HELLO": .hello,
+        ]
+        var seen: [String: UInt8] = [:]
+        for line in GuestHelperScript.source.split(separator: "\n") where line.contains(" = ") {
+            let sides = line.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
+            let left = sides[0].split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+            let right = sides[1].split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+            guard left.count == right.count, left.allSatisfy({ names[$0] != nil }) else { continue }
+            for (name, value) in zip(left, right) {
+                seen[name] = value.hasPrefix("0x") ? UInt8(value.dropFirst(2), radix: 16) : UInt8(value)
+            }
+        }
+        #expect(Set(seen.keys) == Set(names.keys), "constants found: \(seen.keys.sorted())")
+        for (name, kind) in names { #expect(seen[name] == kind.rawValue, "\(name)") }
+    }
+
+    @Test("a helper of another version is refused, naming both versions")
+    func otherVersionRefused() async throws {
+        let directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
+        defer { TestPaths.removeTree(directory) }
+        let script = "\(directory)/helper.py"
+        let port = "\(directory)/port.sock"
+        try Data(GuestHelperScript.source.utf8).write(to: URL(fileURLWithPath: script))
+        let helper = try ServerProcess(["/usr/bin/python3", script, "--version", "0123456789abcdef", "--listen", port])
+        defer { helper.signal(SIGKILL) }
+        _ = await Deadline(after: .seconds(60)).poll(every: .milliseconds(10)) { access(port, F_OK) == 0 }
+        let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock")
+        let relayTask = Task { try? await relay.run(guestPortPath: port) }
+        defer { relayTask.cancel() }
+        let error = await #expect(throws: VirtError.self) {
+            _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+        }
+        #expect(
+            error?.message
+                == "the guest helper is version 0123456789abcdef, not this server's \(GuestHelperScript.version)")
     }
 
     @Test("the helper is valid Python 3")

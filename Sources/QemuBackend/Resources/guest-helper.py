@@ -1,0 +1,467 @@
+#!/usr/bin/python3
+# debusine-virt guest helper: runs commands for the host over a framed byte stream.
+# Only modules of Debian's python3-minimal: debusine's images promise no more.
+import errno, fcntl, os, select, signal, struct, sys, time
+
+# What the hello announces: the server passes the digest of this file (--version).
+VERSION = '-'
+HEADER = struct.Struct('>IBI')
+SPAWN, STDIN, STDIN_EOF, KILL, CREDIT, PING, RESUMED = 1, 2, 3, 4, 5, 6, 7
+STDOUT, STDERR, EXIT, STDIN_CREDIT, PONG, HELLO = 0x11, 0x12, 0x13, 0x14, 0x15, 0x16
+CHUNK = 256 << 10
+# termios is not in python3-minimal: Linux's TIOCSWINSZ, asm-generic or the old ioctl
+# encoding of powerpc, mips and sparc.
+TIOCSWINSZ = 0x80087467 if os.uname().machine.startswith(('ppc', 'mips', 'sparc')) else 0x5414
+# FIONREAD, likewise: powerpc and sparc use _IOR('f', 127, int), mips its own number.
+FIONREAD = (0x4004667f if os.uname().machine.startswith(('ppc', 'sparc'))
+            else 0x467f if os.uname().machine.startswith('mips') else 0x541b)
+OUTBUF_LIMIT = 1 << 20
+# <linux/random.h>: _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
+RNDADDENTROPY, RNDRESEEDCRNG = 0x40085203, 0x5207
+PORT_BATCH = 4 << 20
+# Output still arriving this long after a command exited (and after everything it wrote
+# itself was delivered) belongs to processes it left behind; waiting for them to close
+# their end would hang the caller.
+LINGER = 0.2
+BASE_ENV = {
+    'PATH': '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin',
+    'HOME': '/root', 'USER': 'root', 'LOGNAME': 'root', 'SHELL': '/bin/bash',
+    'LANG': 'C.UTF-8',
+}
+
+
+def consume(buffer, offset, written):
+    """Moves a buffer's read offset on; empties or compacts the buffer now and then."""
+    offset += written
+    if offset == len(buffer):
+        buffer.clear()
+        return 0
+    if offset > (1 << 20):
+        del buffer[:offset]
+        return 0
+    return offset
+
+
+def readable(fd):
+    """Bytes waiting in a pipe or terminal; 0 when that cannot be told."""
+    try:
+        return struct.unpack('i', fcntl.ioctl(fd, FIONREAD, b'\0\0\0\0'))[0]
+    except OSError:
+        return 0
+
+
+def nonblocking(fd):
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+
+
+class Command:
+    def __init__(self, channel):
+        self.channel = channel
+        self.pid = None
+        self.stdin = self.stdout = self.stderr = None
+        self.pending = bytearray()
+        # Bytes of pending already written: buffers are consumed by moving an offset and
+        # compacted rarely, since deleting their front on every write is quadratic.
+        self.pending_offset = 0
+        self.stdin_eof = False
+        self.credit = 0
+        self.status = None
+        self.exited_at = None
+        # Bytes the command itself left in each output pipe when it exited: they are its
+        # output and are delivered however long that takes, before the linger starts.
+        self.owed = {}
+
+
+class Helper:
+    def __init__(self, port):
+        self.port = port
+        nonblocking(port)
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.outbuf_offset = 0
+        self.commands = {}
+        self.by_pid = {}
+        self.wake_r, self.wake_w = os.pipe()
+        nonblocking(self.wake_r)
+        nonblocking(self.wake_w)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+
+    def send(self, channel, kind, payload=b''):
+        self.outbuf += HEADER.pack(channel, kind, len(payload))
+        self.outbuf += payload
+
+    def hello(self, status=''):
+        try:
+            with open('/proc/sys/kernel/random/boot_id') as f:
+                boot_id = f.read().strip()
+        except OSError:
+            boot_id = ''
+        self.send(0, HELLO, ('%s %s %s' % (boot_id or '-', VERSION, status)).strip().encode())
+
+    def resumed(self, payload):
+        # The VM was restored from a saved state: every guest restored from it would
+        # otherwise share the saved clock and random state. The host sends its time and
+        # fresh entropy; the entropy is credited and the kernel's generator reseeded
+        # from it at once (vmgenid, where the kernel has it, does that too). The hello
+        # that answers says what was done, for the host to check.
+        done = []
+        if len(payload) >= 8:
+            try:
+                time.clock_settime_ns(time.CLOCK_REALTIME, struct.unpack_from('>Q', payload)[0])
+                done.append('clock-set')
+            except (OSError, AttributeError) as e:
+                done.append('clock-failed:%s' % getattr(e, 'errno', ''))
+        seed = payload[8:]
+        if seed:
+            try:
+                fd = os.open('/dev/random', os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    fcntl.ioctl(fd, RNDADDENTROPY, struct.pack('ii', len(seed) * 8, len(seed)) + seed)
+                    fcntl.ioctl(fd, RNDRESEEDCRNG)
+                finally:
+                    os.close(fd)
+                done.append('reseeded')
+            except OSError as e:
+                done.append('reseed-failed:%s' % e.errno)
+        self.hello(' '.join(done))
+
+    def spawn(self, channel, request):
+        command = Command(channel)
+        self.commands[channel] = command
+        try:
+            fields = [os.fsdecode(f) for f in request.split(b'\0')]
+            head = fields[0].split(' ')
+            command.credit = int(head[0])
+            terminal = (int(head[2]), int(head[3])) if len(head) == 4 and head[1] == 'pty' else None
+            cwd = fields[1] or '/'
+            count = int(fields[2])
+            env = dict(BASE_ENV)
+            for entry in fields[3:3 + count]:
+                key, _, value = entry.partition('=')
+                env[key] = value
+            argv = fields[3 + count:]
+            if not argv:
+                raise ValueError('empty argv')
+        except (ValueError, IndexError) as e:
+            self.finish(command, 'error bad spawn request: %s' % e)
+            return
+        if terminal is not None:
+            # A pseudo-terminal: the master is the command's stdin and stdout.
+            master, slave = os.openpty()
+            fcntl.ioctl(slave, TIOCSWINSZ, struct.pack('HHHH', terminal[0], terminal[1], 0, 0))
+            in_r, in_w, out_r, out_w, err_r, err_w = slave, os.dup(master), master, slave, None, slave
+        else:
+            in_r, in_w = os.pipe()
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            # 1 MiB pipes (F_SETPIPE_SZ) let the command run on while this loop is busy.
+            for fd in (in_w, out_w):
+                try:
+                    fcntl.fcntl(fd, 1031, 1 << 20)
+                except OSError:
+                    pass
+        report_r, report_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setsid()
+                if terminal is not None:
+                    # Opening the terminal as a session leader makes it the controlling one.
+                    os.close(out_r)
+                    os.close(os.open(os.ttyname(slave), os.O_RDWR))
+                os.dup2(in_r, 0)
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                signal.set_wakeup_fd(-1)
+                for number in (signal.SIGPIPE, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+                    signal.signal(number, signal.SIG_DFL)
+                os.chdir(cwd)
+                os.execvpe(argv[0], argv, env)
+            except OSError as e:
+                os.write(report_w, ('%d %s' % (e.errno or 0, e.strerror or e)).encode())
+            except BaseException as e:
+                os.write(report_w, ('0 %s' % e).encode())
+            os._exit(127)
+        for fd in {in_r, out_w, err_w, report_w}:
+            os.close(fd)
+        report = b''
+        while True:
+            chunk = os.read(report_r, 4096)
+            if not chunk:
+                break
+            report += chunk
+        os.close(report_r)
+        command.pid = pid
+        self.by_pid[pid] = command
+        command.stdin, command.stdout, command.stderr = in_w, out_r, err_r
+        for fd in (in_w, out_r, err_r):
+            if fd is not None:
+                nonblocking(fd)
+        if report:
+            number, _, text = report.decode(errors='replace').partition(' ')
+            message = 'debusine-virt-helper: cannot run %s: %s\n' % (argv[0], text)
+            self.send(channel, STDERR, message.encode())
+            command.credit -= len(message)
+            command.forced = 126 if int(number or 0) in (errno.EACCES, errno.ENOEXEC) else 127
+
+    def reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            command = self.by_pid.pop(pid, None)
+            if command is None:
+                continue
+            forced = getattr(command, 'forced', None)
+            if forced is not None:
+                command.status = 'code %d' % forced
+            elif os.WIFSIGNALED(status):
+                command.status = 'signal %d' % os.WTERMSIG(status)
+            else:
+                command.status = 'code %d' % os.WEXITSTATUS(status)
+            command.exited_at = time.monotonic()
+            # Everything the command wrote is in its pipes by now; what comes later is
+            # from processes it left behind.
+            for name in ('stdout', 'stderr'):
+                fd = getattr(command, name)
+                if fd is not None:
+                    command.owed[name] = readable(fd)
+
+    def close_fd(self, command, name):
+        fd = getattr(command, name)
+        if fd is not None:
+            os.close(fd)
+            setattr(command, name, None)
+
+    def finish(self, command, status):
+        for name in ('stdin', 'stdout', 'stderr'):
+            self.close_fd(command, name)
+        self.send(command.channel, EXIT, status.encode())
+        self.commands.pop(command.channel, None)
+
+    def handle(self, channel, kind, payload):
+        command = self.commands.get(channel)
+        if kind == SPAWN:
+            if command is None:
+                self.spawn(channel, payload)
+        elif kind == PING:
+            self.send(channel, PONG, payload)
+        elif kind == RESUMED and channel == 0:
+            self.resumed(payload)
+        elif command is None:
+            return
+        elif kind == STDIN:
+            if command.stdin is None:
+                self.send(channel, STDIN_CREDIT, struct.pack('>I', len(payload)))
+            else:
+                command.pending += payload
+        elif kind == STDIN_EOF:
+            command.stdin_eof = True
+            if len(command.pending) == command.pending_offset:
+                self.close_fd(command, 'stdin')
+        elif kind == KILL:
+            if command.pid is not None and command.status is None:
+                try:
+                    os.killpg(command.pid, int(payload or b'15'))
+                except (OSError, ValueError):
+                    pass
+        elif kind == CREDIT and len(payload) == 4:
+            command.credit += struct.unpack('>I', payload)[0]
+
+    def read_port(self):
+        # A virtio-serial port hands out one page-sized buffer per read(): reading on
+        # until it is empty, before parsing and polling again, keeps the per-read cost
+        # to a system call (under TCG the rest of a loop turn costs far more).
+        got = 0
+        while got < PORT_BATCH:
+            try:
+                data = os.read(self.port, 1 << 20)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                if got:
+                    break
+                return False
+            if not data:
+                if got:
+                    break
+                return False
+            self.inbuf += data
+            got += len(data)
+        offset = 0
+        while len(self.inbuf) - offset >= HEADER.size:
+            channel, kind, length = HEADER.unpack_from(self.inbuf, offset)
+            end = offset + HEADER.size + length
+            if len(self.inbuf) < end:
+                break
+            payload = bytes(self.inbuf[offset + HEADER.size:end])
+            offset = end
+            self.handle(channel, kind, payload)
+        del self.inbuf[:offset]
+        return True
+
+    def outbuf_size(self):
+        return len(self.outbuf) - self.outbuf_offset
+
+    def write_port(self):
+        # The port takes a few KiB per write(): write on until it is full or we are empty.
+        while self.outbuf_size():
+            try:
+                with memoryview(self.outbuf) as view:
+                    written = os.write(self.port, view[self.outbuf_offset:])
+            except (BlockingIOError, InterruptedError):
+                return
+            self.outbuf_offset = consume(self.outbuf, self.outbuf_offset, written)
+
+    def write_stdin(self, command):
+        try:
+            with memoryview(command.pending) as view:
+                written = os.write(command.stdin, view[command.pending_offset:])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            # The command closed its stdin: what it did not take is acknowledged anyway
+            # so the host does not wait for credit forever.
+            written = len(command.pending) - command.pending_offset
+            self.close_fd(command, 'stdin')
+        command.pending_offset = consume(command.pending, command.pending_offset, written)
+        self.send(command.channel, STDIN_CREDIT, struct.pack('>I', written))
+        if not command.pending and command.stdin_eof:
+            self.close_fd(command, 'stdin')
+
+    def read_output(self, command, name, kind):
+        # A pipe holds 64 KiB: read on while the command keeps it filled, up to a frame.
+        collected = []
+        size = 0
+        while size < min(CHUNK, command.credit):
+            try:
+                data = os.read(getattr(command, name), min(CHUNK, command.credit) - size)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                # A pseudo-terminal's master reads EIO once no process has it open.
+                if e.errno != errno.EIO:
+                    raise
+                data = b''
+            if not data:
+                if size:
+                    break
+                self.close_fd(command, name)
+                command.owed.pop(name, None)
+                return
+            collected.append(data)
+            size += len(data)
+        if not size:
+            return
+        if name in command.owed:
+            command.owed[name] = max(0, command.owed[name] - size)
+        command.credit -= size
+        self.send(command.channel, kind, b''.join(collected))
+        self.write_port()
+
+    def run(self):
+        self.hello()
+        while True:
+            now = time.monotonic()
+            timeout = None
+            for command in list(self.commands.values()):
+                if command.status is None:
+                    continue
+                if command.credit <= 0 or any(command.owed.values()):
+                    # Blocked by a slow reader or a busy port, not by leftovers: the
+                    # command's own output must all be delivered first.
+                    command.exited_at = now
+                if command.stdout is None and command.stderr is None:
+                    self.finish(command, command.status)
+                elif now - command.exited_at >= LINGER:
+                    self.finish(command, command.status)
+                else:
+                    left = LINGER - (now - command.exited_at)
+                    timeout = left if timeout is None else min(timeout, left)
+            poller = select.poll()
+            poller.register(self.port, select.POLLIN | (select.POLLOUT if self.outbuf_size() else 0))
+            poller.register(self.wake_r, select.POLLIN)
+            watched = {}
+            for command in self.commands.values():
+                if len(command.pending) > command.pending_offset and command.stdin is not None:
+                    poller.register(command.stdin, select.POLLOUT)
+                    watched[command.stdin] = (command, 'stdin', None)
+                if command.credit > 0 and self.outbuf_size() < OUTBUF_LIMIT:
+                    for name, kind in (('stdout', STDOUT), ('stderr', STDERR)):
+                        fd = getattr(command, name)
+                        if fd is not None:
+                            poller.register(fd, select.POLLIN)
+                            watched[fd] = (command, name, kind)
+            try:
+                events = poller.poll(None if timeout is None else max(1, int(timeout * 1000)))
+            except InterruptedError:
+                continue
+            for fd, event in events:
+                if fd == self.wake_r:
+                    try:
+                        while os.read(self.wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    self.reap()
+                elif fd == self.port:
+                    if event & select.POLLOUT:
+                        self.write_port()
+                    if event & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                        if not self.read_port():
+                            return
+                elif fd in watched:
+                    command, name, kind = watched[fd]
+                    if self.commands.get(command.channel) is not command:
+                        continue
+                    if name == 'stdin':
+                        if getattr(command, 'stdin') is not None:
+                            self.write_stdin(command)
+                    elif getattr(command, name) is not None:
+                        self.read_output(command, name, kind)
+            self.reap()
+
+
+def main():
+    global VERSION
+    os.umask(0o022)
+    if len(sys.argv) > 2 and sys.argv[1] == '--version':
+        VERSION = sys.argv[2]
+        del sys.argv[1:3]
+    if len(sys.argv) == 3 and sys.argv[1] == '--listen':
+        import socket
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(sys.argv[2])
+        server.listen(1)
+        connection, _ = server.accept()
+        server.close()
+        port = os.dup(connection.fileno())
+        connection.close()
+    elif len(sys.argv) == 2:
+        try:
+            os.setsid()
+        except OSError:
+            pass
+        port = os.open(sys.argv[1], os.O_RDWR | os.O_CLOEXEC)
+    else:
+        sys.stderr.write('usage: debusine-virt-helper [--version VERSION] PORT | --listen SOCKET\n')
+        return 2
+    helper = Helper(port)
+    try:
+        helper.run()
+    finally:
+        for command in list(helper.commands.values()):
+            if command.pid is not None and command.status is None:
+                try:
+                    os.killpg(command.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
