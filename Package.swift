@@ -20,7 +20,7 @@ let package = Package(
     ],
     targets: [
         // Errors, logging to stderr, timeouts, the C library: what every other module shares.
-        .target(name: "VirtCore"),
+        .target(name: "VirtCore", dependencies: [.product(name: "SystemPackage", package: "swift-system")]),
         // Parsing requests and formatting replies of the virt-server protocol.
         .target(name: "VirtProtocol", dependencies: ["VirtCore"]),
         // External commands as argv values, run through one seam.
@@ -58,7 +58,9 @@ let package = Package(
         // The frames the auxverb, the server and the guest helper exchange.
         .target(name: "GuestChannel"),
         // The auxverb: runs one command through the server's relay socket (plain threads).
-        .target(name: "AuxverbClient", dependencies: ["GuestChannel"]),
+        .target(
+            name: "AuxverbClient",
+            dependencies: ["GuestChannel", .product(name: "SystemPackage", package: "swift-system")]),
         // The QEMU backend: instance lifecycle, guest helper, auxverb relay, saved VM states.
         .target(
             name: "QemuBackend",

@@ -1,5 +1,6 @@
 import Glibc
 import GuestChannel
+import SystemPackage
 
 /// The program autopkgtest and sbuild execute as the auxverb: runs one command in the testbed
 /// through the server's relay socket, streaming stdin, stdout and stderr, and exits with the
@@ -121,16 +122,7 @@ public enum AuxverbClient {
 
     @discardableResult
     static func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
-        var offset = 0
-        while offset < bytes.count {
-            let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress.map { $0 + offset }, $0.count - offset) }
-            if written < 0 {
-                if errno == EINTR { continue }
-                return false
-            }
-            offset += written
-        }
-        return true
+        (try? FileDescriptor(rawValue: fd).writeAll(bytes)) != nil
     }
 
     static func startThread(_ body: @escaping @Sendable () -> Void) {

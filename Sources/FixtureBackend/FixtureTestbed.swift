@@ -203,10 +203,7 @@ public final class FixtureTestbed: Testbed {
         let fd = Glibc.open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw VirtError(.io, "cannot write \(path)") }
         defer { Glibc.close(fd) }
-        let line = Array((id + "\n").utf8)
-        guard line.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == line.count else {
-            throw VirtError(.io, "cannot write \(path)")
-        }
+        try writeAll(fd, Array((id + "\n").utf8), "cannot write \(path)")
     }
 
     private func record(_ event: String) {
@@ -214,8 +211,7 @@ public final class FixtureTestbed: Testbed {
         let fd = Glibc.open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
         guard fd >= 0 else { return }
         defer { Glibc.close(fd) }
-        let line = Array((event + "\n").utf8)
-        _ = line.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        try? writeAll(fd, Array((event + "\n").utf8), "cannot write \(path)")
     }
 }
 

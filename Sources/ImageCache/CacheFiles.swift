@@ -110,11 +110,7 @@ public enum CacheFiles {
     static func writeLine(_ line: String, to path: String) throws(VirtError) {
         let (fd, temporary) = try makeTemporaryFile(prefix: path + ".tmp.")
         do throws(VirtError) {
-            let bytes = Array((line + "\n").utf8)
-            let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-            guard written == bytes.count else {
-                throw VirtError(.io, "cannot write \(temporary)", errno: errno)
-            }
+            try writeAll(fd, Array((line + "\n").utf8), "cannot write \(temporary)")
             try sync(fd, temporary)
             close(fd)
             try move(temporary, to: path)

@@ -119,18 +119,7 @@ package final class BlockWriter {
     }
 
     package func flush() throws(VirtError) {
-        var offset = 0
-        while offset < buffer.count {
-            let written = buffer.withUnsafeBytes { bytes -> Int in
-                guard let base = bytes.baseAddress else { return 0 }
-                return Glibc.write(fd, base + offset, bytes.count - offset)
-            }
-            if written < 0 {
-                if errno == EINTR { continue }
-                throw VirtError.io("cannot write \(path)")
-            }
-            offset += written
-        }
+        try writeAll(fd, buffer, "cannot write \(path)")
         buffer.removeAll(keepingCapacity: true)
     }
 }

@@ -89,19 +89,7 @@ public final class ServerProcess: Sendable {
     @discardableResult
     public func write(_ bytes: [UInt8]) -> Bool {
         input.withLock { fd in
-            guard fd >= 0 else { return false }
-            var offset = 0
-            while offset < bytes.count {
-                let written = bytes.withUnsafeBytes {
-                    Glibc.write(fd, $0.baseAddress.map { $0 + offset }, $0.count - offset)
-                }
-                if written < 0 {
-                    if errno == EINTR { continue }
-                    return false
-                }
-                offset += written
-            }
-            return true
+            fd >= 0 && (try? writeAll(fd, bytes, "writing to the server")) != nil
         }
     }
 

@@ -17,17 +17,7 @@ public struct FileDescriptorReplyWriter: ReplyWriter {
     public func writeLine(_ line: String) throws(VirtError) {
         var bytes = Array(line.utf8)
         bytes.append(UInt8(ascii: "\n"))
-        var offset = 0
-        while offset < bytes.count {
-            let written = bytes.withUnsafeBytes { buffer in
-                write(fd, buffer.baseAddress.map { $0 + offset }, buffer.count - offset)
-            }
-            if written < 0 {
-                if errno == EINTR { continue }
-                throw VirtError(.io, "cannot write the reply", errno: errno)
-            }
-            offset += written
-        }
+        try writeAll(fd, bytes, "cannot write the reply")
     }
 }
 
