@@ -187,14 +187,22 @@ public final class IncusTestbed: Testbed {
         // After that, nothing new starts; what runs now (a launch for open or revert, the making
         // of a spare, the deletion of the instance a revert replaced) is waited for, so its
         // result is known.
-        _ = await inFlight.waitUntilIdle(timeout: options.bootTimeout)
-        let (name, spare) = state.withLock { state -> (String?, String?) in
-            defer {
-                state.name = nil
-                state.spareName = nil
+        // Idle and the names taken in one step: a revert between the two (it counts itself
+        // with `evenIfClosed`, then takes the name) would leave close with neither.
+        let deadline = Deadline(after: options.bootTimeout)
+        var taken: (name: String?, spare: String?)?
+        while taken == nil {
+            _ = await inFlight.waitUntilIdle(timeout: deadline.remaining())
+            taken = state.withLock { state -> (String?, String?)? in
+                guard inFlight.count == 0 || deadline.hasPassed else { return nil }
+                defer {
+                    state.name = nil
+                    state.spareName = nil
+                }
+                return (state.name, state.spareName)
             }
-            return (state.name, state.spareName)
         }
+        let (name, spare) = (taken?.name, taken?.spare)
         // Never started: nothing to shut down cleanly.
         async let spareDeletion: Void = deleteIfAny(spare, counted: false)
         if let name { await stopAndDelete(name) }
@@ -346,6 +354,9 @@ public final class IncusTestbed: Testbed {
 
     /// Deletes `name` if it still exists and is ours, and drops it from the state.
     private func forget(_ name: String) async {
+        // Counted before the name goes, as in revert: a close finds the name or waits.
+        inFlight.enter(evenIfClosed: true)
+        defer { inFlight.leave() }
         state.withLock { state in
             if state.name == name { state.name = nil }
             if state.spareName == name { state.spareName = nil }

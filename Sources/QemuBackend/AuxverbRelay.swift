@@ -118,6 +118,7 @@ public actor AuxverbRelay {
             return nil
         }
         guard let started else {
+            if Task.isCancelled { throw VirtError(.timeout, "waiting for the guest helper was cancelled") }
             throw VirtError(.timeout, "the guest helper did not start within \(timeout.formattedSeconds)")
         }
         guard helperVersion == expectedVersion else {
@@ -139,6 +140,7 @@ public actor AuxverbRelay {
             return false
         }
         guard connected else {
+            if Task.isCancelled { throw VirtError(.timeout, "waiting for the guest helper's port was cancelled") }
             throw VirtError(.timeout, "cannot connect to the guest helper's port within \(timeout.formattedSeconds)")
         }
     }

@@ -271,7 +271,10 @@ final class QemuInstance: Sendable {
             guard let id = try? await bootID(qga) else { return false }
             return !id.isEmpty && id != previousBootID
         }
-        guard newBoot else { throw VirtError(.timeout, "the testbed did not come back from reboot\(consoleTail())") }
+        guard newBoot else {
+            if Task.isCancelled { throw VirtError(.timeout, "waiting for the testbed to reboot was cancelled") }
+            throw VirtError(.timeout, "the testbed did not come back from reboot\(consoleTail())")
+        }
         try await startHelper(qga, previousBootID: nil)
     }
 

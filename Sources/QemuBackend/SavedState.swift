@@ -121,6 +121,7 @@ extension QemuInstance {
             }
         }
         guard completed else {
+            if Task.isCancelled { throw VirtError(.timeout, "saving the VM state was cancelled") }
             throw VirtError(.timeout, "saving the VM state took more than \(timeout.formattedSeconds)")
         }
     }
@@ -158,6 +159,7 @@ extension QemuInstance {
                 return try await qmp.execute("query-status")["status"]?.stringValue != "inmigrate"
             }
             guard loaded else {
+                if Task.isCancelled { throw VirtError(.timeout, "loading the saved state was cancelled") }
                 throw VirtError(
                     .timeout, "loading the saved state took more than \(options.bootTimeout.formattedSeconds)")
             }

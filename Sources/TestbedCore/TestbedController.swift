@@ -77,11 +77,12 @@ public actor TestbedController {
 
     public func revert() async throws(VirtError) -> String {
         guard isOpen else { throw VirtError(.protocolMisuse, "`revert' when not open") }
+        // Counted before the first suspension: a shutdown that runs meanwhile must wait for it.
+        creating.enter()
+        defer { creating.leave() }
         guard await backend.capabilities().contains(Capability.revert) else {
             throw VirtError(.protocolMisuse, "`revert' when `revert' not advertised")
         }
-        creating.enter()
-        defer { creating.leave() }
         let auxverb = try await backend.revert()
         self.auxverb = auxverb
         return try await makeScratch(auxverb)

@@ -181,8 +181,8 @@ public final class LineQueue: Sendable {
     /// The next line, nil once finished and drained; throws after `timeout`.
     public func next(timeout: Duration) async throws -> String? {
         do {
-            return try await withTimeout(timeout, "waiting for a reply line") { [lines] in try await lines.next() }
-        } catch {
+            return try await lines.next(timeout: timeout, "waiting for a reply line")
+        } catch let error as VirtError {
             // The queue's finishing error, as opposed to the time running out.
             if error.code != .timeout && lines.isFinished { return nil }
             throw error

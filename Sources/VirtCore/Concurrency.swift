@@ -66,10 +66,32 @@ public final class Mailbox<Element: Sendable>: Sendable {
     /// The next element; throws the finishing error once drained, or `CancellationError` when the
     /// calling task is cancelled (the queue stays usable).
     public func next() async throws -> Element {
+        try await next(until: nil)
+    }
+
+    /// The next element, or a ``VirtError/Code/timeout`` error naming `what` once `timeout` has
+    /// passed. Unlike a `withTimeout` around ``next()``, an element is never lost to a timer
+    /// that fires as it arrives: the waiter is taken either by the element or by the timer.
+    public func next(timeout: Duration, _ what: String) async throws -> Element {
+        let deadline = ContinuousClock.now + timeout
+        let failure = VirtError(.timeout, "\(what) timed out after \(timeout.formattedSeconds)")
+        return try await next(until: (deadline, failure))
+    }
+
+    private func next(until limit: (deadline: ContinuousClock.Instant, failure: VirtError)?) async throws -> Element {
         let id = state.withLock { state -> UInt64 in
             state.nextWaiterID += 1
             return state.nextWaiterID
         }
+        // Fires at the deadline (or later): a waiter not parked by then finds the deadline
+        // passed when it parks.
+        let timer = limit.map { limit in
+            Task {
+                guard (try? await Task.sleep(until: limit.deadline)) != nil else { return }
+                self.take(id)?.resume(throwing: limit.failure)
+            }
+        }
+        defer { timer?.cancel() }
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Element, any Error>) in
                 let outcome = state.withLock { state -> Result<Element, any Error>? in
@@ -78,6 +100,7 @@ public final class Mailbox<Element: Sendable>: Sendable {
                     // The cancellation flag is set before handlers run, so checking it under the
                     // lock closes the window where onCancel ran before we registered.
                     if Task.isCancelled { return .failure(CancellationError()) }
+                    if let limit, ContinuousClock.now >= limit.deadline { return .failure(limit.failure) }
                     precondition(state.waiter == nil, "Mailbox has a single consumer")
                     state.waiter = (id, continuation)
                     return nil
@@ -85,12 +108,16 @@ public final class Mailbox<Element: Sendable>: Sendable {
                 if let outcome { continuation.resume(with: outcome) }
             }
         } onCancel: {
-            let waiter = state.withLock { state -> CheckedContinuation<Element, any Error>? in
-                guard let waiter = state.waiter, waiter.id == id else { return nil }
-                state.waiter = nil
-                return waiter.continuation
-            }
-            waiter?.resume(throwing: CancellationError())
+            take(id)?.resume(throwing: CancellationError())
+        }
+    }
+
+    /// Removes the parked waiter if it is `id`'s.
+    private func take(_ id: UInt64) -> CheckedContinuation<Element, any Error>? {
+        state.withLock { state in
+            guard let waiter = state.waiter, waiter.id == id else { return nil }
+            state.waiter = nil
+            return waiter.continuation
         }
     }
 }
@@ -264,16 +291,6 @@ public final class InFlight: Sendable {
             return state.count == 0 ? state.idle.removeAll() : []
         }
         for waiter in woken { waiter.resume() }
-    }
-
-    /// Runs `body` counted; throws `closedError` without running it once closed.
-    public func run<T>(
-        isolation: isolated (any Actor)? = #isolation, evenIfClosed: Bool = false, closedError: VirtError,
-        _ body: () async throws(VirtError) -> T
-    ) async throws(VirtError) -> T {
-        guard enter(evenIfClosed: evenIfClosed) else { throw closedError }
-        defer { leave() }
-        return try await body()
     }
 
     /// Stops new operations (``enter(evenIfClosed:)`` fails from now on).

@@ -355,8 +355,9 @@ extension FaultSuite {
                     hostile: true
                 ) { checks in
                     // The hostile command: it kills the helper, opens the port, says hello (with
-                    // the version it read from the helper's argv), and sends output for the next
-                    // command spawned, ignoring credits.
+                    // the version it read from the helper's argv: the version tells a stale
+                    // helper, it authenticates nothing), and sends output for the next command
+                    // spawned, ignoring credits.
                     let hostile = """
                         import os, signal, struct, time
                         # Out of the command's way first: it must report its end before the helper goes.

@@ -429,7 +429,10 @@ class Helper:
 def main():
     global VERSION
     os.umask(0o022)
-    if len(sys.argv) > 2 and sys.argv[1] == '--version':
+    if len(sys.argv) > 1 and sys.argv[1] == '--version':
+        if len(sys.argv) < 3:
+            sys.stderr.write('usage: debusine-virt-helper [--version VERSION] PORT | --listen SOCKET\n')
+            return 2
         VERSION = sys.argv[2]
         del sys.argv[1:3]
     if len(sys.argv) == 3 and sys.argv[1] == '--listen':
