@@ -116,6 +116,9 @@ public final class ServerProcess: Sendable {
         return line
     }
 
+    /// How the server ended, if it has: a look that does not wait.
+    public var endedStatus: ProcessStatus? { exitStatus.endedStatus }
+
     /// Signals the server unless it has already ended (its pid may belong to another process by then).
     public func signal(_ number: Int32) { exitStatus.signal(number) }
 
@@ -270,6 +273,9 @@ final class ExitWaiter: Sendable {
     }
 
     func status() async throws -> ProcessStatus { try await ended.wait() }
+
+    /// The status once the child has been reaped.
+    var endedStatus: ProcessStatus? { ended.value }
 }
 
 func withCStrings(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> Int32) -> Int32 {

@@ -79,10 +79,13 @@ public final class Mailbox<Element: Sendable>: Sendable {
     }
 
     private func next(until limit: (deadline: ContinuousClock.Instant, failure: VirtError)?) async throws -> Element {
-        let id = state.withLock { state -> UInt64 in
+        // What is queued already needs neither a waiter nor a timer.
+        let (queued, id) = state.withLock { state -> (Element?, UInt64) in
+            if let element = state.popFirst() { return (element, 0) }
             state.nextWaiterID += 1
-            return state.nextWaiterID
+            return (nil, state.nextWaiterID)
         }
+        if let queued { return queued }
         // Fires at the deadline (or later): a waiter not parked by then finds the deadline
         // passed when it parks.
         let timer = limit.map { limit in

@@ -31,7 +31,7 @@ struct ConcurrencyTests {
         }
         #expect(found == nil)
         #expect(clock.now - started >= .milliseconds(100))
-        #expect(clock.now - started < .seconds(5))
+        #expect(clock.now - started < .seconds(60), "it stops once the deadline has passed")
         #expect(looks.withLock { $0 } >= 2)
 
         let once = Mutex(0)
@@ -61,7 +61,8 @@ struct ConcurrencyTests {
         try await Task.sleep(for: .milliseconds(50))
         task.cancel()
         #expect(await task.value == false)
-        #expect(clock.now - started < .seconds(10))
+        // Well under the 30 s between looks, with room for a loaded machine.
+        #expect(clock.now - started < .seconds(25))
     }
 
     @Test("a mailbox's timed wait says what timed out, and delivers what comes in time")
@@ -84,7 +85,7 @@ struct ConcurrencyTests {
     @Test("elements arriving as timed waits expire are never lost, and come in order")
     func mailboxTimeoutLosesNothing() async throws {
         let mailbox = Mailbox<Int>()
-        let count = 400
+        let count = 200
         let pusher = Task {
             for index in 0..<count {
                 mailbox.push(index)
@@ -92,7 +93,7 @@ struct ConcurrencyTests {
             }
         }
         var received: [Int] = []
-        let deadline = Deadline(after: .seconds(30))
+        let deadline = Deadline(after: .seconds(120))
         while received.count < count && !deadline.hasPassed {
             do {
                 received.append(try await mailbox.next(timeout: .milliseconds(1), "an element"))

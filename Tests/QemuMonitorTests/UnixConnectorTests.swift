@@ -68,7 +68,7 @@ struct UnixConnectorTests {
             #expect(error?.code == .timeout)
             #expect(error?.message.contains("cannot connect to serial console \(path) within 0.4 s") == true)
             #expect(clock.now - started >= .milliseconds(400))
-            #expect(clock.now - started < .seconds(10))
+            #expect(clock.now - started < .seconds(60), "it stops once the timeout has passed")
         }
     }
 
@@ -82,6 +82,6 @@ struct UnixConnectorTests {
         }
         #expect(error?.code == .io)
         #expect(error?.message.hasPrefix("QMP: cannot connect:") == true)
-        #expect(clock.now - started < .seconds(10))
+        #expect(clock.now - started < .seconds(30), "at once, not after the 60 s timeout")
     }
 }

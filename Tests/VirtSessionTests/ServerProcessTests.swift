@@ -1,6 +1,7 @@
 import CommandRunner
 import Foundation
 import Testing
+import VirtCore
 import VirtSession
 import VirtTestSupport
 
@@ -103,7 +104,15 @@ struct ServerProcessTests {
         server.write(line: "open")
         #expect(try await server.readLine()?.hasPrefix("ok /") == true)
         server.closeReplies()
-        server.write(line: "capabilities")
+        // A request at a time until the server is gone: a child that this test process is
+        // spawning holds every descriptor of it, the closed reply pipe's read end too, until it
+        // execs, and a reply written meanwhile finds a reader. The next one meets none.
+        let ended = await Deadline(after: .seconds(60)).poll(every: .milliseconds(200)) { () -> ProcessStatus? in
+            if let status = server.endedStatus { return status }
+            server.write(line: "capabilities")
+            return nil
+        }
+        #expect(ended == .signaled(SIGPIPE))
         #expect(try await server.wait() == .signaled(SIGPIPE))
         #expect(TestPaths.contents(of: parent) == [])
     }
