@@ -131,7 +131,11 @@ let package = Package(
             ]
         ),
         .testTarget(
-            name: "QemuMonitorTests", dependencies: ["QemuMonitor", "VirtCore", "CommandRunner", "VirtTestSupport"]),
+            name: "QemuMonitorTests",
+            dependencies: [
+                "QemuMonitor", "VirtCore", "CommandRunner", "VirtTestSupport",
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ]),
         .testTarget(
             name: "QemuBackendTests",
             dependencies: [

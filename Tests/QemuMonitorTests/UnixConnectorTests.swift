@@ -1,4 +1,6 @@
 import Foundation
+import NIOCore
+import NIOEmbedded
 import Testing
 import VirtCore
 
@@ -83,5 +85,21 @@ struct UnixConnectorTests {
         #expect(error?.code == .io)
         #expect(error?.message.hasPrefix("QMP: cannot connect:") == true)
         #expect(clock.now - started < .seconds(30), "at once, not after the 60 s timeout")
+    }
+
+    @Test("the forwarder queues what the channel reads, in order, and ends the queue with its error when the peer goes")
+    func forwarderOnEmbeddedChannel() async throws {
+        let bytes = Mailbox<[UInt8]>()
+        let closed = VirtError(.testbedFailure, "QMP x: connection closed")
+        let channel = EmbeddedChannel(handler: ByteForwarder(into: bytes, closedError: closed, name: "QMP x"))
+        try channel.connect(to: SocketAddress(unixDomainSocketPath: "/x")).wait()
+        try channel.writeInbound(ByteBuffer(bytes: [1, 2, 3]))
+        try channel.writeInbound(ByteBuffer(bytes: [4]))
+        #expect(try await bytes.next() == [1, 2, 3])
+        #expect(try await bytes.next() == [4])
+        _ = try channel.close().wait()
+        let error = await #expect(throws: VirtError.self) { _ = try await bytes.next() }
+        #expect(error?.message == "QMP x: connection closed")
+        #expect(bytes.isFinished)
     }
 }
