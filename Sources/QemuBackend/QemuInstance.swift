@@ -11,11 +11,12 @@ import VirtCore
 /// It is registered with its testbed before anything exists, and every handle is stored as soon
 /// as it is made, so ``destroy(graceful:)`` (from `close`, a failed boot or a signal) removes
 /// exactly what was created, whenever it runs.
-final class QemuInstance: Sendable {
+final class QemuInstance: GuestHelperHost {
     let paths: InstancePaths
     let options: QemuOptions
     let runner: any CommandRunner
     let relay: AuxverbRelay
+    let helper: GuestHelperSupervisor
 
     struct Handles {
         var qemu: Task<CommandResult?, Never>?
@@ -23,8 +24,6 @@ final class QemuInstance: Sendable {
         var qmp: QMPClient?
         var qga: QGAClient?
         var destroyed = false
-        /// Set while the helper goes away on purpose (a reboot): its port closing is no news.
-        var helperLossExpected = false
         var portWatch: Task<Void, Never>?
         var consoleWatch: Task<Void, Never>?
         /// A restore failed because of the saved state itself (it did not verify, load or run).
@@ -45,11 +44,13 @@ final class QemuInstance: Sendable {
         self.runner = runner
         paths = InstancePaths(directory: directory, overlayDirectory: overlayDirectory)
         relay = AuxverbRelay(socketPath: paths.auxverb)
+        helper = GuestHelperSupervisor(relay: relay)
         try Self.writeFile(paths.ownerFile, "\(getpid())\n")
     }
 
     var qga: QGAClient? { handles.withLock { $0.qga } }
     var hasEnded: Bool { qemuEnded.withLock { $0 } }
+    var isGoingAway: Bool { isDestroyed || hasEnded }
     /// Whether ``destroy(graceful:removeDirectory:)`` ran (a close or a signal stopped a boot).
     var isDestroyed: Bool { handles.withLock { $0.destroyed } }
     /// Whether a failed restore was the saved state's fault, so that the state must go.
@@ -63,8 +64,8 @@ final class QemuInstance: Sendable {
         try await runner.check(QemuCommands.createOverlay(base: options.image, format: format, overlay: paths.overlay))
         try await runner.check(Command("cp", ["--", options.efiVars, paths.efiVars]))
         let (_, qga) = try await start(kvm: kvm, incoming: false)
-        try await waitForAgent(qga, until: deadline)
-        try await startHelper(qga, previousBootID: nil)
+        try await AgentWait(instance: self).run(qga, until: deadline)
+        try await helper.start(qga, previousBootID: nil)
     }
 
     /// Starts QEMU on the overlay and EFI variables already in the directory, connects the
@@ -89,7 +90,7 @@ final class QemuInstance: Sendable {
         try store { $0.qmp = qmp }
         // QEMU made its sockets with our umask; the directory is private, the sockets are too.
         for socket in [paths.qmp, paths.qga, paths.helperPort, paths.console] { chmod(socket, 0o600) }
-        let portWatch = Task { await self.watchHelperPort(qmp) }
+        let portWatch = Task { await self.helper.watchPort(qmp, of: self) }
         try store { $0.portWatch = portWatch }
         let consoleLog = ConsoleLog(path: paths.consoleLog, limit: options.consoleLogLimit, runner: runner)
         let consoleWatch = Task { await consoleLog.keepBounded() }
@@ -114,108 +115,6 @@ final class QemuInstance: Sendable {
         return (qmp, qga)
     }
 
-    /// Waits for the guest agent to answer, watching for QEMU dying meanwhile, and for a guest
-    /// that booted to a login prompt without starting an agent (an image without
-    /// qemu-guest-agent): the agent is then installed over the serial console
-    /// (``ConsoleAgentInstaller``), and if it still does not answer, the boot fails soon
-    /// after instead of at the boot timeout.
-    func waitForAgent(_ qga: QGAClient, until deadline: ContinuousClock.Instant) async throws(VirtError) {
-        var promptSince: ContinuousClock.Instant?
-        var attempted = false
-        // A failed installation is reported only if the agent stays silent: an image with an
-        // agent that is merely slow (a starved guest) and a locked root must still boot.
-        var installFailure: VirtError?
-        while true {
-            try checkAlive("while booting")
-            do {
-                try await qga.sync(timeout: .seconds(3))
-                return
-            } catch  where error.code == .timeout {
-                log.debug("guest agent not answering yet")
-            } catch {
-                // The agent's socket closing is how QEMU dying shows here first: name QEMU.
-                await waitForEnd(.seconds(3))
-                try checkAlive("while booting")
-                throw error
-            }
-            var now = ContinuousClock.now
-            // Until a login prompt shows, the firmware may say it found nothing to boot: no
-            // point waiting for an agent then.
-            if promptSince == nil,
-                let gaveUp = ConsoleWatch.firmwareGaveUp(ConsoleWatch.head(of: paths.consoleLog))
-            {
-                throw VirtError(.badImage, ConsoleWatch.firmwareMessage(gaveUp, image: options.image) + consoleTail())
-            }
-            if promptSince == nil, ConsoleWatch.showsLoginPrompt(consoleTail(8192)) {
-                log.debug("a login prompt is on the serial console; the agent has \(AgentInstall.grace) from now")
-                promptSince = now
-            }
-            if let since = promptSince, !attempted, now - since > AgentInstall.grace {
-                attempted = true
-                do {
-                    try await ConsoleAgentInstaller(
-                        user: options.consoleUser ?? "root", password: options.consolePassword,
-                        consolePath: paths.console, bootTimeout: options.bootTimeout,
-                        consoleTail: { self.consoleTail() },
-                        checkAlive: { when throws(VirtError) in try self.checkAlive(when) }
-                    ).install(until: deadline)
-                    now = ContinuousClock.now
-                    promptSince = now
-                    log.debug("the agent has \(ConsoleWatch.agentGrace) from now")
-                } catch {
-                    try checkAlive("while installing qemu-guest-agent over the serial console")
-                    log.debug("\(error.message); the agent has until \(ConsoleWatch.agentGrace) after the prompt")
-                    installFailure = error
-                    now = ContinuousClock.now
-                }
-            }
-            if let since = promptSince, attempted, now - since > ConsoleWatch.agentGrace {
-                if let installFailure { throw installFailure }
-                throw VirtError(
-                    .testbedFailure,
-                    "the guest booted to a login prompt and qemu-guest-agent was installed and started over the serial "
-                        + "console, but no guest agent answered within \(ConsoleWatch.agentGrace.formattedSeconds) after "
-                        + "it: the image needs qemu-guest-agent installed and enabled (debusine-virt-qemu reaches the "
-                        + "guest only through it)\(consoleTail())")
-            }
-            guard now < deadline else {
-                throw VirtError(
-                    .testbedFailure,
-                    "the guest agent did not answer within \(options.bootTimeout.formattedSeconds): does the image "
-                        + "have qemu-guest-agent installed and enabled?\(consoleTail())")
-            }
-        }
-    }
-
-    /// Installs the guest helper through the agent, starts it, and waits for its hello.
-    func startHelper(_ qga: QGAClient, previousBootID: String?) async throws(VirtError) {
-        try await qga.writeFile(path: GuestHelperScript.guestPath, contents: Array(GuestHelperScript.source.utf8))
-        let pid: Int
-        do {
-            pid = try await qga.exec(
-                path: "/bin/sh",
-                arguments: ["-c", GuestHelperScript.launcher, "sh", "/usr/bin/python3"]
-                    + GuestHelperScript.arguments(port: "/dev/virtio-ports/\(GuestHelperScript.portName)"),
-                captureOutput: true)
-        } catch {
-            throw VirtError(
-                .testbedFailure,
-                "cannot start the guest helper with /usr/bin/python3 (the image needs python3-minimal): \(error.message)"
-            )
-        }
-        do {
-            _ = try await relay.waitForHelper(notBootID: previousBootID, timeout: .seconds(60))
-        } catch {
-            var detail = ""
-            if let result = try? await qga.waitForExec(pid: pid, timeout: .seconds(2)) {
-                detail =
-                    ": helper ended with \(result.exitCode.map(String.init) ?? "?"): "
-                    + String(decoding: result.standardError, as: UTF8.self)
-            }
-            throw VirtError(.testbedFailure, "the guest helper did not come up\(detail) (\(error.message))")
-        }
-    }
-
     /// QEMU ended. Unless the server stopped it, that is news: say so, with the exit status,
     /// and fail the commands in flight naming QEMU.
     private func reportEnd(_ result: CommandResult?) async {
@@ -227,70 +126,12 @@ final class QemuInstance: Sendable {
         await relay.helperGone("QEMU exited unexpectedly (\(how))")
     }
 
-    /// Notices the helper dying in the guest (killed, out of memory): its port closes on the
-    /// guest side. Commands in flight then fail at once instead of waiting for ever, and a new
-    /// helper is started through the agent.
-    private func watchHelperPort(_ qmp: QMPClient) async {
-        for await event in qmp.events
-        where event.name == "VSERPORT_CHANGE" && event.data["id"]?.stringValue == QemuCommands.helperPortID
-            && event.data["open"]?.boolValue == false
-        {
-            let expected = handles.withLock { $0.helperLossExpected || $0.destroyed }
-            guard !expected, let qga else { continue }
-            await relay.helperGone("the guest helper went away inside the guest")
-            // A guest going down closes the port too: restart only in a guest that still runs.
-            try? await Task.sleep(for: .seconds(3))
-            guard !handles.withLock({ $0.helperLossExpected || $0.destroyed }), !hasEnded,
-                (try? await qga.sync(timeout: .seconds(5))) != nil
-            else {
-                log.debug("the helper's port closed and the guest is going down")
-                continue
-            }
-            log.warning("the guest helper went away inside the guest; starting a new one")
-            do {
-                try await startHelper(qga, previousBootID: nil)
-            } catch {
-                log.error("cannot restart the guest helper: \(error.message)")
-            }
-        }
-    }
-
     /// The helper is about to go away with a reboot the server asked for.
-    func expectHelperLoss() {
-        handles.withLock { $0.helperLossExpected = true }
-    }
+    func expectHelperLoss() { helper.expectLoss() }
 
-    /// Waits until the guest runs a boot with a different id, then restarts the helper in it.
+    /// Waits until the guest runs a boot with a different id, then starts the helper in it.
     func waitForReboot(previousBootID: String, timeout: Duration) async throws(VirtError) {
-        handles.withLock { $0.helperLossExpected = true }
-        defer { handles.withLock { $0.helperLossExpected = false } }
-        await relay.helperGone("the testbed is rebooting")
-        guard let qga else { throw VirtError(.testbedFailure, "no guest agent connection") }
-        let newBoot = try await Deadline(after: timeout).poll(every: .seconds(1)) { () throws(VirtError) -> Bool in
-            try checkAlive("while rebooting")
-            guard let id = try? await bootID(qga) else { return false }
-            return !id.isEmpty && id != previousBootID
-        }
-        guard newBoot else {
-            if Task.isCancelled { throw VirtError(.timeout, "waiting for the testbed to reboot was cancelled") }
-            throw VirtError(.timeout, "the testbed did not come back from reboot\(consoleTail())")
-        }
-        try await startHelper(qga, previousBootID: nil)
-    }
-
-    /// The guest's boot id, asked through the agent (the helper may be down). Not with
-    /// guest-file-read: its large read count makes the kernel's sysctl handler fail with ENOMEM.
-    func bootID(_ qga: QGAClient) async throws(VirtError) -> String {
-        try await qga.sync(timeout: .seconds(3))
-        let pid = try await qga.exec(
-            path: "/bin/cat", arguments: ["/proc/sys/kernel/random/boot_id"], captureOutput: true)
-        let result = try await qga.waitForExec(pid: pid, timeout: .seconds(10))
-        guard result.exitCode == 0 else {
-            throw VirtError(
-                .testbedFailure,
-                "cannot read the guest's boot id: \(String(decoding: result.standardError, as: UTF8.self))")
-        }
-        return String(decoding: result.standardOutput, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        try await helper.waitForReboot(of: self, previousBootID: previousBootID, timeout: timeout)
     }
 
     /// Stops the VM and removes everything of this instance. Graceful: `guest-shutdown`, then

@@ -102,7 +102,7 @@ public final class QemuTestbed: Testbed {
         if let id = try? await testbed.check(["cat", "/proc/sys/kernel/random/boot_id"]), !id.isEmpty {
             return id
         }
-        return try await instance.bootID(qga)
+        return try await GuestHelperSupervisor.bootID(qga)
     }
 
     public func requestReboot(_ testbed: InTestbed) async throws(VirtError) {
