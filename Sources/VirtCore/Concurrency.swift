@@ -95,23 +95,18 @@ public final class Mailbox<Element: Sendable>: Sendable {
             }
         }
         defer { timer?.cancel() }
-        return try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Element, any Error>) in
-                let outcome = state.withLock { state -> Result<Element, any Error>? in
-                    if let element = state.popFirst() { return .success(element) }
-                    if let failure = state.failure { return .failure(failure) }
-                    // The cancellation flag is set before handlers run, so checking it under the
-                    // lock closes the window where onCancel ran before we registered.
-                    if Task.isCancelled { return .failure(CancellationError()) }
-                    if let limit, ContinuousClock.now >= limit.deadline { return .failure(limit.failure) }
-                    precondition(state.waiter == nil, "Mailbox has a single consumer")
-                    state.waiter = (id, continuation)
-                    return nil
-                }
-                if let outcome { continuation.resume(with: outcome) }
+        return try await park { continuation in
+            state.withLock { state -> Result<Element, any Error>? in
+                if let element = state.popFirst() { return .success(element) }
+                if let failure = state.failure { return .failure(failure) }
+                if Task.isCancelled { return .failure(CancellationError()) }
+                if let limit, ContinuousClock.now >= limit.deadline { return .failure(limit.failure) }
+                precondition(state.waiter == nil, "Mailbox has a single consumer")
+                state.waiter = (id, continuation)
+                return nil
             }
-        } onCancel: {
-            take(id)?.resume(throwing: CancellationError())
+        } take: {
+            self.take(id)
         }
     }
 
@@ -132,8 +127,7 @@ public final class Mailbox<Element: Sendable>: Sendable {
 public final class AsyncLock: Sendable {
     private struct State {
         var held = false
-        var waiters: [(id: UInt64, continuation: CheckedContinuation<Void, any Error>)] = []
-        var nextWaiterID: UInt64 = 0
+        var waiters = Waiters<Void>()
     }
 
     private let state = Mutex(State())
@@ -142,29 +136,19 @@ public final class AsyncLock: Sendable {
 
     /// Waits for the lock; throws `CancellationError` (without taking it) when cancelled first.
     public func lock() async throws {
-        let id = state.withLock { state -> UInt64 in
-            state.nextWaiterID += 1
-            return state.nextWaiterID
-        }
-        try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-                let outcome = state.withLock { state -> Result<Void, any Error>? in
-                    if !state.held {
-                        state.held = true
-                        return .success(())
-                    }
-                    if Task.isCancelled { return .failure(CancellationError()) }
-                    state.waiters.append((id, continuation))
-                    return nil
+        let id = state.withLock { $0.waiters.makeID() }
+        try await park { continuation in
+            state.withLock { state -> Result<Void, any Error>? in
+                if !state.held {
+                    state.held = true
+                    return .success(())
                 }
-                if let outcome { continuation.resume(with: outcome) }
+                if Task.isCancelled { return .failure(CancellationError()) }
+                state.waiters.park(id, continuation)
+                return nil
             }
-        } onCancel: {
-            let waiter = state.withLock { state -> CheckedContinuation<Void, any Error>? in
-                guard let index = state.waiters.firstIndex(where: { $0.id == id }) else { return nil }
-                return state.waiters.remove(at: index).continuation
-            }
-            waiter?.resume(throwing: CancellationError())
+        } take: {
+            self.state.withLock { $0.waiters.remove(id) }
         }
     }
 
@@ -185,7 +169,7 @@ public final class AsyncLock: Sendable {
                 state.held = false
                 return nil
             }
-            return state.waiters.removeFirst().continuation
+            return state.waiters.removeFirst()
         }
         next?.resume()
     }
@@ -213,6 +197,33 @@ private struct Waiters<Value> {
     mutating func removeAll() -> [CheckedContinuation<Value, any Error>] {
         defer { parked.removeAll() }
         return parked.map(\.continuation)
+    }
+
+    var isEmpty: Bool { parked.isEmpty }
+
+    /// The longest waiter, taken out; the caller checked ``isEmpty``.
+    mutating func removeFirst() -> CheckedContinuation<Value, any Error> {
+        parked.removeFirst().continuation
+    }
+}
+
+/// Parks the calling task until it is resumed, unless `decide` settles the wait at once.
+///
+/// `decide` runs once, and must do its work under the lock that guards the waiters: return the
+/// outcome, or park the continuation and return nil. It must also fail with `CancellationError`
+/// when `Task.isCancelled`, read under that lock: the flag is set before `onCancel` runs, so a
+/// cancellation either shows there or finds the waiter parked. `take` removes this wait's parked
+/// continuation (nil when it is gone already), which is then resumed with `CancellationError`.
+private func park<Value>(
+    _ decide: (CheckedContinuation<Value, any Error>) -> Result<Value, any Error>?,
+    take: @Sendable () -> CheckedContinuation<Value, any Error>?
+) async throws -> Value {
+    try await withTaskCancellationHandler {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Value, any Error>) in
+            if let outcome = decide(continuation) { continuation.resume(with: outcome) }
+        }
+    } onCancel: {
+        take()?.resume(throwing: CancellationError())
     }
 }
 
@@ -243,18 +254,15 @@ public final class Latch<Value: Sendable>: Sendable {
     /// Waits for the value; throws `CancellationError` when the calling task is cancelled first.
     public func wait() async throws -> Value {
         let id = state.withLock { $0.waiters.makeID() }
-        return try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Value, any Error>) in
-                let outcome = state.withLock { state -> Result<Value, any Error>? in
-                    if let value = state.value { return .success(value) }
-                    if Task.isCancelled { return .failure(CancellationError()) }
-                    state.waiters.park(id, continuation)
-                    return nil
-                }
-                if let outcome { continuation.resume(with: outcome) }
+        return try await park { continuation in
+            state.withLock { state -> Result<Value, any Error>? in
+                if let value = state.value { return .success(value) }
+                if Task.isCancelled { return .failure(CancellationError()) }
+                state.waiters.park(id, continuation)
+                return nil
             }
-        } onCancel: {
-            state.withLock { $0.waiters.remove(id) }?.resume(throwing: CancellationError())
+        } take: {
+            self.state.withLock { $0.waiters.remove(id) }
         }
     }
 }
@@ -314,18 +322,15 @@ public final class InFlight: Sendable {
         let id = state.withLock { $0.idle.makeID() }
         do {
             try await withTimeout(timeout, "waiting for operations in flight") { [self] in
-                try await withTaskCancellationHandler {
-                    try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-                        let outcome = state.withLock { state -> Result<Void, any Error>? in
-                            if state.count == 0 { return .success(()) }
-                            if Task.isCancelled { return .failure(CancellationError()) }
-                            state.idle.park(id, continuation)
-                            return nil
-                        }
-                        if let outcome { continuation.resume(with: outcome) }
+                try await park { continuation in
+                    state.withLock { state -> Result<Void, any Error>? in
+                        if state.count == 0 { return .success(()) }
+                        if Task.isCancelled { return .failure(CancellationError()) }
+                        state.idle.park(id, continuation)
+                        return nil
                     }
-                } onCancel: {
-                    state.withLock { $0.idle.remove(id) }?.resume(throwing: CancellationError())
+                } take: {
+                    self.state.withLock { $0.idle.remove(id) }
                 }
             }
             return true
