@@ -90,7 +90,7 @@ let package = Package(
 
         .executableTarget(
             name: "debusine-virt-qemu",
-            dependencies: ["VirtCore", "VirtSession", "QemuBackend", "ImageCache", argumentParser]
+            dependencies: ["VirtCore", "VirtSession", "QemuBackend", "ImageCache", "CommandRunner", argumentParser]
         ),
         .executableTarget(name: "debusine-virt-auxverb", dependencies: ["AuxverbClient", "GuestChannel"]),
         .executableTarget(

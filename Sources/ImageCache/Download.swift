@@ -37,7 +37,7 @@ enum CacheCommands {
             result = try await runner.run(
                 sha256sum, input: .fileDescriptor(fd, closeAfterStart: false), output: .capture, error: .capture)
         } catch {
-            guard ImageCache.findExecutable("sha256sum") else {
+            guard await Executables.exist("sha256sum") else {
                 throw VirtError(.unavailable, "sha256sum is needed to check images: apt-get install coreutils")
             }
             throw error

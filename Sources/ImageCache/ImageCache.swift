@@ -191,7 +191,7 @@ public struct ImageCache: Sendable {
                 result = try await runner.run(
                     command, input: .none, output: .capture, error: showsProgress ? .standardError : .capture)
             } catch {
-                guard Self.findExecutable("curl") else {
+                guard await Executables.exist("curl") else {
                     throw VirtError(.unavailable, "curl is needed to download \(url): apt-get install curl")
                 }
                 throw error
@@ -299,15 +299,10 @@ public struct ImageCache: Sendable {
         }
     }
 
-    static func findExecutable(_ name: String) -> Bool {
-        let path = environment()["PATH"] ?? "/usr/bin:/bin"
-        return path.split(separator: ":").contains { access("\($0)/\(name)", X_OK) == 0 }
-    }
-
     /// The environment variables the cache reads, as a dictionary (which tests can fake).
     static func environment() -> [String: String] {
         var result: [String: String] = [:]
-        for name in ["DEBUSINE_VIRT_CACHE", "DEBUSINE_VIRT_CACHE_MAX", "XDG_CACHE_HOME", "HOME", "PATH"] {
+        for name in ["DEBUSINE_VIRT_CACHE", "DEBUSINE_VIRT_CACHE_MAX", "XDG_CACHE_HOME", "HOME"] {
             if let value = getenv(name) { result[name] = String(cString: value) }
         }
         return result

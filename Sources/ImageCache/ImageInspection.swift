@@ -245,7 +245,7 @@ public struct ImageInspection: Sendable {
                 try await runner.run(command, input: .none, output: output, error: .capture)
             }
         } catch {
-            if error.code == .commandFailed, !ImageCache.findExecutable("qemu-img") {
+            if error.code == .commandFailed, await !Executables.exist("qemu-img") {
                 throw VirtError(.unavailable, "qemu-img is needed to inspect images: apt-get install qemu-utils")
             }
             throw error

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CommandRunner
 import ImageCache
 import QemuBackend
 import VirtCore
@@ -261,7 +262,7 @@ struct QemuServer: AsyncParsableCommand {
         }
         let dropIn = try await autopkgtestOptions()
         let qemu = self.qemu ?? "qemu-system-\(dropIn.architecture)"
-        guard Self.findExecutable(qemu) else {
+        guard await Executables.exist(qemu) else {
             throw VirtError(.unavailable, "\(qemu) was not found: apt-get install qemu-system-x86")
         }
         // Fetched if a URL, and inspected either way: an image that must not boot is refused here.
@@ -362,12 +363,6 @@ struct QemuServer: AsyncParsableCommand {
     }
 
     func absolute(_ path: String) -> String { AbsolutePath.of(path) }
-
-    static func findExecutable(_ name: String) -> Bool {
-        if name.contains("/") { return access(name, X_OK) == 0 }
-        let path = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
-        return path.split(separator: ":").contains { access("\($0)/\(name)", X_OK) == 0 }
-    }
 }
 
 extension QemuOptions.Accelerator: ExpressibleByArgument {}

@@ -117,4 +117,19 @@ struct CommandRunnerTests {
         var info = stat()
         #expect(stat(path, &info) == 0 && info.st_size == 10_000_000)
     }
+
+    @Test("executables are found on PATH, or as a path that is executable; nothing else is")
+    func executables() async throws {
+        let sh = try #require(await Executables.find("sh"))
+        #expect(sh.hasSuffix("/sh") && access(sh, X_OK) == 0)
+        #expect(await Executables.find("/bin/sh") == "/bin/sh")
+        #expect(await !Executables.exist("debusine-virt-no-such-program"))
+        let plain = "/tmp/dv-not-executable-\(getpid())"
+        defer { unlink(plain) }
+        let fd = open(plain, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        try #require(fd >= 0)
+        close(fd)
+        #expect(await !Executables.exist(plain), "a file that is not executable")
+        #expect(await !Executables.exist("/nonexistent/sh"))
+    }
 }
