@@ -164,7 +164,7 @@ struct ImageInspectionTests {
 
         // A json: spec naming a socket we listen on: refused, and qemu-img never connected.
         let socketPath = "\(work)/nbd.sock"
-        let listener = try listen(on: socketPath)
+        let listener = try TestSockets.listen(at: socketPath, nonBlocking: true)
         defer { close(listener) }
         let spec = #"json:{"driver":"raw","file":{"driver":"nbd","server":{"type":"unix","path":"\#(socketPath)"}}}"#
         try await TestDisks.qcow2("\(work)/json.qcow2", backing: spec)
@@ -235,23 +235,5 @@ struct ImageInspectionTests {
             try await cache.fetch("file://\(work)/gpt.raw", sha256: nil, check: check)
         }
         #expect(TestPaths.contents(of: "\(work)/cache") == [], "a refused cached image was kept")
-    }
-
-    /// A non-blocking listening unix socket at `path`.
-    func listen(on path: String) throws -> Int32 {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
-        try #require(fd >= 0)
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
-            for (index, byte) in path.utf8.prefix(buffer.count - 1).enumerated() { buffer[index] = byte }
-        }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
-        }
-        try #require(bound == 0 && Glibc.listen(fd, 8) == 0, "cannot listen on \(path)")
-        return fd
     }
 }

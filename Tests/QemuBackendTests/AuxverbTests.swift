@@ -17,15 +17,23 @@ final class HostHelper: Sendable {
 
     var auxverb: [String] { [TestPaths.executable("debusine-virt-auxverb"), relay.socketPath] }
 
+    /// Starts the real helper in `--listen` mode on `directory`/port.sock, announcing `version`,
+    /// and waits for the socket's file (it appears at bind(), before listen()).
+    static func listening(
+        in directory: String, version: String = GuestHelperScript.version
+    ) async throws -> (helper: ServerProcess, port: String) {
+        let script = "\(directory)/helper.py"
+        let port = "\(directory)/port.sock"
+        try Data(GuestHelperScript.source.utf8).write(to: URL(fileURLWithPath: script))
+        let helper = try ServerProcess(["/usr/bin/python3", script, "--version", version, "--listen", port])
+        _ = await Deadline(after: .seconds(60)).poll(every: .milliseconds(10)) { access(port, F_OK) == 0 }
+        return (helper, port)
+    }
+
     init() async throws {
         directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
-        let script = "\(directory)/helper.py"
-        try Data(GuestHelperScript.source.utf8).write(to: URL(fileURLWithPath: script))
-        helper = try ServerProcess(
-            ["/usr/bin/python3", script, "--version", GuestHelperScript.version, "--listen", "\(directory)/port.sock"])
-        let port = "\(directory)/port.sock"
-        let deadline = ContinuousClock.now + .seconds(60)
-        while access(port, F_OK) != 0 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+        let port: String
+        (helper, port) = try await Self.listening(in: directory)
         let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock")
         self.relay = relay
         relayTask = Task { try? await relay.run(guestPortPath: port) }
@@ -181,12 +189,7 @@ struct AuxverbTests {
     func ownOutputOutlivesTheLinger() async throws {
         let directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
         defer { TestPaths.removeTree(directory) }
-        let script = "\(directory)/helper.py"
-        let port = "\(directory)/port.sock"
-        try Data(GuestHelperScript.source.utf8).write(to: URL(fileURLWithPath: script))
-        let helper = try ServerProcess([
-            "/usr/bin/python3", script, "--version", GuestHelperScript.version, "--listen", port,
-        ])
+        let (helper, port) = try await HostHelper.listening(in: directory)
         defer { helper.signal(SIGKILL) }
         // The socket's file appears at bind(), before listen(): until then a connect is refused.
         let deadline = ContinuousClock.now + .seconds(60)
@@ -497,12 +500,8 @@ struct GuestHelperScriptTests {
     func otherVersionRefused() async throws {
         let directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
         defer { TestPaths.removeTree(directory) }
-        let script = "\(directory)/helper.py"
-        let port = "\(directory)/port.sock"
-        try Data(GuestHelperScript.source.utf8).write(to: URL(fileURLWithPath: script))
-        let helper = try ServerProcess(["/usr/bin/python3", script, "--version", "0123456789abcdef", "--listen", port])
+        let (helper, port) = try await HostHelper.listening(in: directory, version: "0123456789abcdef")
         defer { helper.signal(SIGKILL) }
-        _ = await Deadline(after: .seconds(60)).poll(every: .milliseconds(10)) { access(port, F_OK) == 0 }
         let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock")
         let relayTask = Task { try? await relay.run(guestPortPath: port) }
         defer { relayTask.cancel() }
@@ -527,23 +526,7 @@ struct GuestHelperScriptTests {
 /// still, which the relay never does.
 enum RawPort {
     static func connect(_ path: String) throws -> Int32 {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw VirtError(.io, "socket: \(String(cString: strerror(errno)))") }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
-            for (index, byte) in path.utf8.enumerated() { buffer[index] = byte }
-        }
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
-        }
-        guard connected == 0 else {
-            let reason = String(cString: strerror(errno))
-            close(fd)
-            throw VirtError(.io, "cannot connect to \(path): \(reason)")
-        }
+        let fd = try TestSockets.connect(to: path)
         // A helper that stops answering fails the test instead of hanging it.
         var limit = timeval(tv_sec: 60, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))

@@ -25,23 +25,11 @@ final class FakePeer: Sendable {
     init() throws {
         directory = try PrivateDirectory.make(in: "/tmp", prefix: "qemumonitor-test-")
         path = directory + "/sock"
-        listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard listener >= 0 else { throw VirtError(.io, "socket: \(String(cString: strerror(errno)))") }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
-            for (index, byte) in path.utf8.enumerated() { buffer[index] = byte }
-        }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
-        }
-        guard bound == 0, listen(listener, 4) == 0 else {
-            let reason = String(cString: strerror(errno))
-            close(listener)
+        do {
+            listener = try TestSockets.listen(at: path)
+        } catch {
             rmdir(directory)
-            throw VirtError(.io, "cannot listen on \(path): \(reason)")
+            throw error
         }
         Thread { [self] in
             defer { threadEnded.push(()) }
@@ -85,7 +73,7 @@ final class FakePeer: Sendable {
 
     /// The next line the client sent, as sent.
     func nextLine() async throws -> [UInt8] {
-        try await withTimeout(.seconds(60), "waiting for a line from the client") { try await self.received.next() }
+        try await received.next(timeout: .seconds(60), "waiting for a line from the client")
     }
 
     /// The next line the client sent, parsed as JSON.

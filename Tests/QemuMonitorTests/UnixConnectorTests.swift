@@ -3,41 +3,20 @@ import NIOCore
 import NIOEmbedded
 import Testing
 import VirtCore
+import VirtTestSupport
 
 @testable import QemuMonitor
 
 /// The one connect-with-retry of QMP, the guest agent, the serial console and the helper's port.
 @Suite("Connecting to QEMU's unix sockets")
 struct UnixConnectorTests {
-    /// A listening socket at `path`, as QEMU makes one some time after it starts.
-    static func listen(at path: String) throws -> Int32 {
-        let listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard listener >= 0 else { throw VirtError(.io, "socket", errno: errno) }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
-            for (index, byte) in path.utf8.enumerated() { buffer[index] = byte }
-        }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
-        }
-        guard bound == 0, Glibc.listen(listener, 4) == 0 else {
-            let failure = VirtError(.io, "cannot listen on \(path)", errno: errno)
-            close(listener)
-            throw failure
-        }
-        return listener
-    }
-
     @Test("a socket that starts listening late is connected to, and its lines arrive")
     func connectsLate() async throws {
         try await withPrivateDirectory("connector-") { directory in
             let path = "\(directory)/qmp.sock"
             async let connection = LineConnection.connect(path: path, name: "QMP \(path)", timeout: .seconds(30))
             try await Task.sleep(for: .milliseconds(300))
-            let listener = try Self.listen(at: path)
+            let listener = try TestSockets.listen(at: path)
             defer { close(listener) }
             // Never a blocking accept here: it would hold one of the cooperative pool's two
             // threads, which the connecting task needs.
