@@ -184,11 +184,10 @@ public final class IncusTestbed: Testbed {
         // Not cancelled: a spare being made is outwaited below like any launch, since an
         // interrupted `incus init` may still leave the instance made.
         inFlight.close()
-        // After that, nothing new starts; what runs now (a launch for open or revert, the making
-        // of a spare, the deletion of the instance a revert replaced) is waited for, so its
-        // result is known.
-        // Idle and the names taken in one step: a revert between the two (it counts itself
-        // with `evenIfClosed`, then takes the name) would leave close with neither.
+        // Nothing new starts now. What runs (a launch for open or revert, the making of a spare,
+        // the deletion of the instance a revert replaced) is waited for, and the names are taken
+        // in the same step that finds it idle: a revert in between (it counts itself with
+        // `evenIfClosed`, then takes the name) would otherwise leave close with neither.
         let deadline = Deadline(after: options.bootTimeout)
         var taken: (name: String?, spare: String?)?
         while taken == nil {
