@@ -306,9 +306,19 @@ struct IncusServerTests {
         #expect(try await server.request("open").hasPrefix("ok /"), "\(server.standardError)")
         let aux = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
         #expect(aux[3].hasPrefix("loop:debusine-virt-"), "\(aux)")
-        let result = try await runner.run(
-            Command(aux[0], Array(aux.dropFirst()) + ["echo", "hello"], environment: environment))
-        #expect(result.outputText == "hello")
+        let echo = Command(aux[0], Array(aux.dropFirst()) + ["echo", "hello"], environment: environment)
+        var result = try await runner.run(echo)
+        if result.outputText != "hello" {
+            // Once in many CI runs, on a machine loaded by TCG guests, this `incus exec` gave no
+            // output (lxc/lxc#4282, open: "lxc exec randomly returns nothing on fully loaded
+            // CPU"). What this test is about, the remote's addressing, fails every time: one
+            // more try tells the two apart, and says so.
+            print("remote: the first `incus exec` gave \(result.status), `\(result.outputText)`, \(result.errorText)")
+            result = try await runner.run(echo)
+        }
+        #expect(
+            result.outputText == "hello",
+            "\(result.status), stderr: \(result.errorText); server: \(server.standardError)")
         #expect(try await server.request("close") == "ok")
         #expect(try await instances(ownedBy: server.pid).isEmpty)
         server.write(line: "quit")
