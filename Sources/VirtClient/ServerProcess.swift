@@ -29,42 +29,23 @@ public final class ServerProcess: Sendable {
         let stdoutPipe = [stdoutEnds.read, stdoutEnds.write]
         let stderrPipe = [stderrEnds.read, stderrEnds.write]
 
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, stdinPipe[0], 0)
-        posix_spawn_file_actions_adddup2(&actions, stdoutPipe[1], 1)
-        posix_spawn_file_actions_adddup2(&actions, stderrPipe[1], 2)
-        SpawnHygiene.closeStrayDescriptors(&actions)
-        if let workingDirectory, !SpawnHygiene.changeDirectory(&actions, to: workingDirectory) {
-            for fd in stdinPipe + stdoutPipe + stderrPipe { close(fd) }
-            throw VirtError(.internalError, "cannot start \(argv[0]) in \(workingDirectory)")
-        }
-
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        SpawnHygiene.resetSignals(&attributes)
-
         var env = ProcessInfo.processInfo.environment
         for (key, value) in environment { env[key] = value }
-        let envStrings = env.map { "\($0.key)=\($0.value)" }
-
-        var child: pid_t = 0
-        let status = withCStrings(argv) { cArgv in
-            withCStrings(envStrings) { cEnv in
-                posix_spawn(&child, argv[0], &actions, &attributes, cArgv, cEnv)
-            }
+        let child: pid_t
+        do {
+            child = try Spawn.start(
+                argv,
+                actions: [
+                    .duplicate(stdinPipe[0], onto: 0), .duplicate(stdoutPipe[1], onto: 1),
+                    .duplicate(stderrPipe[1], onto: 2),
+                ], environment: env.map { "\($0.key)=\($0.value)" }, workingDirectory: workingDirectory)
+        } catch {
+            for fd in stdinPipe + stdoutPipe + stderrPipe { close(fd) }
+            throw error
         }
         close(stdinPipe[0])
         close(stdoutPipe[1])
         close(stderrPipe[1])
-        guard status == 0 else {
-            close(stdinPipe[1])
-            close(stdoutPipe[0])
-            close(stderrPipe[0])
-            throw VirtError(.commandFailed, "cannot start \(argv[0])", errno: status)
-        }
         pid = child
         input = Mutex(stdinPipe[1])
         replies = ReplyQueue(fd: stdoutPipe[0])
@@ -276,14 +257,4 @@ final class ExitWaiter: Sendable {
 
     /// The status once the child has been reaped.
     var endedStatus: ProcessStatus? { ended.value }
-}
-
-func withCStrings(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> Int32) -> Int32 {
-    var pointers: [UnsafeMutablePointer<CChar>?] = strings.map { strdup($0) }
-    pointers.append(nil)
-    defer { for pointer in pointers { free(pointer) } }
-    return pointers.withUnsafeBufferPointer { buffer in
-        guard let base = buffer.baseAddress else { return EINVAL }
-        return body(base)
-    }
 }

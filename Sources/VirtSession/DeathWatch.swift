@@ -31,38 +31,16 @@ public enum DeathWatch {
             return false
         }
         defer { close(readEnd) }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, readEnd, 0)
-        // stdout is the protocol's: the watcher must not hold it open, or write to it.
-        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        // A descriptor the caller gave us without close-on-exec (a pipe it waits on) must not
-        // stay open in the watch after we are gone.
-        SpawnHygiene.closeStrayDescriptors(&actions)
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        // Default signal dispositions and an empty mask, whatever this process has set up; and
-        // a session of its own, which survives a kill of the server's process group.
-        SpawnHygiene.resetSignals(&attributes)
-        // POSIX_SPAWN_SETSID (glibc 2.26) is only declared with _GNU_SOURCE.
-        let setSessionID: Int32 = 0x80
-        guard
-            posix_spawnattr_setflags(
-                &attributes, Int16(setSessionID | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK)) == 0
-        else {
-            log.debug("no death watch: posix_spawn cannot start a new session here")
-            close(writeEnd)
-            return false
-        }
-        let argv = argv(executable: executable, arguments: arguments)
-        var cArguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
-        defer { for pointer in cArguments { free(pointer) } }
-        var pid: pid_t = 0
-        let status = posix_spawn(&pid, "/bin/sh", &actions, &attributes, &cArguments, environ)
-        guard status == 0 else {
-            log.debug("no death watch: cannot start /bin/sh: \(VirtError.text(errno: status))")
+        let pid: pid_t
+        do {
+            // stdout is the protocol's: the watcher must not hold it open, or write to it. A
+            // session of its own survives a kill of the server's process group.
+            pid = try Spawn.start(
+                argv(executable: executable, arguments: arguments),
+                actions: [.duplicate(readEnd, onto: 0), .open(1, path: "/dev/null", flags: O_WRONLY)],
+                newSession: true)
+        } catch {
+            log.debug("no death watch: \(error.message)")
             close(writeEnd)
             return false
         }

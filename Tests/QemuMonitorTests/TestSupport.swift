@@ -149,24 +149,12 @@ final class ChildProcess: Sendable {
     private let status = Mutex<Int32?>(nil)
 
     init(_ argv: [String], outputPath: String) throws {
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, outputPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        SpawnHygiene.closeStrayDescriptors(&actions)
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        SpawnHygiene.resetSignals(&attributes)
-        var cArguments = argv.map { strdup($0) } + [nil]
-        defer { for pointer in cArguments { free(pointer) } }
-        var child: pid_t = 0
-        let result = posix_spawn(&child, argv[0], &actions, &attributes, &cArguments, environ)
-        guard result == 0 else {
-            throw VirtError(.commandFailed, "cannot start \(argv[0]): \(String(cString: strerror(result)))")
-        }
+        let child = try Spawn.start(
+            argv,
+            actions: [
+                .open(0, path: "/dev/null", flags: O_RDONLY),
+                .open(1, path: outputPath, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o600), .duplicate(1, onto: 2),
+            ])
         pid = child
     }
 
