@@ -4,13 +4,29 @@ import IncusBackend
 import VirtCore
 import VirtSession
 
-/// `debusine-virt-incus [options] artifact/ID`: the autopkgtest virt server for Incus, plus its
-/// `setup`, `import` and `gc` commands.
+/// `debusine-virt-incus [serve] [options] artifact/ID`, `setup`, `import` and `gc`.
 @main
-struct IncusServer: AsyncParsableCommand {
+struct IncusCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "debusine-virt-incus",
         abstract: "autopkgtest virtualization server running an Incus container or VM.",
+        discussion: """
+            Without a command name, `serve` runs: debusine-virt-incus [options] IMAGE. \
+            --help shows its options; `debusine-virt-incus help COMMAND` those of the others.
+            """,
+        subcommands: [IncusServer.self, SetupCommand.self, ImportCommand.self, GCCommand.self],
+        defaultSubcommand: IncusServer.self,
+        // No help flag of its own: `debusine-virt-incus --help` is the server's, as with
+        // autopkgtest-virt-incus. `help` still lists the commands.
+        helpNames: []
+    )
+}
+
+/// `debusine-virt-incus [serve] [options] artifact/ID`: the autopkgtest virt server for Incus.
+struct IncusServer: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Serve the autopkgtest virt-server protocol with instances of IMAGE (the default command).",
         discussion: """
             Launches an ephemeral instance of IMAGE (an alias such as artifact/42, made by \
             `debusine-virt-incus import`) with the debusine profile and serves the autopkgtest \
@@ -28,19 +44,9 @@ struct IncusServer: AsyncParsableCommand {
             repeat what the server sets itself (--profile debusine, --ephemeral, --vm, its \
             --target) are merged rather than given twice. The server's own options go before the \
             image.
-            """
+            """,
+        helpNames: .shortAndLong
     )
-
-    /// The other commands are taken before argument parsing, where they would read as images.
-    static func main() async {
-        let arguments = Array(CommandLine.arguments.dropFirst())
-        switch arguments.first {
-        case "setup": await SetupCommand.main(Array(arguments.dropFirst()))
-        case "import": await ImportCommand.main(Array(arguments.dropFirst()))
-        case "gc": await GCCommand.main(Array(arguments.dropFirst()))
-        default: await Self.main(arguments)
-        }
-    }
 
     @Flag(name: [.short, .long], help: "Log more on stderr.")
     var debug = false
@@ -135,13 +141,14 @@ struct IncusServer: AsyncParsableCommand {
 /// `debusine-virt-incus setup [--check]`.
 struct SetupCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "debusine-virt-incus setup",
+        commandName: "setup",
         abstract: "Make this Incus host ready for debusine-virt-incus, and say what changed.",
         discussion: """
             Creates what is missing, and changes nothing that is there: the storage pool, the \
             managed network and the debusine profile (raw.lxc: lxc.mount.auto=sys, \
             security.secureboot=false, nic eth0 named host0 on the network, root disk on the pool).
-            """
+            """,
+        helpNames: .shortAndLong
     )
 
     @Flag(help: "Only report what is missing; change nothing (exit status 1 when something is).")
@@ -204,7 +211,7 @@ struct SetupCommand: AsyncParsableCommand {
 /// `debusine-virt-incus import --artifact-id ID [--vm] FILE`.
 struct ImportCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "debusine-virt-incus import",
+        commandName: "import",
         abstract: "Import a debusine system tarball (or, with --vm, system image) as artifact/ID.",
         discussion: """
             Containers: FILE is a root file system tarball (tar, or compressed with xz, gzip, zstd \
@@ -212,7 +219,8 @@ struct ImportCommand: AsyncParsableCommand {
             systemd-networkd enabled, a systemd generator for containers, hostname and hosts \
             templates. VMs: FILE is a qcow2 image, or a tarball holding one raw image. \
             Importing an alias that exists already changes nothing.
-            """
+            """,
+        helpNames: .shortAndLong
     )
 
     @Option(help: "The debusine artifact id: the image gets the alias artifact/ID.")
@@ -262,8 +270,9 @@ struct ImportCommand: AsyncParsableCommand {
 /// `debusine-virt-incus gc`.
 struct GCCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "debusine-virt-incus gc",
-        abstract: "Delete the instances that servers of this host launched and left behind when they died."
+        commandName: "gc",
+        abstract: "Delete the instances that servers of this host launched and left behind when they died.",
+        helpNames: .shortAndLong
     )
 
     @Option(help: "The Incus remote to clean.")

@@ -5,12 +5,29 @@ import QemuBackend
 import VirtCore
 import VirtSession
 
-/// `debusine-virt-qemu [options] IMAGE`: the autopkgtest virt server for QEMU system images.
+/// `debusine-virt-qemu [serve] [options] IMAGE` and `debusine-virt-qemu gc`.
 @main
-struct QemuServer: AsyncParsableCommand {
+struct QemuCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "debusine-virt-qemu",
         abstract: "autopkgtest virtualization server running a QEMU VM from a system image.",
+        discussion: """
+            Without a command name, `serve` runs: debusine-virt-qemu [options] IMAGE. \
+            --help shows its options; `debusine-virt-qemu help gc` those of gc.
+            """,
+        subcommands: [QemuServer.self, GCCommand.self],
+        defaultSubcommand: QemuServer.self,
+        // No help flag of its own: `debusine-virt-qemu --help` is the server's, as with
+        // autopkgtest-virt-qemu. `help` still lists the commands.
+        helpNames: []
+    )
+}
+
+/// `debusine-virt-qemu [serve] [options] IMAGE`: the autopkgtest virt server for QEMU system images.
+struct QemuServer: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Serve the autopkgtest virt-server protocol with a VM of IMAGE (the default command).",
         discussion: """
             Boots IMAGE (qcow2 or raw, EFI, never modified: every boot gets a fresh qcow2 overlay) \
             and serves the autopkgtest virt-server protocol on stdin/stdout. The image needs \
@@ -41,36 +58,9 @@ struct QemuServer: AsyncParsableCommand {
             images after the first (attached read-only, in order). What this server cannot boot \
             yet (another architecture than x86_64, --boot bios, ieee1275 or none) is an error \
             before the banner.
-            """
+            """,
+        helpNames: .shortAndLong
     )
-
-    /// `debusine-virt-qemu gc` is taken before argument parsing, where it would read as an image.
-    static func main() async {
-        let arguments = Array(CommandLine.arguments.dropFirst())
-        if arguments.count == 3, arguments[0] == "gc", arguments[1] == "--owner", let owner = pid_t(arguments[2]) {
-            // The death watch (VirtServer.serve): once that server is gone, what it left.
-            Log.shared.configure(program: "debusine-virt-qemu", debug: false)
-            _ = LiveProcess.waitForEnd(of: owner, seconds: 60)
-            for line in QemuGarbageCollector.collect(parent: PrivateDirectory.temporaryParent, owner: owner) {
-                log.warning("the server (pid \(owner)) died without cleaning up: \(line)")
-            }
-            Glibc.exit(0)
-        }
-        if arguments == ["gc"] || arguments == ["gc", "--help"] {
-            if arguments.count == 2 {
-                Log.writeToStandardError(
-                    "usage: debusine-virt-qemu gc\n\nRemoves the QEMU processes and instance directories that servers "
-                        + "which died left in $TMPDIR (default /tmp), and says what it removed.\n")
-                Glibc.exit(0)
-            }
-            let parent = PrivateDirectory.temporaryParent
-            let report = QemuGarbageCollector.collect(parent: parent)
-            let text = report.isEmpty ? "nothing to remove in \(parent)\n" : report.joined(separator: "\n") + "\n"
-            _ = text.withCString { write(1, $0, strlen($0)) }
-            Glibc.exit(report.contains { $0.hasPrefix("could not") } ? 1 : 0)
-        }
-        await Self.main(arguments)
-    }
 
     @Flag(name: [.short, .long], help: "Log more on stderr.")
     var debug = false
@@ -368,3 +358,38 @@ struct QemuServer: AsyncParsableCommand {
 extension QemuOptions.Accelerator: ExpressibleByArgument {}
 extension BootMode: ExpressibleByArgument {}
 extension QemuOptions.Network: ExpressibleByArgument {}
+
+/// `debusine-virt-qemu gc`: what servers that died left behind, removed and reported.
+struct GCCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "gc",
+        abstract: "Remove what debusine-virt-qemu servers that died left behind, and say what.",
+        discussion: """
+            Removes the QEMU processes and instance directories that servers which died left in \
+            $TMPDIR (default /tmp), with their --overlay-dir directories.
+            """,
+        helpNames: .shortAndLong
+    )
+
+    @Option(
+        help: ArgumentHelp(
+            "Only what this server left, once it has ended (what a server's death watch runs).",
+            visibility: .hidden))
+    var owner: Int32?
+
+    func run() async throws {
+        Log.shared.configure(program: "debusine-virt-qemu", debug: false)
+        let parent = PrivateDirectory.temporaryParent
+        if let owner {
+            _ = LiveProcess.waitForEnd(of: owner, seconds: 60)
+            for line in QemuGarbageCollector.collect(parent: parent, owner: owner) {
+                log.warning("the server (pid \(owner)) died without cleaning up: \(line)")
+            }
+            return
+        }
+        let report = QemuGarbageCollector.collect(parent: parent)
+        let text = report.isEmpty ? "nothing to remove in \(parent)\n" : report.joined(separator: "\n") + "\n"
+        _ = text.withCString { write(1, $0, strlen($0)) }
+        if report.contains(where: { $0.hasPrefix("could not") }) { Glibc.exit(1) }
+    }
+}

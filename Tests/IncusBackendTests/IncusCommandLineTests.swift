@@ -163,6 +163,20 @@ struct IncusCommandLineTests {
         #expect(fake.calls.isEmpty, "nothing ran: \(fake.calls)")
     }
 
+    @Test("serve is the default command: --help is its page; `help` lists setup, import and gc, each with its page")
+    func subcommands() async throws {
+        let tool = TestPaths.executable("debusine-virt-incus")
+        let help = try await runner.run(Command(tool, ["--help"]))
+        #expect(help.status == .exited(0) && help.outputText.contains("--remote"), "\(help.outputText)")
+        #expect(try await runner.run(Command(tool, ["serve", "--help"])).outputText == help.outputText)
+        let commands = try await runner.run(Command(tool, ["help"])).outputText
+        for name in ["serve (default)", "setup", "import", "gc"] { #expect(commands.contains(name), "\(commands)") }
+        for (name, option) in [("setup", "--ipv4-address"), ("import", "--artifact-id"), ("gc", "--remote")] {
+            let page = try await runner.run(Command(tool, [name, "--help"])).outputText
+            #expect(page.contains("USAGE: debusine-virt-incus \(name)") && page.contains(option), "\(page)")
+        }
+    }
+
     @Test("every option of the installed autopkgtest-virt-incus is one of ours")
     func referenceOptions() async throws {
         let reference = "/usr/bin/autopkgtest-virt-lxd"

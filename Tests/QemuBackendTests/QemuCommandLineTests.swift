@@ -213,6 +213,23 @@ struct QemuCommandLineTests {
         #expect(password.contains("--password must be one line"), "\(password)")
     }
 
+    @Test(
+        "serve is the default command: --help is its page, `serve IMAGE` starts it, `help` lists gc, gc has its own page"
+    )
+    func subcommands() async throws {
+        let tool = TestPaths.executable("debusine-virt-qemu")
+        let help = try await runner.run(Command(tool, ["--help"]))
+        #expect(help.status == .exited(0) && help.outputText.contains("--ram-size"), "\(help.outputText)")
+        #expect(try await runner.run(Command(tool, ["serve", "--help"])).outputText == help.outputText)
+        let commands = try await runner.run(Command(tool, ["help"])).outputText
+        #expect(commands.contains("serve (default)") && commands.contains("gc"), "\(commands)")
+        let gc = try await runner.run(Command(tool, ["help", "gc"])).outputText
+        #expect(gc.contains("USAGE: debusine-virt-qemu gc") && !gc.contains("--ram-size"), "\(gc)")
+        let scratch = try await Scratch()
+        defer { scratch.remove() }
+        _ = try await accepted(["serve", "--network", "none", scratch.image], scratch: scratch)
+    }
+
     @Test("every option of the installed autopkgtest-virt-qemu is one of ours")
     func referenceOptions() async throws {
         let reference = "/usr/bin/autopkgtest-virt-qemu"
