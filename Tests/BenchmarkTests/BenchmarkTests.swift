@@ -179,7 +179,7 @@ struct BenchmarkSmokeTests {
 
     @Test(
         "debusine-virt-qemu through a whole benchmark session",
-        .enabled(if: imageDirectory != nil || TestPaths.isCI), .timeLimit(.minutes(30)))
+        .enabled(if: imageDirectory != nil || TestPaths.isCI), .guestSlot(minutes: 30))
     func qemu() async throws {
         let images = try #require(Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
         let result = try await smokeRun(
