@@ -223,7 +223,17 @@ struct ConformanceTests {
         var outcomes: [String: Outcome] = [:]
         for form in forms where server != .theirsQemu || form.referenceQemu {
             let started = ContinuousClock.now
-            let outcome = try await run(form, on: server, setup)
+            var outcome = try await run(form, on: server, setup)
+            if !server.isQemu && outcome.status == .exited(16) {
+                // incusd now and then returns an `incus exec` without its output on a loaded
+                // machine (lxc/lxc#4282, open): a copy then fails, and autopkgtest calls it a
+                // testbed failure. It hit autopkgtest-virt-incus here once, in CI. A fault of the
+                // server's that fails every time still fails the matrix on the second run.
+                print(
+                    "conformance: \(server): testbed failure, running the form once more (lxc/lxc#4282): "
+                        + "\(form.name)\n\(outcome.summary)\n\(outcome.log.suffix(3000))")
+                outcome = try await run(form, on: server, setup)
+            }
             // Where the matrix's time goes, per server and form.
             print("conformance: \(server): \((ContinuousClock.now - started).components.seconds) s: \(form.name)")
             check(outcome, form, server)

@@ -7,8 +7,10 @@ import Testing
 /// A TCG guest keeps both cores of a CI machine busy while it boots or works. A dozen at once
 /// (every VM suite starting together) made each several times slower, past boot and reply
 /// timeouts, without finishing any sooner than one after the other; the tests that need no
-/// guest still run beside them. Two at once fill the gaps one guest leaves (host-side work,
-/// waits): the real-VM tests of `scripts/test`'s first phase took 942 s instead of 1060 s.
+/// guest still run beside them. Two at once may fill the gaps one guest leaves (host-side
+/// work, waits): the first phase of `scripts/test` took 942 s once with two, against 1060 s with
+/// one, but 1160 s in the next whole run (with the benchmark runs added); runs here differ by
+/// 10 % and more, so the gain is not shown.
 public actor GuestSlots {
     public static let shared = GuestSlots(
         limit: Int(ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_GUESTS"] ?? "").flatMap { $0 > 0 ? $0 : nil }
