@@ -47,12 +47,12 @@ public enum Spawn {
         defer { posix_spawnattr_destroy(&attributes) }
         SpawnHygiene.resetSignals(&attributes)
         if newSession {
-            // POSIX_SPAWN_SETSID (glibc 2.26) is only declared with _GNU_SOURCE.
-            let setSessionID: Int32 = 0x80
-            guard
-                posix_spawnattr_setflags(
-                    &attributes, Int16(setSessionID | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK)) == 0
-            else {
+            // POSIX_SPAWN_SETSID (glibc 2.26) is only declared with _GNU_SOURCE. Added to the
+            // flags resetSignals set, not in place of them.
+            let setSessionID: Int16 = 0x80
+            var flags: Int16 = 0
+            posix_spawnattr_getflags(&attributes, &flags)
+            guard posix_spawnattr_setflags(&attributes, flags | setSessionID) == 0 else {
                 throw VirtError(.unavailable, "cannot start \(program) in a session of its own")
             }
         }

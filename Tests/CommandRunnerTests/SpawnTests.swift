@@ -19,9 +19,9 @@ struct SpawnTests {
     func run(
         argv: [String], environment: [String]? = nil, workingDirectory: String? = nil, newSession: Bool = false
     ) throws -> String {
-        let directory = try TestDirectory()
-        defer { directory.remove() }
-        let output = "\(directory.path)/out"
+        let directory = try PrivateDirectory.make(in: PrivateDirectory.temporaryParent, prefix: "dv-spawn.")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let output = "\(directory)/out"
         let pid = try Spawn.start(
             argv,
             actions: [
@@ -32,17 +32,6 @@ struct SpawnTests {
         while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
         #expect(status == 0, "the script failed: \(status)")
         return try String(contentsOfFile: output, encoding: .utf8)
-    }
-
-    /// A private directory removed by `remove()`.
-    struct TestDirectory {
-        let path: String
-        init() throws {
-            var template = Array("/tmp/dv-spawn.XXXXXX".utf8CString)
-            guard let made = mkdtemp(&template) else { throw VirtError(.io, "mkdtemp failed", errno: errno) }
-            path = String(cString: made)
-        }
-        func remove() { try? FileManager.default.removeItem(atPath: path) }
     }
 
     @Test("the child holds only 0, 1 and 2, even of a descriptor we left inheritable")
