@@ -37,20 +37,12 @@ public final class IncusTestbed: Testbed {
     let options: IncusOptions
     let runner: any CommandRunner
     let owner: InstanceOwner
+    /// The running instance, the spare, and the `incus launch`, `init`, `start` and `delete`
+    /// commands in flight that a close must outwait.
+    private let instances = OwnedInstances()
     private let state = Mutex<State>(State())
-    /// `incus launch`, `init`, `start` and `delete` commands running now: a close must outwait
-    /// them, or an instance a launch is still making, or one half deleted, outlives the server.
-    /// Closing it stops new launches.
-    ///
-    /// Lock order: its lock may be taken while holding `state`'s, never the other way round, so
-    /// a check of "closed" and what it guards are one step.
-    private let inFlight = InFlight()
 
     struct State {
-        var name: String?
-        /// A made, never started instance for the next revert, and the task making it.
-        var spareName: String?
-        var spareTask: Task<String?, Never>?
         var normalUser: String?
         /// The sweep for instances of dead servers, started by the first open.
         var sweep: Task<Void, Never>?
@@ -65,7 +57,7 @@ public final class IncusTestbed: Testbed {
     var cli: IncusCLI { options.cli }
 
     /// The running instance's name.
-    public var instanceName: String? { state.withLock { $0.name } }
+    public var instanceName: String? { instances.current }
 
     public func capabilities() async -> [String] {
         var words = [Capability.revert, Capability.revertFullSystem, Capability.reboot, Capability.rootOnTestbed]
@@ -82,21 +74,13 @@ public final class IncusTestbed: Testbed {
     }
 
     public func revert() async throws(VirtError) -> [String] {
-        // Counted before the name is taken: a close finds either the name or its deletion.
-        inFlight.enter(evenIfClosed: true)
-        let (old, spareTask) = state.withLock { state -> (String?, Task<String?, Never>?) in
-            let old = state.name
-            state.name = nil
-            defer { state.spareTask = nil }
-            return (old, state.spareTask)
-        }
-        if old == nil { inFlight.leave() }
+        let (old, spareTask) = instances.retireCurrent()
         // The old instance's state is thrown away: it is force-deleted while the new one is
         // started, rather than shut down cleanly first.
-        async let deletion: Void = deleteIfAny(old)
+        async let deletion: Void = deleteRetired(old)
         let launched: Result<[String], VirtError>
         do {
-            if let spare = await takeSpare(spareTask) {
+            if let spare = await instances.promote(spareTask) {
                 launched = .success(try await startSpare(spare))
             } else {
                 launched = .success(try await launch())
@@ -115,7 +99,7 @@ public final class IncusTestbed: Testbed {
     /// `gc` does, limited as it is to owners that are provably gone.
     private func sweepOnce() {
         state.withLock { state in
-            guard state.sweep == nil, !inFlight.isClosed else { return }
+            guard state.sweep == nil, !instances.isClosed else { return }
             let collector = IncusGarbageCollector(cli: cli, runner: runner)
             state.sweep = Task {
                 do throws(VirtError) {
@@ -132,29 +116,15 @@ public final class IncusTestbed: Testbed {
     /// Makes the spare for the next revert in the background, unless there is one.
     private func prepareSpare() {
         guard options.spare else { return }
-        state.withLock { state in
-            guard !inFlight.isClosed, state.spareTask == nil, state.spareName == nil else { return }
-            state.spareTask = Task<String?, Never> {
-                do throws(VirtError) {
-                    return try await self.createInstance(.spare)
-                } catch {
-                    if !self.inFlight.isClosed {
-                        log.info("could not make a spare instance for the next revert: \(error.message)")
-                    }
-                    return nil
+        instances.prepareSpare {
+            do throws(VirtError) {
+                return try await self.createInstance(.spare)
+            } catch {
+                if !self.instances.isClosed {
+                    log.info("could not make a spare instance for the next revert: \(error.message)")
                 }
+                return nil
             }
-        }
-    }
-
-    /// The spare, once its making ends, as the instance to run now; nil when there is none.
-    private func takeSpare(_ task: Task<String?, Never>?) async -> String? {
-        guard let task, let made = await task.value else { return nil }
-        return state.withLock { state -> String? in
-            guard state.spareName == made, !inFlight.isClosed else { return nil }
-            state.spareName = nil
-            state.name = made
-            return made
         }
     }
 
@@ -162,7 +132,7 @@ public final class IncusTestbed: Testbed {
     /// deleted and a new instance launched instead.
     private func startSpare(_ name: String) async throws(VirtError) -> [String] {
         log.info("starting the spare \(cli.qualified(name)), made while the last test ran")
-        let result = try await counted(cli.start(name))
+        let result = try await instances.counted { () async throws(VirtError) in try await runner.run(cli.start(name)) }
         guard result.status.succeeded else {
             log.warning(
                 "the spare \(cli.qualified(name)) did not start (\(result.errorText)); launching a new instance")
@@ -172,38 +142,20 @@ public final class IncusTestbed: Testbed {
         return try await bringUp(name)
     }
 
-    /// Deletes the instance a revert replaced (revert counted it for ``close()`` already), or
-    /// at close the spare (not counted: close waits for nothing after it).
-    private func deleteIfAny(_ name: String?, counted: Bool = true) async {
+    /// Deletes the instance a revert replaced, which ``OwnedInstances/retireCurrent()`` counted.
+    private func deleteRetired(_ name: String?) async {
         guard let name else { return }
-        defer { if counted { inFlight.leave() } }
+        defer { instances.leave() }
         await delete(name)
     }
 
     public func close() async {
-        // Not cancelled: a spare being made is outwaited below like any launch, since an
-        // interrupted `incus init` may still leave the instance made.
-        inFlight.close()
         // Nothing new starts now. What runs (a launch for open or revert, the making of a spare,
-        // the deletion of the instance a revert replaced) is waited for, and the names are taken
-        // in the same step that finds it idle: a revert in between (it counts itself with
-        // `evenIfClosed`, then takes the name) would otherwise leave close with neither.
-        let deadline = Deadline(after: options.bootTimeout)
-        var taken: (name: String?, spare: String?)?
-        while taken == nil {
-            _ = await inFlight.waitUntilIdle(timeout: deadline.remaining())
-            taken = state.withLock { state -> (String?, String?)? in
-                guard inFlight.count == 0 || deadline.hasPassed else { return nil }
-                defer {
-                    state.name = nil
-                    state.spareName = nil
-                }
-                return (state.name, state.spareName)
-            }
-        }
-        let (name, spare) = (taken?.name, taken?.spare)
+        // the deletion of the instance a revert replaced) is waited for, not cancelled: an
+        // interrupted `incus init` may still leave the instance made.
+        let (name, spare) = await instances.close(within: options.bootTimeout)
         // Never started: nothing to shut down cleanly.
-        async let spareDeletion: Void = deleteIfAny(spare, counted: false)
+        async let spareDeletion: Void = { if let spare { await delete(spare) } }()
         if let name { await stopAndDelete(name) }
         await spareDeletion
         // Others' leftovers are no reason to keep the caller waiting: an unfinished sweep ends
@@ -212,13 +164,6 @@ public final class IncusTestbed: Testbed {
             sweep.cancel()
             await sweep.value
         }
-    }
-
-    /// Runs an instance-making or -deleting command, counted for ``close()``.
-    private func counted(_ command: Command) async throws(VirtError) -> CommandResult {
-        inFlight.enter(evenIfClosed: true)
-        defer { inFlight.leave() }
-        return try await runner.run(command)
     }
 
     public var rebootTimeout: Duration { .seconds(300) }
@@ -261,12 +206,12 @@ public final class IncusTestbed: Testbed {
     }
 
     public func debugFailureReport() async -> String? {
-        guard let name = state.withLock({ $0.name }) else { return nil }
+        guard let name = instances.current else { return nil }
         return try? await runner.check(cli.showLog(name))
     }
 
     func runningName() throws(VirtError) -> String {
-        guard let name = state.withLock({ $0.name }) else {
+        guard let name = instances.current else {
             throw VirtError(.testbedFailure, "the testbed is not running")
         }
         return name
@@ -297,27 +242,18 @@ public final class IncusTestbed: Testbed {
         return auxverb(name)
     }
 
-    /// The instance to run now, or a spare for the next revert.
-    enum Role { case current, spare }
-
     /// Makes an instance under a new name: launched for `.current`, only made for `.spare`. A
     /// name that is taken (by anyone) is never touched; an instance that a failed launch left
     /// behind is deleted when it carries our labels.
-    private func createInstance(_ role: Role) async throws(VirtError) -> String {
+    private func createInstance(_ role: OwnedInstances.Role) async throws(VirtError) -> String {
         var lastError = VirtError(.internalError, "no launch attempted")
         for _ in 0..<3 {
             let name = InstanceName.make()
-            // Registered and counted in the same step as the check, so a close either stops
-            // this launch or waits for it and then deletes what it made.
-            let isClosed = state.withLock { state -> Bool in
-                guard inFlight.enter() else { return true }
-                switch role {
-                case .current: state.name = name
-                case .spare: state.spareName = name
-                }
-                return false
+            // Named and counted in the same step as the check, so a close either stops this
+            // launch or waits for it and then deletes what it made.
+            guard instances.beginMaking(name, as: role) else {
+                throw VirtError(.testbedFailure, "the server is shutting down")
             }
-            if isClosed { throw VirtError(.testbedFailure, "the server is shutting down") }
             let launch = IncusCLI.Launch(
                 image: options.image, name: name, profiles: options.profiles,
                 virtualMachine: options.virtualMachine, target: options.target,
@@ -333,16 +269,13 @@ public final class IncusTestbed: Testbed {
             }
             let result: CommandResult
             do {
-                defer { inFlight.leave() }
+                defer { instances.leave() }
                 result = try await runner.run(command)
             }
             if result.status.succeeded { return name }
             lastError = IncusErrors.launchFailed(command, result, image: cli.qualified(options.image))
             if result.errorText.contains("already exists") {
-                state.withLock { state in
-                    if state.name == name { state.name = nil }
-                    if state.spareName == name { state.spareName = nil }
-                }
+                instances.drop(name)
                 continue
             }
             await forget(name)
@@ -354,13 +287,10 @@ public final class IncusTestbed: Testbed {
     /// Deletes `name` if it still exists and is ours, and drops it from the state.
     private func forget(_ name: String) async {
         // Counted before the name goes, as in revert: a close finds the name or waits.
-        inFlight.enter(evenIfClosed: true)
-        defer { inFlight.leave() }
-        state.withLock { state in
-            if state.name == name { state.name = nil }
-            if state.spareName == name { state.spareName = nil }
+        await instances.counted { () async -> Void in
+            instances.drop(name)
+            if await isOurs(name) { await delete(name) }
         }
-        if await isOurs(name) { await delete(name) }
     }
 
     private func isOurs(_ name: String) async -> Bool {
@@ -400,7 +330,9 @@ public final class IncusTestbed: Testbed {
 
     private func delete(_ name: String) async {
         do {
-            let result = try await counted(cli.delete(name))
+            let result = try await instances.counted { () async throws(VirtError) in
+                try await runner.run(cli.delete(name))
+            }
             if !result.status.succeeded && !IncusErrors.isNotFound(result) {
                 log.error(
                     "could not delete the instance \(cli.qualified(name)): \(result.errorText); "
