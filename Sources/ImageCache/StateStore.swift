@@ -6,7 +6,8 @@ import VirtCore
 /// a booted guest instead of booting one.
 ///
 /// An entry is a directory named by its key (a digest of everything that makes the state valid,
-/// computed by the backend), holding the backend's files and a `SHA256SUMS` manifest of them:
+/// computed by the backend), holding the backend's files, a `SHA256SUMS` manifest of them, and
+/// `IDENTITIES`, what each file looked like when it was saved:
 /// - `KEY/`: complete entries only; the manifest is written last, before the directory gets its
 ///   name;
 /// - `KEY.tmp.XXXXXX/`: an entry being saved, renamed to `KEY` once complete and synced;
@@ -14,8 +15,12 @@ import VirtCore
 ///   others go on without waiting;
 /// - `removing.old.XXXXXX/`: an entry being removed (renamed first, so never seen half gone).
 ///
-/// Every file is checked against the manifest before each use: a state that does not match is
-/// removed, never restored. Beyond ``maximumEntries`` the least recently used entries that no
+/// Every file is checked before each use: a state that does not match is removed, never restored.
+/// A file whose size, inode, and modification and change times (in ns) are still those recorded
+/// at save time is taken as saved: any write, truncation or replacement changes its change time,
+/// which no one can set back. Hashing a 230 MB state took 0.9 s of CPU at every `open`. Any other
+/// file (changed, copied from another machine, saved before the record existed) is hashed against
+/// the manifest; ``checkAll()`` hashes every file of every entry, for an admin's explicit check. Beyond ``maximumEntries`` the least recently used entries that no
 /// server uses are removed.
 public struct StateStore: Sendable {
     /// The `states` directory.
@@ -24,6 +29,7 @@ public struct StateStore: Sendable {
     let runner: any CommandRunner
 
     public static let manifestName = "SHA256SUMS"
+    public static let identitiesName = "IDENTITIES"
 
     public init(cacheDirectory: String, maximumEntries: Int = 4, runner: any CommandRunner = SubprocessRunner()) {
         directory = ImageCache.absolute(cacheDirectory) + "/states"
@@ -43,6 +49,9 @@ public struct StateStore: Sendable {
         public let path: String
         /// File name to SHA-256, from the manifest.
         public let digests: [String: String]
+        /// File name to what the file looked like when it was saved (``StateStore/identity(_:)``);
+        /// empty for an entry saved before these were recorded.
+        public let recorded: [String: String]
 
         public func file(_ name: String) -> String { "\(path)/\(name)" }
     }
@@ -74,7 +83,7 @@ public struct StateStore: Sendable {
             return nil
         }
         CacheFiles.touch(path)
-        return Entry(key: key, path: path, digests: digests)
+        return Entry(key: key, path: path, digests: digests, recorded: Self.identities(of: path))
     }
 
     /// The lock of the entry for `key`, waiting up to ``lookupWait`` for it; nil when it stays
@@ -107,13 +116,33 @@ public struct StateStore: Sendable {
         return digests.isEmpty ? nil : digests
     }
 
-    /// Checks every file of `entry` against its manifest (with coreutils' sha256sum, as cached
-    /// images are); throws naming the first file that does not match.
+    /// File name to identity, as `IDENTITIES` in the entry at `path` lists them (`SIZE INODE
+    /// MTIME CTIME NAME` per line); empty when it is missing or not well-formed.
+    static func identities(of path: String) -> [String: String] {
+        guard let text = SmallFile.text("\(path)/\(Self.identitiesName)", limit: 65536) else { return [:] }
+        var identities: [String: String] = [:]
+        for line in text.split(separator: "\n") {
+            let fields = line.split(separator: " ", maxSplits: 4)
+            guard fields.count == 5 else { return [:] }
+            identities[String(fields[4])] = fields[0..<4].joined(separator: " ")
+        }
+        return identities
+    }
+
+    /// A file's size, inode, and modification and change times in ns.
+    static func identity(_ info: stat) -> String {
+        "\(info.st_size) \(info.st_ino) \(info.st_mtim.tv_sec).\(info.st_mtim.tv_nsec) "
+            + "\(info.st_ctim.tv_sec).\(info.st_ctim.tv_nsec)"
+    }
+
+    /// Checks every file of `entry`; throws naming the first file that does not match.
     ///
-    /// A file this process verified before is not hashed again while its identity (device,
-    /// inode, size, modification and change times) is the same: a server reverting many times
-    /// hashes the state once, and any rewrite of the file, in place or by rename, is still seen.
-    public func verify(_ entry: Entry) async throws(VirtError) {
+    /// A file is hashed (with coreutils' sha256sum, as cached images are) and compared with the
+    /// manifest unless it is as it was saved (its recorded identity), or, with `thoroughly`
+    /// false, unless this process hashed it before and it has not changed since (device and
+    /// identity): a server reverting many times hashes a state from elsewhere once. With
+    /// `thoroughly`, every file is hashed.
+    public func verify(_ entry: Entry, thoroughly: Bool = false) async throws(VirtError) {
         for (name, expected) in entry.digests.sorted(by: { $0.key < $1.key }) {
             let path = entry.file(name)
             let fd = open(path, O_RDONLY | O_CLOEXEC)
@@ -122,8 +151,10 @@ public struct StateStore: Sendable {
             }
             defer { close(fd) }
             var info = stat()
-            let identity = fstat(fd, &info) == 0 ? Self.identity(info, digest: expected) : nil
-            if let identity, Self.verified.withLock({ $0[path] == identity }) { continue }
+            let current = fstat(fd, &info) == 0 ? Self.identity(info) : nil
+            let identity = current.map { "\(info.st_dev) \($0) \(expected)" }
+            if !thoroughly, let current, entry.recorded[name] == current { continue }
+            if !thoroughly, let identity, Self.verified.withLock({ $0[path] == identity }) { continue }
             let actual = try await CacheCommands.sha256(of: fd, path: path, runner: runner)
             guard actual == expected else {
                 Self.verified.withLock { $0[path] = nil }
@@ -137,9 +168,31 @@ public struct StateStore: Sendable {
     /// Files this process hashed and found as their manifest says, by path.
     private static let verified = Mutex<[String: String]>([:])
 
-    static func identity(_ info: stat, digest: String) -> String {
-        "\(info.st_dev) \(info.st_ino) \(info.st_size) \(info.st_mtim.tv_sec).\(info.st_mtim.tv_nsec) "
-            + "\(info.st_ctim.tv_sec).\(info.st_ctim.tv_nsec) \(digest)"
+    /// What ``checkAll()`` found for one entry.
+    public struct CheckResult: Sendable, Equatable {
+        public let path: String
+        /// Nil when every file matched; otherwise why not (the entry is then removed).
+        public let failure: String?
+    }
+
+    /// Hashes every file of every complete entry against its manifest, whatever was recorded,
+    /// and removes the entries that do not match, even while servers use them (as a corrupt
+    /// state found at `open` is). An entry that another server holds locked for longer than a
+    /// lookup waits is not checked, and not listed.
+    public func checkAll() async -> [CheckResult] {
+        var results: [CheckResult] = []
+        for key in ((try? CacheFiles.names(in: directory)) ?? []).sorted() where ImageCache.isDigest(key) {
+            guard let entry = await lookup(key) else { continue }
+            do throws(VirtError) {
+                try await verify(entry, thoroughly: true)
+                Pins.unpin(entry.file(Self.manifestName))
+                results.append(CheckResult(path: entry.path, failure: nil))
+            } catch {
+                await discard(entry, corrupt: true)
+                results.append(CheckResult(path: entry.path, failure: error.message))
+            }
+        }
+        return results
     }
 
     /// Removes `entry` (a state that failed to restore or verify). A `corrupt` one (its files do
@@ -186,6 +239,7 @@ public struct StateStore: Sendable {
         public func commit() async throws(VirtError) {
             guard lock != nil else { throw VirtError(.internalError, "the saved state \(path) was abandoned") }
             var manifest = ""
+            var identities = ""
             for name in try CacheFiles.names(in: path).sorted() {
                 let file = "\(path)/\(name)"
                 let fd = open(file, O_RDONLY | O_CLOEXEC)
@@ -194,7 +248,12 @@ public struct StateStore: Sendable {
                 let digest = try await CacheCommands.sha256(of: fd, path: file, runner: store.runner)
                 try CacheFiles.sync(fd, file)
                 manifest += "\(digest) *\(name)\n"
+                // Read after the file's last write; the rename below changes the directory only.
+                var info = stat()
+                guard fstat(fd, &info) == 0 else { throw VirtError(.io, "cannot stat \(file)", errno: errno) }
+                identities += "\(StateStore.identity(info)) \(name)\n"
             }
+            try CacheFiles.writeLine(String(identities.dropLast()), to: "\(path)/\(StateStore.identitiesName)")
             try CacheFiles.writeLine(String(manifest.dropLast()), to: "\(path)/\(StateStore.manifestName)")
             CacheFiles.syncDirectory(path)
             try CacheFiles.move(path, to: "\(store.directory)/\(key)")

@@ -15,7 +15,7 @@ struct QemuCommand: AsyncParsableCommand {
             Without a command name, `serve` runs: debusine-virt-qemu [options] IMAGE. \
             --help shows its options; `debusine-virt-qemu help gc` those of gc.
             """,
-        subcommands: [QemuServer.self, GCCommand.self],
+        subcommands: [QemuServer.self, GCCommand.self, CheckStatesCommand.self],
         defaultSubcommand: QemuServer.self,
         // No help flag of its own: `debusine-virt-qemu --help` is the server's, as with
         // autopkgtest-virt-qemu. `help` still lists the commands.
@@ -391,5 +391,38 @@ struct GCCommand: AsyncParsableCommand {
         let text = report.isEmpty ? "nothing to remove in \(parent)\n" : report.joined(separator: "\n") + "\n"
         _ = text.withCString { write(1, $0, strlen($0)) }
         if report.contains(where: { $0.hasPrefix("could not") }) { Glibc.exit(1) }
+    }
+}
+
+/// `debusine-virt-qemu check-states`: every saved VM state hashed, and the corrupt ones removed.
+struct CheckStatesCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "check-states",
+        abstract: "Hash every saved VM state in the cache; remove the ones that do not match.",
+        discussion: """
+            An open takes a saved state's files as saved while their size, inode and modification \
+            and change times are those recorded when it was saved, and hashes only the others. \
+            This command hashes every file of every state against its SHA256SUMS, prints one line \
+            per state, and removes a state that does not match (its next open boots and saves it \
+            again). Exit status 1 when one did not match.
+            """,
+        helpNames: .shortAndLong
+    )
+
+    @Option(
+        help: ArgumentHelp(
+            "The cache to check (default: as for serve's --cache-dir).", valueName: "dir"))
+    var cacheDir: String?
+
+    func run() async throws {
+        Log.shared.configure(program: "debusine-virt-qemu", debug: false)
+        let store = StateStore(cacheDirectory: ImageCache(directory: cacheDir).directory)
+        let results = await store.checkAll()
+        var text = results.isEmpty ? "no saved VM states in \(store.directory)\n" : ""
+        for result in results {
+            text += result.failure.map { "removed \(result.path): \($0)\n" } ?? "ok \(result.path)\n"
+        }
+        _ = text.withCString { write(1, $0, strlen($0)) }
+        if results.contains(where: { $0.failure != nil }) { Glibc.exit(1) }
     }
 }

@@ -1,5 +1,6 @@
 import CommandRunner
 import Foundation
+import ImageCache
 import Testing
 import VirtCore
 import VirtTestSupport
@@ -228,6 +229,33 @@ struct QemuCommandLineTests {
         let scratch = try await Scratch()
         defer { scratch.remove() }
         _ = try await accepted(["serve", "--network", "none", scratch.image], scratch: scratch)
+    }
+
+    @Test("check-states prints a line per saved state, removes a corrupt one, and then exits 1")
+    func checkStates() async throws {
+        let tool = TestPaths.executable("debusine-virt-qemu")
+        let cache = try TestPaths.makeTemporaryDirectory("dv-check-states.")
+        defer { TestPaths.removeTree(cache) }
+        let empty = try await runner.run(Command(tool, ["check-states", "--cache-dir", cache]))
+        #expect(empty.status == .exited(0) && empty.outputText.hasPrefix("no saved VM states in "), "\(empty)")
+        let store = StateStore(cacheDirectory: cache)
+        var paths: [String] = []
+        for name in ["good", "bad"] {
+            let builder = try #require(try store.beginSaving(StateStore.key(for: name)))
+            try Data("memory".utf8).write(to: URL(fileURLWithPath: "\(builder.path)/vmstate"))
+            try await builder.commit()
+            paths.append("\(store.directory)/\(builder.key)")
+        }
+        try Data("MEMORY".utf8).write(to: URL(fileURLWithPath: "\(paths[1])/vmstate"))
+        let checked = try await runner.run(Command(tool, ["check-states", "--cache-dir", cache]))
+        #expect(checked.status == .exited(1), "\(checked)")
+        let lines = Set(checked.outputText.split(separator: "\n").map(String.init))
+        #expect(lines.contains("ok \(paths[0])"), "\(checked.outputText)")
+        #expect(
+            lines.contains { $0.hasPrefix("removed \(paths[1]): ") && $0.contains("corrupt") }, "\(checked.outputText)")
+        #expect(!FileManager.default.fileExists(atPath: paths[1]))
+        let again = try await runner.run(Command(tool, ["check-states", "--cache-dir", cache]))
+        #expect(again.status == .exited(0) && again.outputText == "ok \(paths[0])", "\(again)")
     }
 
     @Test("every option of the installed autopkgtest-virt-qemu is one of ours")
