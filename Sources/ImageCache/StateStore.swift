@@ -141,8 +141,10 @@ public struct StateStore: Sendable {
     /// manifest unless it is as it was saved (its recorded identity), or, with `thoroughly`
     /// false, unless this process hashed it before and it has not changed since (device and
     /// identity): a server reverting many times hashes a state from elsewhere once. With
-    /// `thoroughly`, every file is hashed.
+    /// `thoroughly`, every file is hashed. An entry that passes with files not as recorded (saved
+    /// before the record existed, or copied from another machine) gets a new record.
     public func verify(_ entry: Entry, thoroughly: Bool = false) async throws(VirtError) {
+        var found: [String: String] = [:]
         for (name, expected) in entry.digests.sorted(by: { $0.key < $1.key }) {
             let path = entry.file(name)
             let fd = open(path, O_RDONLY | O_CLOEXEC)
@@ -153,6 +155,7 @@ public struct StateStore: Sendable {
             var info = stat()
             let current = fstat(fd, &info) == 0 ? Self.identity(info) : nil
             let identity = current.map { "\(info.st_dev) \($0) \(expected)" }
+            found[name] = current
             if !thoroughly, let current, entry.recorded[name] == current { continue }
             if !thoroughly, let identity, Self.verified.withLock({ $0[path] == identity }) { continue }
             let actual = try await CacheCommands.sha256(of: fd, path: path, runner: runner)
@@ -162,6 +165,22 @@ public struct StateStore: Sendable {
                     .testbedFailure, "the saved state \(path) is corrupt: its SHA-256 is \(actual), not \(expected)")
             }
             if let identity { Self.verified.withLock { $0[path] = identity } }
+        }
+        if found != entry.recorded && found.count == entry.digests.count { record(found, in: entry) }
+    }
+
+    /// Records `identities`, read before the files of `entry` were found to match its manifest,
+    /// as the entry's `IDENTITIES`, unless another server holds the entry (it may be replacing
+    /// it). A file changed since then has another change time, and is hashed again.
+    private func record(_ identities: [String: String], in entry: Entry) {
+        guard let lock = try? FileLock.attempt("\(directory)/\(entry.key).lock") else { return }
+        defer { lock.release() }
+        guard Self.manifest(of: entry.path) == entry.digests else { return }
+        let text = identities.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: "\n")
+        do throws(VirtError) {
+            try CacheFiles.writeLine(text, to: entry.file(Self.identitiesName))
+        } catch {
+            log.debug("cannot record what the saved state \(entry.path) holds: \(error.message)")
         }
     }
 

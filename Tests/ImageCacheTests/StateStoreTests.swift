@@ -115,6 +115,10 @@ struct StateStoreTests {
         #expect(hashes() - before == 2, "both files hashed the first time")
         try await store.verify(entry)
         #expect(hashes() - before == 2, "nothing hashed again")
+        // What it found is recorded: the next server takes the files as they are.
+        let recorded = try #require(await store.lookup(key))
+        #expect(recorded.recorded.keys.sorted() == ["disk.qcow2", "vmstate"])
+        #expect(recorded.recorded == saved.recorded, "the same files, the same identities")
         usleep(20_000)
         let handle = try FileHandle(forUpdating: URL(fileURLWithPath: entry.file("vmstate")))
         try handle.write(contentsOf: Data("9".utf8))
