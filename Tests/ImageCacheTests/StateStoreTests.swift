@@ -9,10 +9,22 @@ import VirtTestSupport
 /// The saved-state store with real files, locks and sha256sum.
 @Suite("Saved VM states in the cache")
 struct StateStoreTests {
-    func withStore(maximumEntries: Int = 4, _ body: (StateStore, String) async throws -> Void) async throws {
+    func withStore(
+        maximumEntries: Int = 4, runner: any CommandRunner = SubprocessRunner(),
+        _ body: (StateStore, String) async throws -> Void
+    ) async throws {
         let parent = try TestPaths.makeTemporaryDirectory("dv-state-test.")
         defer { TestPaths.removeTree(parent) }
-        try await body(StateStore(cacheDirectory: "\(parent)/images", maximumEntries: maximumEntries), parent)
+        try await body(
+            StateStore(cacheDirectory: "\(parent)/images", maximumEntries: maximumEntries, runner: runner), parent)
+    }
+
+    /// Overwrites the first byte of `path` in place, later than the file's last change.
+    func rewriteInPlace(_ path: String, with byte: String = "9") throws {
+        usleep(20_000)
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        try handle.write(contentsOf: Data(byte.utf8))
+        try handle.close()
     }
 
     /// Saves an entry of two files under `key`.
@@ -71,85 +83,76 @@ struct StateStoreTests {
 
     @Test("a file as it was saved is not hashed; one rewritten in place, even with its old size and mtime, is")
     func recordedIdentity() async throws {
-        let parent = try TestPaths.makeTemporaryDirectory("dv-state-test.")
-        defer { TestPaths.removeTree(parent) }
         let runner = LoopbackRunner()
-        let store = StateStore(cacheDirectory: "\(parent)/images", runner: runner)
-        let entry = try await save(store, StateStore.key(for: "once"), state: "0123456789")
-        #expect(entry.recorded.keys.sorted() == ["disk.qcow2", "vmstate"])
-        let hashes = { runner.count("sha256sum") }
-        let before = hashes()
-        try await store.verify(entry)
-        try await store.verify(entry)
-        #expect(hashes() == before, "nothing hashed while the files are as saved")
-        // Same size, rewritten in place, its modification time then set back: only the change
-        // time (which cannot be set back) tells.
-        var saved = stat()
-        #expect(stat(entry.file("vmstate"), &saved) == 0)
-        usleep(20_000)
-        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: entry.file("vmstate")))
-        try handle.write(contentsOf: Data("9".utf8))
-        try handle.close()
-        var times = [saved.st_atim, saved.st_mtim]
-        #expect(utimensat(AT_FDCWD, entry.file("vmstate"), &times, 0) == 0)
-        await #expect(throws: VirtError.self) { try await store.verify(entry) }
-        #expect(hashes() == before + 1, "only the changed file is hashed")
+        try await withStore(runner: runner) { store, _ in
+            let entry = try await save(store, StateStore.key(for: "once"), state: "0123456789")
+            #expect(entry.recorded.keys.sorted() == ["disk.qcow2", "vmstate"])
+            let hashes = { runner.count("sha256sum") }
+            let before = hashes()
+            try await store.verify(entry)
+            try await store.verify(entry)
+            #expect(hashes() == before, "nothing hashed while the files are as saved")
+            // Same size, rewritten in place, its modification time then set back: only the change
+            // time (which cannot be set back) tells.
+            var saved = stat()
+            #expect(stat(entry.file("vmstate"), &saved) == 0)
+            try rewriteInPlace(entry.file("vmstate"))
+            var times = [saved.st_atim, saved.st_mtim]
+            #expect(utimensat(AT_FDCWD, entry.file("vmstate"), &times, 0) == 0)
+            await #expect(throws: VirtError.self) { try await store.verify(entry) }
+            #expect(hashes() == before + 1, "only the changed file is hashed")
+        }
     }
 
     @Test(
-        "a state without a record (older, or from another machine) is hashed once per process, then not until it changes"
+        "a state without a record (older, or from another machine) is hashed once, then recorded; a change is still caught"
     )
     func unrecordedHashedOnce() async throws {
-        let parent = try TestPaths.makeTemporaryDirectory("dv-state-test.")
-        defer { TestPaths.removeTree(parent) }
         let runner = LoopbackRunner()
-        let store = StateStore(cacheDirectory: "\(parent)/images", runner: runner)
-        let key = StateStore.key(for: "unrecorded")
-        let saved = try await save(store, key, state: "0123456789")
-        #expect(unlink(saved.file(StateStore.identitiesName)) == 0)
-        let entry = try #require(await store.lookup(key))
-        #expect(entry.recorded.isEmpty)
-        let hashes = { runner.count("sha256sum") }
-        let before = hashes()
-        try await store.verify(entry)
-        #expect(hashes() - before == 2, "both files hashed the first time")
-        try await store.verify(entry)
-        #expect(hashes() - before == 2, "nothing hashed again")
-        // What it found is recorded: the next server takes the files as they are.
-        let recorded = try #require(await store.lookup(key))
-        #expect(recorded.recorded.keys.sorted() == ["disk.qcow2", "vmstate"])
-        #expect(recorded.recorded == saved.recorded, "the same files, the same identities")
-        usleep(20_000)
-        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: entry.file("vmstate")))
-        try handle.write(contentsOf: Data("9".utf8))
-        try handle.close()
-        await #expect(throws: VirtError.self) { try await store.verify(entry) }
+        try await withStore(runner: runner) { store, _ in
+            let key = StateStore.key(for: "unrecorded")
+            let saved = try await save(store, key, state: "0123456789")
+            #expect(unlink(saved.file(StateStore.identitiesName)) == 0)
+            let entry = try #require(await store.lookup(key))
+            #expect(entry.recorded.isEmpty)
+            let hashes = { runner.count("sha256sum") }
+            let before = hashes()
+            try await store.verify(entry)
+            #expect(hashes() - before == 2, "both files hashed the first time")
+            try await store.verify(entry)
+            #expect(hashes() - before == 2, "nothing hashed again")
+            // What it found is recorded: the next server takes the files as they are.
+            let recorded = try #require(await store.lookup(key))
+            #expect(recorded.recorded.keys.sorted() == ["disk.qcow2", "vmstate"])
+            #expect(recorded.recorded == saved.recorded, "the same files, the same identities")
+            try rewriteInPlace(entry.file("vmstate"))
+            await #expect(throws: VirtError.self) { try await store.verify(entry) }
+        }
     }
 
     @Test("check-states hashes every file of every state whatever was recorded, and removes only the corrupt one")
     func checkAll() async throws {
-        let parent = try TestPaths.makeTemporaryDirectory("dv-state-test.")
-        defer { TestPaths.removeTree(parent) }
         let runner = LoopbackRunner()
-        let store = StateStore(cacheDirectory: "\(parent)/images", runner: runner)
-        #expect(await store.checkAll().isEmpty)
-        let good = try await save(store, StateStore.key(for: "good"))
-        let bad = try await save(store, StateStore.key(for: "bad"), state: "0123456789")
-        // Flipped in place with size and times kept: bit rot, which no identity shows.
-        var saved = stat()
-        #expect(stat(bad.file("vmstate"), &saved) == 0)
-        try Data("0123456780".utf8).write(to: URL(fileURLWithPath: bad.file("vmstate")))
-        var times = [saved.st_atim, saved.st_mtim]
-        #expect(utimensat(AT_FDCWD, bad.file("vmstate"), &times, 0) == 0)
-        let before = runner.count("sha256sum")
-        let results = await store.checkAll()
-        #expect(runner.count("sha256sum") - before == 4, "every file of both states hashed")
-        #expect(results.count == 2)
-        #expect(results.first { $0.path == good.path }?.failure == nil)
-        let failure = try #require(results.first { $0.path == bad.path }?.failure)
-        #expect(failure.contains("vmstate") && failure.contains("corrupt"), "\(failure)")
-        #expect(await store.lookup(bad.key) == nil, "the corrupt state is removed")
-        #expect(await store.lookup(good.key) != nil, "the good one stays")
+        try await withStore(runner: runner) { store, _ in
+            #expect(await store.checkAll().isEmpty)
+            let good = try await save(store, StateStore.key(for: "good"))
+            let bad = try await save(store, StateStore.key(for: "bad"), state: "0123456789")
+            // Flipped in place with size and times kept: bit rot, which no identity shows.
+            var saved = stat()
+            #expect(stat(bad.file("vmstate"), &saved) == 0)
+            try Data("0123456780".utf8).write(to: URL(fileURLWithPath: bad.file("vmstate")))
+            var times = [saved.st_atim, saved.st_mtim]
+            #expect(utimensat(AT_FDCWD, bad.file("vmstate"), &times, 0) == 0)
+            let before = runner.count("sha256sum")
+            let results = await store.checkAll()
+            #expect(runner.count("sha256sum") - before == 4, "every file of both states hashed")
+            #expect(results.count == 2)
+            #expect(results.first { $0.path == good.path }?.failure == nil)
+            let failure = try #require(results.first { $0.path == bad.path }?.failure)
+            #expect(failure.contains("vmstate") && failure.contains("corrupt"), "\(failure)")
+            #expect(await store.lookup(bad.key) == nil, "the corrupt state is removed")
+            #expect(await store.lookup(good.key) != nil, "the good one stays")
+        }
     }
 
     @Test("one server saves a key at a time; an existing entry is not saved again")
