@@ -80,7 +80,7 @@ public struct InstanceOwner: Sendable, Equatable {
     public static func hostName() -> String {
         var buffer = [CChar](repeating: 0, count: 256)
         guard gethostname(&buffer, buffer.count - 1) == 0 else { return "localhost" }
-        return String(cString: buffer)
+        return String(nulTerminated: buffer)
     }
 
     /// Field 22 of /proc/PID/stat, or nil when there is no such process.

@@ -4,3 +4,10 @@
 /// The auxverb's modules (GuestChannel, AuxverbClient, debusine-virt-auxverb) stay free of
 /// VirtCore to keep that binary small; those that need the C library import Glibc themselves.
 @_exported import Glibc
+
+extension String {
+    /// The text a C function wrote into `buffer`, up to its first NUL (or the whole buffer).
+    public init(nulTerminated buffer: [CChar]) {
+        self.init(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}

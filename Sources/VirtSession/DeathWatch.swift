@@ -57,7 +57,7 @@ public enum DeathWatch {
         let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
         guard count > 0 else { return nil }
         buffer[count] = 0
-        let path = String(cString: buffer)
+        let path = String(nulTerminated: buffer)
         // A rebuilt or reinstalled binary shows as "PATH (deleted)": then there is none to run.
         return path.hasSuffix(" (deleted)") ? nil : path
     }

@@ -87,3 +87,18 @@ struct SpawnTests {
         #expect(throws: VirtError.self) { _ = try Spawn.start([], actions: []) }
     }
 }
+
+@Suite("Text from C buffers")
+struct CBufferTextTests {
+    @Test("a buffer a C function filled reads up to its first NUL, or whole without one")
+    func nulTerminated() {
+        var buffer = [CChar](repeating: 0x41, count: 8)
+        buffer[3] = 0
+        #expect(String(nulTerminated: buffer) == "AAA")
+        #expect(String(nulTerminated: [0x68, 0x6F, 0x73, 0x74]) == "host")
+        #expect(String(nulTerminated: []) == "")
+        var path = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        #expect(realpath("/usr/../etc", &path) != nil)
+        #expect(String(nulTerminated: path) == "/etc")
+    }
+}

@@ -153,7 +153,7 @@ struct FakeIncusTests {
         #expect(try await fake.server.readLine() == "ok")
         let opened = try #require(try await fake.request("open"), "\(fake.server.standardError)")
         #expect(opened.hasPrefix("ok /"))
-        FileManager.default.createFile(atPath: fake.state + "/gone", contents: nil)
+        #expect(FileManager.default.createFile(atPath: fake.state + "/gone", contents: nil))
         #expect(try await fake.request("revert") == nil)
         #expect(try await fake.server.wait() == .exited(12))
         let stderr = fake.server.standardError
@@ -206,7 +206,9 @@ struct FakeIncusTests {
             ["name": name, "config": Dictionary(uniqueKeysWithValues: owner.labels().map { ($0.key, $0.value) })]
         }
         try JSONSerialization.data(withJSONObject: listing).write(to: URL(fileURLWithPath: state + "/list.json"))
-        for (name, _) in owners { FileManager.default.createFile(atPath: "\(state)/instance.\(name)", contents: nil) }
+        for (name, _) in owners {
+            #expect(FileManager.default.createFile(atPath: "\(state)/instance.\(name)", contents: nil))
+        }
 
         let path = "\(bin):\(ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin")"
         let gc = try await SubprocessRunner().run(
@@ -261,7 +263,7 @@ struct FakeIncusTests {
         }
         try JSONSerialization.data(withJSONObject: listing).write(to: URL(fileURLWithPath: fake.state + "/list.json"))
         for (name, _) in owners {
-            FileManager.default.createFile(atPath: "\(fake.state)/instance.\(name)", contents: nil)
+            #expect(FileManager.default.createFile(atPath: "\(fake.state)/instance.\(name)", contents: nil))
         }
         #expect(try await fake.request("open")?.hasPrefix("ok /") == true, "\(fake.server.standardError)")
         let deadline = ContinuousClock.now + .seconds(30)
