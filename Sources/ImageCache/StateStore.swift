@@ -20,8 +20,9 @@ import VirtCore
 /// at save time is taken as saved: any write, truncation or replacement changes its change time,
 /// which no one can set back. Hashing a 230 MB state took 0.9 s of CPU at every `open`. Any other
 /// file (changed, copied from another machine, saved before the record existed) is hashed against
-/// the manifest; ``checkAll()`` hashes every file of every entry, for an admin's explicit check. Beyond ``maximumEntries`` the least recently used entries that no
-/// server uses are removed.
+/// the manifest; ``checkAll()`` hashes every file of every entry, for an admin's explicit check.
+///
+/// Beyond ``maximumEntries`` the least recently used entries that no server uses are removed.
 public struct StateStore: Sendable {
     /// The `states` directory.
     public let directory: String
@@ -60,14 +61,14 @@ public struct StateStore: Sendable {
     /// it (or, briefly, to find it exists): past that, booting is the better use of the time.
     static let lookupWait: Duration = .seconds(10)
 
-    /// The complete entry for `key`, marked as used now, and pinned (a shared flock on its
-    /// manifest) so that no other server's eviction or discard removes it while this process
-    /// lives; nil when there is none.
+    /// The complete entry for `key`, marked as used now (unless not `markingUsed`), and pinned (a
+    /// shared flock on its manifest) so that no other server's eviction or discard removes it
+    /// while this process lives; nil when there is none.
     ///
     /// The pin is taken under the entry's lock, which a removal holds from its check for pins to
     /// the entry's rename: without it, a removal could check, this lookup pin, and the removal
     /// then take away an entry about to be restored.
-    public func lookup(_ key: String) async -> Entry? {
+    public func lookup(_ key: String, markingUsed: Bool = true) async -> Entry? {
         let path = "\(directory)/\(key)"
         guard CacheFiles.exists("\(path)/\(Self.manifestName)") else { return nil }
         guard let lock = await lockEntry(key) else {
@@ -82,7 +83,7 @@ public struct StateStore: Sendable {
             log.warning("cannot use the saved state \(path): \(error.message)")
             return nil
         }
-        CacheFiles.touch(path)
+        if markingUsed { CacheFiles.touch(path) }
         return Entry(key: key, path: path, digests: digests, recorded: Self.identities(of: path))
     }
 
@@ -201,7 +202,8 @@ public struct StateStore: Sendable {
     public func checkAll() async -> [CheckResult] {
         var results: [CheckResult] = []
         for key in ((try? CacheFiles.names(in: directory)) ?? []).sorted() where ImageCache.isDigest(key) {
-            guard let entry = await lookup(key) else { continue }
+            // A check is no use: it leaves the order of eviction as it was.
+            guard let entry = await lookup(key, markingUsed: false) else { continue }
             do throws(VirtError) {
                 try await verify(entry, thoroughly: true)
                 Pins.unpin(entry.file(Self.manifestName))

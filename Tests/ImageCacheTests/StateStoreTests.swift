@@ -136,6 +136,9 @@ struct StateStoreTests {
         try await withStore(runner: runner) { store, _ in
             #expect(await store.checkAll().isEmpty)
             let good = try await save(store, StateStore.key(for: "good"))
+            // Last used long ago: a check must not make it look used now.
+            var old = [timespec(tv_sec: 1_000_000_000, tv_nsec: 0), timespec(tv_sec: 1_000_000_000, tv_nsec: 0)]
+            #expect(utimensat(AT_FDCWD, good.path, &old, 0) == 0)
             let bad = try await save(store, StateStore.key(for: "bad"), state: "0123456789")
             // Flipped in place with size and times kept: bit rot, which no identity shows.
             var saved = stat()
@@ -151,6 +154,8 @@ struct StateStoreTests {
             let failure = try #require(results.first { $0.path == bad.path }?.failure)
             #expect(failure.contains("vmstate") && failure.contains("corrupt"), "\(failure)")
             #expect(await store.lookup(bad.key) == nil, "the corrupt state is removed")
+            var checked = stat()
+            #expect(stat(good.path, &checked) == 0 && checked.st_mtim.tv_sec == 1_000_000_000, "marked as used")
             #expect(await store.lookup(good.key) != nil, "the good one stays")
         }
     }
