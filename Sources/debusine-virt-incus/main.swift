@@ -310,8 +310,7 @@ struct GCCommand: AsyncParsableCommand {
 /// What the commands other than the server print: results on stdout, errors on stderr.
 enum Output {
     static func line(_ text: String) {
-        let line = text + "\n"
-        _ = line.withCString { write(1, $0, strlen($0)) }
+        try? writeAll(1, Array((text + "\n").utf8), "cannot write to stdout")
     }
 
     static func fail(_ error: any Error) -> Never {

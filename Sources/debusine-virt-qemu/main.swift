@@ -389,7 +389,7 @@ struct GCCommand: AsyncParsableCommand {
         }
         let report = QemuGarbageCollector.collect(parent: parent)
         let text = report.isEmpty ? "nothing to remove in \(parent)\n" : report.joined(separator: "\n") + "\n"
-        _ = text.withCString { write(1, $0, strlen($0)) }
+        printResult(text)
         if report.contains(where: { $0.hasPrefix("could not") }) { Glibc.exit(1) }
     }
 }
@@ -422,7 +422,12 @@ struct CheckStatesCommand: AsyncParsableCommand {
         for result in results {
             text += result.failure.map { "removed \(result.path): \($0)\n" } ?? "ok \(result.path)\n"
         }
-        _ = text.withCString { write(1, $0, strlen($0)) }
+        printResult(text)
         if results.contains(where: { $0.failure != nil }) { Glibc.exit(1) }
     }
+}
+
+/// What gc and check-states report goes to stdout whole; a closed stdout loses only the report.
+func printResult(_ text: String) {
+    try? writeAll(1, Array(text.utf8), "cannot write to stdout")
 }
