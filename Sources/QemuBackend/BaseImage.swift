@@ -42,25 +42,37 @@ enum BaseImage {
     /// QMP `blockdev-add` of `image`, read-only, under ``QemuCommands/baseImageNode``. A qcow2
     /// is opened with its backing cut (`"backing": null`): the image was inspected at start-up,
     /// and a file changed since then must not get to name a host file for the guest to read.
-    static func blockdevAdd(_ image: AttachedImage) -> [String: JSONValue] {
-        var arguments: [String: JSONValue] = [
-            "driver": .string(image.format.rawValue),
-            "node-name": .string(QemuCommands.baseImageNode),
-            "read-only": .bool(true),
-            "file": .object(["driver": "file", "filename": .string(image.path), "read-only": .bool(true)]),
-        ]
-        if image.format == .qcow2 { arguments["backing"] = .null }
-        return arguments
+    struct BlockdevAdd: Encodable, Sendable {
+        let image: AttachedImage
+
+        private enum Keys: String, CodingKey {
+            case driver, file, backing
+            case nodeName = "node-name"
+            case readOnly = "read-only"
+            case filename
+        }
+
+        func encode(to encoder: any Encoder) throws {
+            var container = encoder.container(keyedBy: Keys.self)
+            try container.encode(image.format.rawValue, forKey: .driver)
+            try container.encode(QemuCommands.baseImageNode, forKey: .nodeName)
+            try container.encode(true, forKey: .readOnly)
+            var file = container.nestedContainer(keyedBy: Keys.self, forKey: .file)
+            try file.encode("file", forKey: .driver)
+            try file.encode(image.path, forKey: .filename)
+            try file.encode(true, forKey: .readOnly)
+            if image.format == .qcow2 { try container.encodeNil(forKey: .backing) }
+        }
     }
 
     /// QMP `device_add` of the disk with serial BASEIMAGE, into the root port made for it.
-    static let deviceAdd: [String: JSONValue] = [
-        "driver": "virtio-blk-pci",
-        "id": .string(QemuCommands.baseImageDeviceID),
-        "drive": .string(QemuCommands.baseImageNode),
-        "serial": "BASEIMAGE",
-        "bus": .string(QemuCommands.baseImagePortID),
-    ]
+    struct DeviceAdd: Encodable, Sendable {
+        var driver = "virtio-blk-pci"
+        var id = QemuCommands.baseImageDeviceID
+        var drive = QemuCommands.baseImageNode
+        var serial = "BASEIMAGE"
+        var bus = QemuCommands.baseImagePortID
+    }
 }
 
 extension QemuInstance {
@@ -71,7 +83,7 @@ extension QemuInstance {
         }
         if !handles.withLock({ $0.baseImageNode }) {
             let image = AttachedImage(path: options.image, format: options.imageFormat)
-            _ = try await qmp.execute("blockdev-add", arguments: BaseImage.blockdevAdd(image))
+            try await qmp.execute("blockdev-add", arguments: BaseImage.BlockdevAdd(image: image))
             handles.withLock { $0.baseImageNode = true }
         }
         // The unplug before a reboot may not have finished (a guest that rebooted before
@@ -80,13 +92,14 @@ extension QemuInstance {
             log.debug("the base image is still plugged from before the reboot")
             return
         }
-        _ = try await qmp.execute("device_add", arguments: BaseImage.deviceAdd)
+        try await qmp.execute("device_add", arguments: BaseImage.DeviceAdd())
     }
 
     /// The ids of the devices given on the command line or plugged since.
     private func pluggedDevices(_ qmp: QMPClient) async -> [String] {
-        let children = try? await qmp.execute("qom-list", arguments: ["path": "/machine/peripheral"])
-        return children?.arrayValue?.compactMap { $0["name"]?.stringValue } ?? []
+        let children = try? await qmp.execute(
+            "qom-list", arguments: QMP.ObjectPath(path: "/machine/peripheral"), returning: [QMP.ObjectProperty].self)
+        return children?.map(\.name) ?? []
     }
 
     /// Unplugs the base image before a reboot and waits until the guest has let it go (the
@@ -95,7 +108,7 @@ extension QemuInstance {
     func unplugBaseImage() async {
         guard let qmp = handles.withLock({ $0.qmp }) else { return }
         do {
-            _ = try await qmp.execute("device_del", arguments: ["id": .string(QemuCommands.baseImageDeviceID)])
+            try await qmp.execute("device_del", arguments: QMP.DeviceID(id: QemuCommands.baseImageDeviceID))
         } catch {
             log.debug("device_del of the base image: \(error.message)")
             return

@@ -61,8 +61,9 @@ final class GuestHelperSupervisor: Sendable {
     /// helper is started through the agent. Runs until `qmp`'s events end.
     func watchPort(_ qmp: QMPClient, of host: some GuestHelperHost) async {
         for await event in qmp.events
-        where event.name == "VSERPORT_CHANGE" && event.data["id"]?.stringValue == QemuCommands.helperPortID
-            && event.data["open"]?.boolValue == false
+        where event.name == "VSERPORT_CHANGE"
+            && event.data(as: QMP.SerialPortChange.self)
+                == QMP.SerialPortChange(id: QemuCommands.helperPortID, open: false)
         {
             guard !isLossExpected(host), let qga = host.qga else { continue }
             await relay.helperGone("the guest helper went away inside the guest")

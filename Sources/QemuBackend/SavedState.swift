@@ -82,8 +82,8 @@ extension QemuInstance {
             guard symlink("\(builder.path)/\(SavedStateKey.stateFile)", paths.stateOut) == 0 else {
                 throw VirtError(.io, "cannot link \(paths.stateOut)", errno: errno)
             }
-            _ = try await qmp.execute("stop")
-            _ = try await qmp.execute("migrate", arguments: ["uri": .string(QemuCommands.saveURI)])
+            try await qmp.execute("stop")
+            try await qmp.execute("migrate", arguments: QMP.MigrationTarget(uri: QemuCommands.saveURI))
             try await waitForMigration(qmp, timeout: .seconds(600))
             // Migration flushed the disk and stopped using it: the overlay is the disk's state.
             try await runner.check(
@@ -98,9 +98,9 @@ extension QemuInstance {
             // A migration in progress must end before the VM may run again.
             _ = try? await qmp.execute("migrate_cancel", timeout: .seconds(10))
         }
-        let status = try await qmp.execute("query-status", timeout: .seconds(30))
-        if status["running"]?.boolValue != true {
-            _ = try await qmp.execute("cont", timeout: .seconds(30))
+        let status = try await qmp.execute("query-status", returning: QMP.StatusInfo.self, timeout: .seconds(30))
+        if !status.running {
+            try await qmp.execute("cont", timeout: .seconds(30))
         }
         return problem
     }
@@ -110,13 +110,12 @@ extension QemuInstance {
         let completed = try await Deadline(after: timeout).poll(every: .milliseconds(50)) {
             () throws(VirtError) -> Bool in
             try checkAlive("while saving the VM state")
-            let info = try await qmp.execute("query-migrate")
-            switch info["status"]?.stringValue {
+            let info = try await qmp.execute("query-migrate", returning: QMP.MigrationInfo.self)
+            switch info.status {
             case "completed": return true
             case "failed", "cancelled":
                 throw VirtError(
-                    .testbedFailure,
-                    "saving the VM state failed: \(info["error-desc"]?.stringValue ?? "no reason given")")
+                    .testbedFailure, "saving the VM state failed: \(info.errorDescription ?? "no reason given")")
             default: return false
             }
         }
@@ -153,24 +152,23 @@ extension QemuInstance {
         // failed before (a full disk, QEMU not starting) says nothing about the state.
         do throws(VirtError) {
             if let failure = await verification.value { throw failure }
-            _ = try await qmp.execute("migrate-incoming", arguments: ["uri": .string(QemuCommands.restoreURI)])
+            try await qmp.execute("migrate-incoming", arguments: QMP.MigrationTarget(uri: QemuCommands.restoreURI))
             let loaded = try await Deadline(deadline).poll(every: .milliseconds(20)) { () throws(VirtError) -> Bool in
                 try checkAlive("while loading the saved state")
-                return try await qmp.execute("query-status")["status"]?.stringValue != "inmigrate"
+                return try await qmp.execute("query-status", returning: QMP.StatusInfo.self).status != "inmigrate"
             }
             guard loaded else {
                 if Task.isCancelled { throw VirtError(.timeout, "loading the saved state was cancelled") }
                 throw VirtError(
                     .timeout, "loading the saved state took more than \(options.bootTimeout.formattedSeconds)")
             }
-            let migration = try await qmp.execute("query-migrate")
-            if let status = migration["status"]?.stringValue, status != "completed" {
+            let migration = try await qmp.execute("query-migrate", returning: QMP.MigrationInfo.self)
+            if let status = migration.status, status != "completed" {
                 throw VirtError(
                     .testbedFailure,
-                    "loading the saved state failed (\(status)): \(migration["error-desc"]?.stringValue ?? "no reason given")"
-                )
+                    "loading the saved state failed (\(status)): \(migration.errorDescription ?? "no reason given")")
             }
-            _ = try await qmp.execute("cont")
+            try await qmp.execute("cont")
             var payload = withUnsafeBytes(of: UInt64(Date().timeIntervalSince1970 * 1e9).bigEndian) { Array($0) }
             var generator = SystemRandomNumberGenerator()
             payload += (0..<64).map { _ in UInt8.random(in: 0...255, using: &generator) }

@@ -1,3 +1,4 @@
+import FoundationEssentials
 import VirtCore
 
 /// How a process started with ``QGAClient/exec(path:arguments:environment:input:captureOutput:timeout:)`` ended.
@@ -60,43 +61,47 @@ public actor QGAClient {
     /// it may not be running yet, and callers retry.
     public func sync(timeout: Duration) async throws(VirtError) {
         try await withTimeout(timeout, "QGA guest-sync-delimited") {
-            try await self.exclusively(.sync)
+            try await self.lock.withLock { try await self.performSync() }
         }
     }
 
-    /// Runs `command` and returns its "return" value; an "error" reply becomes a
-    /// ``VirtError/Code/testbedFailure`` error "QGA <command>: <class>: <desc>".
+    /// Runs `command` with `arguments` and returns its "return" value as `Value` (``Nothing``
+    /// when the caller needs none of it); an "error" reply becomes a
+    /// ``VirtError/Code/testbedFailure`` error "QGA <command>: <class>: <desc>", and so does a
+    /// reply of another shape.
     ///
     /// `timeout` covers waiting for earlier commands and the resynchronisation that follows a
     /// timed-out call.
-    public func execute(
+    @discardableResult
+    public func execute<Arguments: Encodable & Sendable, Value: Decodable & Sendable>(
         _ command: String,
-        arguments: [String: JSONValue]? = nil,
+        arguments: Arguments? = Nothing?.none,
+        returning: Value.Type = Nothing.self,
         timeout: Duration = .seconds(30)
-    ) async throws(VirtError) -> JSONValue {
-        let request = Self.request(command, arguments)
+    ) async throws(VirtError) -> Value {
+        let request = try Request(execute: command, arguments: arguments, id: nil).line()
         let what = "QGA \(command)"
         return try await withTimeout(timeout, what) {
-            try await self.exclusively(.execute(request, what: what))
+            try await self.lock.withLock { try await self.performExecute(request, what: what, returning: Value.self) }
         }
     }
 
     /// Sends a command that replies nothing on success (guest-shutdown, guest-suspend-*) without
     /// waiting; a failure reply, if any, is discarded by the next resynchronisation.
-    public func send(
+    public func send<Arguments: Encodable & Sendable>(
         _ command: String,
-        arguments: [String: JSONValue]? = nil,
+        arguments: Arguments? = Nothing?.none,
         timeout: Duration = .seconds(30)
     ) async throws(VirtError) {
-        let request = Self.request(command, arguments)
+        let request = try Request(execute: command, arguments: arguments, id: nil).line()
         try await withTimeout(timeout, "QGA \(command)") {
-            _ = try await self.exclusively(.send(request))
+            try await self.lock.withLock { try await self.performSend(request) }
         }
     }
 
     /// `guest-ping`: succeeds when the agent answers.
     public func ping(timeout: Duration) async throws(VirtError) {
-        _ = try await execute("guest-ping", timeout: timeout)
+        try await execute("guest-ping", timeout: timeout)
     }
 
     /// Creates or truncates `path` in the guest and writes `contents` to it, in chunks of at most
@@ -108,22 +113,23 @@ public actor QGAClient {
             var offset = 0
             while offset < contents.count {
                 let end = min(offset + Self.writeChunkSize, contents.count)
-                let reply = try await execute(
-                    "guest-file-write",
-                    arguments: ["handle": handle, "buf-b64": .string(Base64.encode(contents[offset..<end]))],
-                    timeout: timeout)
+                let written = try await execute(
+                    "guest-file-write", arguments: FileWrite(handle: handle, data: Data(contents[offset..<end])),
+                    returning: FileWritten.self, timeout: timeout)
                 // A short write is resumed where it stopped; no progress at all would loop forever.
-                guard let count = reply["count"]?.intValue, count > 0, count <= end - offset else {
-                    throw VirtError(.testbedFailure, "QGA guest-file-write to \(path): unexpected reply \(reply)")
+                guard written.count > 0, written.count <= end - offset else {
+                    throw VirtError(
+                        .testbedFailure,
+                        "QGA guest-file-write to \(path): \(written.count) of \(end - offset) bytes written")
                 }
-                offset += count
+                offset += written.count
             }
         } catch {
             await closeFileQuietly(handle)
             throw error
         }
         // The agent writes through stdio: errors such as ENOSPC may only show up when closing.
-        _ = try await execute("guest-file-close", arguments: ["handle": handle], timeout: timeout)
+        try await execute("guest-file-close", arguments: GuestFile(handle: handle), timeout: timeout)
     }
 
     /// Reads all of `path` from the guest, ``readChunkSize`` bytes per request; `timeout` applies
@@ -133,21 +139,18 @@ public actor QGAClient {
         var contents: [UInt8] = []
         do throws(VirtError) {
             while true {
-                let reply = try await execute(
-                    "guest-file-read", arguments: ["handle": handle, "count": JSONValue(Self.readChunkSize)],
-                    timeout: timeout)
-                guard let encoded = reply["buf-b64"]?.stringValue, let bytes = Base64.decode(encoded) else {
-                    throw VirtError(.testbedFailure, "QGA guest-file-read from \(path): unexpected reply")
-                }
-                contents.append(contentsOf: bytes)
+                let read = try await execute(
+                    "guest-file-read", arguments: FileRead(handle: handle, count: Self.readChunkSize),
+                    returning: FileData.self, timeout: timeout)
+                contents.append(contentsOf: read.data)
                 // "eof" may come with the last data or on an empty read after it.
-                if reply["eof"]?.boolValue == true || bytes.isEmpty { break }
+                if read.eof || read.data.isEmpty { break }
             }
         } catch {
             await closeFileQuietly(handle)
             throw error
         }
-        _ = try await execute("guest-file-close", arguments: ["handle": handle], timeout: timeout)
+        try await execute("guest-file-close", arguments: GuestFile(handle: handle), timeout: timeout)
         return contents
     }
 
@@ -164,16 +167,10 @@ public actor QGAClient {
         captureOutput: Bool,
         timeout: Duration = .seconds(30)
     ) async throws(VirtError) -> Int {
-        var request: [String: JSONValue] = [
-            "path": .string(path), "arg": JSONValue(arguments), "capture-output": .bool(captureOutput),
-        ]
-        if let environment { request["env"] = JSONValue(environment) }
-        if let input { request["input-data"] = .string(Base64.encode(input)) }
-        let reply = try await execute("guest-exec", arguments: request, timeout: timeout)
-        guard let pid = reply["pid"]?.intValue else {
-            throw VirtError(.testbedFailure, "QGA guest-exec: unexpected reply \(reply)")
-        }
-        return pid
+        let request = Exec(
+            path: path, arguments: arguments, environment: environment, input: input.map { Data($0) },
+            captureOutput: captureOutput)
+        return try await execute("guest-exec", arguments: request, returning: ExecStarted.self, timeout: timeout).pid
     }
 
     /// Polls `guest-exec-status` (every 20 ms at first, backing off to 200 ms) until the process
@@ -185,10 +182,8 @@ public actor QGAClient {
             var interval = Duration.milliseconds(20)
             while true {
                 let status = try await self.execute(
-                    "guest-exec-status", arguments: ["pid": JSONValue(pid)], timeout: timeout)
-                if status["exited"]?.boolValue == true {
-                    return try Self.execResult(from: status)
-                }
+                    "guest-exec-status", arguments: ExecPID(pid: pid), returning: ExecStatus.self, timeout: timeout)
+                if status.exited { return status.result }
                 try await Task.sleep(for: interval)
                 interval = min(interval * 3 / 2, .milliseconds(200))
             }
@@ -202,28 +197,6 @@ public actor QGAClient {
 
     // MARK: - Internals
 
-    static func request(_ command: String, _ arguments: [String: JSONValue]?) -> [UInt8] {
-        var request: [String: JSONValue] = ["execute": .string(command)]
-        if let arguments { request["arguments"] = .object(arguments) }
-        return JSONValue.object(request).serializedBytes + [0x0A]
-    }
-
-    static func execResult(from status: JSONValue) throws(VirtError) -> GuestExecResult {
-        func data(_ key: String) throws(VirtError) -> [UInt8] {
-            guard let value = status[key] else { return [] }
-            guard let text = value.stringValue, let bytes = Base64.decode(text) else {
-                throw VirtError(.testbedFailure, "QGA guest-exec-status: \(key) is not base64")
-            }
-            return bytes
-        }
-        return GuestExecResult(
-            exitCode: status["exitcode"]?.intValue.flatMap { Int32(exactly: $0) },
-            signal: status["signal"]?.intValue.flatMap { Int32(exactly: $0) },
-            standardOutput: try data("out-data"),
-            standardError: try data("err-data"),
-            outputTruncated: status["out-truncated"]?.boolValue == true || status["err-truncated"]?.boolValue == true)
-    }
-
     /// The JSON of a reply line: what follows the last 0xFF delimiter, if any. A delimiter is
     /// never part of valid UTF-8, so it can only be the agent's sentinel.
     static func payload(of line: [UInt8]) -> ArraySlice<UInt8> {
@@ -231,44 +204,16 @@ public actor QGAClient {
         return line[(marker + 1)...]
     }
 
-    private func openFile(_ path: String, mode: String, timeout: Duration) async throws(VirtError) -> JSONValue {
-        let reply = try await execute(
-            "guest-file-open", arguments: ["path": .string(path), "mode": .string(mode)], timeout: timeout)
-        guard reply.intValue != nil else {
-            throw VirtError(.testbedFailure, "QGA guest-file-open \(path): unexpected reply \(reply)")
-        }
-        return reply
+    private func openFile(_ path: String, mode: String, timeout: Duration) async throws(VirtError) -> Int {
+        try await execute(
+            "guest-file-open", arguments: FileOpen(path: path, mode: mode), returning: Int.self, timeout: timeout)
     }
 
-    private func closeFileQuietly(_ handle: JSONValue) async {
+    private func closeFileQuietly(_ handle: Int) async {
         do {
-            _ = try await execute("guest-file-close", arguments: ["handle": handle], timeout: .seconds(5))
+            try await execute("guest-file-close", arguments: GuestFile(handle: handle), timeout: .seconds(5))
         } catch {
             log.debug("QGA: could not close file handle \(handle) after an error: \(error)")
-        }
-    }
-
-    /// One use of the stream.
-    private enum Exchange: Sendable {
-        case sync
-        case execute([UInt8], what: String)
-        case send([UInt8])
-    }
-
-    /// Performs `exchange` holding the lock, so one exchange at a time uses the stream.
-    @discardableResult
-    private func exclusively(_ exchange: Exchange) async throws -> JSONValue {
-        try await lock.withLock {
-            switch exchange {
-            case .sync:
-                try await performSync()
-                return .null
-            case .execute(let request, let what):
-                return try await performExecute(request, what: what)
-            case .send(let request):
-                try await performSend(request)
-                return .null
-            }
         }
     }
 
@@ -276,12 +221,11 @@ public actor QGAClient {
         inSync = false
         let id = Int.random(in: 1...(1 << 52))
         // The leading 0xFF makes the agent drop any partial request an earlier client left behind.
-        let request =
-            [0xFF] + Self.request("guest-sync-delimited", ["id": JSONValue(id)])
+        let request = try [0xFF] + Request(execute: "guest-sync-delimited", arguments: SyncID(id: id), id: nil).line()
         try await connection.send(request)
         while true {
             let line = try await connection.lines.next()
-            if let reply = try? JSONValue(parsing: Self.payload(of: line)), reply["return"]?.intValue == id {
+            if case .success(id) = MessageCoding.decoded(Reply<Int>.self, from: Self.payload(of: line)) {
                 inSync = true
                 return
             }
@@ -289,21 +233,27 @@ public actor QGAClient {
         }
     }
 
-    private func performExecute(_ request: [UInt8], what: String) async throws -> JSONValue {
+    private func performExecute<Value: Decodable>(
+        _ request: [UInt8], what: String, returning: Value.Type
+    ) async throws -> Value {
         if !inSync { try await performSync() }
         inSync = false
         try await connection.send(request)
         while true {
             let payload = Self.payload(of: try await connection.lines.next())
             if payload.allSatisfy({ $0 == 0x20 || $0 == 0x09 }) { continue }
-            let reply: JSONValue
-            do {
-                reply = try JSONValue(parsing: payload)
-            } catch {
-                throw VirtError(.testbedFailure, "\(what): \(error.message)")
+            if let reply = MessageCoding.decoded(Reply<Value>.self, from: payload) {
+                inSync = true
+                switch reply {
+                case .success(let value): return value
+                case .failure(let errorClass, let description):
+                    throw VirtError(.testbedFailure, "\(what): \(errorClass): \(description)")
+                }
             }
-            inSync = true
-            return try unwrapReply(reply, command: what)
+            // JSON of another shape is this command's reply all the same; a line that is not JSON
+            // at all may be a fragment of anything, and the next command resynchronises.
+            if MessageCoding.decoded(Nothing.self, from: payload) != nil { inSync = true }
+            throw VirtError(.testbedFailure, "\(what): unexpected reply \(MessageCoding.excerpt(payload))")
         }
     }
 
@@ -311,5 +261,103 @@ public actor QGAClient {
         if !inSync { try await performSync() }
         inSync = false
         try await connection.send(request)
+    }
+}
+
+// MARK: - The agent's messages
+
+extension QGAClient {
+    struct SyncID: Encodable, Sendable {
+        let id: Int
+    }
+
+    struct FileOpen: Encodable, Sendable {
+        let path: String
+        let mode: String
+    }
+
+    struct GuestFile: Encodable, Sendable {
+        let handle: Int
+    }
+
+    struct FileWrite: Encodable, Sendable {
+        let handle: Int
+        let data: Data
+
+        enum CodingKeys: String, CodingKey {
+            case handle
+            case data = "buf-b64"
+        }
+    }
+
+    struct FileWritten: Decodable, Sendable {
+        let count: Int
+    }
+
+    struct FileRead: Encodable, Sendable {
+        let handle: Int
+        let count: Int
+    }
+
+    struct FileData: Decodable, Sendable {
+        let data: Data
+        let eof: Bool
+
+        enum CodingKeys: String, CodingKey {
+            case data = "buf-b64"
+            case eof
+        }
+    }
+
+    struct Exec: Encodable, Sendable {
+        let path: String
+        let arguments: [String]
+        /// Replaces the agent's environment when given.
+        let environment: [String]?
+        let input: Data?
+        let captureOutput: Bool
+
+        enum CodingKeys: String, CodingKey {
+            case path
+            case arguments = "arg"
+            case environment = "env"
+            case input = "input-data"
+            case captureOutput = "capture-output"
+        }
+    }
+
+    struct ExecStarted: Decodable, Sendable {
+        let pid: Int
+    }
+
+    struct ExecPID: Encodable, Sendable {
+        let pid: Int
+    }
+
+    /// The reply of `guest-exec-status`: the output members come only once the process exited.
+    struct ExecStatus: Decodable, Sendable {
+        let exited: Bool
+        let exitCode: Int32?
+        let signal: Int32?
+        let output: Data?
+        let errorOutput: Data?
+        let outputTruncated: Bool?
+        let errorOutputTruncated: Bool?
+
+        enum CodingKeys: String, CodingKey {
+            case exited, signal
+            case exitCode = "exitcode"
+            case output = "out-data"
+            case errorOutput = "err-data"
+            case outputTruncated = "out-truncated"
+            case errorOutputTruncated = "err-truncated"
+        }
+
+        var result: GuestExecResult {
+            GuestExecResult(
+                exitCode: exitCode, signal: signal, standardOutput: Array(output ?? Data()),
+                standardError: Array(errorOutput ?? Data()),
+                outputTruncated: outputTruncated == true || errorOutputTruncated == true)
+        }
     }
 }

@@ -1,14 +1,68 @@
 import VirtCore
 
-/// An asynchronous QMP event (SHUTDOWN, POWERDOWN, RESET, STOP, ...).
-public struct QMPEvent: Sendable, Equatable {
+/// An asynchronous QMP event (SHUTDOWN, POWERDOWN, RESET, STOP, VSERPORT_CHANGE, ...).
+public struct QMPEvent: Sendable {
     public let name: String
-    /// The event's "data" member; `.null` for events that have none.
-    public let data: JSONValue
+    /// The event's whole line, which ``data(as:)`` decodes.
+    let line: [UInt8]
 
-    public init(name: String, data: JSONValue = .null) {
+    init(name: String, line: [UInt8]) {
         self.name = name
-        self.data = data
+        self.line = line
+    }
+
+    /// The event's "data" member as `Value`; nil when it has none or one of another shape.
+    public func data<Value: Decodable>(as type: Value.Type) -> Value? {
+        MessageCoding.decoded(EventData<Value>.self, from: line)?.data
+    }
+
+    private struct EventData<Value: Decodable>: Decodable {
+        let data: Value
+    }
+}
+
+/// What QEMU says on connecting: `{"QMP": {"version": ..., "capabilities": [...]}}`.
+public struct QMPGreeting: Decodable, Sendable, Equatable {
+    /// QEMU's version, e.g. 10.0.2.
+    public let major: Int
+    public let minor: Int
+    public let micro: Int
+    /// The capabilities QEMU offers (e.g. "oob"); none is asked for.
+    public let capabilities: [String]
+
+    private struct Line: Decodable {
+        let qmp: Body
+        enum CodingKeys: String, CodingKey { case qmp = "QMP" }
+    }
+
+    private struct Body: Decodable {
+        let version: Version
+        let capabilities: [String]
+    }
+
+    private struct Version: Decodable {
+        let qemu: Triple
+    }
+
+    private struct Triple: Decodable {
+        let major: Int
+        let minor: Int
+        let micro: Int
+    }
+
+    /// The greeting in `line`; nil when the line is not one.
+    static func parse(_ line: [UInt8]) -> QMPGreeting? {
+        guard let body = MessageCoding.decoded(Line.self, from: line)?.qmp else { return nil }
+        return QMPGreeting(
+            major: body.version.qemu.major, minor: body.version.qemu.minor, micro: body.version.qemu.micro,
+            capabilities: body.capabilities)
+    }
+
+    private init(major: Int, minor: Int, micro: Int, capabilities: [String]) {
+        self.major = major
+        self.minor = minor
+        self.micro = micro
+        self.capabilities = capabilities
     }
 }
 
@@ -19,8 +73,8 @@ public struct QMPEvent: Sendable, Equatable {
 /// every pending and later call fails with a ``VirtError/Code/testbedFailure`` error ending in
 /// "connection closed".
 public actor QMPClient {
-    /// The greeting QEMU sent on connecting, e.g. `{"QMP": {"version": ..., "capabilities": [...]}}`.
-    public nonisolated let greeting: JSONValue
+    /// The greeting QEMU sent on connecting.
+    public nonisolated let greeting: QMPGreeting
     /// Asynchronous events in the order QEMU sent them; finishes when the connection closes.
     /// Meant for a single consumer. Up to ``maximumBufferedEvents`` wait for it; beyond that the
     /// oldest are dropped, so a client nobody listens to does not grow without bound.
@@ -30,12 +84,13 @@ public actor QMPClient {
 
     private let connection: LineConnection
     private let eventSink: AsyncStream<QMPEvent>.Continuation
-    private var pending: [Int: Mailbox<JSONValue>] = [:]
+    /// The calls waiting for their replies, by id; each gets its reply's line.
+    private var pending: [Int: Mailbox<[UInt8]>] = [:]
     private var nextID = 1
     private var closedError: VirtError?
     private var reader: Task<Void, Never>?
 
-    private init(connection: LineConnection, greeting: JSONValue) {
+    private init(connection: LineConnection, greeting: QMPGreeting) {
         self.connection = connection
         self.greeting = greeting
         (events, eventSink) = AsyncStream.makeStream(
@@ -57,9 +112,9 @@ public actor QMPClient {
             let line = try await withTimeout(clock.now.duration(to: deadline), "QMP greeting on \(path)") {
                 try await connection.lines.next()
             }
-            let greeting = try JSONValue(parsing: line)
-            guard greeting["QMP"] != nil else {
-                throw VirtError(.testbedFailure, "QMP \(path): expected a greeting, got \(greeting)")
+            guard let greeting = QMPGreeting.parse(line) else {
+                throw VirtError(
+                    .testbedFailure, "QMP \(path): expected a greeting, got \(MessageCoding.excerpt(line))")
             }
             let client = QMPClient(connection: connection, greeting: greeting)
             await client.startReading()
@@ -74,21 +129,23 @@ public actor QMPClient {
         }
     }
 
-    /// Runs `command` and returns its "return" value. A QMP error reply becomes a
-    /// ``VirtError/Code/testbedFailure`` error "QMP <command>: <class>: <desc>"; no reply within
-    /// `timeout` is a ``VirtError/Code/timeout`` error (a late reply is then dropped).
-    public func execute(
+    /// Runs `command` with `arguments` and returns its "return" value as `Value` (``Nothing``
+    /// when the caller needs none of it). A QMP error reply becomes a
+    /// ``VirtError/Code/testbedFailure`` error "QMP <command>: <class>: <desc>", and so does a
+    /// reply of another shape; no reply within `timeout` is a ``VirtError/Code/timeout`` error (a
+    /// late reply is then dropped).
+    @discardableResult
+    public func execute<Arguments: Encodable & Sendable, Value: Decodable & Sendable>(
         _ command: String,
-        arguments: [String: JSONValue]? = nil,
+        arguments: Arguments? = Nothing?.none,
+        returning: Value.Type = Nothing.self,
         timeout: Duration = .seconds(30)
-    ) async throws(VirtError) -> JSONValue {
+    ) async throws(VirtError) -> Value {
         if let closedError { throw closedError }
         let id = nextID
         nextID += 1
-        var request: [String: JSONValue] = ["execute": .string(command), "id": JSONValue(id)]
-        if let arguments { request["arguments"] = .object(arguments) }
-        let line = JSONValue.object(request).serializedBytes + [0x0A]
-        let slot = Mailbox<JSONValue>()
+        let line = try Request(execute: command, arguments: arguments, id: id).line()
+        let slot = Mailbox<[UInt8]>()
         pending[id] = slot
         defer { pending[id] = nil }
         let connection = connection
@@ -96,7 +153,7 @@ public actor QMPClient {
             try await connection.send(line)
             return try await slot.next()
         }
-        return try unwrapReply(reply, command: "QMP \(command)")
+        return try Reply<Value>.value(of: reply, "QMP \(command)")
     }
 
     /// Closes the connection; pending calls fail and ``events`` finishes.
@@ -124,21 +181,34 @@ public actor QMPClient {
     }
 
     private func dispatch(_ line: [UInt8]) {
-        let message: JSONValue
-        do {
-            message = try JSONValue(parsing: line)
-        } catch {
-            log.debug("QMP: ignoring a line that is not JSON: \(String(decoding: line.prefix(200), as: UTF8.self))")
+        guard let header = MessageCoding.decoded(Header.self, from: line) else {
+            log.debug("QMP: ignoring a line that is not a JSON object: \(MessageCoding.excerpt(line))")
             return
         }
-        if let name = message["event"]?.stringValue {
+        if let name = header.event {
             log.debug("QMP event \(name)")
-            eventSink.yield(QMPEvent(name: name, data: message["data"] ?? .null))
-        } else if let id = message["id"]?.intValue, let slot = pending.removeValue(forKey: id) {
-            slot.push(message)
+            eventSink.yield(QMPEvent(name: name, line: line))
+        } else if let id = header.id, let slot = pending.removeValue(forKey: id) {
+            slot.push(line)
         } else {
             // A reply to a call that timed out, or an error about a line QEMU could not parse.
-            log.debug("QMP: ignoring unexpected message \(message.serialized.prefix(200))")
+            log.debug("QMP: ignoring unexpected message \(MessageCoding.excerpt(line))")
+        }
+    }
+
+    /// What routes a line: an event's name, or the id of the call a reply answers. Members of
+    /// another type count as absent: an id QEMU echoes from a request it could not parse is not
+    /// one of ours.
+    private struct Header: Decodable {
+        let event: String?
+        let id: Int?
+
+        enum CodingKeys: String, CodingKey { case event, id }
+
+        init(from decoder: any Decoder) throws {
+            let container = try decoder.container(keyedBy: CodingKeys.self)
+            event = try? container.decodeIfPresent(String.self, forKey: .event)
+            id = try? container.decodeIfPresent(Int.self, forKey: .id)
         }
     }
 
@@ -149,18 +219,4 @@ public actor QMPClient {
         pending.removeAll()
         eventSink.finish()
     }
-}
-
-/// Unwraps a reply: its "return" value, or its "error" as a ``VirtError/Code/testbedFailure``
-/// error "<what>: <class>: <desc>". QMP and QGA share this shape.
-func unwrapReply(_ reply: JSONValue, command what: String) throws(VirtError) -> JSONValue {
-    if let error = reply["error"] {
-        let errorClass = error["class"]?.stringValue ?? "Error"
-        let text = error["desc"]?.stringValue ?? error.serialized
-        throw VirtError(.testbedFailure, "\(what): \(errorClass): \(text)")
-    }
-    guard let value = reply["return"] else {
-        throw VirtError(.testbedFailure, "\(what): unexpected reply \(reply.serialized.prefix(200))")
-    }
-    return value
 }

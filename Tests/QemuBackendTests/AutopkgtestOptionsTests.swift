@@ -142,7 +142,7 @@ struct AutopkgtestOptionsTests {
     }
 
     @Test("--baseimage adds only a PCIe root port to hot-plug the disk into; its QMP commands name it read-only")
-    func baseImageArgv() {
+    func baseImageArgv() throws {
         var options = QemuOptions(image: "/images/base.qcow2", format: .qcow2)
         let plain = QemuCommands.qemu(options, paths, kvm: false).argv
         options.baseImage = true
@@ -150,23 +150,24 @@ struct AutopkgtestOptionsTests {
         #expect(argv.count == plain.count + 2)
         #expect(argv.contains("pcie-root-port,id=baseimage-port,chassis=1"))
         #expect(argv.firstIndex(of: "pcie-root-port,id=baseimage-port,chassis=1").map { argv[$0 - 1] } == "-device")
-        let add = BaseImage.blockdevAdd(AttachedImage(path: "/images/base.qcow2", format: .qcow2))
+        func json(_ value: some Encodable) throws -> String {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+            return String(decoding: try encoder.encode(value), as: UTF8.self)
+        }
+        // Its backing cut: a file changed since its inspection names no host file.
         #expect(
-            JSONValue.object(add)
-                == [
-                    "driver": "qcow2", "node-name": "baseimage", "read-only": true,
-                    "file": ["driver": "file", "filename": "/images/base.qcow2", "read-only": true],
-                    // Its backing cut: a file changed since its inspection names no host file.
-                    "backing": .null,
-                ])
-        let raw = BaseImage.blockdevAdd(AttachedImage(path: "/images/base.img", format: .raw))
-        #expect(raw["backing"] == nil, "a raw image has no backing to cut")
+            try json(BaseImage.BlockdevAdd(image: AttachedImage(path: "/images/base.qcow2", format: .qcow2)))
+                == #"{"backing":null,"driver":"qcow2","file":{"driver":"file","filename":"/images/base.qcow2","read-only":true},"node-name":"baseimage","read-only":true}"#
+        )
         #expect(
-            JSONValue.object(BaseImage.deviceAdd)
-                == [
-                    "driver": "virtio-blk-pci", "id": "virtio-baseimage", "drive": "baseimage", "serial": "BASEIMAGE",
-                    "bus": "baseimage-port",
-                ])
+            try json(BaseImage.BlockdevAdd(image: AttachedImage(path: "/images/base.img", format: .raw)))
+                == #"{"driver":"raw","file":{"driver":"file","filename":"/images/base.img","read-only":true},"node-name":"baseimage","read-only":true}"#,
+            "a raw image has no backing to cut")
+        #expect(
+            try json(BaseImage.DeviceAdd())
+                == #"{"bus":"baseimage-port","drive":"baseimage","driver":"virtio-blk-pci","id":"virtio-baseimage","serial":"BASEIMAGE"}"#
+        )
         // autopkgtest-virt-qemu's rules: the symlink, and the partitions' UUIDs kept out of by-uuid.
         #expect(BaseImage.udevRules.contains(#"SYMLINK+="baseimage""#))
         #expect(BaseImage.udevRules.contains(#"ENV{ID_FS_UUID}:="""#))

@@ -8,7 +8,7 @@ private struct AgentRecord: Sendable {
     var files: [String: [UInt8]]
     var writeSizes: [Int] = []
     var readCounts: [Int] = []
-    var execRequests: [JSONValue] = []
+    var execRequests: [AnyJSON] = []
     var statusPolls = 0
     var syncs = 0
 }
@@ -28,14 +28,14 @@ private func serveAgent(
         } catch {
             return record
         }
-        let request = try JSONValue(parsing: QGAClient.payload(of: line))
+        let request = try AnyJSON(parsing: QGAClient.payload(of: line))
         let arguments = request["arguments"] ?? [:]
-        func reply(_ value: JSONValue) { peer.send(["return": value]) }
+        func reply(_ value: AnyJSON) { peer.send(["return": value]) }
         func fail(_ text: String) { peer.send(["error": ["class": "GenericError", "desc": .string(text)]]) }
         switch request["execute"]?.stringValue {
         case "guest-sync-delimited":
             record.syncs += 1
-            peer.send(bytes: [0xFF] + JSONValue.object(["return": arguments["id"] ?? nil]).serializedBytes + [0x0A])
+            peer.send(bytes: [0xFF] + AnyJSON.object(["return": arguments["id"] ?? nil]).serializedBytes + [0x0A])
         case "guest-file-open":
             let path = arguments["path"]?.stringValue ?? ""
             if arguments["mode"] == "w" {
@@ -46,17 +46,17 @@ private func serveAgent(
             }
             nextHandle += 1
             handles[nextHandle] = (path, 0)
-            reply(JSONValue(nextHandle))
+            reply(AnyJSON(nextHandle))
         case "guest-file-write":
             guard let handle = arguments["handle"]?.intValue, let file = handles[handle],
-                let data = arguments["buf-b64"]?.stringValue.flatMap(Base64.decode)
+                let data = arguments["buf-b64"]?.stringValue.flatMap(TestBase64.decode)
             else {
                 fail("bad write")
                 continue
             }
             record.writeSizes.append(data.count)
             record.files[file.path, default: []].append(contentsOf: data)
-            reply(["count": JSONValue(data.count), "eof": false])
+            reply(["count": AnyJSON(data.count), "eof": false])
         case "guest-file-read":
             guard let handle = arguments["handle"]?.intValue, let file = handles[handle],
                 let count = arguments["count"]?.intValue, let contents = record.files[file.path]
@@ -68,7 +68,7 @@ private func serveAgent(
             let end = min(file.offset + count, contents.count)
             handles[handle]?.offset = end
             reply([
-                "count": JSONValue(end - file.offset), "buf-b64": .string(Base64.encode(contents[file.offset..<end])),
+                "count": AnyJSON(end - file.offset), "buf-b64": .string(TestBase64.encode(contents[file.offset..<end])),
                 "eof": .bool(end == contents.count),
             ])
         case "guest-file-close":
@@ -87,8 +87,8 @@ private func serveAgent(
                 reply(["exited": false])
             } else {
                 reply([
-                    "exited": true, "exitcode": 0, "out-data": .string(Base64.encode(Array("hello\n".utf8))),
-                    "err-data": .string(Base64.encode([0, 0xFF, 0x0A])),
+                    "exited": true, "exitcode": 0, "out-data": .string(TestBase64.encode(Array("hello\n".utf8))),
+                    "err-data": .string(TestBase64.encode([0, 0xFF, 0x0A])),
                 ])
             }
         default:
@@ -98,10 +98,10 @@ private func serveAgent(
 }
 
 /// Reads the client's guest-sync-delimited request (checking the leading 0xFF) and returns its id.
-private func expectSync(_ peer: FakePeer) async throws -> JSONValue {
+private func expectSync(_ peer: FakePeer) async throws -> AnyJSON {
     let line = try await peer.nextLine()
     #expect(line.first == 0xFF, "the client flushes the agent's parser before syncing")
-    let request = try JSONValue(parsing: line.dropFirst())
+    let request = try AnyJSON(parsing: line.dropFirst())
     #expect(request["execute"] == "guest-sync-delimited")
     return try #require(request["arguments"]?["id"])
 }
@@ -149,7 +149,7 @@ struct QGAClientTests {
             // test process's tasks can wait seconds for a thread).
             async let first = client.execute("guest-ping", timeout: .seconds(60))
             let firstID = try await expectSync(peer)
-            peer.send(bytes: [0xFF] + JSONValue.object(["return": firstID]).serializedBytes + [0x0A])
+            peer.send(bytes: [0xFF] + AnyJSON.object(["return": firstID]).serializedBytes + [0x0A])
             #expect(try await peer.nextMessage() == ["execute": "guest-ping"])
             peer.send(#"{"return": {}}"#)
             _ = try await first
@@ -158,11 +158,11 @@ struct QGAClientTests {
             #expect(try await peer.nextMessage() == ["execute": "guest-info"])
             #expect(await caughtError { _ = try await slow.value }?.code == .timeout)
 
-            async let next = client.execute("guest-get-host-name", timeout: .seconds(60))
+            async let next = client.execute("guest-get-host-name", returning: AnyJSON.self, timeout: .seconds(60))
             let secondID = try await expectSync(peer)
             #expect(secondID != firstID)
             peer.send(#"{"return": {"version": "late guest-info reply"}}"#)
-            peer.send(bytes: [0xFF] + JSONValue.object(["return": secondID]).serializedBytes + [0x0A])
+            peer.send(bytes: [0xFF] + AnyJSON.object(["return": secondID]).serializedBytes + [0x0A])
             #expect(try await peer.nextMessage() == ["execute": "guest-get-host-name"])
             peer.send(#"{"return": {"host-name": "guest"}}"#)
             #expect(try await next == ["host-name": "guest"])
@@ -195,7 +195,7 @@ struct QGAClientTests {
             let agent = Task { try await serveAgent(peer, files: ["/a": [1], "/b": [2, 2]]) }
             async let first = client.readFile(path: "/a")
             async let second = client.readFile(path: "/b")
-            async let third = client.execute("guest-ping")
+            async let third = client.execute("guest-ping", returning: AnyJSON.self)
             #expect(try await first == [1])
             #expect(try await second == [2, 2])
             #expect(try await third == [:])

@@ -54,7 +54,7 @@ struct RealAgentTests {
         try await withRealAgent { client, _ in
             try await client.sync(timeout: .seconds(60))
             try await client.ping(timeout: .seconds(60))
-            let info = try await client.execute("guest-info")
+            let info = try await client.execute("guest-info", returning: AnyJSON.self)
             #expect(info["version"]?.stringValue?.isEmpty == false)
             let commands = info["supported_commands"]?.arrayValue ?? []
             #expect(commands.contains { $0["name"] == "guest-exec" && $0["enabled"] == true })

@@ -22,10 +22,9 @@ struct RealQEMUTests {
             do {
                 // Only a guard against a hang: QEMU starting on a starved host once took over 20 s.
                 let client = try await QMPClient.connect(path: socket, timeout: .seconds(60))
-                #expect(client.greeting["QMP"]?["version"]?["qemu"]?["major"]?.intValue ?? 0 >= 2)
-                let status = try await client.execute("query-status")
-                #expect(status["status"] == "prelaunch")
-                #expect(status["running"] == false)
+                #expect(client.greeting.major >= 2)
+                let status = try await client.execute("query-status", returning: QMP.StatusInfo.self)
+                #expect(status == QMP.StatusInfo(status: "prelaunch", running: false))
                 await #expect(throws: VirtError.self) { try await client.execute("no-such-command") }
 
                 _ = try await client.execute("cont")

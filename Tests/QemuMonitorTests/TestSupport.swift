@@ -77,8 +77,8 @@ final class FakePeer: Sendable {
     }
 
     /// The next line the client sent, parsed as JSON.
-    func nextMessage() async throws -> JSONValue {
-        try JSONValue(parsing: try await nextLine())
+    func nextMessage() async throws -> AnyJSON {
+        try AnyJSON(parsing: try await nextLine())
     }
 
     /// Sends raw bytes to the client; false when it is not connected.
@@ -103,7 +103,7 @@ final class FakePeer: Sendable {
 
     /// Sends a JSON value on a line.
     @discardableResult
-    func send(_ value: JSONValue) -> Bool { send(bytes: value.serializedBytes + [0x0A]) }
+    func send(_ value: AnyJSON) -> Bool { send(bytes: value.serializedBytes + [0x0A]) }
 
     /// Hangs up on the client, as a dying QEMU would.
     func disconnect() {
