@@ -80,12 +80,19 @@ enum Reply<Value: Decodable>: Decodable {
     /// ``VirtError/Code/testbedFailure`` error "<what>: <class>: <desc>", and so is a reply of
     /// another shape than `Value`'s.
     static func value(of bytes: some Collection<UInt8>, _ what: String) throws(VirtError) -> Value {
-        switch MessageCoding.decoded(Reply.self, from: bytes) {
+        guard let reply = MessageCoding.decoded(Reply.self, from: bytes) else {
+            throw VirtError(.testbedFailure, "\(what): unexpected reply \(MessageCoding.excerpt(bytes))")
+        }
+        return try reply.value(what)
+    }
+
+    /// The "return" value; an error reply is a ``VirtError/Code/testbedFailure`` error
+    /// "<what>: <class>: <desc>".
+    func value(_ what: String) throws(VirtError) -> Value {
+        switch self {
         case .success(let value): return value
         case .failure(let errorClass, let description):
             throw VirtError(.testbedFailure, "\(what): \(errorClass): \(description)")
-        case nil:
-            throw VirtError(.testbedFailure, "\(what): unexpected reply \(MessageCoding.excerpt(bytes))")
         }
     }
 }

@@ -244,11 +244,7 @@ public actor QGAClient {
             if payload.allSatisfy({ $0 == 0x20 || $0 == 0x09 }) { continue }
             if let reply = MessageCoding.decoded(Reply<Value>.self, from: payload) {
                 inSync = true
-                switch reply {
-                case .success(let value): return value
-                case .failure(let errorClass, let description):
-                    throw VirtError(.testbedFailure, "\(what): \(errorClass): \(description)")
-                }
+                return try reply.value(what)
             }
             // JSON of another shape is this command's reply all the same; a line that is not JSON
             // at all may be a fragment of anything, and the next command resynchronises.

@@ -21,48 +21,38 @@ public struct QMPEvent: Sendable {
     }
 }
 
-/// What QEMU says on connecting: `{"QMP": {"version": ..., "capabilities": [...]}}`.
+/// What QEMU says on connecting: `{"QMP": {"version": {"qemu": ...}, "capabilities": [...]}}`.
 public struct QMPGreeting: Decodable, Sendable, Equatable {
-    /// QEMU's version, e.g. 10.0.2.
-    public let major: Int
-    public let minor: Int
-    public let micro: Int
+    /// A QEMU version, e.g. 10.0.2.
+    public struct Version: Decodable, Sendable, Equatable {
+        public let major: Int
+        public let minor: Int
+        public let micro: Int
+    }
+
+    /// QEMU's version.
+    public let version: Version
     /// The capabilities QEMU offers (e.g. "oob"); none is asked for.
     public let capabilities: [String]
 
-    private struct Line: Decodable {
-        let qmp: Body
-        enum CodingKeys: String, CodingKey { case qmp = "QMP" }
-    }
+    private enum CodingKeys: String, CodingKey { case version, capabilities }
+    private enum VersionKeys: String, CodingKey { case qemu }
 
-    private struct Body: Decodable {
-        let version: Version
-        let capabilities: [String]
-    }
-
-    private struct Version: Decodable {
-        let qemu: Triple
-    }
-
-    private struct Triple: Decodable {
-        let major: Int
-        let minor: Int
-        let micro: Int
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        version = try container.nestedContainer(keyedBy: VersionKeys.self, forKey: .version)
+            .decode(Version.self, forKey: .qemu)
+        capabilities = try container.decode([String].self, forKey: .capabilities)
     }
 
     /// The greeting in `line`; nil when the line is not one.
     static func parse(_ line: [UInt8]) -> QMPGreeting? {
-        guard let body = MessageCoding.decoded(Line.self, from: line)?.qmp else { return nil }
-        return QMPGreeting(
-            major: body.version.qemu.major, minor: body.version.qemu.minor, micro: body.version.qemu.micro,
-            capabilities: body.capabilities)
+        MessageCoding.decoded(Line.self, from: line)?.qmp
     }
 
-    private init(major: Int, minor: Int, micro: Int, capabilities: [String]) {
-        self.major = major
-        self.minor = minor
-        self.micro = micro
-        self.capabilities = capabilities
+    private struct Line: Decodable {
+        let qmp: QMPGreeting
+        enum CodingKeys: String, CodingKey { case qmp = "QMP" }
     }
 }
 

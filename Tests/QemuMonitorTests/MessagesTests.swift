@@ -86,7 +86,7 @@ struct MessagesTests {
             Array(
                 #"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian"}, "capabilities": ["oob"]}}"#
                     .utf8))
-        #expect(greeting?.major == 10 && greeting?.micro == 2 && greeting?.capabilities == ["oob"])
+        #expect(greeting?.version.major == 10 && greeting?.version.micro == 2 && greeting?.capabilities == ["oob"])
         #expect(QMPGreeting.parse(Array(#"{"return": {}}"#.utf8)) == nil)
         #expect(QMPGreeting.parse(Array("garbage".utf8)) == nil)
     }

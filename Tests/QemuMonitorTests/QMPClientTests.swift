@@ -24,7 +24,10 @@ struct QMPClientTests {
         try await withFakePeer { peer in
             let client = try await connectedClient(peer)
             #expect(client.greeting.capabilities == ["oob"])
-            #expect([client.greeting.major, client.greeting.minor, client.greeting.micro] == [10, 0, 2])
+            #expect(
+                [client.greeting.version.major, client.greeting.version.minor, client.greeting.version.micro] == [
+                    10, 0, 2,
+                ])
             await client.close()
         }
     }

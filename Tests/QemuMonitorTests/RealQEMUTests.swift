@@ -22,7 +22,7 @@ struct RealQEMUTests {
             do {
                 // Only a guard against a hang: QEMU starting on a starved host once took over 20 s.
                 let client = try await QMPClient.connect(path: socket, timeout: .seconds(60))
-                #expect(client.greeting.major >= 2)
+                #expect(client.greeting.version.major >= 2)
                 let status = try await client.execute("query-status", returning: QMP.StatusInfo.self)
                 #expect(status == QMP.StatusInfo(status: "prelaunch", running: false))
                 await #expect(throws: VirtError.self) { try await client.execute("no-such-command") }
