@@ -140,6 +140,8 @@ public struct InstancePaths: Sendable, Equatable {
     /// directory (this one) keep every path out of it.
     public var stateOut: String { "\(directory)/\(QemuCommands.stateOutName)" }
     public var stateIn: String { "\(directory)/\(QemuCommands.stateInName)" }
+    /// The guest's RAM as a file, for a boot whose state is saved (``GuestMemory/savable(file:)``).
+    public var ram: String { "\(directory)/ram" }
     /// The server's pid, for `gc` to tell live instances from orphans.
     public var ownerFile: String { "\(directory)/owner" }
 
@@ -147,6 +149,22 @@ public struct InstancePaths: Sendable, Equatable {
         self.directory = directory
         self.overlayDirectory = overlayDirectory
     }
+}
+
+/// Where a guest's RAM is.
+///
+/// A VM whose state is saved keeps its RAM in a file mapped shared, so that saving copies the
+/// file while the VM is stopped and the migration stream holds only the devices' state
+/// (QEMU's x-ignore-shared). A restored VM maps that saved file private and read-only: pages are
+/// read as the guest touches them, its writes stay its own, and any number of guests map one
+/// file at once.
+public enum GuestMemory: Sendable, Equatable {
+    /// Anonymous memory: `--no-snapshot`, and a QEMU before 8.2 (whose saved states hold the RAM).
+    case anonymous
+    /// A file, mapped shared: a boot whose state is saved.
+    case savable(file: String)
+    /// A saved RAM file, mapped private.
+    case restored(file: String)
 }
 
 /// The external commands of the QEMU backend, as argv values.
@@ -175,18 +193,39 @@ public enum QemuCommands {
     public static let saveURI = "exec:cat > \(stateOutName)"
     public static let restoreURI = "exec:cat \(stateInName)"
 
-    /// `incoming`: start paused, waiting for a saved state (`migrate-incoming` over QMP).
+    /// The id of the memory backend that holds the guest's RAM when it is a file: the name of
+    /// that RAM in a saved state, so the same in the saving and the restoring VM.
+    public static let memoryBackendID = "guestram"
+
+    /// `memory` says where the guest's RAM is; `incoming`: start paused, waiting for a saved
+    /// state (`migrate-incoming` over QMP).
     public static func qemu(
-        _ options: QemuOptions, _ paths: InstancePaths, kvm: Bool, incoming: Bool = false
+        _ options: QemuOptions, _ paths: InstancePaths, kvm: Bool, memory: GuestMemory = .anonymous,
+        incoming: Bool = false
     )
         -> Command
     {
+        var machine = "q35,accel=\(kvm ? "kvm" : "tcg")"
+        var backend: [String] = []
+        let file = "memory-backend-file,id=\(memoryBackendID),size=\(options.ramMiB)M"
+        switch memory {
+        case .anonymous: break
+        case .savable(let path):
+            machine += ",memory-backend=\(memoryBackendID)"
+            backend = ["-object", "\(file),mem-path=\(escaped(path)),share=on"]
+        case .restored(let path):
+            machine += ",memory-backend=\(memoryBackendID)"
+            backend = ["-object", "\(file),mem-path=\(escaped(path)),share=off,readonly=on,rom=off"]
+        }
         var arguments = [
             "-name", "debusine-virt,process=debusine-virt-qemu",
-            "-machine", "q35,accel=\(kvm ? "kvm" : "tcg")",
+            "-machine", machine,
             "-cpu", kvm ? "host" : "max",
             "-smp", "\(options.cpus)",
             "-m", "\(options.ramMiB)",
+        ]
+        arguments += backend
+        arguments += [
             "-nodefaults", "-no-user-config", "-display", "none",
             "-pidfile", paths.pidFile,
             "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=\(escaped(options.efiCode))",

@@ -30,6 +30,8 @@ final class QemuInstance: GuestHelperHost {
         var savedStateFailed = false
         /// The `--baseimage` block node exists in this QEMU (it outlives the device's unplugging).
         var baseImageNode = false
+        /// Where the running QEMU keeps the guest's RAM.
+        var memory = GuestMemory.anonymous
     }
     let handles = Mutex(Handles())
     private let qemuEnded = Mutex(false)
@@ -57,23 +59,24 @@ final class QemuInstance: GuestHelperHost {
     var savedStateFailed: Bool { handles.withLock { $0.savedStateFailed } }
 
     /// Starts QEMU on a fresh overlay over the image and waits until the guest agent answers
-    /// and the guest helper is up.
-    func boot(kvm: Bool) async throws(VirtError) {
+    /// and the guest helper is up. `memory`: anonymous, or a file for ``saveState(into:)`` to copy.
+    func boot(kvm: Bool, memory: GuestMemory) async throws(VirtError) {
         let deadline = ContinuousClock.now + options.bootTimeout
         let format = options.imageFormat
         try await runner.check(QemuCommands.createOverlay(base: options.image, format: format, overlay: paths.overlay))
         try await runner.check(Command("cp", ["--", options.efiVars, paths.efiVars]))
-        let (_, qga) = try await start(kvm: kvm, incoming: false)
+        let (_, qga) = try await start(kvm: kvm, memory: memory, incoming: false)
         try await AgentWait(instance: self).run(qga, until: deadline)
         try await helper.start(qga, previousBootID: nil)
     }
 
     /// Starts QEMU on the overlay and EFI variables already in the directory, connects the
     /// monitor, the agent and the auxverb relay, and watches the helper's port.
-    func start(kvm: Bool, incoming: Bool) async throws(VirtError) -> (QMPClient, QGAClient) {
+    func start(kvm: Bool, memory: GuestMemory, incoming: Bool) async throws(VirtError) -> (QMPClient, QGAClient) {
         let logFD = open(paths.qemuLog, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard logFD >= 0 else { throw VirtError(.io, "cannot create \(paths.qemuLog)") }
-        let command = QemuCommands.qemu(options, paths, kvm: kvm, incoming: incoming)
+        let command = QemuCommands.qemu(options, paths, kvm: kvm, memory: memory, incoming: incoming)
+        handles.withLock { $0.memory = memory }
         log.debug("starting \(command)")
         let runner = self.runner
         let qemu = Task<CommandResult?, Never> {

@@ -21,7 +21,7 @@ public final class QemuTestbed: Testbed {
     /// The account `suggested-normal-user=` names, found at each boot.
     private let normalUser = Mutex<String?>(nil)
     /// The saved state's key and its description, made at the first boot.
-    private let stateKey = Mutex<(String, String)?>(nil)
+    private let stateKey = Mutex<SavedStates?>(nil)
 
     public init(
         options: QemuOptions, runner: any CommandRunner = SubprocessRunner(), auxverbExecutable: String,
@@ -261,7 +261,8 @@ public final class QemuTestbed: Testbed {
             options: options, runner: runner, directory: path, overlayDirectory: overlayPath)
         current.withLock { $0 = instance }
         do {
-            try await instance.boot(kvm: kvm)
+            let memory = saved.map { SavedStateKey.memory(qemuVersion: $0.qemuVersion, instance.paths) } ?? .anonymous
+            try await instance.boot(kvm: kvm, memory: memory)
             if let saved { try await save(instance, saved.store, key: saved.key, description: saved.description) }
             try await ready(instance)
         } catch {
@@ -343,22 +344,31 @@ public final class QemuTestbed: Testbed {
         }
     }
 
-    /// The state store and this VM's key in it; nil with `--no-snapshot`, or when the key cannot
-    /// be made (then every open boots).
-    private func savedStates() async -> (store: StateStore, key: String, description: String)? {
+    /// The state store, this VM's key in it and QEMU's version; nil with `--no-snapshot`, or when
+    /// the key cannot be made (then every open boots).
+    private func savedStates() async -> SavedStates? {
         guard let cache = options.stateCache else { return nil }
-        if let known = stateKey.withLock({ $0 }) {
-            return (StateStore(cacheDirectory: cache, runner: runner), known.0, known.1)
-        }
+        if let known = stateKey.withLock({ $0 }) { return known }
         do throws(VirtError) {
             let version = try await SavedStateKey.qemuVersion(options.qemu, runner: runner)
             let description = SavedStateKey.description(options: options, kvm: kvm, qemuVersion: version)
-            let key = StateStore.key(for: description)
-            stateKey.withLock { $0 = (key, description) }
-            return (StateStore(cacheDirectory: cache, runner: runner), key, description)
+            let saved = SavedStates(
+                store: StateStore(cacheDirectory: cache, runner: runner), key: StateStore.key(for: description),
+                description: description, qemuVersion: version)
+            stateKey.withLock { $0 = saved }
+            return saved
         } catch {
             log.warning("booting without a saved state: \(error.message)")
             return nil
         }
     }
+}
+
+/// Where this server's VM states are saved and under which key.
+struct SavedStates: Sendable {
+    let store: StateStore
+    let key: String
+    let description: String
+    /// The first line of `qemu --version`, which decides how the RAM is saved.
+    let qemuVersion: String
 }

@@ -13,10 +13,13 @@ import VirtCore
 /// time is set back (`touch -r`, `cp -p`, `tar` keep or restore it; the change time no one sets).
 enum SavedStateKey {
     /// Bumped whenever what is saved, or how it is restored, changes.
-    static let format = 1
+    static let format = 2
 
     /// The files an entry holds besides the manifest.
+    /// The devices' state (QEMU's migration stream without the RAM).
     static let stateFile = "vmstate"
+    /// The guest's RAM, a sparse file mapped by restored VMs.
+    static let ramFile = "ram"
     static let diskFile = "disk.qcow2"
     static let efiVarsFile = "efivars.fd"
     static let descriptionFile = "key.txt"
@@ -25,7 +28,9 @@ enum SavedStateKey {
     /// (machine, CPU model, RAM, CPUs, devices, accelerator, network, extra arguments; with a
     /// placeholder for the instance directory), the image, the firmware and the guest helper.
     static func description(options: QemuOptions, kvm: Bool, qemuVersion: String) -> String {
-        let template = QemuCommands.qemu(options, InstancePaths(directory: "/INSTANCE"), kvm: kvm, incoming: false)
+        let template = QemuCommands.qemu(
+            options, InstancePaths(directory: "/INSTANCE"), kvm: kvm,
+            memory: memory(qemuVersion: qemuVersion, InstancePaths(directory: "/INSTANCE")))
         // Extra disks are in the guest's page cache of a saved state: a changed one must not
         // meet a state that read the old one. (None: the same lines as before they existed.)
         let extraImages = options.extraImages.map { "extra image: \(identity($0.path))" }
@@ -40,6 +45,18 @@ enum SavedStateKey {
                 "efi vars: \(identity(options.efiVars))",
                 "guest helper: \(GuestHelperScript.version)",
             ]).joined(separator: "\n") + "\n"
+    }
+
+    /// The RAM of a VM whose state is saved: a file, which restored VMs map instead of reading
+    /// the RAM from the state, when QEMU can map a file private and writable while opening it
+    /// read-only (`rom=off`, QEMU 8.2); before that, anonymous memory saved in the stream.
+    static func memory(qemuVersion: String, _ paths: InstancePaths) -> GuestMemory {
+        // "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)"
+        let words = qemuVersion.split(separator: " ")
+        guard let index = words.firstIndex(of: "version"), index + 1 < words.count else { return .anonymous }
+        let numbers = words[index + 1].split(separator: ".").prefix(2).map { Int($0) ?? 0 }
+        guard numbers.count == 2 else { return .anonymous }
+        return (numbers[0], numbers[1]) >= (8, 2) ? .savable(file: paths.ram) : .anonymous
     }
 
     /// The first line of `QEMU --version`.
@@ -66,9 +83,9 @@ enum SavedStateKey {
 }
 
 extension QemuInstance {
-    /// Saves the running VM into `builder`'s directory: its whole state (QMP migration, with the
-    /// VM paused), the overlay holding the disk's state at that instant, and the EFI variables.
-    /// The VM then runs on as before.
+    /// Saves the running VM into `builder`'s directory: its devices' state (QMP migration, with
+    /// the VM paused, leaving out the RAM), the RAM file and the overlay holding the disk's state
+    /// at that instant, and the EFI variables. The VM then runs on as before.
     ///
     /// Returns what went wrong with saving, if anything (the VM is fine then, only the state is
     /// not saved); throws when the VM cannot be resumed.
@@ -82,10 +99,19 @@ extension QemuInstance {
             guard symlink("\(builder.path)/\(SavedStateKey.stateFile)", paths.stateOut) == 0 else {
                 throw VirtError(.io, "cannot link \(paths.stateOut)", errno: errno)
             }
+            let memory = handles.withLock { $0.memory }
+            if case .savable = memory {
+                try await qmp.execute("migrate-set-capabilities", arguments: QMP.MigrationCapabilities.ignoreShared)
+            }
             try await qmp.execute("stop")
             try await qmp.execute("migrate", arguments: QMP.MigrationTarget(uri: QemuCommands.saveURI))
             try await waitForMigration(qmp, timeout: .seconds(600))
-            // Migration flushed the disk and stopped using it: the overlay is the disk's state.
+            // Stopped, the guest changes neither its RAM nor its disk: migration flushed the disk
+            // and stopped using it, so the overlay is the disk's state.
+            if case .savable(let ram) = memory {
+                try await runner.check(
+                    Command("cp", ["--sparse=always", "--", ram, "\(builder.path)/\(SavedStateKey.ramFile)"]))
+            }
             try await runner.check(
                 Command("cp", ["--sparse=always", "--", paths.overlay, "\(builder.path)/\(SavedStateKey.diskFile)"]))
             try await runner.check(
@@ -146,12 +172,18 @@ extension QemuInstance {
             throw VirtError(.io, "cannot link \(paths.stateIn)", errno: errno)
         }
         defer { unlink(paths.stateIn) }
-        let (qmp, _) = try await start(kvm: kvm, incoming: true)
+        // The entry says how it was saved: with its RAM as a file of its own, or in the stream.
+        let mapped = entry.digests[SavedStateKey.ramFile] != nil
+        let memory = mapped ? GuestMemory.restored(file: entry.file(SavedStateKey.ramFile)) : .anonymous
+        let (qmp, _) = try await start(kvm: kvm, memory: memory, incoming: true)
         try await relay.waitUntilConnected(timeout: .seconds(30))
         // From here on a failure is the saved state's: it does not verify, load or run. What
         // failed before (a full disk, QEMU not starting) says nothing about the state.
         do throws(VirtError) {
             if let failure = await verification.value { throw failure }
+            if mapped {
+                try await qmp.execute("migrate-set-capabilities", arguments: QMP.MigrationCapabilities.ignoreShared)
+            }
             try await qmp.execute("migrate-incoming", arguments: QMP.MigrationTarget(uri: QemuCommands.restoreURI))
             let loaded = try await Deadline(deadline).poll(every: .milliseconds(20)) { () throws(VirtError) -> Bool in
                 try checkAlive("while loading the saved state")

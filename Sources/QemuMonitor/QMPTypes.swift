@@ -59,4 +59,19 @@ public enum QMP {
 
         public init(id: String) { self.id = id }
     }
+
+    /// The arguments of `migrate-set-capabilities`.
+    public struct MigrationCapabilities: Encodable, Sendable {
+        public struct Capability: Encodable, Sendable {
+            public let capability: String
+            public let state: Bool
+        }
+
+        public let capabilities: [Capability]
+
+        /// x-ignore-shared: RAM in a shared file mapping stays out of the migration stream, as
+        /// the destination maps the same file (a copy of it, here) itself.
+        public static let ignoreShared = MigrationCapabilities(
+            capabilities: [Capability(capability: "x-ignore-shared", state: true)])
+    }
 }

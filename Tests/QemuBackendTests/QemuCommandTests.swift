@@ -116,6 +116,50 @@ struct SavedStateCommandTests {
         #expect(restore.argv == boot.argv + ["-incoming", "defer"])
     }
 
+    @Test("a saving boot maps its RAM from a file shared; a restore maps the saved file private and read-only")
+    func mappedMemory() {
+        let options = QemuOptions(image: "/images/base.qcow2", format: .qcow2)
+        let plain = QemuCommands.qemu(options, paths, kvm: false).argv
+        #expect(!plain.contains("-object") && plain.contains("q35,accel=tcg"))
+        let saving = QemuCommands.qemu(options, paths, kvm: false, memory: .savable(file: paths.ram)).argv
+        #expect(saving.contains("q35,accel=tcg,memory-backend=guestram"))
+        #expect(
+            saving.firstIndex(of: "-object").map { saving[$0 + 1] }
+                == "memory-backend-file,id=guestram,size=2048M,mem-path=/tmp/dvq.abc123/ram,share=on")
+        let restoring = QemuCommands.qemu(
+            options, paths, kvm: false, memory: .restored(file: "/cache/states/k,1/ram"), incoming: true
+        ).argv
+        #expect(
+            restoring.firstIndex(of: "-object").map { restoring[$0 + 1] }
+                == "memory-backend-file,id=guestram,size=2048M,mem-path=/cache/states/k,,1/ram,share=off,readonly=on,rom=off"
+        )
+        #expect(restoring.suffix(2) == ["-incoming", "defer"])
+        // The rest is the saving VM's command line: what the state was saved from.
+        #expect(
+            restoring.filter { !$0.hasPrefix("memory-backend-file") }.dropLast(2)
+                == saving.filter { !$0.hasPrefix("memory-backend-file") }[...])
+    }
+
+    @Test("QEMU 8.2 and later save the RAM as a file of its own; earlier ones in the stream, with another key")
+    func memoryByVersion() {
+        for (version, mapped) in [
+            ("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)", true),
+            ("QEMU emulator version 8.2.2 (Debian 1:8.2.2+ds-0ubuntu1)", true),
+            ("QEMU emulator version 8.1.5", false),
+            ("QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u16)", false),
+            ("something else", false),
+        ] {
+            #expect(
+                SavedStateKey.memory(qemuVersion: version, paths) == (mapped ? .savable(file: paths.ram) : .anonymous),
+                "\(version)")
+        }
+        let options = QemuOptions(image: "/images/base.qcow2", format: .qcow2)
+        let new = SavedStateKey.description(options: options, kvm: false, qemuVersion: "QEMU emulator version 10.0.2")
+        let old = SavedStateKey.description(options: options, kvm: false, qemuVersion: "QEMU emulator version 7.2.19")
+        #expect(new.contains("mem-path=/INSTANCE/ram,share=on") && !old.contains("memory-backend"))
+        #expect(new.hasPrefix("debusine-virt saved state format 2\n"))
+    }
+
     @Test("the exec: migration commands are constants naming links in the instance directory, never a path")
     func migrationURIs() {
         #expect(QemuCommands.saveURI == "exec:cat > vmstate.out")

@@ -107,10 +107,13 @@ struct SavedStateTests {
         // Guests diverge on their own too (timing decides what draws from the generator first),
         // so this cannot prove the reseed; it would catch guests that share their disk or memory.
         #expect(Set(identities).count == 3, "restored guests share random state: \(identities)")
-        _ = try await run(secondAux, ["sh", "-c", "echo second > /root/mine"])
-        #expect(try await run(secondAux, ["cat", "/root/mine"]) == "second")
+        // Each maps the saved RAM file private: what one writes to its disk or its memory (a
+        // tmpfs file lives in the guest's RAM) the others do not see.
+        _ = try await run(secondAux, ["sh", "-c", "echo second > /root/mine && echo second > /dev/shm/mine"])
+        #expect(try await run(secondAux, ["cat", "/root/mine", "/dev/shm/mine"]) == "second\nsecond")
         for other in [firstAux, thirdAux] {
             #expect(try await runner.run(Command(argv: other + ["test", "-e", "/root/mine"])).status == .exited(1))
+            #expect(try await runner.run(Command(argv: other + ["test", "-e", "/dev/shm/mine"])).status == .exited(1))
         }
         // A reboot of a restored guest is a real one.
         let bootBefore = try await run(thirdAux, ["cat", "/proc/sys/kernel/random/boot_id"])
@@ -118,9 +121,15 @@ struct SavedStateTests {
         #expect(try await run(thirdAux, ["cat", "/proc/sys/kernel/random/boot_id"]) != bootBefore)
         for server in [first, second, third] { try await finish(server) }
 
-        // One changed byte in the middle of the saved memory: detected, removed, rebuilt.
+        // Three guests ran on the saved RAM and left it as saved.
         let entry = try #require(entries(cache).first)
-        let stateFile = "\(cache)/states/\(entry)/vmstate"
+        let stateFile = "\(cache)/states/\(entry)/ram"
+        let saved = try String(contentsOfFile: "\(cache)/states/\(entry)/SHA256SUMS", encoding: .utf8)
+        let afterUse = try await runner.run(
+            Command("sha256sum", [stateFile]), input: .none, output: .capture, error: .capture)
+        #expect(saved.contains("\(afterUse.outputText.prefix(64)) *ram"), "\(saved) against \(afterUse.outputText)")
+
+        // One changed byte in the middle of the saved memory: detected, removed, rebuilt.
         let handle = try FileHandle(forUpdating: URL(fileURLWithPath: stateFile))
         let size = try handle.seekToEnd()
         try handle.seek(toOffset: size / 2)
@@ -140,7 +149,7 @@ struct SavedStateTests {
         let actual = try await runner.run(
             Command("sha256sum", [stateFile]), input: .none, output: .capture, error: .capture)
         let digest = String(actual.outputText.prefix(64))
-        #expect(manifest.contains("\(digest) *vmstate"), "\(manifest) against \(actual.outputText)")
+        #expect(manifest.contains("\(digest) *ram"), "\(manifest) against \(actual.outputText)")
 
         // A state that fails before its verification has finished (here the EFI variables cannot
         // be copied: the file is a directory now) is no reason to fail the open: it boots, and the
