@@ -1,7 +1,7 @@
 import CommandRunner
 import VirtCore
 
-/// The external commands of the cache: curl to download, sha256sum to verify.
+/// The external commands of the cache: curl to download, openssl or sha256sum to verify.
 enum CacheCommands {
     /// Downloads `url` into the existing file `output`.
     ///
@@ -24,7 +24,10 @@ enum CacheCommands {
     }
 
     /// Hashes its stdin: the file is given as a descriptor, so no path needs quoting or escaping
-    /// in its output.
+    /// in its output. OpenSSL uses the CPU's SHA instructions where it has them: the 2 GiB RAM file
+    /// of a saved state took 1.9 s with it, 10.7 s with coreutils' sha256sum (which hashes too when
+    /// openssl is not installed: Debian does not always have it).
+    static let openssl = Command("openssl", ["dgst", "-sha256", "-r"])
     static let sha256sum = Command("sha256sum", ["--binary"])
 
     /// The SHA-256 of the file open on `fd` (read from its start), as lowercase hexadecimal.
@@ -32,20 +35,22 @@ enum CacheCommands {
         guard lseek(fd, 0, SEEK_SET) == 0 else {
             throw VirtError(.io, "cannot read \(path)", errno: errno)
         }
+        let hasher = await Executables.exist(openssl.executable) ? openssl : sha256sum
         let result: CommandResult
         do throws(VirtError) {
             result = try await runner.run(
-                sha256sum, input: .fileDescriptor(fd, closeAfterStart: false), output: .capture, error: .capture)
+                hasher, input: .fileDescriptor(fd, closeAfterStart: false), output: .capture, error: .capture)
         } catch {
-            guard await Executables.exist("sha256sum") else {
+            guard await Executables.exist(hasher.executable) else {
                 throw VirtError(.unavailable, "sha256sum is needed to check images: apt-get install coreutils")
             }
             throw error
         }
-        guard result.status.succeeded else { throw VirtError.failed(sha256sum, result) }
+        guard result.status.succeeded else { throw VirtError.failed(hasher, result) }
+        // Both print the digest first ("HEX *stdin", "HEX *-").
         let digest = String(result.outputText.prefix(64))
         guard ImageCache.isDigest(digest) else {
-            throw VirtError(.commandFailed, "`\(sha256sum)` printed no digest for \(path): \(result.outputText)")
+            throw VirtError(.commandFailed, "`\(hasher)` printed no digest for \(path): \(result.outputText)")
         }
         return digest
     }

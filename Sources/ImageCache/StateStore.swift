@@ -138,7 +138,7 @@ public struct StateStore: Sendable {
 
     /// Checks every file of `entry`; throws naming the first file that does not match.
     ///
-    /// A file is hashed (with coreutils' sha256sum, as cached images are) and compared with the
+    /// A file is hashed (as cached images are, by openssl or sha256sum) and compared with the
     /// manifest unless it is as it was saved (its recorded identity), or, with `thoroughly`
     /// false, unless this process hashed it before and it has not changed since (device and
     /// identity): a server reverting many times hashes a state from elsewhere once. With

@@ -5,14 +5,18 @@ import Testing
 import VirtCore
 import VirtTestSupport
 
+@testable import ImageCache
+
 /// The real runner, restricted for tests: curl may only reach loopback or local files, never
 /// through a proxy; and it counts the commands it runs, so a test can tell a cache hit (no curl,
-/// no sha256sum) from a miss. Nothing is faked: every command really runs.
+/// no hashing) from a miss. Nothing is faked: every command really runs.
 final class LoopbackRunner: CommandRunner {
     private let real = SubprocessRunner()
     private let counts = Mutex<[String: Int]>([:])
 
     func count(_ executable: String) -> Int { counts.withLock { $0[executable] ?? 0 } }
+    /// Files hashed, by whichever command did it.
+    var hashes: Int { count(CacheCommands.openssl.executable) + count(CacheCommands.sha256sum.executable) }
 
     func run(
         _ command: Command, input: CommandInput, output: CommandOutput, error: CommandOutput

@@ -77,4 +77,32 @@ struct SHA256Tests {
         let expected = try await SubprocessRunner().check(Command("sha256sum", ["\(directory)/big"]))
         #expect(digest == String(expected.prefix(64)))
     }
+
+    @Test("a sparse file's digest is sha256sum's, computed by openssl when it is installed")
+    func sparseFileByOpenSSL() async throws {
+        let directory = try TestPaths.makeTemporaryDirectory()
+        defer { TestPaths.removeTree(directory) }
+        let path = "\(directory)/ram"
+        // A hole, data, a hole: a saved VM's RAM file looks like this.
+        let out = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
+        try #require(out >= 0)
+        let data = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        let written = data.withUnsafeBytes { pwrite(out, $0.baseAddress, $0.count, 16 << 20) }
+        let sized = ftruncate(out, 64 << 20)
+        close(out)
+        try #require(written == data.count && sized == 0)
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        let runner = LoopbackRunner()
+        let digest = try await CacheCommands.sha256(of: fd, path: path, runner: runner)
+        let expected = try await SubprocessRunner().check(Command("sha256sum", [path]))
+        #expect(digest == String(expected.prefix(64)))
+        if await Executables.exist("openssl") {
+            #expect(runner.count("openssl") == 1 && runner.count("sha256sum") == 0)
+        } else {
+            #expect(!TestPaths.isCI, "openssl is missing (scripts/setup-host installs it)")
+            #expect(runner.count("sha256sum") == 1)
+        }
+    }
 }

@@ -87,7 +87,7 @@ struct StateStoreTests {
         try await withStore(runner: runner) { store, _ in
             let entry = try await save(store, StateStore.key(for: "once"), state: "0123456789")
             #expect(entry.recorded.keys.sorted() == ["disk.qcow2", "vmstate"])
-            let hashes = { runner.count("sha256sum") }
+            let hashes = { runner.hashes }
             let before = hashes()
             try await store.verify(entry)
             try await store.verify(entry)
@@ -115,7 +115,7 @@ struct StateStoreTests {
             #expect(unlink(saved.file(StateStore.identitiesName)) == 0)
             let entry = try #require(await store.lookup(key))
             #expect(entry.recorded.isEmpty)
-            let hashes = { runner.count("sha256sum") }
+            let hashes = { runner.hashes }
             let before = hashes()
             try await store.verify(entry)
             #expect(hashes() - before == 2, "both files hashed the first time")
@@ -146,9 +146,9 @@ struct StateStoreTests {
             try Data("0123456780".utf8).write(to: URL(fileURLWithPath: bad.file("vmstate")))
             var times = [saved.st_atim, saved.st_mtim]
             #expect(utimensat(AT_FDCWD, bad.file("vmstate"), &times, 0) == 0)
-            let before = runner.count("sha256sum")
+            let before = runner.hashes
             let results = await store.checkAll()
-            #expect(runner.count("sha256sum") - before == 4, "every file of both states hashed")
+            #expect(runner.hashes - before == 4, "every file of both states hashed")
             #expect(results.count == 2)
             #expect(results.first { $0.path == good.path }?.failure == nil)
             let failure = try #require(results.first { $0.path == bad.path }?.failure)
