@@ -64,7 +64,7 @@ extension FaultSuite {
             return try #require(pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)))
         }
 
-        @Test("QEMU killed from outside mid-session", .enabled(if: Backend.qemuEnabled), .timeLimit(.minutes(10)))
+        @Test("QEMU killed from outside mid-session", .enabled(if: Backend.qemuEnabled), .guestSlot(minutes: 10))
         func qemuKilled() async throws {
             try await faultCase("qemu", "QEMU killed from outside mid-session", expected: "next request fails, exit 12")
             {
@@ -99,7 +99,7 @@ extension FaultSuite {
 
         @Test(
             "a hostile image path; the helper killed; the guest agent stopped; a guest that ignores shutdown",
-            .enabled(if: Backend.qemuEnabled), .timeLimit(.minutes(10)))
+            .enabled(if: Backend.qemuEnabled), .guestSlot(minutes: 10))
         func agentStoppedAndShutdownIgnored() async throws {
             try await faultCase(
                 "qemu", "guest helper killed, guest agent stopped, then a guest that ignores shutdown",
@@ -159,7 +159,7 @@ extension FaultSuite {
 
         @Test(
             "wrong firmware and a truncated image fail open clearly",
-            .enabled(if: Backend.qemuEnabled), .timeLimit(.minutes(10)))
+            .enabled(if: Backend.qemuEnabled), .guestSlot(minutes: 10))
         func badFirmwareAndTruncatedImage() async throws {
             let work = try TestPaths.makeTemporaryDirectory("dv-fault-work.")
             defer { TestPaths.removeTree(work) }
@@ -184,7 +184,7 @@ extension FaultSuite {
 
         @Test(
             "a full disk under the instance directory fails open clearly",
-            .enabled(if: Backend.qemuEnabled && getuid() == 0), .timeLimit(.minutes(5)))
+            .enabled(if: Backend.qemuEnabled && getuid() == 0), .guestSlot(minutes: 5))
         func instanceDiskFull() async throws {
             try await faultCase(
                 "qemu", "disk full in the instance directory", expected: "open fails: exit 12; nothing left"

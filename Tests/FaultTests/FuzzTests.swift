@@ -252,7 +252,7 @@ extension FaultSuite {
         @Test("hostile copies into an Incus container", .enabled(if: Backend.incusEnabled), .timeLimit(.minutes(10)))
         func incusHostileCopies() async throws { try await hostileCopies(.incus) }
 
-        @Test("hostile copies into a QEMU VM", .enabled(if: Backend.qemuEnabled), .timeLimit(.minutes(15)))
+        @Test("hostile copies into a QEMU VM", .enabled(if: Backend.qemuEnabled), .guestSlot(minutes: 15))
         func qemuHostileCopies() async throws { try await hostileCopies(.qemu) }
     }
 }

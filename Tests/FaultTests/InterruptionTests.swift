@@ -150,7 +150,7 @@ extension FaultSuite {
 
         @Test(
             "signals and closed stdin at every step: the protocol's ending, nothing left",
-            .enabled(if: Backend.qemuEnabled), .timeLimit(.minutes(40)), arguments: cases)
+            .enabled(if: Backend.qemuEnabled), .guestSlot(minutes: 40), arguments: cases)
         func interruption(phase: Phase, interruption: Interruption) async throws {
             try await interrupt(.qemu, phase, interruption)
         }
@@ -192,7 +192,7 @@ extension FaultSuite {
 
         @Test(
             "SIGTERM while saving the VM state, then while restoring it: cleaned up, no half-saved state",
-            .enabled(if: Backend.qemuEnabled), .timeLimit(.minutes(30)))
+            .enabled(if: Backend.qemuEnabled), .guestSlot(minutes: 30))
         func savingAndRestoring() async throws {
             let cache = try TestPaths.makeTemporaryDirectory("dv-fault-cache.")
             defer { TestPaths.removeTree(cache) }

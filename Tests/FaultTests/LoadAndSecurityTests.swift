@@ -123,7 +123,9 @@ extension FaultSuite {
         /// With the options of the other fault cases (2 GiB, 2 CPUs each), so the four restore one
         /// saved state at once, as four jobs on one worker do; four cold TCG boots at once took
         /// minutes here. (That only one of several first boots saves is the state store's test.)
-        @Test("four debusine-virt-qemu servers at once", .enabled(if: Backend.qemuEnabled), .timeLimit(.minutes(30)))
+        @Test(
+            "four debusine-virt-qemu servers at once", .enabled(if: Backend.qemuEnabled),
+            .guestSlot(minutes: 30, slots: GuestSlots.shared.limit))
         func qemu() async throws { try await fourAtOnce(.qemu, options: []) }
     }
 }
@@ -297,7 +299,7 @@ extension FaultSuite {
         /// revert gives a working testbed again (issue 14, items 4 and 8).
         @Test(
             "a test flooding the serial console and the helper's port fills neither the disk nor the server's memory",
-            .enabled(if: Backend.qemuEnabled), .timeLimit(.minutes(20)))
+            .enabled(if: Backend.qemuEnabled), .guestSlot(minutes: 20))
         func hostileGuestFloods() async throws {
             let server = try await ServerUnderTest.start(.qemu, options: ["--console-log-limit", "1"])
             do {

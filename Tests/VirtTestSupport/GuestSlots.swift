@@ -16,36 +16,44 @@ public actor GuestSlots {
         limit: Int(ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_GUESTS"] ?? "").flatMap { $0 > 0 ? $0 : nil }
             ?? 2)
 
+    /// How many slots there are.
+    public nonisolated let limit: Int
     private var free: Int
-    private var waiting: [CheckedContinuation<Void, Never>] = []
+    /// Who waits, first come first served, and for how many slots.
+    private var waiting: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
 
-    init(limit: Int) { free = limit }
+    init(limit: Int) {
+        self.limit = limit
+        free = limit
+    }
 
-    func acquire() async {
-        if free > 0 {
-            free -= 1
+    func acquire(_ count: Int) async {
+        if waiting.isEmpty && free >= count {
+            free -= count
             return
         }
-        await withCheckedContinuation { waiting.append($0) }
+        await withCheckedContinuation { waiting.append((count, $0)) }
     }
 
-    func release() {
-        if waiting.isEmpty {
-            free += 1
-        } else {
-            waiting.removeFirst().resume()
+    func release(_ count: Int) {
+        free += count
+        // In order: a test waiting for every slot is not overtaken for ever by tests taking one.
+        while let first = waiting.first, first.count <= free {
+            free -= first.count
+            waiting.removeFirst().continuation.resume()
         }
     }
 
-    /// Runs `body` holding a slot.
-    public func run<T: Sendable>(_ body: @Sendable () async throws -> T) async rethrows -> T {
-        await acquire()
+    /// Runs `body` holding `count` slots (at most all of them).
+    public func run<T: Sendable>(slots count: Int = 1, _ body: @Sendable () async throws -> T) async rethrows -> T {
+        let count = max(1, min(count, limit))
+        await acquire(count)
         do {
             let result = try await body()
-            release()
+            release(count)
             return result
         } catch {
-            release()
+            release(count)
             throw error
         }
     }
@@ -59,6 +67,8 @@ public actor GuestSlots {
 /// having run.
 public struct GuestSlot: TestTrait, TestScoping {
     public let timeLimit: Duration
+    /// How many guests the test runs at once, up to all the slots there are.
+    public let slots: Int
 
     public func provideScope(
         for test: Test, testCase: Test.Case?, performing function: @Sendable () async throws -> Void
@@ -72,7 +82,7 @@ public struct GuestSlot: TestTrait, TestScoping {
         let asked = clock.now
         // The group ends (and with it the test's function) before this returns.
         try await withoutActuallyEscaping(function) { function in
-            try await GuestSlots.shared.run {
+            try await GuestSlots.shared.run(slots: slots) {
                 let started = clock.now
                 // Swift Testing's own figure counts the wait for the slot too: this line is what
                 // the test itself took, for finding where a run's time goes.
@@ -112,6 +122,8 @@ public struct GuestSlot: TestTrait, TestScoping {
 
 extension Trait where Self == GuestSlot {
     /// Runs QEMU guests: as many tests of this kind at a time as ``GuestSlots`` allows, each for at most
-    /// `minutes` once it runs.
-    public static func guestSlot(minutes: Int) -> Self { GuestSlot(timeLimit: .seconds(minutes * 60)) }
+    /// `minutes` once it runs. A test that runs several guests at once takes as many `slots`.
+    public static func guestSlot(minutes: Int, slots: Int = 1) -> Self {
+        GuestSlot(timeLimit: .seconds(minutes * 60), slots: slots)
+    }
 }
