@@ -26,7 +26,10 @@ func loadSession(_ backend: Backend, options: [String], work: String, index: Int
                         Command("sh", ["-c", #"seq 1 200000 | sed "s/^/$1 /" | md5sum"#, "sh", "\(worker)"]))
                     guard result.status.succeeded, result.outputText == expected else {
                         throw VirtError(
-                            .testbedFailure, "server \(index) worker \(worker): \(result.status) \(result.errorText)")
+                            .testbedFailure,
+                            "server \(index) worker \(worker): \(result.status), \(result.outputText.utf8.count) bytes "
+                                + "of output instead of \(expected.utf8.count): \(result.outputText.prefix(200)) "
+                                + "\(result.errorText)")
                     }
                 }
             }
@@ -117,7 +120,13 @@ func fourAtOnce(_ backend: Backend, options: [String]) async throws {
 extension FaultSuite {
     @Suite("Load: four servers at once", .serialized)
     struct LoadTests {
-        @Test("four debusine-virt-incus servers at once", .enabled(if: Backend.incusEnabled), .timeLimit(.minutes(10)))
+        // Every guest slot, though it runs no guest: with QEMU guests of the other fault suites
+        // beside it, one of its sixteen `incus exec`s exited 0 without the expected output once
+        // (what it gave was not recorded then; the message says now). incusd losing an exec's
+        // output under load (lxc/lxc#4282) is the likely cause, as in the conformance matrix.
+        @Test(
+            "four debusine-virt-incus servers at once", .enabled(if: Backend.incusEnabled),
+            .guestSlot(minutes: 10, slots: GuestSlots.shared.limit))
         func incus() async throws { try await fourAtOnce(.incus, options: []) }
 
         /// With the options of the other fault cases (2 GiB, 2 CPUs each), so the four restore one
