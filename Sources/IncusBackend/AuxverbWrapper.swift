@@ -10,6 +10,11 @@
 /// sets up the environment and maps the statuses. The relay loads no modules (not even POSIX,
 /// which alone costs more than the rest of a call): WNOHANG is Linux's 1, and the child's
 /// failure paths can use plain exit because nothing has been buffered when it forks.
+///
+/// `--framed` is how the server runs it (through debusine-virt-auxverb `--exec`, FramedExec):
+/// output and exit status as frames, and the process stays until its stdin ends, because
+/// `incus exec` can lose the output of a command that ends right after writing it. Perl is
+/// required there (perl-base is essential in Debian).
 enum AuxverbWrapper {
     /// Where it lives in the instance: on the root filesystem, so it survives a reboot.
     static let path = "/var/lib/debusine-virt/auxverb"

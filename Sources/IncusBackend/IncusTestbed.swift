@@ -19,6 +19,10 @@ public struct IncusOptions: Sendable {
     /// only starts it (`--no-spare` turns it off).
     public var spare = true
     public var cli = IncusCLI()
+    /// debusine-virt-auxverb: the auxverb runs the wrapper through it in framed mode
+    /// (``AuxverbWrapper``). Without it the auxverb is `incus exec` and the wrapper alone, and
+    /// a busy host now and then loses a command's output.
+    public var auxverbExecutable: String?
 
     public init(image: String) { self.image = image }
 }
@@ -170,9 +174,15 @@ public final class IncusTestbed: Testbed {
 
     /// The kernel's boot id is the host's in a container, so the boot is told apart by the start
     /// time of the instance's init as well.
+    /// Read through the auxverb (framed: its output cannot go missing). An empty id would pass
+    /// for a new boot, so it is an error.
     public func bootID(_ testbed: InTestbed) async throws(VirtError) -> String {
-        let name = try runningName()
-        return try await runner.check(cli.exec(name, ["/bin/sh", "-c", Self.bootIDScript]))
+        _ = try runningName()
+        let id = try await testbed.script(Self.bootIDScript)
+        guard id.contains("/"), !id.hasPrefix("/"), !id.hasSuffix("/") else {
+            throw VirtError(.testbedFailure, "the testbed gave no boot id: `\(id)'")
+        }
+        return id
     }
 
     static let bootIDScript =
@@ -217,7 +227,11 @@ public final class IncusTestbed: Testbed {
         return name
     }
 
-    func auxverb(_ name: String) -> [String] { cli.execPrefix(name) + [AuxverbWrapper.path] }
+    func auxverb(_ name: String) -> [String] {
+        guard let program = options.auxverbExecutable else { return cli.execPrefix(name) + [AuxverbWrapper.path] }
+        let runner = cli.execPrefix(name) + [AuxverbWrapper.path, "--framed"]
+        return [program, "--exec", String(runner.count)] + runner
+    }
 
     // MARK: - Lifecycle
 

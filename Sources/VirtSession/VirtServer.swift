@@ -67,6 +67,24 @@ public enum VirtServer {
     }
 
     /// Reports an error that happens before the banner and exits with its status.
+    /// debusine-virt-auxverb, installed next to this server's executable: the program
+    /// print-execute-command names.
+    public static func auxverbExecutable(besides program: String) throws(VirtError) -> String {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+        guard length > 0 else { throw VirtError(.internalError, "cannot find my own executable") }
+        let own = String(decoding: buffer[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let path = String(own[..<(own.lastIndex(of: "/") ?? own.startIndex)]) + "/debusine-virt-auxverb"
+        guard access(path, X_OK) == 0 else {
+            throw VirtError(.notFound, "\(path) is missing: install debusine-virt-auxverb next to \(program)")
+        }
+        guard !path.contains(","), !path.contains("%") else {
+            // autopkgtest splits the auxverb on commas after percent-decoding.
+            throw VirtError(.unavailable, "install debusine-virt in a path without `,' or `%' (now \(path))")
+        }
+        return path
+    }
+
     public static func failBeforeBanner(_ error: VirtError) -> Never {
         log.error(error.message)
         exit(ExitStatus.beforeBanner(error))

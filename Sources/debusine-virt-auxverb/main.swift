@@ -3,6 +3,7 @@ import Glibc
 import GuestChannel
 
 // debusine-virt-auxverb [--terminal ROWSxCOLUMNS] SOCKET COMMAND [ARG...]
+// debusine-virt-auxverb --exec COUNT RUNNER... COMMAND [ARG...]
 //
 // --terminal runs the command on a pseudo-terminal in the testbed (the server's `shell`).
 //
@@ -10,6 +11,16 @@ import GuestChannel
 // send, so it is its own small executable without Foundation, NIO or ArgumentParser (the
 // server binary takes ~75 ms just to load those).
 var arguments = Array(CommandLine.arguments.dropFirst())
+if arguments.first == "--exec" {
+    // --exec COUNT RUNNER... COMMAND...: the first COUNT words run the wrapper in framed mode.
+    guard arguments.count >= 2, let count = Int(arguments[1]), count > 0, arguments.count > 2 + count else {
+        let usage = "usage: debusine-virt-auxverb --exec COUNT RUNNER... COMMAND [ARG...]\n"
+        _ = usage.withCString { write(2, $0, strlen($0)) }
+        exit(255)
+    }
+    let words = arguments.dropFirst(2)
+    exit(FramedExec.run(runner: Array(words.prefix(count)), command: Array(words.dropFirst(count))))
+}
 var terminal: Frame.TerminalSize?
 var usable = true
 if arguments.first == "--terminal" {

@@ -121,6 +121,7 @@ struct IncusServer: AsyncParsableCommand {
         }
         guard bootTimeout > 0, stopTimeout >= 0 else { throw VirtError(.usage, "the timeouts must be positive") }
         var options = IncusOptions(image: image)
+        options.auxverbExecutable = try VirtServer.auxverbExecutable(besides: "debusine-virt-incus")
         options.cli = IncusCLI(remote: remote.map { $0.hasSuffix(":") ? String($0.dropLast()) : $0 })
         options.spare = spare
         options.bootTimeout = .seconds(bootTimeout)

@@ -335,21 +335,8 @@ struct QemuServer: AsyncParsableCommand {
         return (architecture, timeouts, extras, overlayParent)
     }
 
-    /// debusine-virt-auxverb, installed next to this executable.
     func auxverbExecutable() throws(VirtError) -> String {
-        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-        guard length > 0 else { throw VirtError(.internalError, "cannot find my own executable") }
-        let own = String(decoding: buffer[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        let path = String(own[..<(own.lastIndex(of: "/") ?? own.startIndex)]) + "/debusine-virt-auxverb"
-        guard access(path, X_OK) == 0 else {
-            throw VirtError(.notFound, "\(path) is missing: install debusine-virt-auxverb next to debusine-virt-qemu")
-        }
-        guard !path.contains(","), !path.contains("%") else {
-            // autopkgtest splits the auxverb on commas after percent-decoding.
-            throw VirtError(.unavailable, "install debusine-virt in a path without `,' or `%' (now \(path))")
-        }
-        return path
+        try VirtServer.auxverbExecutable(besides: "debusine-virt-qemu")
     }
 
     func absolute(_ path: String) -> String { AbsolutePath.of(path) }

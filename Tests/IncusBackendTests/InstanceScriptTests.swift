@@ -61,6 +61,69 @@ struct InstanceScriptTests {
         #expect(FileManager.default.fileExists(atPath: marker), "the command saw the SIGTERM")
     }
 
+    @Test(
+        "framed through debusine-virt-auxverb --exec: argv, statuses, both streams and stdin byte for byte, SIGTERM, SIGPIPE, a runner that ends early"
+    )
+    func framed() async throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-framed.")
+        defer { TestPaths.removeTree(work) }
+        let wrapper = try await install(AuxverbWrapper.script, in: work, as: "auxverb")
+        let auxverb = [TestPaths.executable("debusine-virt-auxverb"), "--exec", "2", wrapper, "--framed"]
+        func run(_ argv: [String], input: CommandInput = .none, limit: Int = 1 << 20) async throws -> CommandResult {
+            try await runner.run(
+                Command(argv: auxverb + argv), input: input, output: .capture(limit: limit), error: .capture)
+        }
+        #expect(try await run(["sh", "-c", "exit 3"]).status == .exited(3))
+        #expect(try await run(["sh", "-c", "exit 255"]).status == .exited(253))
+        #expect(try await run(["sh", "-c", "kill -TERM $$"]).status == .exited(143))
+        let missing = try await run(["/nonexistent/program"])
+        #expect(missing.status == .exited(127) && missing.errorText.contains("/nonexistent/program"))
+        let words = ["a b", "", "ü€", "$(id)", "%2C,x", "-n", "*", "--framed"]
+        #expect(try await run(["printf", "[%s]"] + words).outputText == words.map { "[\($0)]" }.joined())
+        let both = try await run(["sh", "-c", "echo out; echo err >&2"])
+        #expect(both.outputText == "out" && both.errorText == "err")
+        // 8 MiB of every byte value in and out again; 32 MiB out.
+        let data = (0..<(8 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 2_654_435_761 >> 7) }
+        let echoed = try await run(["cat"], input: .bytes(data), limit: 16 << 20)
+        #expect(echoed.status == .exited(0) && echoed.standardOutput == data)
+        let big = try await run(["sh", "-c", "head -c 33554432 /dev/zero"], limit: 64 << 20)
+        #expect(big.standardOutput.count == 33_554_432)
+        // A command that reads none of its stdin, and one that leaves a process holding stdout.
+        let clock = ContinuousClock()
+        var start = clock.now
+        #expect(try await run(["true"], input: .bytes(data)).status == .exited(0))
+        let leaked = try await run(["sh", "-c", "sleep 300 & echo $!"])
+        #expect(clock.now - start < .seconds(60))
+        if let pid = Int32(leaked.outputText) { kill(pid, SIGKILL) }
+        // Our reader gone: the command gets SIGPIPE, as it would writing to a closed pipe.
+        let reader = try await runner.run(
+            Command(
+                "bash",
+                ["-c", #""$@" | head -c 10 >/dev/null; echo "${PIPESTATUS[0]}""#, "bash"]
+                    + auxverb + ["sh", "-c", "exec yes"]))
+        #expect(reader.outputText == "141", "\(reader.outputText) \(reader.errorText)")
+        // SIGTERM to debusine-virt-auxverb reaches the command.
+        let marker = "\(work)/terminated"
+        let task = Task {
+            try await runner.run(
+                Command(
+                    argv: auxverb + ["sh", "-c", "trap 'touch \"$1\"; exit 0' TERM; sleep 30 & wait", "sh", marker]))
+        }
+        try await Task.sleep(for: .milliseconds(500))
+        _ = try await runner.run(
+            Command("pkill", ["-TERM", "-f", "^\(TestPaths.executable("debusine-virt-auxverb")) --exec"]))
+        let terminated = try await task.value
+        #expect(FileManager.default.fileExists(atPath: marker), "the command saw the SIGTERM")
+        #expect(terminated.status == .exited(0))
+        // A runner that ends without the exit frame: the auxverb's own failure, 255.
+        start = clock.now
+        let early = try await runner.run(
+            Command(TestPaths.executable("debusine-virt-auxverb"), ["--exec", "3", "sh", "-c", "exit 7", "true"]))
+        #expect(early.status == .exited(255))
+        #expect(
+            early.errorText.contains("ended (status 7) before the command's end came through"), "\(early.errorText)")
+    }
+
     @Test("the generator does nothing outside LXC, and in LXC masks, relaxes and tolerates what containers lack")
     func generator() async throws {
         let work = try TestPaths.makeTemporaryDirectory("dv-generator.")
