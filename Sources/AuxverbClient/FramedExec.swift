@@ -10,7 +10,11 @@ import GuestChannel
 /// before its stdin does.
 ///
 /// Signals (TERM, INT, HUP) go to the runner, which passes them on (incus exec does, to the
-/// wrapper, which passes them to the command).
+/// wrapper, which passes them to the command). The runner has a process group of its own, so a
+/// signal to our group (^C, sbuild's kill of the group) reaches the command once, through us.
+///
+/// The main thread never waits for the runner's stdin (the stdin pump may be blocked on it): it
+/// reads the runner's output until the exit frame, whatever happens to our own stdout.
 public enum FramedExec {
     /// Runs `runner + command`; returns the status to exit with, as ``AuxverbClient/run`` does.
     public static func run(runner: [String], command: [String]) -> Int32 {
@@ -38,15 +42,15 @@ public enum FramedExec {
         close(fromRunner[1])
 
         let output = RunnerInput(fd: toRunner[1])
+        let child = Runner(pid: pid)
         let signalSet = forwarded
-        AuxverbClient.startThread { forwardSignals(signalSet, to: pid) }
+        AuxverbClient.startThread { forwardSignals(signalSet, to: child) }
         AuxverbClient.startThread { pumpStandardInput(output) }
         let end = receive(fromRunner[0], output)
-        // The wrapper ends once its stdin does: close it, then reap the runner.
+        // The wrapper ends once its stdin does: close it, stop reading, then reap the runner.
         output.close()
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
         close(fromRunner[0])
+        let status = child.reap()
         guard let end else {
             let exit = (status & 0x7f) == 0 ? "status \((status >> 8) & 0xff)" : "signal \(status & 0x7f)"
             return AuxverbClient.fail("\(runner[0]) ended (\(exit)) before the command's end came through")
@@ -77,10 +81,12 @@ public enum FramedExec {
                 switch frame.kind {
                 case .stdout, .stderr:
                     let target: Int32 = frame.kind == .stdout ? 1 : 2
-                    if !AuxverbClient.writeAll(target, frame.payload) && target == 1 && !stdoutBroken {
+                    if !stdoutBroken || target == 2, !AuxverbClient.writeAll(target, frame.payload), target == 1 {
                         // Our reader went away: the command would get SIGPIPE writing to it.
+                        // Sent from a thread of its own (the stdin pump may hold the runner's
+                        // stdin until the wrapper reads again, which needs us reading on).
                         stdoutBroken = true
-                        output.send(Frame(.kill, Array("\(SIGPIPE)".utf8)))
+                        AuxverbClient.startThread { output.send(Frame(.kill, Array("\(SIGPIPE)".utf8))) }
                     }
                 case .exit:
                     return CommandEnd(payload: frame.payload)
@@ -104,12 +110,12 @@ public enum FramedExec {
         }
     }
 
-    static func forwardSignals(_ set: sigset_t, to pid: pid_t) {
+    static func forwardSignals(_ set: sigset_t, to runner: Runner) {
         var set = set
         while true {
             var number: Int32 = 0
             guard sigwait(&set, &number) == 0 else { return }
-            kill(pid, number)
+            runner.signal(number)
         }
     }
 
@@ -136,7 +142,9 @@ public enum FramedExec {
         sigemptyset(&none)
         posix_spawnattr_setsigdefault(&attributes, &all)
         posix_spawnattr_setsigmask(&attributes, &none)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+        posix_spawnattr_setpgroup(&attributes, 0)
+        posix_spawnattr_setflags(
+            &attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETPGROUP))
         var pid: pid_t = 0
         let cArguments = argv.map { strdup($0) } + [nil]
         defer { for argument in cArguments { free(argument) } }
@@ -174,5 +182,36 @@ final class RunnerInput: @unchecked Sendable {
         guard !closed else { return }
         closed = true
         _ = Glibc.close(fd)
+    }
+}
+
+/// The runner process: signalled only until it is reaped, so a signal never reaches a process
+/// that was given its pid afterwards.
+final class Runner: @unchecked Sendable {
+    private let pid: pid_t
+    private var lock = pthread_mutex_t()
+    private var reaped = false
+
+    init(pid: pid_t) {
+        self.pid = pid
+        pthread_mutex_init(&lock, nil)
+    }
+
+    func signal(_ number: Int32) {
+        pthread_mutex_lock(&lock)
+        defer { pthread_mutex_unlock(&lock) }
+        if !reaped { kill(pid, number) }
+    }
+
+    /// Waits for the runner to end and reaps it; returns its wait status.
+    func reap() -> Int32 {
+        var info = siginfo_t()
+        while waitid(P_PID, id_t(pid), &info, WEXITED | WNOWAIT) < 0 && errno == EINTR {}
+        pthread_mutex_lock(&lock)
+        defer { pthread_mutex_unlock(&lock) }
+        reaped = true
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        return status
     }
 }

@@ -56,7 +56,8 @@ struct InstanceScriptTests {
                 Command(wrapper, ["sh", "-c", "trap 'touch \"$1\"; exit 0' TERM; sleep 30 & wait", "sh", marker]))
         }
         try await Task.sleep(for: .milliseconds(500))
-        _ = try await runner.run(Command("pkill", ["-TERM", "-f", "^perl -e .* sh -c trap"]))
+        // Only this test's wrapper (its marker is in the argv): tests run in parallel.
+        _ = try await runner.run(Command("pkill", ["-TERM", "-f", "^perl -e .* sh -c trap .*\(marker)$"]))
         _ = try? await task.value
         #expect(FileManager.default.fileExists(atPath: marker), "the command saw the SIGTERM")
     }
@@ -111,17 +112,47 @@ struct InstanceScriptTests {
         }
         try await Task.sleep(for: .milliseconds(500))
         _ = try await runner.run(
-            Command("pkill", ["-TERM", "-f", "^\(TestPaths.executable("debusine-virt-auxverb")) --exec"]))
+            Command(
+                "pkill",
+                // Only this test's auxverb (its marker is in the argv): others run in parallel.
+                ["-TERM", "-f", "^\(TestPaths.executable("debusine-virt-auxverb")) --exec 2 .*\(marker)$"]))
         let terminated = try await task.value
         #expect(FileManager.default.fileExists(atPath: marker), "the command saw the SIGTERM")
         #expect(terminated.status == .exited(0))
         // A runner that ends without the exit frame: the auxverb's own failure, 255.
-        start = clock.now
-        let early = try await runner.run(
-            Command(TestPaths.executable("debusine-virt-auxverb"), ["--exec", "3", "sh", "-c", "exit 7", "true"]))
+        let program = TestPaths.executable("debusine-virt-auxverb")
+        let early = try await runner.run(Command(program, ["--exec", "3", "sh", "-c", "exit 7", "true"]))
         #expect(early.status == .exited(255))
         #expect(
             early.errorText.contains("ended (status 7) before the command's end came through"), "\(early.errorText)")
+        // Each of these hung once (`timeout -s KILL` turns a hang into 137): our reader going
+        // away while stdin still flows; stdin for a command that closed both of its outputs;
+        // a runner that writes on after a malformed frame.
+        start = clock.now
+        let hangs = try await runner.run(
+            Command(
+                "bash",
+                [
+                    "-c",
+                    #"""
+                    head -c 20000000 /dev/zero | timeout -s KILL 60 "$@" cat | { sleep 1; head -c 10 >/dev/null; }
+                    echo "${PIPESTATUS[1]}"
+                    (sleep 0.5; head -c 100000 /dev/zero) | timeout -s KILL 60 "$@" sh -c 'exec cat > "$1" 2>&1' sh "$0"
+                    echo "$? $(wc -c < "$0")"
+                    """#,
+                    "\(work)/closed-outputs",
+                ] + auxverb))
+        #expect(hangs.outputText == "141\n0 100000", "\(hangs.outputText) \(hangs.errorText)")
+        let malformed = try await runner.run(
+            Command(
+                "timeout",
+                [
+                    "-s", "KILL", "60", program, "--exec", "3", "sh", "-c",
+                    #"printf '\001\002\003\004\377\0\0\0\0'; exec yes"#,
+                ]
+                    + ["true"]))
+        #expect(malformed.status == .exited(255) && malformed.errorText.contains("protocol error"))
+        #expect(clock.now - start < .seconds(60))
     }
 
     @Test("the generator does nothing outside LXC, and in LXC masks, relaxes and tolerates what containers lack")

@@ -72,7 +72,9 @@ sub frame {
 my %open = (fileno($out_r) => [$out_r, 0x11], fileno($err_r) => [$err_r, 0x12]);
 my ($host, $pending, $stdin_done, $host_done, $status) = ("", "", 0, 0, undef);
 sub close_stdin { close $in_w if defined $in_w; $in_w = undef; $pending = ""; }
-while (%open) {
+# Until the command has ended and its output is drained; stdin goes on flowing to a command
+# that closed both of its outputs.
+while (%open || !defined $status) {
     my ($rin, $win) = ("", "");
     vec($rin, $_, 1) = 1 for keys %open;
     if (!defined $status) {
@@ -120,12 +122,16 @@ while (%open) {
             }
         }
         close_stdin() if $stdin_done && defined $in_w && !length $pending;
-    } elsif (defined $status) {
+    } elsif ($n == 0 && defined $status) {
         last;
     }
-    if (!defined $status && waitpid($pid, 1) == $pid) { $status = $?; close_stdin(); }
+    if (!defined $status && waitpid($pid, 1) == $pid) {
+        $status = $?;
+        close_stdin();
+        # Reaped: its pid may be reused.
+        $SIG{$_} = "IGNORE" for qw(TERM INT HUP QUIT USR1 USR2 ALRM);
+    }
 }
-waitpid($pid, 0) == $pid and $status = $? unless defined $status;
 close $_->[0] for values %open;
 frame(0x13, $status & 127 ? "signal " . ($status & 127) : "code " . ($status >> 8));
 # Stay, stdout still open, until the host has the exit frame and closes stdin (or a minute has passed).
@@ -138,7 +144,7 @@ while (!$host_done && time < $until) {
     $host_done = 1 if defined $got && $got == 0 || !defined $got && !$!{EINTR};
 }
 exit 0;
-' "$@"
+' -- "$@"
 fi
 if command -v perl >/dev/null 2>&1; then
     exec perl -e '
@@ -193,7 +199,7 @@ waitpid($pid, 0) == $pid and $status = $? unless defined $status;
 exit(128 + ($status & 127)) if $status & 127;
 my $code = $status >> 8;
 exit($code == 255 ? 253 : $code);
-' "$@"
+' -- "$@"
 fi
 "$@"
 code=$?
