@@ -66,7 +66,6 @@ public enum VirtServer {
         }
     }
 
-    /// Reports an error that happens before the banner and exits with its status.
     /// debusine-virt-auxverb, installed next to this server's executable: the program
     /// print-execute-command names.
     public static func auxverbExecutable(besides program: String) throws(VirtError) -> String {
@@ -85,6 +84,7 @@ public enum VirtServer {
         return path
     }
 
+    /// Reports an error that happens before the banner and exits with its status.
     public static func failBeforeBanner(_ error: VirtError) -> Never {
         log.error(error.message)
         exit(ExitStatus.beforeBanner(error))
