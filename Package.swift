@@ -57,10 +57,11 @@ let package = Package(
         ),
         // The frames the auxverb, the server and the guest helper exchange.
         .target(name: "GuestChannel"),
-        // The auxverb: runs one command through the server's relay socket (plain threads).
+        // The auxverb: runs one command through the server's relay socket or through a runner
+        // such as `incus exec` (plain threads).
         .target(
             name: "AuxverbClient",
-            dependencies: ["GuestChannel", .product(name: "SystemPackage", package: "swift-system")]),
+            dependencies: ["VirtCore", "GuestChannel", .product(name: "SystemPackage", package: "swift-system")]),
         // The QEMU backend: instance lifecycle, guest helper, auxverb relay, saved VM states.
         .target(
             name: "QemuBackend",

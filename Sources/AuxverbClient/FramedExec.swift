@@ -1,5 +1,6 @@
-import Glibc
 import GuestChannel
+import Synchronization
+import VirtCore
 
 /// The auxverb through a command runner such as `incus exec NAME -- WRAPPER --framed`: runs
 /// `runner + command` with its stdin and stdout carrying frames (the wrapper's framed mode),
@@ -19,199 +20,88 @@ public enum FramedExec {
     /// Runs `runner + command`; returns the status to exit with, as ``AuxverbClient/run`` does.
     public static func run(runner: [String], command: [String]) -> Int32 {
         signal(SIGPIPE, SIG_IGN)
-        guard !runner.isEmpty, !command.isEmpty else { return AuxverbClient.fail("no command given") }
-        var toRunner: [Int32] = [-1, -1]
-        var fromRunner: [Int32] = [-1, -1]
-        guard pipe(&toRunner) == 0, pipe(&fromRunner) == 0 else {
-            return AuxverbClient.fail("pipe: \(AuxverbClient.errorText())")
+        guard !runner.isEmpty, !command.isEmpty else { return FrameStreams.fail("no command given") }
+        // Close-on-exec from the start: the child gets them as 0 and 1, no other child may hold them.
+        guard let toRunner = SpawnHygiene.pipe(), let fromRunner = SpawnHygiene.pipe() else {
+            return FrameStreams.fail("pipe: \(FrameStreams.errorText())")
         }
-        // Ours only: the child gets them as 0 and 1, and no other child of ours may hold them.
-        for fd in [toRunner[1], fromRunner[0]] { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-
-        var forwarded = sigset_t()
-        sigemptyset(&forwarded)
-        for number in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&forwarded, number) }
-        pthread_sigmask(SIG_BLOCK, &forwarded, nil)
-
+        let signals = FrameStreams.blockForwardedSignals()
         let pid: pid_t
-        switch spawn(runner + command, stdin: toRunner[0], stdout: fromRunner[1]) {
-        case .success(let spawned): pid = spawned
-        case .failure(let message): return AuxverbClient.fail(message)
+        do {
+            pid = try Spawn.start(
+                runner + command, actions: [.duplicate(toRunner.read, onto: 0), .duplicate(fromRunner.write, onto: 1)],
+                searchPath: true, newProcessGroup: true)
+        } catch {
+            return FrameStreams.fail(error.message)
         }
-        close(toRunner[0])
-        close(fromRunner[1])
+        close(toRunner.read)
+        close(fromRunner.write)
 
-        let output = RunnerInput(fd: toRunner[1])
+        let input = FrameOutput(fd: toRunner.write)
         let child = Runner(pid: pid)
-        let signalSet = forwarded
-        AuxverbClient.startThread { forwardSignals(signalSet, to: child) }
-        AuxverbClient.startThread { pumpStandardInput(output) }
-        let end = receive(fromRunner[0], output)
+        FrameStreams.startThread { FrameStreams.forwardSignals(signals) { child.signal($0) } }
+        FrameStreams.startThread { FrameStreams.pumpStandardInput(into: input, chunk: 64 << 10) }
+        let received = FrameStreams.receive(from: fromRunner.read, bufferSize: 1 << 18, output: input)
+        switch received {
+        case .end: break
+        // A runner that sends garbage may not read its stdin either, and the stdin pump may be
+        // blocked writing to it while it holds `input`.
+        case .protocolError: child.signal(SIGKILL)
+        // Its stdout ends as it exits; one that lives on without it is killed for the same reason.
+        case .lost: child.killUnlessEnded(withinMilliseconds: 5000)
+        }
         // The wrapper ends once its stdin does: close it, stop reading, then reap the runner.
-        output.close()
-        close(fromRunner[0])
+        input.close()
+        close(fromRunner.read)
         let status = child.reap()
-        guard let end else {
+        switch received {
+        case .end(let end):
+            if case .failed(let reason) = end { _ = FrameStreams.fail(reason) }
+            return end.auxverbStatus
+        case .lost:
             let exit = (status & 0x7f) == 0 ? "status \((status >> 8) & 0xff)" : "signal \(status & 0x7f)"
-            return AuxverbClient.fail("\(runner[0]) ended (\(exit)) before the command's end came through")
+            return FrameStreams.fail("\(runner[0]) ended (\(exit)) before the command's end came through")
+        case .protocolError(let error):
+            return FrameStreams.fail("protocol error from the testbed's wrapper: \(error)")
         }
-        if case .failed(let reason) = end { _ = AuxverbClient.fail(reason) }
-        return end.auxverbStatus
-    }
-
-    /// Reads frames until the exit frame; nil when the runner's stdout ended first.
-    static func receive(_ fd: Int32, _ output: RunnerInput) -> CommandEnd? {
-        var decoder = FrameDecoder()
-        var buffer = [UInt8](repeating: 0, count: 1 << 18)
-        var stdoutBroken = false
-        while true {
-            let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if count < 0 && errno == EINTR { continue }
-            if count <= 0 { return nil }
-            decoder.append(buffer[0..<count])
-            while true {
-                let frame: Frame?
-                do {
-                    frame = try decoder.next()
-                } catch {
-                    _ = AuxverbClient.fail("protocol error from the testbed's wrapper: \(error)")
-                    return nil
-                }
-                guard let frame else { break }
-                switch frame.kind {
-                case .stdout, .stderr:
-                    let target: Int32 = frame.kind == .stdout ? 1 : 2
-                    if !stdoutBroken || target == 2, !AuxverbClient.writeAll(target, frame.payload), target == 1 {
-                        // Our reader went away: the command would get SIGPIPE writing to it.
-                        // Sent from a thread of its own (the stdin pump may hold the runner's
-                        // stdin until the wrapper reads again, which needs us reading on).
-                        stdoutBroken = true
-                        AuxverbClient.startThread { output.send(Frame(.kill, Array("\(SIGPIPE)".utf8))) }
-                    }
-                case .exit:
-                    return CommandEnd(payload: frame.payload)
-                default:
-                    continue
-                }
-            }
-        }
-    }
-
-    static func pumpStandardInput(_ output: RunnerInput) {
-        var buffer = [UInt8](repeating: 0, count: 64 << 10)
-        while true {
-            let count = buffer.withUnsafeMutableBytes { read(0, $0.baseAddress, $0.count) }
-            if count < 0 && errno == EINTR { continue }
-            if count <= 0 {
-                output.send(Frame(.stdinEOF))
-                return
-            }
-            guard output.send(Frame(.stdin, Array(buffer[0..<count]))) else { return }
-        }
-    }
-
-    static func forwardSignals(_ set: sigset_t, to runner: Runner) {
-        var set = set
-        while true {
-            var number: Int32 = 0
-            guard sigwait(&set, &number) == 0 else { return }
-            runner.signal(number)
-        }
-    }
-
-    enum Spawned {
-        case success(pid_t)
-        case failure(String)
-    }
-
-    /// posix_spawnp with `stdin` and `stdout` as the child's 0 and 1, every signal at its default
-    /// and none blocked (this process blocks the forwarded ones for its signal thread).
-    static func spawn(_ argv: [String], stdin: Int32, stdout: Int32) -> Spawned {
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, stdin, 0)
-        posix_spawn_file_actions_adddup2(&actions, stdout, 1)
-        for fd in [stdin, stdout] where fd > 2 { posix_spawn_file_actions_addclose(&actions, fd) }
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var all = sigset_t()
-        sigfillset(&all)
-        var none = sigset_t()
-        sigemptyset(&none)
-        posix_spawnattr_setsigdefault(&attributes, &all)
-        posix_spawnattr_setsigmask(&attributes, &none)
-        posix_spawnattr_setpgroup(&attributes, 0)
-        posix_spawnattr_setflags(
-            &attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETPGROUP))
-        var pid: pid_t = 0
-        let cArguments = argv.map { strdup($0) } + [nil]
-        defer { for argument in cArguments { free(argument) } }
-        let result = posix_spawnp(&pid, argv[0], &actions, &attributes, cArguments, environ)
-        guard result == 0 else {
-            return .failure("cannot run \(argv[0]): \(String(cString: strerror(result)))")
-        }
-        return .success(pid)
-    }
-}
-
-/// The runner's stdin: whole frames written under a lock (the stdin pump and the main thread
-/// write), and closed once, after which nothing more is written.
-final class RunnerInput: @unchecked Sendable {
-    private let fd: Int32
-    private var lock = pthread_mutex_t()
-    private var closed = false
-
-    init(fd: Int32) {
-        self.fd = fd
-        pthread_mutex_init(&lock, nil)
-    }
-
-    @discardableResult
-    func send(_ frame: Frame) -> Bool {
-        pthread_mutex_lock(&lock)
-        defer { pthread_mutex_unlock(&lock) }
-        guard !closed else { return false }
-        return AuxverbClient.writeAll(fd, frame.encoded)
-    }
-
-    func close() {
-        pthread_mutex_lock(&lock)
-        defer { pthread_mutex_unlock(&lock) }
-        guard !closed else { return }
-        closed = true
-        _ = Glibc.close(fd)
     }
 }
 
 /// The runner process: signalled only until it is reaped, so a signal never reaches a process
 /// that was given its pid afterwards.
-final class Runner: @unchecked Sendable {
+final class Runner: Sendable {
     private let pid: pid_t
-    private var lock = pthread_mutex_t()
-    private var reaped = false
+    private let reaped = Mutex(false)
 
-    init(pid: pid_t) {
-        self.pid = pid
-        pthread_mutex_init(&lock, nil)
-    }
+    init(pid: pid_t) { self.pid = pid }
 
     func signal(_ number: Int32) {
-        pthread_mutex_lock(&lock)
-        defer { pthread_mutex_unlock(&lock) }
-        if !reaped { kill(pid, number) }
+        reaped.withLock { reaped in
+            if !reaped { kill(pid, number) }
+        }
+    }
+
+    /// Gives the runner `milliseconds` to end (without reaping it), then kills it.
+    func killUnlessEnded(withinMilliseconds milliseconds: Int) {
+        for _ in 0..<(milliseconds / 10) {
+            var info = siginfo_t()
+            let result = waitid(P_PID, id_t(pid), &info, WEXITED | WNOHANG | WNOWAIT)
+            // With WNOHANG and nothing to report, si_signo stays 0.
+            if result < 0 && errno != EINTR || result == 0 && info.si_signo == SIGCHLD { return }
+            usleep(10_000)
+        }
+        signal(SIGKILL)
     }
 
     /// Waits for the runner to end and reaps it; returns its wait status.
     func reap() -> Int32 {
         var info = siginfo_t()
         while waitid(P_PID, id_t(pid), &info, WEXITED | WNOWAIT) < 0 && errno == EINTR {}
-        pthread_mutex_lock(&lock)
-        defer { pthread_mutex_unlock(&lock) }
-        reaped = true
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        return status
+        return reaped.withLock { reaped in
+            reaped = true
+            var status: Int32 = 0
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+            return status
+        }
     }
 }

@@ -1,8 +1,8 @@
 /// The C library, for every module that imports VirtCore: the servers run on Linux (glibc) only,
 /// so this is the one place that says so.
 ///
-/// The auxverb's modules (GuestChannel, AuxverbClient, debusine-virt-auxverb) stay free of
-/// VirtCore to keep that binary small; those that need the C library import Glibc themselves.
+/// VirtCore itself stays free of Foundation and NIO: the auxverb, which starts for every
+/// command, uses it.
 @_exported import Glibc
 
 extension String {

@@ -15,16 +15,20 @@ public enum Spawn {
         case open(Int32, path: String, flags: Int32, mode: mode_t = 0)
     }
 
-    /// Starts `argv` (argv[0] a path) and returns its pid.
+    /// Starts `argv` and returns its pid.
     ///
     /// - Parameters:
+    ///   - searchPath: argv[0] is looked up in PATH when it has no slash (`posix_spawnp`);
+    ///     otherwise it must be a path.
     ///   - environment: `NAME=value` strings; nil passes this process's own.
     ///   - workingDirectory: where the child starts; nil for ours.
     ///   - newSession: the child leads a session of its own (`setsid`), which survives a kill of
     ///     our process group.
+    ///   - newProcessGroup: the child leads a process group of its own in our session, so a
+    ///     signal to our group (^C at a terminal) does not reach it: we pass signals on ourselves.
     public static func start(
         _ argv: [String], actions: [Action], environment: [String]? = nil, workingDirectory: String? = nil,
-        newSession: Bool = false
+        searchPath: Bool = false, newSession: Bool = false, newProcessGroup: Bool = false
     ) throws(VirtError) -> pid_t {
         guard let program = argv.first else { throw VirtError(.internalError, "nothing to start: an empty argv") }
         var fileActions = posix_spawn_file_actions_t()
@@ -46,24 +50,30 @@ public enum Spawn {
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }
         SpawnHygiene.resetSignals(&attributes)
-        if newSession {
-            // POSIX_SPAWN_SETSID (glibc 2.26) is only declared with _GNU_SOURCE. Added to the
-            // flags resetSignals set, not in place of them.
-            let setSessionID: Int16 = 0x80
+        // Added to the flags resetSignals set, not in place of them.
+        var extraFlags: Int16 = 0
+        // POSIX_SPAWN_SETSID (glibc 2.26) is only declared with _GNU_SOURCE.
+        if newSession { extraFlags |= 0x80 }
+        if newProcessGroup {
+            posix_spawnattr_setpgroup(&attributes, 0)
+            extraFlags |= Int16(POSIX_SPAWN_SETPGROUP)
+        }
+        if extraFlags != 0 {
             var flags: Int16 = 0
             posix_spawnattr_getflags(&attributes, &flags)
-            guard posix_spawnattr_setflags(&attributes, flags | setSessionID) == 0 else {
-                throw VirtError(.unavailable, "cannot start \(program) in a session of its own")
+            guard posix_spawnattr_setflags(&attributes, flags | extraFlags) == 0 else {
+                throw VirtError(.unavailable, "cannot start \(program) in a session or process group of its own")
             }
         }
 
         var child: pid_t = 0
+        let spawn = searchPath ? posix_spawnp : posix_spawn
         let status = withCStrings(argv) { cArguments in
             guard let environment else {
-                return posix_spawn(&child, program, &fileActions, &attributes, cArguments, environ)
+                return spawn(&child, program, &fileActions, &attributes, cArguments, environ)
             }
             return withCStrings(environment) { cEnvironment in
-                posix_spawn(&child, program, &fileActions, &attributes, cArguments, cEnvironment)
+                spawn(&child, program, &fileActions, &attributes, cArguments, cEnvironment)
             }
         }
         guard status == 0 else { throw VirtError(.commandFailed, "cannot start \(program)", errno: status) }
