@@ -20,11 +20,14 @@ public struct IncusOptions: Sendable {
     public var spare = true
     public var cli = IncusCLI()
     /// debusine-virt-auxverb: the auxverb runs the wrapper through it in framed mode
-    /// (``AuxverbWrapper``). Without it the auxverb is `incus exec` and the wrapper alone, and
-    /// a busy host now and then loses a command's output.
-    public var auxverbExecutable: String?
+    /// (``AuxverbWrapper``); plain `incus exec` now and then loses a command's output on a busy
+    /// host.
+    public var auxverbExecutable: String
 
-    public init(image: String) { self.image = image }
+    public init(image: String, auxverbExecutable: String) {
+        self.image = image
+        self.auxverbExecutable = auxverbExecutable
+    }
 }
 
 /// The Incus backend: an ephemeral container (or VM) launched from an imported image, driven
@@ -228,9 +231,8 @@ public final class IncusTestbed: Testbed {
     }
 
     func auxverb(_ name: String) -> [String] {
-        guard let program = options.auxverbExecutable else { return cli.execPrefix(name) + [AuxverbWrapper.path] }
         let runner = cli.execPrefix(name) + [AuxverbWrapper.path, "--framed"]
-        return [program, "--exec", String(runner.count)] + runner
+        return [options.auxverbExecutable, "--exec", String(runner.count)] + runner
     }
 
     // MARK: - Lifecycle

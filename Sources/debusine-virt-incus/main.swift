@@ -120,8 +120,8 @@ struct IncusServer: AsyncParsableCommand {
             throw VirtError(.usage, "give the remote with --remote, not in the image name (\(image))")
         }
         guard bootTimeout > 0, stopTimeout >= 0 else { throw VirtError(.usage, "the timeouts must be positive") }
-        var options = IncusOptions(image: image)
-        options.auxverbExecutable = try VirtServer.auxverbExecutable(besides: "debusine-virt-incus")
+        var options = IncusOptions(
+            image: image, auxverbExecutable: try VirtServer.auxverbExecutable(besides: "debusine-virt-incus"))
         options.cli = IncusCLI(remote: remote.map { $0.hasSuffix(":") ? String($0.dropLast()) : $0 })
         options.spare = spare
         options.bootTimeout = .seconds(bootTimeout)

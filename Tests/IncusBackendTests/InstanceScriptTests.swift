@@ -17,62 +17,20 @@ struct InstanceScriptTests {
         return path
     }
 
-    @Test("the wrapper keeps argv, maps 255 to 253 and signals to 128+N, gives a login environment, forwards SIGTERM")
-    func wrapper() async throws {
-        let work = try TestPaths.makeTemporaryDirectory("dv-wrapper.")
-        defer { TestPaths.removeTree(work) }
-        let wrapper = try await install(AuxverbWrapper.script, in: work, as: "auxverb")
-        func run(_ argv: [String], environment: [String: String?] = [:]) async throws -> CommandResult {
-            try await runner.run(Command(wrapper, argv, environment: environment))
-        }
-        #expect(try await run(["sh", "-c", "exit 3"]).status == .exited(3))
-        #expect(try await run(["sh", "-c", "exit 255"]).status == .exited(253))
-        #expect(try await run(["sh", "-c", "kill -TERM $$"]).status == .exited(143))
-        #expect(try await run(["/nonexistent/program"]).status == .exited(127))
-        let words = ["a b", "", "ü€", "$(id)", "%2C,x", "-n", "*"]
-        #expect(try await run(["printf", "[%s]"] + words).outputText == words.map { "[\($0)]" }.joined())
-        let both = try await run(["sh", "-c", "echo out; echo err >&2"])
-        #expect(both.outputText == "out" && both.errorText == "err")
-        let environment = try await run(["env"], environment: ["SECRET_FROM_CALLER": "x", "TERM": "vt100"])
-            .outputText.split(separator: "\n")
-        #expect(environment.contains("HOME=/root"))
-        #expect(environment.contains("TERM=vt100"))
-        #expect(!environment.contains { $0.hasPrefix("SECRET_FROM_CALLER=") })
-        // Returns when the command exits although a background process still holds stdout.
-        let clock = ContinuousClock()
-        let start = clock.now
-        let leaked = try await run(["sh", "-c", "sleep 300 & echo $!"])
-        #expect(clock.now - start < .seconds(60))
-        if let pid = Int32(leaked.outputText) { kill(pid, SIGKILL) }
-        // 32 MiB through stdout, byte for byte.
-        let big = try await runner.run(
-            Command(wrapper, ["sh", "-c", "head -c 33554432 /dev/zero"]), input: .none,
-            output: .capture(limit: 64 << 20), error: .capture)
-        #expect(big.standardOutput.count == 33_554_432)
-        // SIGTERM to the wrapper reaches the command.
-        let marker = "\(work)/terminated"
-        let task = Task {
-            try await runner.run(
-                Command(wrapper, ["sh", "-c", "trap 'touch \"$1\"; exit 0' TERM; sleep 30 & wait", "sh", marker]))
-        }
-        try await Task.sleep(for: .milliseconds(500))
-        // Only this test's wrapper (its marker is in the argv): tests run in parallel.
-        _ = try await runner.run(Command("pkill", ["-TERM", "-f", "^perl -e .* sh -c trap .*\(marker)$"]))
-        _ = try? await task.value
-        #expect(FileManager.default.fileExists(atPath: marker), "the command saw the SIGTERM")
-    }
-
     @Test(
-        "framed through debusine-virt-auxverb --exec: argv, statuses, both streams and stdin byte for byte, SIGTERM, SIGPIPE, a runner that ends early"
+        "framed through debusine-virt-auxverb --exec: argv, statuses, a login environment, both streams and stdin byte for byte, SIGTERM, SIGPIPE, broken runners"
     )
     func framed() async throws {
         let work = try TestPaths.makeTemporaryDirectory("dv-framed.")
         defer { TestPaths.removeTree(work) }
         let wrapper = try await install(AuxverbWrapper.script, in: work, as: "auxverb")
         let auxverb = [TestPaths.executable("debusine-virt-auxverb"), "--exec", "2", wrapper, "--framed"]
-        func run(_ argv: [String], input: CommandInput = .none, limit: Int = 1 << 20) async throws -> CommandResult {
+        func run(
+            _ argv: [String], input: CommandInput = .none, limit: Int = 1 << 20, environment: [String: String?] = [:]
+        ) async throws -> CommandResult {
             try await runner.run(
-                Command(argv: auxverb + argv), input: input, output: .capture(limit: limit), error: .capture)
+                Command(auxverb[0], Array(auxverb.dropFirst()) + argv, environment: environment), input: input,
+                output: .capture(limit: limit), error: .capture)
         }
         #expect(try await run(["sh", "-c", "exit 3"]).status == .exited(3))
         #expect(try await run(["sh", "-c", "exit 255"]).status == .exited(253))
@@ -83,6 +41,15 @@ struct InstanceScriptTests {
         #expect(try await run(["printf", "[%s]"] + words).outputText == words.map { "[\($0)]" }.joined())
         let both = try await run(["sh", "-c", "echo out; echo err >&2"])
         #expect(both.outputText == "out" && both.errorText == "err")
+        let environment = try await run(["env"], environment: ["SECRET_FROM_CALLER": "x", "TERM": "vt100"])
+            .outputText.split(separator: "\n")
+        #expect(environment.contains("HOME=/root"))
+        #expect(environment.contains("TERM=vt100"))
+        #expect(!environment.contains { $0.hasPrefix("SECRET_FROM_CALLER=") })
+        // Without --framed, or without a command: a usage error, nothing run.
+        let wrapperAlone = try await runner.run(Command(wrapper, ["touch", "\(work)/ran"]))
+        #expect(wrapperAlone.status == .exited(253) && wrapperAlone.errorText.contains("usage"))
+        #expect(!FileManager.default.fileExists(atPath: "\(work)/ran"))
         // 8 MiB of every byte value in and out again; 32 MiB out.
         let data = (0..<(8 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 2_654_435_761 >> 7) }
         let echoed = try await run(["cat"], input: .bytes(data), limit: 16 << 20)
@@ -152,6 +119,21 @@ struct InstanceScriptTests {
                 ]
                     + ["true"]))
         #expect(malformed.status == .exited(255) && malformed.errorText.contains("protocol error"))
+        // The same with stdin to send, to a runner that reads none of it (the stdin pump is
+        // blocked writing to it), and a runner that closes its stdout but lives on.
+        let unread = try await runner.run(
+            Command(
+                "timeout",
+                [
+                    "-s", "KILL", "60", program, "--exec", "3", "sh", "-c",
+                    #"printf '\001\002\003\004\377\0\0\0\0'; exec sleep 300"#, "true",
+                ]),
+            input: .bytes(data))
+        #expect(unread.status == .exited(255) && unread.errorText.contains("protocol error"), "\(unread.errorText)")
+        let silent = try await runner.run(
+            Command("timeout", ["-s", "KILL", "60", program, "--exec", "3", "sh", "-c", "exec sleep 300 >&-", "true"]),
+            input: .bytes(data))
+        #expect(silent.status == .exited(255) && silent.errorText.contains("ended (signal 9)"), "\(silent.errorText)")
         #expect(clock.now - start < .seconds(60))
     }
 

@@ -1,17 +1,20 @@
 #!/bin/sh
-# debusine-virt: runs one command for the autopkgtest auxverb (incus exec ... -- THIS CMD...).
+# debusine-virt: runs one command for the autopkgtest auxverb
+# (debusine-virt-auxverb --exec N incus exec ... -- THIS --framed CMD...).
 # Gives the command the environment of a root login, and returns as soon as the command
 # exits even when it left background processes holding stdout or stderr.
 #
-# --framed: stdin and stdout carry frames of the guest channel (9-byte header: channel, kind,
-# length, big-endian), for debusine-virt-auxverb --exec on the host. stdout and stderr of the
-# command come as frames on stdout, then an exit frame; the wrapper then stays until its stdin
-# ends. incus exec can lose the last output of a command that exits right after writing it
-# (several execs at once on a busy host): the host closes our stdin only once it has the exit
-# frame, so nothing it still needs is in flight when this process ends.
-framed=
-[ "${1-}" = --framed ] && { framed=1; shift; }
-[ $# -gt 0 ] || { echo "usage: $0 [--framed] COMMAND [ARG...]" >&2; exit 253; }
+# stdin and stdout carry frames of the guest channel (9-byte header: channel, kind, length,
+# big-endian). stdout and stderr of the command come as frames on stdout, then an exit frame;
+# the wrapper then stays until its stdin ends. incus exec can lose the last output of a command
+# that exits right after writing it (several execs at once on a busy host): the host closes our
+# stdin only once it has the exit frame, so nothing it still needs is in flight when this
+# process ends. Perl (perl-base is essential in Debian) does the framing.
+if [ "${1-}" != --framed ] || [ $# -lt 2 ]; then
+    echo "usage: $0 --framed COMMAND [ARG...]" >&2
+    exit 253
+fi
+shift
 shell=/bin/sh
 [ -x /bin/bash ] && shell=/bin/bash
 for var in $(env | sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p'); do
@@ -29,9 +32,8 @@ set -a
 [ -r /etc/profile ] && . /etc/profile >/dev/null 2>&1
 set +a
 unset PS1
-if [ -n "$framed" ]; then
-    command -v perl >/dev/null 2>&1 || { echo "debusine-virt: the testbed has no perl (perl-base)" >&2; exit 253; }
-    exec perl -e '
+command -v perl >/dev/null 2>&1 || { echo "debusine-virt: the testbed has no perl (perl-base)" >&2; exit 253; }
+exec perl -e '
 use strict;
 use warnings;
 $SIG{PIPE} = "IGNORE";
@@ -145,63 +147,3 @@ while (!$host_done && time < $until) {
 }
 exit 0;
 ' -- "$@"
-fi
-if command -v perl >/dev/null 2>&1; then
-    exec perl -e '
-use strict;
-use warnings;
-$SIG{PIPE} = "IGNORE";
-pipe(my $out_r, my $out_w) or die "pipe: $!";
-pipe(my $err_r, my $err_w) or die "pipe: $!";
-my $pid = fork() // die "fork: $!";
-if ($pid == 0) {
-    $SIG{PIPE} = "DEFAULT";
-    close $out_r; close $err_r;
-    open(STDOUT, ">&", $out_w) or exit(253);
-    open(STDERR, ">&", $err_w) or exit(253);
-    close $out_w; close $err_w;
-    { no warnings; exec { $ARGV[0] } @ARGV; }
-    print STDERR "$ARGV[0]: $!\n";
-    exit($!{ENOENT} ? 127 : 126);
-}
-close $out_w; close $err_w;
-for my $signal (qw(TERM INT HUP QUIT USR1 USR2 ALRM)) {
-    $SIG{$signal} = sub { kill $signal, $pid };
-}
-my $status;
-$SIG{CHLD} = sub { };
-my %open = (fileno($out_r) => [$out_r, \*STDOUT], fileno($err_r) => [$err_r, \*STDERR]);
-sub relay {
-    my ($timeout) = @_;
-    my $rin = "";
-    vec($rin, $_, 1) = 1 for keys %open;
-    my $n = select(my $rout = $rin, undef, undef, $timeout);
-    return 0 if $n <= 0;
-    for my $fd (keys %open) {
-        next unless vec($rout, $fd, 1);
-        my ($from, $to) = @{$open{$fd}};
-        my $got = sysread($from, my $buffer, 65536);
-        if (!$got) { delete $open{$fd}; next; }
-        my $offset = 0;
-        while ($offset < $got) {
-            my $written = syswrite($to, $buffer, $got - $offset, $offset);
-            if (!defined $written) { last unless $!{EINTR}; next; }
-            $offset += $written;
-        }
-    }
-    return 1;
-}
-while (%open) {
-    relay(defined $status ? 0 : 0.5) or (defined $status and last);
-    if (!defined $status && waitpid($pid, 1) == $pid) { $status = $?; }
-}
-waitpid($pid, 0) == $pid and $status = $? unless defined $status;
-exit(128 + ($status & 127)) if $status & 127;
-my $code = $status >> 8;
-exit($code == 255 ? 253 : $code);
-' -- "$@"
-fi
-"$@"
-code=$?
-[ $code = 255 ] && code=253
-exit $code
