@@ -39,13 +39,13 @@ public enum AuxverbClient {
         }
         let credit = StdinCredit()
         FrameStreams.startThread {
-            FrameStreams.forwardSignals(signals) { connection.send(Frame(.kill, Array("\($0)".utf8))) }
+            FrameStreams.forwardSignals(signals) { connection.send(FrameStreams.kill($0)) }
         }
         FrameStreams.startThread { FrameStreams.pumpStandardInput(into: connection, chunk: 256 << 10, credit: credit) }
         // Every output frame written is credit for the relay to send more.
-        let received = FrameStreams.receive(from: fd, bufferSize: 1 << 20, output: connection, credit: credit) {
-            connection.send(.count(.credit, $0))
-        }
+        let received = FrameStreams.receive(
+            from: fd, bufferSize: 1 << 20, credit: credit, stdoutGone: { connection.send(FrameStreams.kill(SIGPIPE)) }
+        ) { connection.send(.count(.credit, $0)) }
         switch received {
         case .end(let end):
             if case .failed(let reason) = end { _ = fail(reason) }

@@ -21,11 +21,12 @@ enum FrameStreams {
     /// ours. `afterOutput` runs after each output frame is written (with its size); stdin
     /// credit granted by the other side goes to `credit`.
     ///
-    /// Once our stdout is gone the command is sent SIGPIPE, as it would get writing to a closed
-    /// pipe, from a thread of its own: the stdin pump may hold `output` until the other side
-    /// reads again, which needs this thread reading on.
+    /// Once our stdout is gone, `stdoutGone` runs once, on a thread of its own (it is to give
+    /// the command SIGPIPE, as writing to a closed pipe would): sending needs the stdin pump's
+    /// lock, which it may hold until the other side reads again, which needs this thread
+    /// reading on.
     static func receive(
-        from fd: Int32, bufferSize: Int, output: FrameOutput, credit: StdinCredit? = nil,
+        from fd: Int32, bufferSize: Int, credit: StdinCredit? = nil, stdoutGone: @escaping @Sendable () -> Void,
         afterOutput: (Int) -> Void = { _ in }
     ) -> Received {
         var decoder = FrameDecoder()
@@ -49,7 +50,7 @@ enum FrameStreams {
                     let target: Int32 = frame.kind == .stdout ? 1 : 2
                     if !stdoutBroken || target == 2, !writeAll(target, frame.payload), target == 1 {
                         stdoutBroken = true
-                        startThread { output.send(Frame(.kill, Array("\(SIGPIPE)".utf8))) }
+                        startThread(stdoutGone)
                     }
                     afterOutput(frame.payload.count)
                 case .stdinCredit:
@@ -90,6 +91,9 @@ enum FrameStreams {
         pthread_sigmask(SIG_BLOCK, &forwarded, nil)
         return forwarded
     }
+
+    /// The frame that sends the command `signal`.
+    static func kill(_ signal: Int32) -> Frame { Frame(.kill, Array("\(signal)".utf8)) }
 
     /// Takes the signals of `set` for ever (call it on a thread of its own), each passed to
     /// `deliver`.

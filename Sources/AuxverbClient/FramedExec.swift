@@ -41,14 +41,15 @@ public enum FramedExec {
         let child = Runner(pid: pid)
         FrameStreams.startThread { FrameStreams.forwardSignals(signals) { child.signal($0) } }
         FrameStreams.startThread { FrameStreams.pumpStandardInput(into: input, chunk: 64 << 10) }
-        let received = FrameStreams.receive(from: fromRunner.read, bufferSize: 1 << 18, output: input)
+        let received = FrameStreams.receive(
+            from: fromRunner.read, bufferSize: 1 << 18, stdoutGone: { passOnSIGPIPE(input, child) })
         switch received {
         case .end: break
         // A runner that sends garbage may not read its stdin either, and the stdin pump may be
         // blocked writing to it while it holds `input`.
-        case .protocolError: child.signal(SIGKILL)
+        case .protocolError: child.killGroup()
         // Its stdout ends as it exits; one that lives on without it is killed for the same reason.
-        case .lost: child.killUnlessEnded(withinMilliseconds: 5000)
+        case .lost: child.killGroupUnlessEnded(withinMilliseconds: 5000)
         }
         // The wrapper ends once its stdin does: close it, stop reading, then reap the runner.
         input.close()
@@ -67,6 +68,22 @@ public enum FramedExec {
     }
 }
 
+extension FramedExec {
+    /// Our reader went away: the command is to get SIGPIPE, as writing to a closed pipe would
+    /// give it. The frame that says so waits behind stdin the wrapper may no longer take (a
+    /// command that reads none of its stdin while it writes on): when it has not gone out in
+    /// 5 s, the runner is killed instead, so that the auxverb ends.
+    static func passOnSIGPIPE(_ input: FrameOutput, _ child: Runner) {
+        let sent = Mutex(false)
+        FrameStreams.startThread {
+            sleep(5)
+            if !sent.withLock({ $0 }) { child.killGroup() }
+        }
+        input.send(FrameStreams.kill(SIGPIPE))
+        sent.withLock { $0 = true }
+    }
+}
+
 /// The runner process: signalled only until it is reaped, so a signal never reaches a process
 /// that was given its pid afterwards.
 final class Runner: Sendable {
@@ -81,8 +98,16 @@ final class Runner: Sendable {
         }
     }
 
-    /// Gives the runner `milliseconds` to end (without reaping it), then kills it.
-    func killUnlessEnded(withinMilliseconds milliseconds: Int) {
+    /// SIGKILL to the runner's process group (it leads one): a runner that forked keeps no
+    /// process holding its pipes.
+    func killGroup() {
+        reaped.withLock { reaped in
+            if !reaped { kill(-pid, SIGKILL) }
+        }
+    }
+
+    /// Gives the runner `milliseconds` to end (without reaping it), then kills its group.
+    func killGroupUnlessEnded(withinMilliseconds milliseconds: Int) {
         for _ in 0..<(milliseconds / 10) {
             var info = siginfo_t()
             let result = waitid(P_PID, id_t(pid), &info, WEXITED | WNOHANG | WNOWAIT)
@@ -90,7 +115,7 @@ final class Runner: Sendable {
             if result < 0 && errno != EINTR || result == 0 && info.si_signo == SIGCHLD { return }
             usleep(10_000)
         }
-        signal(SIGKILL)
+        killGroup()
     }
 
     /// Waits for the runner to end and reaps it; returns its wait status.
