@@ -91,12 +91,14 @@ let package = Package(
 
         .executableTarget(
             name: "debusine-virt-qemu",
-            dependencies: ["VirtCore", "VirtSession", "QemuBackend", "ImageCache", "CommandRunner", argumentParser]
+            dependencies: [
+                "VirtCore", "VirtSession", "TestbedCore", "QemuBackend", "ImageCache", "CommandRunner", argumentParser,
+            ]
         ),
         .executableTarget(name: "debusine-virt-auxverb", dependencies: ["AuxverbClient", "GuestChannel"]),
         .executableTarget(
             name: "debusine-virt-incus",
-            dependencies: ["VirtCore", "VirtSession", "CommandRunner", "IncusBackend", argumentParser]
+            dependencies: ["VirtCore", "VirtSession", "TestbedCore", "CommandRunner", "IncusBackend", argumentParser]
         ),
         // The benchmark: times any virt server over the protocol and compares two of them.
         .target(

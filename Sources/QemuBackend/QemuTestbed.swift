@@ -190,6 +190,17 @@ public final class QemuTestbed: Testbed {
         current.withLock { $0 }?.consoleTail()
     }
 
+    /// The guest's own reading (``ResourceProbe``, through the helper), and what its overlay
+    /// takes on the host's disk.
+    public func resources(_ testbed: InTestbed, full: Bool) async throws(VirtError) -> ResourceSample {
+        var sample = try await ResourceProbe.sample(testbed, full: full)
+        var info = stat()
+        if lstat(instancePaths.overlay, &info) == 0 {
+            sample.hostDiskSpace = UInt64(max(info.st_blocks, 0)) * 512
+        }
+        return sample
+    }
+
     var auxverb: [String] {
         [auxverbExecutable, instancePaths.auxverb]
     }

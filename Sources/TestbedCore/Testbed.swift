@@ -72,6 +72,11 @@ public protocol Testbed: Sendable {
 
     /// Diagnostics for `auxverb_debug_fail`, or nil when there is nothing to add.
     func debugFailureReport() async -> String?
+
+    /// What the testbed has and uses now, for `--statistics-file`; `full` asks for the facts
+    /// that do not change too (CPUs, architecture). Runs beside the session's commands, never in
+    /// their way. Default: ``ResourceProbe`` through the auxverb.
+    func resources(_ testbed: InTestbed, full: Bool) async throws(VirtError) -> ResourceSample
 }
 
 extension Testbed {
@@ -105,6 +110,10 @@ extension Testbed {
     }
 
     public func debugFailureReport() async -> String? { nil }
+
+    public func resources(_ testbed: InTestbed, full: Bool) async throws(VirtError) -> ResourceSample {
+        try await ResourceProbe.sample(testbed, full: full)
+    }
 }
 
 /// The default way to ask a testbed to reboot, for backends that do more around it.

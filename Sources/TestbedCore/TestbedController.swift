@@ -35,10 +35,25 @@ public actor TestbedController {
     /// How long a shutdown waits for an open or revert its close cut short.
     static let creationGrace: Duration = .seconds(30)
 
-    public init(backend: any Testbed, runner: any CommandRunner = SubprocessRunner(), copyTimeout: Duration? = nil) {
+    /// Where `--statistics-file` goes, if given.
+    public let statistics: StatisticsFile?
+    /// Samples the testbed's resources every ``sampleInterval`` while it is open and not being
+    /// reverted or rebooted.
+    private var sampler: Task<Void, Never>?
+    static let sampleInterval: Duration = .seconds(3)
+    /// A guest too busy to answer a sample in this time is asked again at the next one.
+    static let sampleTimeout: Duration = .seconds(30)
+    /// The sample at `close` delays the reply: a hung testbed must not hold it up for long.
+    static let closingSampleTimeout: Duration = .seconds(10)
+
+    public init(
+        backend: any Testbed, runner: any CommandRunner = SubprocessRunner(), copyTimeout: Duration? = nil,
+        statistics: StatisticsFile? = nil
+    ) {
         self.backend = backend
         self.runner = runner
         self.copyTimeout = copyTimeout ?? TestbedController.copyTimeoutFromEnvironment()
+        self.statistics = statistics
     }
 
     /// AUTOPKGTEST_VIRT_COPY_TIMEOUT in seconds, 300 when unset or not a positive number.
@@ -55,6 +70,7 @@ public actor TestbedController {
 
     public func open() async throws(VirtError) -> String {
         guard !isOpen else { throw VirtError(.protocolMisuse, "`open' when already open") }
+        let started = ContinuousClock.now
         closing = nil
         needsClose = true
         creating.enter()
@@ -67,11 +83,20 @@ public actor TestbedController {
         }
         isOpen = true
         self.auxverb = auxverb
-        return try await makeScratch(auxverb)
+        let scratch = try await makeScratch(auxverb)
+        await changed(.opened(after: started.duration(to: .now)))
+        return scratch
     }
 
     public func close() async throws(VirtError) {
         guard isOpen else { throw VirtError(.protocolMisuse, "`close' when not open") }
+        if let statistics, let auxverb {
+            // The last reading, of the testbed as the session left it.
+            await stopSampling()
+            await Self.sample(
+                backend, InTestbed(auxverb: auxverb, runner: runner), into: statistics,
+                timeout: Self.closingSampleTimeout)
+        }
         await shutdown()
     }
 
@@ -83,9 +108,13 @@ public actor TestbedController {
         guard await backend.capabilities().contains(Capability.revert) else {
             throw VirtError(.protocolMisuse, "`revert' when `revert' not advertised")
         }
+        let started = ContinuousClock.now
+        await stopSampling()
         let auxverb = try await backend.revert()
         self.auxverb = auxverb
-        return try await makeScratch(auxverb)
+        let scratch = try await makeScratch(auxverb)
+        await changed(.reverted(after: started.duration(to: .now)))
+        return scratch
     }
 
     public func reboot(prepareOnly: Bool) async throws(VirtError) {
@@ -93,8 +122,10 @@ public actor TestbedController {
         guard await backend.capabilities().contains(Capability.reboot) else {
             throw VirtError(.protocolMisuse, "`reboot' when `reboot' not advertised")
         }
+        await stopSampling()
         auxverb = try await RebootSequence.run(
             backend, testbed, scratch: scratch, prepareOnly: prepareOnly, copyTimeout: copyTimeout)
+        await changed(.rebooted)
     }
 
     /// The auxverb, for `print-execute-command`.
@@ -135,6 +166,7 @@ public actor TestbedController {
             return
         }
         guard needsClose else { return }
+        sampler?.cancel()
         let backend = self.backend
         let creating = self.creating
         let interrupted = creating.count > 0
@@ -149,9 +181,74 @@ public actor TestbedController {
         }
         closing = task
         await task.value
+        await stopSampling()
         isOpen = false
         needsClose = false
         auxverb = nil
+        await statistics?.write()
+    }
+
+    /// What just happened to the testbed, for the statistics.
+    private enum Change {
+        case opened(after: Duration)
+        case reverted(after: Duration)
+        case rebooted
+    }
+
+    /// Records `change`, rewrites the statistics file and samples the new testbed.
+    private func changed(_ change: Change) async {
+        guard let statistics else { return }
+        switch change {
+        case .opened(let duration): await statistics.opened(after: duration)
+        case .reverted(let duration): await statistics.reverted(after: duration)
+        case .rebooted: break
+        }
+        await statistics.write()
+        startSampling()
+    }
+
+    /// Starts sampling the open testbed: at once, then every ``sampleInterval``, the file
+    /// rewritten after each sample.
+    private func startSampling() {
+        // Not after a shutdown began: an open or revert it cut short ends after it.
+        guard let statistics, let auxverb, isOpen, closing == nil else { return }
+        sampler?.cancel()
+        let backend = self.backend
+        let testbed = InTestbed(auxverb: auxverb, runner: runner)
+        sampler = Task {
+            while !Task.isCancelled {
+                await Self.sample(backend, testbed, into: statistics)
+                guard !Task.isCancelled else { return }
+                await statistics.write()
+                try? await Task.sleep(for: Self.sampleInterval)
+            }
+        }
+    }
+
+    /// Stops sampling and waits for a sample in flight: the testbed it reads is about to change.
+    private func stopSampling() async {
+        guard let sampler else { return }
+        sampler.cancel()
+        await sampler.value
+        // Another call may have started a new one meanwhile (a revert ending during a shutdown).
+        if self.sampler == sampler { self.sampler = nil }
+    }
+
+    /// One sample of `testbed` into `statistics`; a failed or slow one is only logged (a guest
+    /// may be too busy to answer, or rebooting by itself).
+    private static func sample(
+        _ backend: any Testbed, _ testbed: InTestbed, into statistics: StatisticsFile,
+        timeout: Duration = sampleTimeout
+    ) async {
+        let full = await statistics.needsFullSample
+        do {
+            let sample = try await withTimeout(timeout, "a resource sample") {
+                try await backend.resources(testbed, full: full)
+            }
+            await statistics.record(sample)
+        } catch {
+            log.debug("reading the testbed's resources failed: \(error.message)")
+        }
     }
 
     private func openState(_ verb: String) throws(VirtError) -> (InTestbed, String) {

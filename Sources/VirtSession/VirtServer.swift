@@ -19,8 +19,11 @@ public enum VirtServer {
     ///
     /// With `cleanupAfterDeath`, a ``DeathWatch`` runs this executable with those arguments once
     /// the process is gone, however it went (SIGKILL cannot be caught).
+    ///
+    /// With `statistics`, the testbed's resources are sampled while it is open and written there.
     public static func serve(
-        _ backend: any Testbed, runner: any CommandRunner = SubprocessRunner(), cleanupAfterDeath: [String]? = nil
+        _ backend: any Testbed, runner: any CommandRunner = SubprocessRunner(), cleanupAfterDeath: [String]? = nil,
+        statistics: StatisticsFile? = nil
     ) async -> Never {
         let flags = fcntl(0, F_GETFL)
         if flags >= 0 && flags & O_NONBLOCK != 0 {
@@ -29,7 +32,7 @@ public enum VirtServer {
             exit(ExitStatus.sessionFailure)
         }
         if let cleanupAfterDeath { DeathWatch.start(arguments: cleanupAfterDeath) }
-        let controller = TestbedController(backend: backend, runner: runner)
+        let controller = TestbedController(backend: backend, runner: runner, statistics: statistics)
         let session = Session(controller: controller, output: FileDescriptorReplyWriter(fd: 1))
         let signals = await UnixSignalsSequence(trapping: .sigterm, .sigint, .sighup)
         await withTaskGroup(of: SessionOutcome.self) { group in

@@ -1,6 +1,7 @@
 import ArgumentParser
 import CommandRunner
 import IncusBackend
+import TestbedCore
 import VirtCore
 import VirtSession
 
@@ -44,6 +45,8 @@ struct IncusServer: AsyncParsableCommand {
             repeat what the server sets itself (--profile debusine, --ephemeral, --vm, its \
             --target) are merged rather than given twice. The server's own options go before the \
             image.
+
+            \(StatisticsFile.manual)
             """,
         helpNames: .shortAndLong
     )
@@ -84,6 +87,9 @@ struct IncusServer: AsyncParsableCommand {
     @Option(help: "Seconds a graceful stop may take before the instance is killed.")
     var stopTimeout = 30
 
+    @Option(help: ArgumentHelp(StatisticsFile.optionHelp, valueName: "path"))
+    var statisticsFile: String?
+
     @Argument(help: "The image alias to launch, e.g. artifact/42.")
     var image: String
 
@@ -102,11 +108,17 @@ struct IncusServer: AsyncParsableCommand {
             log.debug(
                 "instances are made as: \(options.cli.launch(IncusCLI.Launch(image: options.image, name: "NAME", profiles: options.profiles, virtualMachine: options.virtualMachine, target: options.target, extraArguments: options.extraLaunchArguments)))"
             )
+            // debusine's names for the two kinds of Incus executor.
+            let backend = options.virtualMachine ? "incus-vm" : "incus-lxc"
+            let statistics = try statisticsFile.map { (path) throws(VirtError) in
+                try StatisticsFile(path: path, backend: backend, image: options.cli.qualified(options.image))
+            }
             try await IncusPreflight.check(options)
             await VirtServer.serve(
                 IncusTestbed(options: options),
                 cleanupAfterDeath: ["gc", "--owner", String(getpid())]
-                    + (options.cli.remote.map { ["--remote", $0] } ?? []))
+                    + (options.cli.remote.map { ["--remote", $0] } ?? []),
+                statistics: statistics)
         } catch {
             VirtServer.failBeforeBanner(error)
         }

@@ -2,6 +2,7 @@ import ArgumentParser
 import CommandRunner
 import ImageCache
 import QemuBackend
+import TestbedCore
 import VirtCore
 import VirtSession
 
@@ -58,6 +59,8 @@ struct QemuServer: AsyncParsableCommand {
             images after the first (attached read-only, in order). What this server cannot boot \
             yet (another architecture than x86_64, --boot bios, ieee1275 or none) is an error \
             before the banner.
+
+            \(StatisticsFile.manual)
             """,
         helpNames: .shortAndLong
     )
@@ -203,6 +206,9 @@ struct QemuServer: AsyncParsableCommand {
     )
     var snapshot = true
 
+    @Option(help: ArgumentHelp(StatisticsFile.optionHelp, valueName: "path"))
+    var statisticsFile: String?
+
     @Argument(help: "The system image: a path to a qcow2 or raw EFI image, or an http(s):// or file:// URL of one.")
     var image: String
 
@@ -213,8 +219,13 @@ struct QemuServer: AsyncParsableCommand {
     func run() async throws {
         VirtServer.prepareProcess(program: "debusine-virt-qemu", debug: debug)
         do {
+            // First: a mistyped path should not have to wait for an image download to be reported.
+            let statistics = try statisticsFile.map { (path) throws(VirtError) in
+                try StatisticsFile(path: path, backend: "qemu", image: image)
+            }
             let testbed = try QemuTestbed(options: try await options(), auxverbExecutable: try auxverbExecutable())
-            await VirtServer.serve(testbed, cleanupAfterDeath: ["gc", "--owner", String(getpid())])
+            await VirtServer.serve(
+                testbed, cleanupAfterDeath: ["gc", "--owner", String(getpid())], statistics: statistics)
         } catch {
             VirtServer.failBeforeBanner(error)
         }

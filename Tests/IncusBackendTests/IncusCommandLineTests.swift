@@ -151,6 +151,10 @@ struct IncusCommandLineTests {
             (["--lxd"], [String](), Int32(69), "--lxd is not supported: debusine-virt-incus runs Incus only"),
             ([], ["--", "--console"], 64, "the launch argument --console is not supported"),
             (["--target", "a"], ["--target", "b"], 64, "disagree"),
+            (
+                ["--statistics-file", "/nonexistent/statistics.json"], [], 69,
+                "cannot write the statistics file /nonexistent/statistics.json: No such file or directory"
+            ),
         ])
     func refusedBeforeBanner(_ before: [String], _ after: [String], _ status: Int32, _ message: String) async throws {
         let fake = try FakeIncusTests.Fake("", before, after: after)

@@ -32,6 +32,20 @@ struct IncusServerTests {
     }
 
     @Test(
+        "--statistics-file: whole JSON after every verb; a process holding 300 MiB shows in the container's memory peak; nothing left",
+        .enabled(if: enabled), .timeLimit(.minutes(10)))
+    func statisticsFile() async throws {
+        let image = try requireImage()
+        let output = try TestPaths.makeTemporaryDirectory("dv-statistics.")
+        defer { TestPaths.removeTree(output) }
+        let path = "\(output)/statistics.json"
+        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), "--statistics-file", path, image])
+        let pid = server.pid
+        try await StatisticsSession.run(server, path: path, backend: "incus-lxc", image: image, privateDisk: false)
+        #expect(try await instances(ownedBy: pid).isEmpty, "instances left behind")
+    }
+
+    @Test(
         "a whole session: capabilities, auxverb contract, streaming, copies, revert, reboot, close; nothing left",
         .enabled(if: enabled), .timeLimit(.minutes(10)))
     func wholeSession() async throws {

@@ -180,6 +180,12 @@ struct QemuCommandLineTests {
             (["--boot", "uefi"], 64, "'uefi' is invalid for '--boot"),
             (["-u", ""], 64, "--user must be a user name, without spaces or control characters"),
             (["--password", "a\nb"], 64, "--password must be one line"),
+            (
+                ["--statistics-file", "/nonexistent/statistics.json"], 69,
+                "cannot write the statistics file /nonexistent/statistics.json: No such file or directory"
+            ),
+            (["--statistics-file", "/tmp/"], 64, "the statistics file /tmp/ names a directory"),
+            (["--statistics-file", "/tmp"], 1, "cannot replace the statistics file /tmp: Is a directory"),
         ])
     func usageErrors(_ arguments: [String], _ status: Int32, _ message: String) async throws {
         let scratch = try await Scratch()

@@ -262,6 +262,33 @@ struct QemuServerTests {
     }
 
     @Test(
+        "--statistics-file: whole JSON after every verb; a process holding 300 MiB and a 200 MiB file show in the peaks, the overlay's growth too",
+        .enabled(if: enabled), .guestSlot(minutes: 20))
+    func statisticsFile() async throws {
+        let directory = try #require(
+            Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-test.")
+        let output = try TestPaths.makeTemporaryDirectory("dv-statistics.")
+        defer {
+            TestPaths.removeTree(parent)
+            TestPaths.removeTree(output)
+        }
+        let image = "\(directory)/bookworm-amd64.qcow2"
+        let path = "\(output)/statistics.json"
+        let server = try ServerProcess(
+            [
+                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--boot-timeout",
+                "900", "--statistics-file", path, image,
+            ],
+            environment: ["TMPDIR": parent])
+        try await StatisticsSession.run(server, path: path, backend: "qemu", image: image, privateDisk: true)
+        let closed = try StatisticsSession.read(path)
+        #expect((closed["host_disk_space"] as? NSNumber)?.intValue ?? 0 >= 195 << 20, "\(closed)")
+        #expect((closed["cpu_count"] as? NSNumber)?.intValue == 2, "the default -smp: \(closed)")
+        #expect(TestPaths.contents(of: parent).isEmpty, "the instance directory was left behind")
+    }
+
+    @Test(
         "autopkgtest runs the examples/ fixture package under debusine-virt-qemu with the expected summary",
         .enabled(if: enabled), .guestSlot(minutes: 20))
     func autopkgtestFixture() async throws {
