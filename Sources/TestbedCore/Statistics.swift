@@ -65,7 +65,7 @@ public enum ResourceProbe {
         echo "disk $(stat -f -c '%S %b %f' /)"
         if [ "$1" = full ]; then
             echo "cpus $(nproc)"
-            echo "architecture $(dpkg --print-architecture 2>/dev/null || uname -m)"
+            echo "architecture $(dpkg --print-architecture 2>/dev/null)"
         fi
         """#
 
@@ -148,7 +148,8 @@ public actor StatisticsFile {
         architecture and cpu_count of the testbed; available_memory and memory, its peak in use \
         (bytes; a VM's MemTotal - MemFree, a container's cgroup usage and memory.peak); \
         available_disk_space and disk_space, the size and peak used bytes of the testbed's root \
-        file system; host_disk_space, the peak bytes a VM's overlay takes on the host; \
+        file system; host_disk_space, the peak bytes the VM's overlay takes on the host (QEMU \
+        only); \
         open_seconds and revert_seconds, lists of seconds; samples, how many readings the peaks \
         are of. Unknown values are null.
         """
@@ -282,7 +283,20 @@ public actor StatisticsFile {
         }
     }
 
-    /// Writes `bytes` to a new file beside `path` and renames it over `path`.
+    /// The process's umask, read where reading it does not change it (umask(2) would, for every
+    /// thread, for a moment); 077 if unknown.
+    static let umask: mode_t = {
+        for line in (SmallFile.text("/proc/self/status") ?? "").split(separator: "\n")
+        where line.hasPrefix("Umask:") {
+            if let mask = mode_t(line.dropFirst(6).trimmingCharacters(in: .whitespaces), radix: 8) {
+                return mask & 0o777
+            }
+        }
+        return 0o077
+    }()
+
+    /// Writes `bytes` to a new file beside `path` and renames it over `path` (a symbolic link
+    /// there is replaced, not followed).
     static func replace(_ path: String, with bytes: [UInt8]) throws(VirtError) {
         let slash = path.lastIndex(of: "/")
         let directory = slash.map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
@@ -300,9 +314,10 @@ public actor StatisticsFile {
         do throws(VirtError) {
             defer { Glibc.close(fd) }
             try writeAll(fd, bytes, "cannot write the statistics file \(path)")
-            // mkstemp makes it 0600; nothing in it is secret, and the worker may read it as
-            // another user. (Reading the umask would change it for every thread meanwhile.)
-            guard fchmod(fd, 0o644) == 0, fsync(fd) == 0 else {
+            // mkstemp makes it 0600: the mode any new file of the caller's gets instead. No
+            // fsync: renaming is what makes it atomic for readers, and it would stall a thread
+            // of the cooperative pool under I/O load.
+            guard fchmod(fd, 0o666 & ~Self.umask) == 0 else {
                 throw VirtError(.io, "cannot write the statistics file \(path)", errno: errno)
             }
             guard rename(temporary, path) == 0 else {

@@ -40,6 +40,9 @@ public actor TestbedController {
     /// Samples the testbed's resources every ``sampleInterval`` while it is open and not being
     /// reverted or rebooted.
     private var sampler: Task<Void, Never>?
+    /// Samplers cancelled and not waited for: a revert or reboot must not wait for a reading of
+    /// the testbed it replaces. A shutdown waits for them, so no auxverb of theirs outlives it.
+    private var retired: [Task<Void, Never>] = []
     static let sampleInterval: Duration = .seconds(3)
     /// A guest too busy to answer a sample in this time is asked again at the next one.
     static let sampleTimeout: Duration = .seconds(30)
@@ -91,11 +94,16 @@ public actor TestbedController {
     public func close() async throws(VirtError) {
         guard isOpen else { throw VirtError(.protocolMisuse, "`close' when not open") }
         if let statistics, let auxverb {
-            // The last reading, of the testbed as the session left it.
-            await stopSampling()
-            await Self.sample(
-                backend, InTestbed(auxverb: auxverb, runner: runner), into: statistics,
-                timeout: Self.closingSampleTimeout)
+            // The last reading, of the testbed as the session left it; as the sampler, so that
+            // a signal's shutdown meanwhile cancels it and waits for it.
+            retireSampling()
+            let backend = self.backend
+            let testbed = InTestbed(auxverb: auxverb, runner: runner)
+            let last = Task {
+                await Self.sample(backend, testbed, into: statistics, timeout: Self.closingSampleTimeout)
+            }
+            sampler = last
+            await last.value
         }
         await shutdown()
     }
@@ -109,7 +117,7 @@ public actor TestbedController {
             throw VirtError(.protocolMisuse, "`revert' when `revert' not advertised")
         }
         let started = ContinuousClock.now
-        await stopSampling()
+        retireSampling()
         let auxverb = try await backend.revert()
         self.auxverb = auxverb
         let scratch = try await makeScratch(auxverb)
@@ -122,7 +130,7 @@ public actor TestbedController {
         guard await backend.capabilities().contains(Capability.reboot) else {
             throw VirtError(.protocolMisuse, "`reboot' when `reboot' not advertised")
         }
-        await stopSampling()
+        retireSampling()
         auxverb = try await RebootSequence.run(
             backend, testbed, scratch: scratch, prepareOnly: prepareOnly, copyTimeout: copyTimeout)
         await changed(.rebooted)
@@ -166,26 +174,32 @@ public actor TestbedController {
             return
         }
         guard needsClose else { return }
-        sampler?.cancel()
+        retireSampling()
+        let samplers = retired
+        retired = []
         let backend = self.backend
         let creating = self.creating
+        let statistics = self.statistics
         let interrupted = creating.count > 0
+        // Everything in this task, so that a second caller (a signal during `close`) waiting for
+        // it does not end the process before the file is written.
         let task = Task {
             await backend.close()
-            guard interrupted else { return }
-            if !(await creating.waitUntilIdle(timeout: Self.creationGrace)) {
-                log.warning(
-                    "an open or revert did not end within \(Self.creationGrace.formattedSeconds) of the shutdown")
+            if interrupted {
+                if !(await creating.waitUntilIdle(timeout: Self.creationGrace)) {
+                    log.warning(
+                        "an open or revert did not end within \(Self.creationGrace.formattedSeconds) of the shutdown")
+                }
+                await backend.close()
             }
-            await backend.close()
+            for sampler in samplers { await sampler.value }
+            await statistics?.write()
         }
         closing = task
         await task.value
-        await stopSampling()
         isOpen = false
         needsClose = false
         auxverb = nil
-        await statistics?.write()
     }
 
     /// What just happened to the testbed, for the statistics.
@@ -212,7 +226,7 @@ public actor TestbedController {
     private func startSampling() {
         // Not after a shutdown began: an open or revert it cut short ends after it.
         guard let statistics, let auxverb, isOpen, closing == nil else { return }
-        sampler?.cancel()
+        retireSampling()
         let backend = self.backend
         let testbed = InTestbed(auxverb: auxverb, runner: runner)
         sampler = Task {
@@ -225,13 +239,12 @@ public actor TestbedController {
         }
     }
 
-    /// Stops sampling and waits for a sample in flight: the testbed it reads is about to change.
-    private func stopSampling() async {
+    /// Stops sampling without waiting for a sample in flight (see ``retired``).
+    private func retireSampling() {
         guard let sampler else { return }
         sampler.cancel()
-        await sampler.value
-        // Another call may have started a new one meanwhile (a revert ending during a shutdown).
-        if self.sampler == sampler { self.sampler = nil }
+        retired.append(sampler)
+        self.sampler = nil
     }
 
     /// One sample of `testbed` into `statistics`; a failed or slow one is only logged (a guest

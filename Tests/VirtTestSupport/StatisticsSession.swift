@@ -68,11 +68,19 @@ public enum StatisticsSession {
             #expect(result.status == .exited(0), "\(argv): \(result.status) \(result.errorText)")
         }
         // tail keeps all 300 MiB of a pipe before writing any; `sleep` never reads, so tail holds
-        // them until sleep ends. No python3 needed: container images may have none.
-        try await inTestbed(["sh", "-c", "head -c 300M /dev/zero | tail -c 300M | sleep 10"])
-        let held = try await waitFor(path, "300 MiB more memory in use") {
+        // them until sleep ends, or until the test has seen them (a VM's memory is sampled: a
+        // loaded machine must not make the test miss them). No python3: container images may
+        // have none.
+        let hog = Task {
+            try await runner.run(
+                Command(argv: aux + ["sh", "-c", "head -c 300M /dev/zero | tail -c 300M | sleep 300"]),
+                input: .none, output: .discard, error: .discard)
+        }
+        let held = try await waitFor(path, "300 MiB more memory in use", timeout: .seconds(240)) {
             number($0, "memory") ?? 0 >= memory0 + 280 * mebibyte
         }
+        hog.cancel()
+        _ = await hog.result
         #expect(number(held, "memory") ?? 0 >= memory0 + 280 * mebibyte, "from \(memory0): \(held)")
 
         try await inTestbed([
