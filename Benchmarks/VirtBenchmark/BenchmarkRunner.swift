@@ -267,10 +267,3 @@ struct Session: Sendable {
         return PercentCoding.decode(Array(words[1].utf8))
     }
 }
-
-extension Duration {
-    var seconds: Double {
-        let (whole, attoseconds) = components
-        return Double(whole) + Double(attoseconds) / 1e18
-    }
-}

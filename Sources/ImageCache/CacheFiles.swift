@@ -51,25 +51,6 @@ public enum CacheFiles {
         return names
     }
 
-    /// Creates a new empty file `prefix` + 6 random characters with mode 0600 and returns its
-    /// descriptor and path.
-    static func makeTemporaryFile(prefix: String) throws(VirtError) -> (fd: Int32, path: String) {
-        var template = Array((prefix + "XXXXXX").utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { buffer -> Int32 in
-            guard let base = buffer.baseAddress else { return -1 }
-            return mkstemp(base)
-        }
-        guard fd >= 0 else {
-            throw VirtError(.io, "cannot create a file \(prefix)XXXXXX", errno: errno)
-        }
-        // Our children (curl, sha256sum) get what they need explicitly, never this descriptor.
-        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        let path = template.withUnsafeBufferPointer { buffer in
-            String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        }
-        return (fd, path)
-    }
-
     /// Flushes a file's data to the disk, so that a rename after a crash never exposes a name
     /// whose content was still in the page cache.
     static func sync(_ fd: Int32, _ path: String) throws(VirtError) {
@@ -108,7 +89,7 @@ public enum CacheFiles {
     /// Replaces `path` with a file holding `line` and a newline: written to a temporary name,
     /// synced, then renamed, so a reader sees the old or the new line, never half of one.
     static func writeLine(_ line: String, to path: String) throws(VirtError) {
-        let (fd, temporary) = try makeTemporaryFile(prefix: path + ".tmp.")
+        let (fd, temporary) = try TemporaryFile.make(prefix: path + ".tmp.")
         do throws(VirtError) {
             try writeAll(fd, Array((line + "\n").utf8), "cannot write \(temporary)")
             try sync(fd, temporary)

@@ -179,7 +179,7 @@ public struct ImageCache: Sendable {
     private func download(
         _ url: String, into entry: Entry, expected: String?, check: ImageCheck?
     ) async throws(VirtError) {
-        let (fd, temporary) = try CacheFiles.makeTemporaryFile(prefix: entry.temporaryPrefix)
+        let (fd, temporary) = try TemporaryFile.make(prefix: entry.temporaryPrefix)
         // A check that could not be made (not a refusal) keeps the verified download as an
         // entry, which the next fetch checks again; this fetch still fails with it.
         var unchecked: VirtError?

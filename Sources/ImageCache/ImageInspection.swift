@@ -233,7 +233,7 @@ public struct ImageInspection: Sendable {
         let fd = open(directory, __O_TMPFILE | O_DIRECTORY | O_RDWR | O_CLOEXEC, 0o600)
         if fd >= 0 { return fd }
         // Without O_TMPFILE (some file systems): a file of our own, unlinked at once.
-        let (named, path) = try CacheFiles.makeTemporaryFile(prefix: "\(directory)/dv-image-head.")
+        let (named, path) = try TemporaryFile.make(prefix: "\(directory)/dv-image-head.")
         CacheFiles.remove(path)
         return named
     }

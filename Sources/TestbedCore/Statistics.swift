@@ -155,18 +155,8 @@ public actor StatisticsFile {
         """
 
     public let path: String
-    let backend: String
-    let image: String
-    private var cpuCount: Int?
-    private var architecture: String?
-    private var availableMemory: UInt64?
-    private var memory: UInt64?
-    private var availableDiskSpace: UInt64?
-    private var diskSpace: UInt64?
-    private var hostDiskSpace: UInt64?
-    private var openSeconds: [Double] = []
-    private var revertSeconds: [Double] = []
-    private var samples = 0
+    /// What is known so far: what the file says after the next write.
+    private(set) var document: Document
     /// The first write failure after start-up is logged; later ones would only repeat it.
     private var reportedFailure = false
 
@@ -174,28 +164,30 @@ public actor StatisticsFile {
     /// the banner, rather than after the session.
     public init(path: String, backend: String, image: String) throws(VirtError) {
         self.path = path
-        self.backend = backend
-        self.image = image
-        try Self.replace(path, with: Self.encode(Document(backend: backend, image: image)))
+        document = Document(backend: backend, image: image)
+        try Self.replace(path, with: Self.encode(document))
     }
 
     /// Whether the facts that do not change (CPUs, architecture) are still to be read.
-    public var needsFullSample: Bool { cpuCount == nil || architecture == nil }
+    public var needsFullSample: Bool { document.cpuCount == nil || document.architecture == nil }
 
     public func record(_ sample: ResourceSample) {
-        samples += 1
-        if let value = sample.cpuCount { cpuCount = value }
-        if let value = sample.architecture { architecture = value }
-        if let value = sample.availableMemory { availableMemory = max(availableMemory ?? 0, value) }
-        for value in [sample.memory, sample.memoryPeak].compactMap({ $0 }) { memory = max(memory ?? 0, value) }
-        if let value = sample.availableDiskSpace { availableDiskSpace = max(availableDiskSpace ?? 0, value) }
-        if let value = sample.diskSpace { diskSpace = max(diskSpace ?? 0, value) }
-        if let value = sample.hostDiskSpace { hostDiskSpace = max(hostDiskSpace ?? 0, value) }
+        func peak(_ kept: inout UInt64?, _ values: UInt64?...) {
+            for value in values.compactMap({ $0 }) { kept = max(kept ?? 0, value) }
+        }
+        document.samples += 1
+        if let value = sample.cpuCount { document.cpuCount = value }
+        if let value = sample.architecture { document.architecture = value }
+        peak(&document.availableMemory, sample.availableMemory)
+        peak(&document.memory, sample.memory, sample.memoryPeak)
+        peak(&document.availableDiskSpace, sample.availableDiskSpace)
+        peak(&document.diskSpace, sample.diskSpace)
+        peak(&document.hostDiskSpace, sample.hostDiskSpace)
     }
 
-    public func opened(after duration: Duration) { openSeconds.append(duration.seconds) }
+    public func opened(after duration: Duration) { document.openSeconds.append(duration.seconds) }
 
-    public func reverted(after duration: Duration) { revertSeconds.append(duration.seconds) }
+    public func reverted(after duration: Duration) { document.revertSeconds.append(duration.seconds) }
 
     /// Replaces the file with what is known now. A failure is logged, not thrown: the session
     /// goes on, and the file keeps its previous, whole, version.
@@ -206,21 +198,6 @@ public actor StatisticsFile {
             if !reportedFailure { log.error("cannot update the statistics file: \(error.message)") }
             reportedFailure = true
         }
-    }
-
-    var document: Document {
-        var document = Document(backend: backend, image: image)
-        document.architecture = architecture
-        document.cpuCount = cpuCount
-        document.availableMemory = availableMemory
-        document.memory = memory
-        document.availableDiskSpace = availableDiskSpace
-        document.diskSpace = diskSpace
-        document.hostDiskSpace = hostDiskSpace
-        document.openSeconds = openSeconds
-        document.revertSeconds = revertSeconds
-        document.samples = samples
-        return document
     }
 
     /// The file's fields; unknown values are `null`, never left out.
@@ -304,13 +281,13 @@ public actor StatisticsFile {
         guard !name.isEmpty, name != ".", name != ".." else {
             throw VirtError(.usage, "the statistics file \(path) names a directory, not a file")
         }
-        var template = Array("\(directory)/.\(name).XXXXXX".utf8CString)
-        // mkstemp, not mkostemp (not in the Glibc module): every spawn here passes on only fds 0-2.
-        let fd = template.withUnsafeMutableBufferPointer { buffer in buffer.baseAddress.map { mkstemp($0) } ?? -1 }
-        guard fd >= 0 else {
-            throw VirtError(.unavailable, "cannot write the statistics file \(path)", errno: errno)
+        let (fd, temporary): (Int32, String)
+        do throws(VirtError) {
+            (fd, temporary) = try TemporaryFile.make(prefix: "\(directory)/.\(name).")
+        } catch {
+            throw VirtError(
+                .unavailable, "cannot write the statistics file \(path)", errno: error.underlying ?? EIO)
         }
-        let temporary = String(nulTerminated: template)
         do throws(VirtError) {
             defer { Glibc.close(fd) }
             try writeAll(fd, bytes, "cannot write the statistics file \(path)")
@@ -327,13 +304,5 @@ public actor StatisticsFile {
             unlink(temporary)
             throw error
         }
-    }
-}
-
-extension Duration {
-    /// The duration in seconds, as a floating-point number.
-    var seconds: Double {
-        let (whole, attoseconds) = components
-        return Double(whole) + Double(attoseconds) / 1e18
     }
 }

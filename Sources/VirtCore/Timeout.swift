@@ -84,6 +84,12 @@ public struct Deadline: Sendable {
 }
 
 extension Duration {
+    /// The duration in seconds, as a floating-point number (for figures, not messages).
+    public var seconds: Double {
+        let (whole, attoseconds) = components
+        return Double(whole) + Double(attoseconds) / 1e18
+    }
+
     /// "1.5 s"-style text for messages.
     public var formattedSeconds: String {
         // components of a negative duration are both negative: "-3.-9 s" otherwise.
