@@ -18,6 +18,12 @@ public struct IncusOptions: Sendable {
     /// Keep a spare instance made (`incus init`, not started) while a test runs, so that a revert
     /// only starts it (`--no-spare` turns it off).
     public var spare = true
+    /// Make the spare as soon as the testbed is up, even while the test keeps the host busy. By
+    /// default it waits for a quiet moment on this host (``QuietHost``), unless the instances are
+    /// on a remote, whose load this host cannot see.
+    public var eagerSpare = false
+    /// What "quiet" means for the spare's wait.
+    var quietHost = QuietHost()
     public var cli = IncusCLI()
     /// debusine-virt-auxverb: the auxverb runs the wrapper through it in framed mode
     /// (``AuxverbWrapper``); plain `incus exec` now and then loses a command's output on a busy
@@ -34,9 +40,10 @@ public struct IncusOptions: Sendable {
 /// through the `incus` CLI. Revert starts a fresh instance; the instance's own ephemeral
 /// flag plus the owner labels make sure nothing outlives the server for long.
 ///
-/// Revert is a new instance from the image, made ahead: once a testbed is up, a spare is made
-/// (`incus init`) while the test runs, and a revert only starts it, as any pool driver allows
-/// (`--no-spare`: a revert launches). Medians on the `dir` pool here (README): starting a spare
+/// Revert is a new instance from the image, made ahead: once a testbed is up and the host is
+/// quiet (``QuietHost``), a spare is made (`incus init`), and a revert only starts it, as any
+/// pool driver allows (`--no-spare`: a revert launches; a revert that comes before the host was
+/// quiet makes the spare then). Medians on the `dir` pool here (README): starting a spare
 /// 1.0 s, a launch 9.8 s (making an instance unpacks the image), `incus copy` of a template
 /// 14.8 s. `incus snapshot restore` (2.7 s) is not a revert on `dir`: its rsync keeps a file
 /// rewritten with the same size and modification time. Stateful snapshots need CRIU.
@@ -123,7 +130,15 @@ public final class IncusTestbed: Testbed {
     /// Makes the spare for the next revert in the background, unless there is one.
     private func prepareSpare() {
         guard options.spare else { return }
-        instances.prepareSpare {
+        let quietHost = options.quietHost
+        let wait: (@Sendable () async -> Void)? =
+            options.eagerSpare || cli.remote != nil
+            ? nil
+            : { @Sendable in
+                let quiet = await quietHost.wait()
+                log.debug(quiet ? "the host is quiet: making the spare" : "making the spare now, for the revert")
+            }
+        instances.prepareSpare(after: wait) {
             do throws(VirtError) {
                 return try await self.createInstance(.spare)
             } catch {
@@ -138,7 +153,7 @@ public final class IncusTestbed: Testbed {
     /// Starts the spare and waits for it as for a launch; a spare that does not start is
     /// deleted and a new instance launched instead.
     private func startSpare(_ name: String) async throws(VirtError) -> [String] {
-        log.info("starting the spare \(cli.qualified(name)), made while the last test ran")
+        log.info("starting the spare \(cli.qualified(name)), made for this revert")
         let result = try await instances.counted { () async throws(VirtError) in try await runner.run(cli.start(name)) }
         guard result.status.succeeded else {
             log.warning(

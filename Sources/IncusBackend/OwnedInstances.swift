@@ -18,6 +18,9 @@ final class OwnedInstances: Sendable {
         var current: String?
         var spare: String?
         var spareTask: Task<String?, Never>?
+        /// What the spare's making waits for first (a quiet host): cut short by a revert, which
+        /// needs the spare now, and by a close.
+        var spareWait: Task<Void, Never>?
     }
 
     private let state = Mutex(State())
@@ -67,23 +70,34 @@ final class OwnedInstances: Sendable {
     /// Takes the running instance's name, for a revert to delete, and the task making the spare
     /// that is to replace it. The name stays counted as in flight until its deletion ends
     /// (``leave()``), even while closing: a close finds either the name or its deletion.
+    /// A spare still waiting to be made is made now.
     func retireCurrent() -> (old: String?, spare: Task<String?, Never>?) {
         state.withLock { state in
             defer {
                 state.current = nil
                 state.spareTask = nil
+                state.spareWait?.cancel()
+                state.spareWait = nil
             }
             if state.current != nil { inFlight.enter(evenIfClosed: true) }
             return (state.current, state.spareTask)
         }
     }
 
-    /// Starts making a spare with `make` (which names it with ``beginMaking(_:as:)``), unless
-    /// there is one, made or being made, or the server is closing.
-    func prepareSpare(_ make: @escaping @Sendable () async -> String?) {
+    /// Starts making a spare with `make` (which names it with ``beginMaking(_:as:)``), after
+    /// `wait` unless a revert or a close cuts it short, unless there is one, made or being made,
+    /// or the server is closing.
+    func prepareSpare(
+        after wait: (@Sendable () async -> Void)? = nil, _ make: @escaping @Sendable () async -> String?
+    ) {
         state.withLock { state in
             guard !inFlight.isClosed, state.spareTask == nil, state.spare == nil else { return }
-            state.spareTask = Task { await make() }
+            let waiting = wait.map { wait in Task { await wait() } }
+            state.spareWait = waiting
+            state.spareTask = Task {
+                await waiting?.value
+                return await make()
+            }
         }
     }
 
@@ -104,6 +118,11 @@ final class OwnedInstances: Sendable {
     /// once the time is up.
     func close(within timeout: Duration) async -> (current: String?, spare: String?) {
         inFlight.close()
+        // A spare not begun is never made now (its making finds the server closing).
+        state.withLock { state in
+            state.spareWait?.cancel()
+            state.spareWait = nil
+        }
         let deadline = Deadline(after: timeout)
         while true {
             _ = await inFlight.waitUntilIdle(timeout: deadline.remaining())

@@ -81,6 +81,12 @@ struct IncusServer: AsyncParsableCommand {
     )
     var spare = true
 
+    @Flag(
+        help:
+            "Make the spare as soon as the testbed is up, even while the test keeps the host busy. By default it waits for a quiet moment (a CPU and a half idle for a second: making it takes about that much), so that it does not slow the test; a revert that comes first makes it then. With --remote it is made at once (the remote's load is not visible here)."
+    )
+    var eagerSpare = false
+
     @Option(help: "Seconds to wait for the instance to boot (systemctl is-system-running).")
     var bootTimeout = 300
 
@@ -136,6 +142,7 @@ struct IncusServer: AsyncParsableCommand {
             image: image, auxverbExecutable: try VirtServer.auxverbExecutable(besides: "debusine-virt-incus"))
         options.cli = IncusCLI(remote: remote.map { $0.hasSuffix(":") ? String($0.dropLast()) : $0 })
         options.spare = spare
+        options.eagerSpare = eagerSpare
         options.bootTimeout = .seconds(bootTimeout)
         options.stopTimeout = stopTimeout
         // As autopkgtest-virt-incus reads it (argparse.REMAINDER): the `--` right after the image

@@ -90,9 +90,12 @@ struct FakeIncusTests {
         #expect(try await fake.server.wait() == .exited(0))
     }
 
-    @Test("a spare is made while the testbed runs; revert starts it instead of launching; close deletes the next one")
+    @Test(
+        "with --eager-spare a spare is made while the testbed runs; revert starts it instead of launching; close deletes the next one"
+    )
     func spare() async throws {
-        let fake = try Fake("")
+        // At once, not when the host is quiet: this host may be busy for the whole test.
+        let fake = try Fake("", ["--eager-spare"])
         defer { fake.cleanUp() }
         try await openRevertClose(fake)
         let calls = fake.calls

@@ -155,7 +155,7 @@ struct IncusServerTests {
         #expect(try await runner.run(Command(argv: reverted + ["test", "-e", "/root/marker"])).status == .exited(1))
         #expect(
             server.standardError.contains("starting the spare \(instanceName(reverted))"),
-            "the revert started the spare made while the session ran:\n\(server.standardError)")
+            "the revert started a spare:\n\(server.standardError)")
         let gone = try await runner.run(Command("incus", ["info", firstName]))
         #expect(!gone.status.succeeded, "the first instance was deleted")
 
@@ -234,9 +234,45 @@ struct IncusServerTests {
         #expect(orphans.isEmpty, "left behind: \(orphans)")
     }
 
+    @Test(
+        "by default no spare is made while the host is busy; a revert makes it then and starts it; nothing is left",
+        .enabled(if: enabled), .timeLimit(.minutes(5)))
+    func spareWaitsForQuietHost() async throws {
+        let image = try requireImage()
+        // Every CPU kept busy at the lowest priority (the tests beside this one hardly notice):
+        // this host cannot be quiet while they run.
+        let burners = try (0..<ProcessInfo.processInfo.activeProcessorCount).map { _ in
+            try ServerProcess(["/usr/bin/nice", "-n", "19", "/bin/sh", "-c", "while :; do :; done"])
+        }
+        defer {
+            for burner in burners { burner.signal(SIGKILL) }
+        }
+        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), "--debug", image])
+        #expect(try await server.readLine() == "ok")
+        #expect(try await server.request("open").hasPrefix("ok /"), "\(server.standardError)")
+        // Four times the quiet moment the spare waits for.
+        try await Task.sleep(for: .seconds(4))
+        let before = try await instances(ownedBy: server.pid)
+        #expect(before.count == 1, "a spare was made while the host was busy: \(before)")
+        #expect(try await server.request("revert").hasPrefix("ok /"), "\(server.standardError)")
+        let said = await server.standardError(containing: "starting the spare")
+        #expect(said.contains("making the spare now, for the revert"), "\(said)")
+        let after = try await instances(ownedBy: server.pid)
+        #expect(after.count == 1 && after != before, "the reverted testbed runs in the spare alone: \(after)")
+        for burner in burners {
+            burner.signal(SIGKILL)
+            _ = try await burner.wait()
+        }
+        #expect(try await server.request("close") == "ok")
+        server.write(line: "quit")
+        #expect(try await server.wait() == .exited(0), "\(server.standardError)")
+        #expect(try await instances(ownedBy: server.pid).isEmpty)
+    }
+
     /// A server opened, with its testbed and the spare for the next revert both made.
     func openedWithSpare(_ image: String) async throws -> (ServerProcess, [String]) {
-        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), image])
+        // At once: the test machine is rarely quiet.
+        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), "--eager-spare", image])
         #expect(try await server.readLine() == "ok")
         #expect(try await server.request("open").hasPrefix("ok /"))
         // Killed once the spare exists, maybe still being made by incusd: gc waits for that.

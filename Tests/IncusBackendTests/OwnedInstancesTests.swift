@@ -95,6 +95,50 @@ struct OwnedInstancesTests {
         #expect(calls.withLock { $0 } == 1)
     }
 
+    @Test(
+        "a spare waiting for a quiet host is made at once when a revert comes; a close ends the wait and nothing is made"
+    )
+    func waitCutShort() async {
+        let instances = OwnedInstances()
+        let waits = Mutex(0)
+        // A host that never gets quiet: the wait ends only by cancellation.
+        let neverQuiet: @Sendable () async -> Void = {
+            waits.withLock { $0 += 1 }
+            try? await Task.sleep(for: .seconds(3600))
+        }
+        let make: @Sendable () async -> String? = {
+            guard instances.beginMaking("spare", as: .spare) else { return nil }
+            instances.leave()
+            return "spare"
+        }
+        #expect(instances.beginMaking("first", as: .current))
+        instances.leave()
+        instances.prepareSpare(after: neverQuiet, make)
+        try? await Task.sleep(for: .milliseconds(50))
+        #expect(waits.withLock { $0 } == 1)
+        let (old, spareTask) = instances.retireCurrent()
+        #expect(old == "first")
+        instances.leave()
+        let clock = ContinuousClock()
+        let start = clock.now
+        #expect(await instances.promote(spareTask) == "spare")
+        #expect(clock.now - start < .seconds(60), "the revert waited for the host")
+
+        let made = Mutex(0)
+        instances.prepareSpare(after: neverQuiet) {
+            made.withLock { $0 += 1 }
+            return await make()
+        }
+        try? await Task.sleep(for: .milliseconds(50))
+        let taken = await instances.close(within: .seconds(30))
+        #expect(taken.current == "spare")
+        #expect(taken.spare == nil)
+        // The making ran, after the wait, and found the server closing.
+        while made.withLock({ $0 }) == 0 && clock.now - start < .seconds(60) { await Task.yield() }
+        #expect(made.withLock { $0 } == 1)
+        #expect(instances.current == nil)
+    }
+
     @Test("a revert's deletion is counted even when the close began first, and a dropped name is not the close's")
     func retireWhileClosing() async {
         let instances = OwnedInstances()
