@@ -416,6 +416,95 @@ struct HostileGuestEndTests {
     }
 }
 
+/// The helper's own side of a spawn, spoken to in frames as the relay does: what the command
+/// starts with (directory, environment, signals, session) and how a program is looked up.
+@Suite("Guest helper: how commands are started")
+struct HelperSpawnTests {
+    /// One command through `port` on `channel`: its stdout, stderr and exit report.
+    static func run(
+        _ port: Int32, channel: UInt32, _ argv: [String], environment: [String] = [], directory: String = "/"
+    ) throws -> (output: String, error: String, exit: String) {
+        var spawn = Frame.spawn(argv: argv, environment: environment, directory: directory)
+        spawn.channel = channel
+        let bytes = spawn.encoded
+        try #require(bytes.withUnsafeBytes { write(port, $0.baseAddress, $0.count) } == bytes.count)
+        try #require(write(port, Frame(channel: channel, .stdinEOF).encoded, 9) == 9)
+        var decoder = FrameDecoder()
+        var output = "", error = ""
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            while let frame = try decoder.next() {
+                guard frame.channel == channel else { continue }
+                switch frame.kind {
+                case .stdout: output += String(decoding: frame.payload, as: UTF8.self)
+                case .stderr: error += String(decoding: frame.payload, as: UTF8.self)
+                case .exit: return (output, error, String(decoding: frame.payload, as: UTF8.self))
+                default: break
+                }
+            }
+            let count = read(port, &buffer, buffer.count)
+            try #require(count > 0, "the helper closed its port or went silent")
+            decoder.append(buffer[..<count])
+        }
+    }
+
+    @Test(
+        "a command starts in the directory asked for, with no signal ignored or blocked, in a session of its own; PATH is the command's, searched past a file that cannot run; a file that cannot run exits 126, a missing one 127"
+    )
+    func spawning() async throws {
+        let directory = try TestPaths.makeTemporaryDirectory("dv-spawn.")
+        defer { TestPaths.removeTree(directory) }
+        let (helper, portPath) = try await HostHelper.listening(in: directory)
+        defer { helper.signal(SIGKILL) }
+        let port = try TestSockets.connect(to: portPath)
+        defer { close(port) }
+        var timeout = timeval(tv_sec: 60, tv_usec: 0)
+        try #require(setsockopt(port, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size)) == 0)
+        for name in ["first", "second", "work"] {
+            try FileManager.default.createDirectory(atPath: "\(directory)/\(name)", withIntermediateDirectories: false)
+        }
+        // The same name twice on PATH: the first cannot be run, the second can.
+        try "#!/bin/sh\necho first\n".write(toFile: "\(directory)/first/tool", atomically: false, encoding: .utf8)
+        try "#!/bin/sh\necho second\n".write(toFile: "\(directory)/second/tool", atomically: false, encoding: .utf8)
+        chmod("\(directory)/first/tool", 0o644)
+        chmod("\(directory)/second/tool", 0o755)
+        let path = "PATH=\(directory)/first:\(directory)/second"
+
+        let found = try Self.run(port, channel: 1, ["tool"], environment: [path])
+        #expect(found.output == "second\n" && found.exit == "code 0", "\(found)")
+        let notRunnable = try Self.run(port, channel: 2, ["tool"], environment: ["PATH=\(directory)/first"])
+        #expect(notRunnable.exit == "code 126", "\(notRunnable)")
+        #expect(notRunnable.error.contains("cannot run tool: Permission denied"), "\(notRunnable)")
+        let missing = try Self.run(port, channel: 3, ["no-such-tool"], environment: [path])
+        #expect(missing.exit == "code 127" && missing.error.contains("cannot run no-such-tool"), "\(missing)")
+
+        let here = try Self.run(port, channel: 4, ["pwd"], directory: "\(directory)/work")
+        #expect(here.output == "\(directory)/work\n", "\(here)")
+        let root = try Self.run(port, channel: 5, ["pwd"])
+        #expect(root.output == "/\n", "\(root)")
+        let nowhere = try Self.run(port, channel: 6, ["pwd"], directory: "\(directory)/gone")
+        #expect(nowhere.exit == "code 127" && nowhere.error.contains("cannot run pwd"), "\(nowhere)")
+
+        let status = try Self.run(port, channel: 7, ["cat", "/proc/self/status"])
+        func mask(_ name: String) -> UInt64? {
+            status.output.split(separator: "\n").first { $0.hasPrefix("\(name):\t") }
+                .flatMap { UInt64($0.dropFirst(name.count + 2), radix: 16) }
+        }
+        #expect(mask("SigBlk") == 0, "\(status.output)")
+        // Signals 1-31 and the real-time ones are at their default. glibc's posix_spawn leaves its
+        // own two (32 and 33, SIGCANCEL and SIGSETXID) ignored in the child; glibc sets them up
+        // again in every program it starts.
+        #expect(mask("SigIgn").map { $0 & ~0x1_8000_0000 } == 0, "\(status.output)")
+        // /proc/self/stat: pid (comm) state ppid pgrp session ...
+        let stat = try Self.run(port, channel: 8, ["cat", "/proc/self/stat"])
+        let fields = stat.output.split(separator: ")").last?.split(separator: " ") ?? []
+        #expect(fields.count > 4 && stat.output.split(separator: " ").first == fields[3], "\(stat.output)")
+        // The helper came back to where it was after each command.
+        let after = try Self.run(port, channel: 9, ["sh", "-c", "echo ok"])
+        #expect(after.output == "ok\n" && after.exit == "code 0", "\(after)")
+    }
+}
+
 @Suite("Exit reports and frame sizes from the guest")
 struct CommandEndTests {
     @Test(
