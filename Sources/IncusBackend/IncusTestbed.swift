@@ -15,8 +15,8 @@ public struct IncusOptions: Sendable {
     public var bootTimeout: Duration = .seconds(300)
     /// How long a graceful stop may take before the instance is killed.
     public var stopTimeout = 30
-    /// Keep a spare instance made (`incus init`, not started) while a test runs, so that a revert
-    /// only starts it (`--no-spare` turns it off).
+    /// Keep a spare instance made (`incus init`, not started) ahead, so that a revert only starts
+    /// it (`--no-spare` turns it off); see ``eagerSpare`` for when it is made.
     public var spare = true
     /// Make the spare as soon as the testbed is up, even while the test keeps the host busy. By
     /// default it waits for a quiet moment on this host (``QuietHost``), unless the instances are
@@ -136,7 +136,10 @@ public final class IncusTestbed: Testbed {
             ? nil
             : { @Sendable in
                 let quiet = await quietHost.wait()
-                log.debug(quiet ? "the host is quiet: making the spare" : "making the spare now, for the revert")
+                log.debug(
+                    quiet
+                        ? "the host is quiet: making the spare"
+                        : "the wait for a quiet host ended early (a revert or a close)")
             }
         instances.prepareSpare(after: wait) {
             do throws(VirtError) {

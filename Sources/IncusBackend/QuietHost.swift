@@ -42,10 +42,13 @@ struct CPUTimes: Equatable, Sendable {
 ///
 /// Making an Incus spare unpacks the image: incusd and its `tar` take about a CPU and a half for
 /// a second or two (1.8-2.1 CPU-seconds in 1.3-1.9 s on a `dir` pool on tmpfs here). Made while
-/// the test ran, on a two-core worker, it slowed a CPU-bound command right after `open` by about
-/// 40 %. Made when that much is idle (between two tests, while autopkgtest copies or waits) it
-/// takes nothing from the test; a revert that comes first stops the wait and the spare is made
-/// then, as a launch would be. A one-CPU host is never quiet: its spares are made at revert.
+/// the test ran, on a two-core worker, it slowed CPU-bound commands right after `open` by
+/// 22-40 % (docs/performance.md). Made when that much is idle (between two tests, while
+/// autopkgtest copies or waits) it takes nothing from the test; a revert that comes first stops
+/// the wait and the spare is made then, as a launch would be. A one-CPU host is never quiet: its
+/// spares are made at revert. /proc/stat is the whole machine's: a server confined to some CPUs
+/// or under a CPU quota judges by the machine's idle time, and time waiting for I/O counts as
+/// idle.
 struct QuietHost: Sendable {
     var idleNeeded = 1.5
     var interval: Duration = .milliseconds(500)

@@ -77,7 +77,7 @@ struct IncusServer: AsyncParsableCommand {
     @Flag(
         inversion: .prefixedNo, exclusivity: .chooseLast,
         help:
-            "Make a spare instance while a test runs, which a revert starts; --no-spare makes none (a revert then makes its instance from the image, slower on pools that copy images, like dir)."
+            "Make a spare instance ahead, which a revert starts (made once the host is quiet; see --eager-spare); --no-spare makes none (a revert then makes its instance from the image, slower on pools that copy images, like dir)."
     )
     var spare = true
 

@@ -59,7 +59,10 @@ func interrupt(_ backend: Backend, _ phase: Phase, _ interruption: Interruption)
         let work = try TestPaths.makeTemporaryDirectory("dv-fault-work.")
         defer { TestPaths.removeTree(work) }
         let boots = backend == .qemu && [.opening, .reverting].contains(phase)
-        let server = try await ServerUnderTest.start(backend, options: boots ? ["--no-snapshot"] : [])
+        // Incus: the spare made at once, so that the interruptions after open land while incusd
+        // makes it (by default it waits for a quiet host, and the steps here come sooner).
+        let options = boots ? ["--no-snapshot"] : backend == .incus ? ["--eager-spare"] : []
+        let server = try await ServerUnderTest.start(backend, options: options)
         let process = server.process
         var command: ServerProcess?
         do {

@@ -449,7 +449,7 @@ struct HelperSpawnTests {
     }
 
     @Test(
-        "a command starts in the directory asked for, with no signal ignored or blocked, in a session of its own; PATH is the command's, searched past a file that cannot run; a file that cannot run exits 126, a missing one 127"
+        "a command starts in the directory asked for, with no signal ignored or blocked, in a session of its own; PATH is the command's, searched past a directory and a file that cannot run; a file that cannot run exits 126, a missing one or an empty name 127; the helper stays where it was"
     )
     func spawning() async throws {
         let directory = try TestPaths.makeTemporaryDirectory("dv-spawn.")
@@ -460,7 +460,7 @@ struct HelperSpawnTests {
         defer { close(port) }
         var timeout = timeval(tv_sec: 60, tv_usec: 0)
         try #require(setsockopt(port, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size)) == 0)
-        for name in ["first", "second", "work"] {
+        for name in ["first", "second", "work", "dirs", "dirs/tool"] {
             try FileManager.default.createDirectory(atPath: "\(directory)/\(name)", withIntermediateDirectories: false)
         }
         // The same name twice on PATH: the first cannot be run, the second can.
@@ -468,7 +468,12 @@ struct HelperSpawnTests {
         try "#!/bin/sh\necho second\n".write(toFile: "\(directory)/second/tool", atomically: false, encoding: .utf8)
         chmod("\(directory)/first/tool", 0o644)
         chmod("\(directory)/second/tool", 0o755)
-        let path = "PATH=\(directory)/first:\(directory)/second"
+        // A directory named like the program first, as execvp passes over.
+        let path = "PATH=\(directory)/dirs:\(directory)/first:\(directory)/second"
+        func helperDirectory() -> String {
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(helper.pid)/cwd")) ?? "?"
+        }
+        let home = helperDirectory()
 
         let found = try Self.run(port, channel: 1, ["tool"], environment: [path])
         #expect(found.output == "second\n" && found.exit == "code 0", "\(found)")
@@ -500,8 +505,13 @@ struct HelperSpawnTests {
         let fields = stat.output.split(separator: ")").last?.split(separator: " ") ?? []
         #expect(fields.count > 4 && stat.output.split(separator: " ").first == fields[3], "\(stat.output)")
         // The helper came back to where it was after each command.
-        let after = try Self.run(port, channel: 9, ["sh", "-c", "echo ok"])
+        #expect(helperDirectory() == home && home != "?", "the helper is in \(helperDirectory()), not \(home)")
+        // An empty program name ends that command, not the helper.
+        let empty = try Self.run(port, channel: 9, [""])
+        #expect(empty.exit == "code 127" && empty.error.contains("cannot run"), "\(empty)")
+        let after = try Self.run(port, channel: 10, ["sh", "-c", "echo ok"], directory: "\(directory)/work")
         #expect(after.output == "ok\n" && after.exit == "code 0", "\(after)")
+        #expect(helperDirectory() == home, "the helper is in \(helperDirectory()), not \(home)")
     }
 }
 

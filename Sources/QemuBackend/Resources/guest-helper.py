@@ -25,6 +25,8 @@ PORT_BATCH = 4 << 20
 LINGER = 0.2
 # What a command starts with at its default: every signal (Python ignores SIGPIPE and
 # SIGXFSZ, and an ignored signal stays ignored across exec; the helper handles SIGCHLD).
+# glibc's posix_spawn still leaves its own two (32 and 33) ignored; glibc sets them up again
+# in every program it starts.
 RESET_SIGNALS = ([number for number in signal.valid_signals() if number not in (signal.SIGKILL, signal.SIGSTOP)]
                  if hasattr(signal, 'valid_signals')
                  else [signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM])
@@ -90,7 +92,7 @@ class Helper:
         self.by_pid = {}
         self.posix_spawn = POSIX_SPAWN
         # Where the helper runs, to come back to after a command's spawn in its directory.
-        self.home = os.open('.', os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.home = os.open('.', getattr(os, 'O_PATH', os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC)
         self.wake_r, self.wake_w = os.pipe()
         nonblocking(self.wake_r)
         nonblocking(self.wake_w)
@@ -176,6 +178,9 @@ class Helper:
                 pid, report = self.spawn_plain(argv, env, cwd, in_r, out_w, err_w), b''
             except OSError as e:
                 pid, report = None, ('%d %s' % (e.errno or 0, e.strerror or e)).encode()
+            except (ValueError, TypeError) as e:
+                # An empty program name or environment name, which exec would refuse too.
+                pid, report = None, ('0 %s' % e).encode()
             except NotImplementedError:
                 # A C library without POSIX_SPAWN_SETSID: fork from now on.
                 self.posix_spawn = False
@@ -197,6 +202,7 @@ class Helper:
                 os.dup2(out_w, 1)
                 os.dup2(err_w, 2)
                 signal.set_wakeup_fd(-1)
+                signal.pthread_sigmask(signal.SIG_SETMASK, [])
                 for number in RESET_SIGNALS:
                     try:
                         signal.signal(number, signal.SIG_DFL)
@@ -250,7 +256,11 @@ class Helper:
                         first_error = e
             raise first_error or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
         finally:
-            os.fchdir(self.home)
+            # Never an exception from here: it would take the place of a started command's pid.
+            try:
+                os.fchdir(self.home)
+            except OSError:
+                os.chdir('/')
 
     def started(self, command, pid, argv, report, in_w, out_r, err_r):
         command.pid = pid
