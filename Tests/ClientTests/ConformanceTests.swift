@@ -31,15 +31,6 @@ struct ConformanceTests {
         /// The reference this column is compared with.
         var reference: Server { isQemu ? .theirsQemu : .theirsIncus }
 
-        /// What the server's run adds to the environment. autopkgtest-virt-qemu gives its guest
-        /// 10 s to mount the shared directory after the login prompt, which a guest sharing two
-        /// cores with the other columns missed: its QEMU runs at nice -10 (scripts/qemu-no-kvm),
-        /// so it gets the CPU it needs whatever else runs.
-        /// (As root only: nice would refuse, and QEMU run at the usual priority.)
-        var environment: [String: String?] {
-            self == .theirsQemu && getuid() == 0 ? ["QEMU_NO_KVM_NICE": "-10"] : [:]
-        }
-
         /// The server's argv after autopkgtest's `--`. `debusine` gives debusine's executors'
         /// exact argument lists (qemu: `--boot efi --dpkg-architecture amd64 IMAGE`; incus-lxc:
         /// `artifact/ID -- --profile debusine`).
@@ -203,8 +194,7 @@ struct ConformanceTests {
         let result = try await runner.run(
             Command(
                 command[0], Array(command.dropFirst()),
-                environment: ["PATH": try Installed.path(), "TMPDIR": run].merging(server.environment) { $1 },
-                workingDirectory: directory),
+                environment: ["PATH": try Installed.path(), "TMPDIR": run], workingDirectory: directory),
             input: .none, output: .capture(limit: 16 << 20), error: .capture(limit: 64 << 20))
         let summary = ((try? String(contentsOfFile: "\(run)/summary", encoding: .utf8)) ?? "")
             .split(separator: "\n").map { $0.split(separator: " ").joined(separator: " ") }
@@ -259,17 +249,17 @@ struct ConformanceTests {
     func matrix() async throws {
         let setup = try await Self.makeSetup()
         defer { TestPaths.removeTree(setup.work) }
-        // All four columns side by side, one run at a time in each. autopkgtest-virt-qemu's guest
-        // runs at a higher priority (see `Server.environment`), so the others no longer have to
-        // wait for it: they fill the core its one vCPU leaves.
-        let results = try await withThrowingTaskGroup(of: (Server, [String: Outcome]).self) { group in
-            for server in Server.allCases {
+        // Our columns and the Incus reference side by side (one QEMU guest at a time), then the
+        // QEMU reference alone.
+        var results = try await withThrowingTaskGroup(of: (Server, [String: Outcome]).self) { group in
+            for server in [Server.oursQemu, .oursIncus, .theirsIncus] {
                 group.addTask { (server, try await Self.column(server, setup)) }
             }
             var results: [Server: [String: Outcome]] = [:]
             for try await (server, outcomes) in group { results[server] = outcomes }
             return results
         }
+        results[.theirsQemu] = try await Self.column(.theirsQemu, setup)
         for server in [Server.oursQemu, .oursIncus] {
             for form in Self.forms {
                 guard let ours = results[server]?[form.name], let theirs = results[server.reference]?[form.name]
