@@ -49,7 +49,8 @@ final class HostHelper: Sendable {
     /// Runs a command through the auxverb and captures everything.
     func run(_ argv: [String], input: CommandInput = .none) async throws -> CommandResult {
         try await SubprocessRunner().run(
-            Command(argv: auxverb + argv), input: input, output: .capture(limit: 64 << 20), error: .capture)
+            Command(argv: auxverb + argv), input: input, output: .capture(limit: 64 << 20),
+            error: .capture(limit: 64 << 20))
     }
 
     func stop() async {
@@ -170,6 +171,32 @@ struct AuxverbTests {
             }
             // One after the other they would take 32 s; the rest is room for a loaded machine.
             #expect(clock.now - start < .seconds(30), "the four commands did not run concurrently")
+        }
+    }
+
+    @Test(
+        "three commands writing megabytes to stdout and stderr at once: every stream whole and in order, none mixed with another"
+    )
+    func interleavedBulkOutput() async throws {
+        try await withHelper { host in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for index in 0..<3 {
+                    group.addTask {
+                        // Both streams at once, so the helper's frames for one command alternate
+                        // between them and between the commands.
+                        let result = try await host.run([
+                            "sh", "-c", #"seq -f "$1 %g" 1 300000 & seq -f "$1 e%g" 1 300000 >&2; wait"#, "sh",
+                            "\(index)",
+                        ])
+                        #expect(result.status == .exited(0))
+                        let expected = (1...300_000).map { "\(index) \($0)" }
+                        let errors = (1...300_000).map { "\(index) e\($0)" }
+                        #expect(result.outputText.split(separator: "\n").map(String.init) == expected)
+                        #expect(result.errorText.split(separator: "\n").map(String.init) == errors)
+                    }
+                }
+                try await group.waitForAll()
+            }
         }
     }
 

@@ -16,6 +16,7 @@ TIOCSWINSZ = 0x80087467 if os.uname().machine.startswith(('ppc', 'mips', 'sparc'
 FIONREAD = (0x4004667f if os.uname().machine.startswith(('ppc', 'sparc'))
             else 0x467f if os.uname().machine.startswith('mips') else 0x541b)
 OUTBUF_LIMIT = 1 << 20
+SPLICE_F_NONBLOCK = 2
 # <linux/random.h>: _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
 RNDADDENTROPY, RNDRESEEDCRNG = 0x40085203, 0x5207
 PORT_BATCH = 4 << 20
@@ -74,6 +75,8 @@ class Command:
         self.pending_offset = 0
         self.stdin_eof = False
         self.credit = 0
+        # Output through pipes (not a terminal), which the kernel can splice.
+        self.pipes = True
         self.status = None
         self.exited_at = None
         # Bytes the command itself left in each output pipe when it exited: they are its
@@ -91,6 +94,14 @@ class Helper:
         self.commands = {}
         self.by_pid = {}
         self.posix_spawn = POSIX_SPAWN
+        # Output is spliced from pipes to the port where the kernel can (Python 3.10 on).
+        self.splice = hasattr(os, 'splice')
+        if self.splice:
+            self.splice_r, self.splice_w = os.pipe()
+            try:
+                fcntl.fcntl(self.splice_w, 1031, CHUNK)
+            except OSError:
+                pass
         # Where the helper runs, to come back to after a command's spawn in its directory.
         self.home = os.open('.', getattr(os, 'O_PATH', os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC)
         self.wake_r, self.wake_w = os.pipe()
@@ -161,6 +172,7 @@ class Helper:
         if terminal is not None:
             # A pseudo-terminal: the master is the command's stdin and stdout.
             master, slave = os.openpty()
+            command.pipes = False
             fcntl.ioctl(slave, TIOCSWINSZ, struct.pack('HHHH', terminal[0], terminal[1], 0, 0))
             in_r, in_w, out_r, out_w, err_r, err_w = slave, os.dup(master), master, slave, None, slave
         else:
@@ -333,6 +345,10 @@ class Helper:
         elif kind == STDIN:
             if command.stdin is None:
                 self.send(channel, STDIN_CREDIT, struct.pack('>I', len(payload)))
+            elif len(command.pending) == command.pending_offset:
+                # Nothing waiting before it: straight into the pipe, what it takes.
+                written = self.write_stdin(command, payload)
+                command.pending += payload[written:]
             else:
                 command.pending += payload
         elif kind == STDIN_EOF:
@@ -355,7 +371,9 @@ class Helper:
         got = 0
         while got < PORT_BATCH:
             try:
-                data = os.read(self.port, 1 << 20)
+                # A read asking for much more than a buffer would cost an mmap each (glibc
+                # maps allocations past 128 KiB); 64 KiB is a page on every architecture.
+                data = os.read(self.port, 64 << 10)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -374,9 +392,13 @@ class Helper:
             end = offset + HEADER.size + length
             if len(self.inbuf) < end:
                 break
-            payload = bytes(self.inbuf[offset + HEADER.size:end])
+            if kind == STDIN:
+                # Stdin is the bulk: a view, written on from there or copied once.
+                with memoryview(self.inbuf) as view, view[offset + HEADER.size:end] as payload:
+                    self.handle(channel, kind, payload)
+            else:
+                self.handle(channel, kind, bytes(self.inbuf[offset + HEADER.size:end]))
             offset = end
-            self.handle(channel, kind, payload)
         del self.inbuf[:offset]
         return True
 
@@ -393,23 +415,85 @@ class Helper:
                 return
             self.outbuf_offset = consume(self.outbuf, self.outbuf_offset, written)
 
-    def write_stdin(self, command):
+    def write_stdin(self, command, data=None):
+        """Writes to a command's stdin what is pending, or data (nothing pending then);
+        acknowledges what it took and returns how much of data that was."""
         try:
-            with memoryview(command.pending) as view:
-                written = os.write(command.stdin, view[command.pending_offset:])
+            if data is not None:
+                written = os.write(command.stdin, data)
+            else:
+                with memoryview(command.pending) as view:
+                    written = os.write(command.stdin, view[command.pending_offset:])
         except (BlockingIOError, InterruptedError):
-            return
+            return 0
         except OSError:
             # The command closed its stdin: what it did not take is acknowledged anyway
             # so the host does not wait for credit forever.
-            written = len(command.pending) - command.pending_offset
+            written = len(data) if data is not None else len(command.pending) - command.pending_offset
             self.close_fd(command, 'stdin')
-        command.pending_offset = consume(command.pending, command.pending_offset, written)
+        if data is None:
+            command.pending_offset = consume(command.pending, command.pending_offset, written)
         self.send(command.channel, STDIN_CREDIT, struct.pack('>I', written))
         if not command.pending and command.stdin_eof:
             self.close_fd(command, 'stdin')
+        return written
+
+    def splice_output(self, command, fd, kind):
+        """Sends what waits in a command's output pipe as one frame whose payload the
+        kernel moves from the pipe to the port (splice): under TCG every copy made here
+        costs far more than the kernel handing pipe pages on. The bytes go through a pipe
+        of the helper's own first, and the port always takes all of that pipe: a virtio
+        console given fewer bytes than its pipe holds queues empty buffers, which QEMU
+        refuses by breaking the device ("zero sized buffers are not allowed"). Only with
+        nothing queued, so frames stay in order. Returns the payload's size, 0 when
+        nothing was sent (the usual read then sees the end of the output)."""
+        try:
+            size = os.splice(fd, self.splice_w, min(CHUNK, command.credit), flags=SPLICE_F_NONBLOCK)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            # A kernel that cannot splice these (EINVAL): copy from now on.
+            self.splice = False
+            return 0
+        if not size:
+            return 0
+        header = HEADER.pack(command.channel, kind, size)
+        try:
+            written = os.write(self.port, header)
+        except (BlockingIOError, InterruptedError):
+            written = 0
+        moved = 0
+        if written < len(header):
+            self.outbuf += header[written:]
+        else:
+            while moved < size:
+                try:
+                    count = os.splice(self.splice_r, self.port, size - moved, flags=SPLICE_F_NONBLOCK)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    self.splice = False
+                    break
+                if not count:
+                    break
+                moved += count
+        # What the port did not take goes the usual way, after the header.
+        while moved < size:
+            data = os.read(self.splice_r, size - moved)
+            self.outbuf += data
+            moved += len(data)
+        return size
 
     def read_output(self, command, name, kind):
+        fd = getattr(command, name)
+        if self.splice and command.pipes and not self.outbuf_size():
+            size = self.splice_output(command, fd, kind)
+            if size:
+                if name in command.owed:
+                    command.owed[name] = max(0, command.owed[name] - size)
+                command.credit -= size
+                self.write_port()
+                return
         # A pipe holds 64 KiB: read on while the command keeps it filled, up to a frame.
         collected = []
         size = 0
