@@ -131,8 +131,10 @@ struct QemuServerTests {
         #expect(!bootAfter.isEmpty && bootAfter != bootBefore)
         #expect(try await inGuest(["test", "-x", "\(scratch)/tool"]).status == .exited(0))
 
-        // revert: same scratch path, a clean machine.
+        // revert: same scratch path, a clean machine, the same capabilities as after open.
+        let openedCapabilities = try await server.request("capabilities")
         #expect(try await server.request("revert") == "ok \(scratch)")
+        #expect(try await server.request("capabilities") == openedCapabilities)
         #expect(try await inGuest(["test", "-e", "/root/big"]).status == .exited(1))
         #expect(try await inGuest(["test", "-d", scratch]).status == .exited(0))
 
