@@ -98,6 +98,7 @@ class Helper:
         self.splice = hasattr(os, 'splice')
         if self.splice:
             self.splice_r, self.splice_w = os.pipe()
+            nonblocking(self.splice_r)
             try:
                 fcntl.fcntl(self.splice_w, 1031, CHUNK)
             except OSError:
@@ -349,6 +350,8 @@ class Helper:
                 # Nothing waiting before it: straight into the pipe, what it takes.
                 written = self.write_stdin(command, payload)
                 command.pending += payload[written:]
+                if len(command.pending) == command.pending_offset and command.stdin_eof:
+                    self.close_fd(command, 'stdin')
             else:
                 command.pending += payload
         elif kind == STDIN_EOF:
@@ -372,7 +375,7 @@ class Helper:
         while got < PORT_BATCH:
             try:
                 # A read asking for much more than a buffer would cost an mmap each (glibc
-                # maps allocations past 128 KiB); 64 KiB is a page on every architecture.
+                # maps allocations past 128 KiB); 64 KiB is at least a page everywhere.
                 data = os.read(self.port, 64 << 10)
             except (BlockingIOError, InterruptedError):
                 break
@@ -431,11 +434,11 @@ class Helper:
             # so the host does not wait for credit forever.
             written = len(data) if data is not None else len(command.pending) - command.pending_offset
             self.close_fd(command, 'stdin')
+        self.send(command.channel, STDIN_CREDIT, struct.pack('>I', written))
         if data is None:
             command.pending_offset = consume(command.pending, command.pending_offset, written)
-        self.send(command.channel, STDIN_CREDIT, struct.pack('>I', written))
-        if not command.pending and command.stdin_eof:
-            self.close_fd(command, 'stdin')
+            if not command.pending and command.stdin_eof:
+                self.close_fd(command, 'stdin')
         return written
 
     def splice_output(self, command, fd, kind):
@@ -451,9 +454,11 @@ class Helper:
             size = os.splice(fd, self.splice_w, min(CHUNK, command.credit), flags=SPLICE_F_NONBLOCK)
         except (BlockingIOError, InterruptedError):
             return 0
-        except OSError:
-            # A kernel that cannot splice these (EINVAL): copy from now on.
-            self.splice = False
+        except OSError as e:
+            # A kernel that cannot splice these: copy from now on. Anything else (ENOMEM,
+            # say) only costs this turn.
+            if e.errno in (errno.EINVAL, errno.ENOSYS):
+                self.splice = False
             return 0
         if not size:
             return 0
@@ -471,15 +476,23 @@ class Helper:
                     count = os.splice(self.splice_r, self.port, size - moved, flags=SPLICE_F_NONBLOCK)
                 except (BlockingIOError, InterruptedError):
                     break
-                except OSError:
-                    self.splice = False
+                except OSError as e:
+                    if e.errno in (errno.EINVAL, errno.ENOSYS):
+                        self.splice = False
                     break
                 if not count:
                     break
                 moved += count
-        # What the port did not take goes the usual way, after the header.
+        # What the port did not take goes the usual way, after the header. The pipe holds it
+        # all, unless the port took bytes it then dropped (a virtio queue that failed): the
+        # stream is broken then, and the helper ends rather than send a short frame.
         while moved < size:
-            data = os.read(self.splice_r, size - moved)
+            try:
+                data = os.read(self.splice_r, size - moved)
+            except BlockingIOError:
+                data = b''
+            if not data:
+                raise RuntimeError('the port lost %d bytes of a frame' % (size - moved))
             self.outbuf += data
             moved += len(data)
         return size
