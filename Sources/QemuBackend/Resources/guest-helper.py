@@ -416,6 +416,10 @@ class Helper:
                     written = os.write(self.port, view[self.outbuf_offset:])
             except (BlockingIOError, InterruptedError):
                 return
+            if not written:
+                # A virtio console whose queue failed takes nothing and says so with 0: writing
+                # on would spin for ever; ending lets the host see the helper go.
+                raise RuntimeError('the port takes no more bytes')
             self.outbuf_offset = consume(self.outbuf, self.outbuf_offset, written)
 
     def write_stdin(self, command, data=None):
