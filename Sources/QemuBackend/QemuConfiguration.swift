@@ -220,9 +220,7 @@ public enum QemuCommands {
         var arguments = [
             "-name", "debusine-virt,process=debusine-virt-qemu",
             "-machine", machine,
-            // Under TCG, qemu64 (autopkgtest-virt-qemu's CPU there too): with `max`, booting and
-            // guest work took 5-25 % longer here. A `-cpu` in --qemu-options comes later and wins.
-            "-cpu", kvm ? "host" : "qemu64",
+            "-cpu", kvm ? "host" : "max",
             "-smp", "\(options.cpus)",
             "-m", "\(options.ramMiB)",
         ]
