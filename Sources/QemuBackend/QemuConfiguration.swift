@@ -220,6 +220,9 @@ public enum QemuCommands {
         var arguments = [
             "-name", "debusine-virt,process=debusine-virt-qemu",
             "-machine", machine,
+            // Under TCG, qemu64 (autopkgtest-virt-qemu's CPU there) made guest work 5-25 % faster
+            // here, but in its first CI run a reboot of a restored guest hung in early boot (RCU
+            // stalls, CPU 0's timer silent) on a loaded host: `max` until that is understood.
             "-cpu", kvm ? "host" : "max",
             "-smp", "\(options.cpus)",
             "-m", "\(options.ramMiB)",
