@@ -265,7 +265,7 @@ public struct ImageImport: Sendable {
             try await runner.check(Command("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", raw, disk]))
             unlink(raw)
         }
-        let architecture = options.architecture ?? Architecture.debian(machine: Self.machine()) ?? "amd64"
+        let architecture = options.architecture ?? Architecture.debian(machine: Architecture.hostMachine) ?? "amd64"
         guard let incusArchitecture = Architecture.incusName(debian: architecture) else {
             throw VirtError(.usage, "unknown Debian architecture \(architecture)")
         }
@@ -349,12 +349,6 @@ public struct ImageImport: Sendable {
         case "p": return "a FIFO"
         default: return "of type `\(type)'"
         }
-    }
-
-    static func machine() -> String {
-        var name = utsname()
-        uname(&name)
-        return withUnsafeBytes(of: &name.machine) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
     }
 
     static func makeDirectory(_ path: String) throws(VirtError) {

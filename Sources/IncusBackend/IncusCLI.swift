@@ -138,6 +138,11 @@ public struct IncusCLI: Sendable, Equatable {
         command(["image", "info", qualified(alias)])
     }
 
+    /// `incus query /1.0` on the remote: the server's description, with the architectures it runs.
+    public func serverInfo() -> Command {
+        command(["query", remote.map { "\($0):/1.0" } ?? "/1.0"])
+    }
+
     /// `incus image import FILE... --alias ALIAS` into the remote's store: a unified image, or
     /// the metadata tarball and the disk of a split one.
     public func imageImport(_ files: [String], alias: String) -> Command {

@@ -1,4 +1,5 @@
 import CommandRunner
+import Foundation
 import VirtCore
 
 /// What the server checks before its banner, so that a host or image that cannot work gives an
@@ -26,6 +27,7 @@ public enum IncusPreflight {
             }
             throw IncusErrors.describe(info, result)
         }
+        try await checkArchitecture(options, imageInfo: result.outputText, runner: runner)
         for profile in options.profiles {
             let show = cli.profileShow(profile)
             let shown = try await runner.run(show)
@@ -38,5 +40,47 @@ public enum IncusPreflight {
                 throw IncusErrors.describe(show, shown)
             }
         }
+    }
+
+    /// An image of an architecture the Incus host cannot run fails here, naming both, instead
+    /// of at `open` with incusd's "Requested architecture isn't supported by this host". The
+    /// server is asked only when the image is not of this machine's architecture (or is on a
+    /// remote): an amd64 image on an amd64 host costs no command.
+    static func checkArchitecture(
+        _ options: IncusOptions, imageInfo: String, runner: any CommandRunner
+    ) async throws(VirtError) {
+        guard let image = architecture(imageInfo: imageInfo) else { return }
+        if options.cli.remote == nil && image == Architecture.hostMachine { return }
+        let query = options.cli.serverInfo()
+        let result = try await runner.run(query)
+        guard result.status.succeeded else { throw IncusErrors.describe(query, result) }
+        guard let host = architectures(serverInfo: result.outputText), !host.isEmpty, !host.contains(image) else {
+            return
+        }
+        func named(_ incus: String) -> String {
+            Architecture.debian(machine: incus).map { "\($0) (\(incus))" } ?? incus
+        }
+        let remote = options.cli.remote.map { "the Incus remote \($0)" } ?? "this Incus host"
+        throw VirtError(
+            .unavailable,
+            "the image \(options.cli.qualified(options.image)) is for \(named(image)), which \(remote) cannot run: "
+                + "it runs \(host.map(named).joined(separator: ", ")); use a host of that architecture")
+    }
+
+    /// The `Architecture:` line of `incus image info` (Incus's name, e.g. aarch64).
+    static func architecture(imageInfo: String) -> String? {
+        for line in imageInfo.split(separator: "\n") where line.hasPrefix("Architecture:") {
+            let value = line.dropFirst("Architecture:".count).trimmingCharacters(in: .whitespaces)
+            return value.isEmpty ? nil : value
+        }
+        return nil
+    }
+
+    /// `environment.architectures` of `incus query /1.0`.
+    static func architectures(serverInfo: String) -> [String]? {
+        guard let object = try? JSONSerialization.jsonObject(with: Data(serverInfo.utf8)) as? [String: Any],
+            let environment = object["environment"] as? [String: Any]
+        else { return nil }
+        return environment["architectures"] as? [String]
     }
 }

@@ -482,7 +482,9 @@ struct IncusImportTests {
     let runner = SubprocessRunner()
     let tool = TestPaths.executable("debusine-virt-incus")
 
-    func makeRootfs(_ work: String, withInit: Bool) async throws -> String {
+    /// A tiny root filesystem as a tarball; `arm64` puts an aarch64 executable header where the
+    /// import looks for the architecture, instead of this host's `env`.
+    func makeRootfs(_ work: String, withInit: Bool, arm64: Bool = false) async throws -> String {
         let root = "\(work)/root"
         try await runner.check(
             Command(
@@ -491,11 +493,17 @@ struct IncusImportTests {
                     "-ec",
                     #"""
                     mkdir -p "$1/usr/bin" "$1/usr/sbin" "$1/usr/lib/systemd/system" "$1/etc"
-                    cp /usr/bin/env "$1/usr/bin/env"
+                    if [ "$3" = yes ]; then
+                        printf '\177ELF\002\001\001\000\000\000\000\000\000\000\000\000\002\000\267\000' > "$1/usr/bin/env"
+                        head -c 108 /dev/zero >> "$1/usr/bin/env"
+                        chmod 755 "$1/usr/bin/env"
+                    else
+                        cp /usr/bin/env "$1/usr/bin/env"
+                    fi
                     printf 'NAME="Debian GNU/Linux"\nVERSION_CODENAME=testing-x\n' > "$1/usr/lib/os-release"
                     touch "$1/usr/lib/systemd/system/systemd-networkd.service"
                     [ "$2" = no ] || ln -s /lib/systemd/systemd "$1/usr/sbin/init"
-                    """#, "sh", root, withInit ? "yes" : "no",
+                    """#, "sh", root, withInit ? "yes" : "no", arm64 ? "yes" : "no",
                 ]))
         let tarball = "\(work)/rootfs.tar.xz"
         try await runner.check(Command("tar", ["--create", "--xz", "--file", tarball, "--directory", root, "."]))
@@ -591,6 +599,29 @@ struct IncusImportTests {
         #expect(refused.status != .exited(0))
         #expect(refused.errorText.contains("exactly one raw image"), "\(refused.errorText)")
         #expect(try await !aliasExists("artifact/vm-two-\(getpid())"))
+    }
+
+    @Test(
+        "an arm64 tarball imports as aarch64; on this host the server refuses it before the banner, naming both",
+        .enabled(if: IncusServerTests.enabled && Architecture.hostMachine == "x86_64"))
+    func foreignArchitecture() async throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-import.")
+        defer { TestPaths.removeTree(work) }
+        let tarball = try await makeRootfs(work, withInit: true, arm64: true)
+        let id = "arm64-\(getpid())"
+        let alias = "artifact/\(id)"
+        let imported = try await runner.run(Command(tool, ["import", "--artifact-id", id, tarball]))
+        #expect(imported.status == .exited(0), "\(imported.errorText)")
+        defer { Task { _ = try? await SubprocessRunner().run(Command("incus", ["image", "delete", alias])) } }
+        let info = try await runner.check(Command("incus", ["image", "info", alias]))
+        #expect(info.contains("Architecture: aarch64") && info.contains("architecture: arm64"), "\(info)")
+        let server = try ServerProcess([tool, alias])
+        #expect(try await server.wait(timeout: .seconds(60)) == .exited(69), "\(server.standardError)")
+        #expect(try await server.readLine() == nil, "no banner")
+        #expect(
+            server.standardError.contains(
+                "the image \(alias) is for arm64 (aarch64), which this Incus host cannot run: it runs amd64 (x86_64)"),
+            "\(server.standardError)")
     }
 
     @Test(

@@ -1,5 +1,6 @@
 import CommandRunner
 import Foundation
+import Synchronization
 import Testing
 import VirtCore
 
@@ -193,5 +194,69 @@ struct VirtualMachineImportUnitTests {
         #expect(ImageImport.nonRegularKind("brw-r--r-- 0/0 8,0 1970-01-01 00:00 disk.img") == "a block device")
         #expect(ImageImport.nonRegularKind("crw-r--r-- 0/0 1,3 1970-01-01 00:00 disk.img") == "a character device")
         #expect(ImageImport.nonRegularKind("prw-r--r-- 0/0 0 1970-01-01 00:00 disk.img") == "a FIFO")
+    }
+}
+
+/// Answers `incus image info` and `incus query /1.0` with canned text and records what ran:
+/// the architecture check's error paths without a foreign host.
+final class CannedIncus: CommandRunner {
+    let imageInfo: String
+    let serverInfo: String
+    let ran = Mutex<[[String]]>([])
+
+    init(imageArchitecture: String, hostArchitectures: [String]) {
+        imageInfo = "Fingerprint: 94db\nArchitecture: \(imageArchitecture)\nProperties:\n    architecture: ignored\n"
+        let names = hostArchitectures.map { "\"\($0)\"" }.joined(separator: ", ")
+        serverInfo = #"{"environment": {"architectures": ["# + names + "]}}"
+    }
+
+    func run(
+        _ command: Command, input: CommandInput, output: CommandOutput, error: CommandOutput
+    ) async throws(VirtError) -> CommandResult {
+        ran.withLock { $0.append(command.argv) }
+        let text = command.arguments.first == "query" ? serverInfo : command.arguments.first == "image" ? imageInfo : ""
+        return CommandResult(status: .exited(0), standardOutput: Array(text.utf8), standardError: [])
+    }
+}
+
+@Suite("The Incus host must run the image's architecture")
+struct IncusArchitectureTests {
+    func options(remote: String? = nil) -> IncusOptions {
+        var options = IncusOptions(image: "artifact/42", auxverbExecutable: "/usr/bin/debusine-virt-auxverb")
+        options.cli = IncusCLI(remote: remote)
+        options.profiles = []
+        return options
+    }
+
+    @Test("an arm64 image on an x86_64 host fails before the banner, naming both architectures")
+    func foreignImage() async throws {
+        let runner = CannedIncus(imageArchitecture: "aarch64", hostArchitectures: ["x86_64", "i686"])
+        let error = await #expect(throws: VirtError.self) { try await IncusPreflight.check(options(), runner: runner) }
+        #expect(error?.code == .unavailable)
+        #expect(
+            error?.message
+                == "the image artifact/42 is for arm64 (aarch64), which this Incus host cannot run: it runs "
+                + "amd64 (x86_64), i386 (i686); use a host of that architecture")
+        #expect(runner.ran.withLock { $0.last } == ["incus", "query", "/1.0"])
+    }
+
+    @Test("an i386 image on a host that runs i686 passes; so does an image of the host's own architecture, unasked")
+    func runnableImages() async throws {
+        let i386 = CannedIncus(imageArchitecture: "i686", hostArchitectures: ["x86_64", "i686"])
+        try await IncusPreflight.check(options(), runner: i386)
+        #expect(i386.ran.withLock { $0.contains(["incus", "query", "/1.0"]) })
+        let native = CannedIncus(imageArchitecture: Architecture.hostMachine, hostArchitectures: [])
+        try await IncusPreflight.check(options(), runner: native)
+        #expect(native.ran.withLock { $0 } == [["incus", "image", "info", "artifact/42"]])
+    }
+
+    @Test("on a remote the remote is asked, whatever this machine runs")
+    func remoteIsAsked() async throws {
+        let runner = CannedIncus(imageArchitecture: Architecture.hostMachine, hostArchitectures: ["riscv64"])
+        let error = await #expect(throws: VirtError.self) {
+            try await IncusPreflight.check(options(remote: "far"), runner: runner)
+        }
+        #expect(error?.message.contains("which the Incus remote far cannot run: it runs riscv64") == true)
+        #expect(runner.ran.withLock { $0.last } == ["incus", "query", "far:/1.0"])
     }
 }
