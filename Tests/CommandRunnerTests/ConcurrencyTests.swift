@@ -9,7 +9,9 @@ struct ConcurrencyTests {
     @Test("poll returns the first value found, after as many looks as it took")
     func pollFindsValue() async throws {
         let looks = Mutex(0)
-        let found = await Deadline(after: .seconds(10)).poll(every: .milliseconds(5)) { () -> Int? in
+        // A deadline that cannot pass first: at the start of a test run the cooperative pool can
+        // be busy for seconds (CI once took 13.7 s over these three looks against 10 s).
+        let found = await Deadline(after: .seconds(600)).poll(every: .milliseconds(5)) { () -> Int? in
             let look = looks.withLock { count -> Int in
                 count += 1
                 return count

@@ -28,35 +28,53 @@ public actor GuestSlots {
     /// How many slots there are.
     public nonisolated let limit: Int
     private var free: Int
-    /// Who waits, first come first served, and for how many slots.
-    private var waiting: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
+    /// Who waits, for how many slots, and how long it may run: the longest first, then first come
+    /// first served. A long test that got its slot last made the end of a phase (the saved-state
+    /// test, 271 s, started at 377 s of a 674 s phase whose guests needed 651 s of two slots).
+    private var waiting: [(count: Int, length: Int, continuation: CheckedContinuation<Void, Never>)] = []
 
     init(limit: Int) {
         self.limit = limit
         free = limit
     }
 
-    func acquire(_ count: Int) async {
+    func acquire(_ count: Int, length: Int) async {
         if waiting.isEmpty && free >= count {
             free -= count
             return
         }
-        await withCheckedContinuation { waiting.append((count, $0)) }
+        await withCheckedContinuation { continuation in
+            let place = waiting.firstIndex { $0.length < length } ?? waiting.endIndex
+            waiting.insert((count, length, continuation), at: place)
+            // First in line now, ahead of one that waits for more slots than are free.
+            grant()
+        }
     }
+
+    /// How many wait, and how many slots are free (for tests of the order).
+    var waitingCount: Int { waiting.count }
+    var freeCount: Int { free }
 
     func release(_ count: Int) {
         free += count
-        // In order: a test waiting for every slot is not overtaken for ever by tests taking one.
+        grant()
+    }
+
+    private func grant() {
+        // In order: a test waiting for every slot is not overtaken by shorter tests taking one.
         while let first = waiting.first, first.count <= free {
             free -= first.count
             waiting.removeFirst().continuation.resume()
         }
     }
 
-    /// Runs `body` holding `count` slots (at most all of them).
-    public func run<T: Sendable>(slots count: Int = 1, _ body: @Sendable () async throws -> T) async rethrows -> T {
+    /// Runs `body` holding `count` slots (at most all of them). Among those waiting, the one
+    /// that may run `longest` goes first (a time limit, in seconds, is what a test says of it).
+    public func run<T: Sendable>(
+        slots count: Int = 1, longest: Int = 0, _ body: @Sendable () async throws -> T
+    ) async rethrows -> T {
         let count = max(1, min(count, limit))
-        await acquire(count)
+        await acquire(count, length: longest)
         do {
             let result = try await body()
             release(count)
@@ -91,7 +109,7 @@ public struct GuestSlot: TestTrait, TestScoping {
         let asked = clock.now
         // The group ends (and with it the test's function) before this returns.
         try await withoutActuallyEscaping(function) { function in
-            try await GuestSlots.shared.run(slots: slots) {
+            try await GuestSlots.shared.run(slots: slots, longest: Self.seconds(limit)) {
                 let started = clock.now
                 // Swift Testing's own figure counts the wait for the slot too: this line is what
                 // the test itself took, for finding where a run's time goes.
