@@ -42,29 +42,33 @@ public enum IncusPreflight {
         }
     }
 
-    /// An image of an architecture the Incus host cannot run fails here, naming both, instead
+    /// An image of an architecture the Incus server cannot run fails here, naming both, instead
     /// of at `open` with incusd's "Requested architecture isn't supported by this host". The
     /// server is asked only when the image is not of this machine's architecture (or is on a
-    /// remote): an amd64 image on an amd64 host costs no command.
+    /// remote): an amd64 image on an amd64 host costs no command. With `--target` the member is
+    /// asked; a cluster asked without one is left to place the instance (its members may differ).
+    /// The check only advises: a query that fails or says nothing usable lets `open` find out.
     static func checkArchitecture(
         _ options: IncusOptions, imageInfo: String, runner: any CommandRunner
     ) async throws(VirtError) {
         guard let image = architecture(imageInfo: imageInfo) else { return }
         if options.cli.remote == nil && image == Architecture.hostMachine { return }
-        let query = options.cli.serverInfo()
-        let result = try await runner.run(query)
-        guard result.status.succeeded else { throw IncusErrors.describe(query, result) }
-        guard let host = architectures(serverInfo: result.outputText), !host.isEmpty, !host.contains(image) else {
-            return
-        }
+        let query = options.cli.serverInfo(target: options.target)
+        guard let result = try? await runner.run(query), result.status.succeeded,
+            let server = serverArchitectures(result.outputText), !server.clustered || options.target != nil,
+            !server.architectures.isEmpty, !server.architectures.contains(image)
+        else { return }
         func named(_ incus: String) -> String {
-            Architecture.debian(machine: incus).map { "\($0) (\(incus))" } ?? incus
+            guard let debian = Architecture.debian(machine: incus), debian != incus else { return incus }
+            return "\(debian) (\(incus))"
         }
-        let remote = options.cli.remote.map { "the Incus remote \($0)" } ?? "this Incus host"
+        let remote = options.cli.remote.map { "the Incus remote \($0)" } ?? "the Incus server"
+        let member = options.target.map { " (member \($0))" } ?? ""
         throw VirtError(
             .unavailable,
-            "the image \(options.cli.qualified(options.image)) is for \(named(image)), which \(remote) cannot run: "
-                + "it runs \(host.map(named).joined(separator: ", ")); use a host of that architecture")
+            "the image \(options.cli.qualified(options.image)) is for \(named(image)), which \(remote)\(member) "
+                + "cannot run: it runs \(server.architectures.map(named).joined(separator: ", ")); "
+                + "use a host of that architecture")
     }
 
     /// The `Architecture:` line of `incus image info` (Incus's name, e.g. aarch64).
@@ -76,11 +80,12 @@ public enum IncusPreflight {
         return nil
     }
 
-    /// `environment.architectures` of `incus query /1.0`.
-    static func architectures(serverInfo: String) -> [String]? {
+    /// `environment.architectures` and `environment.server_clustered` of `incus query /1.0`.
+    static func serverArchitectures(_ serverInfo: String) -> (architectures: [String], clustered: Bool)? {
         guard let object = try? JSONSerialization.jsonObject(with: Data(serverInfo.utf8)) as? [String: Any],
-            let environment = object["environment"] as? [String: Any]
+            let environment = object["environment"] as? [String: Any],
+            let architectures = environment["architectures"] as? [String]
         else { return nil }
-        return environment["architectures"] as? [String]
+        return (architectures, environment["server_clustered"] as? Bool ?? false)
     }
 }

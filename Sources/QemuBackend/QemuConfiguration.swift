@@ -221,8 +221,9 @@ public enum QemuCommands {
             "-name", "debusine-virt,process=debusine-virt-qemu",
             "-machine", machine,
             // Under TCG, qemu64 (autopkgtest-virt-qemu's CPU there) made guest work 5-25 % faster
-            // here, but in its first CI run a reboot of a restored guest hung in early boot (RCU
-            // stalls, CPU 0's timer silent) on a loaded host: `max` until that is understood.
+            // here. Not taken yet: guests booting on a loaded host hung twice in one evening's CI
+            // runs (RCU stalls, one vCPU's timer silent), once with each model; until that is
+            // understood, the model the earlier runs passed with.
             "-cpu", kvm ? "host" : "max",
             "-smp", "\(options.cpus)",
             "-m", "\(options.ramMiB)",

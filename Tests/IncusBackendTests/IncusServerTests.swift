@@ -612,15 +612,19 @@ struct IncusImportTests {
         let alias = "artifact/\(id)"
         let imported = try await runner.run(Command(tool, ["import", "--artifact-id", id, tarball]))
         #expect(imported.status == .exited(0), "\(imported.errorText)")
-        defer { Task { _ = try? await SubprocessRunner().run(Command("incus", ["image", "delete", alias])) } }
-        let info = try await runner.check(Command("incus", ["image", "info", alias]))
-        #expect(info.contains("Architecture: aarch64") && info.contains("architecture: arm64"), "\(info)")
+        let info = try await runner.run(Command("incus", ["image", "info", alias]))
+        #expect(
+            info.outputText.contains("Architecture: aarch64") && info.outputText.contains("architecture: arm64"),
+            "\(info.outputText)")
         let server = try ServerProcess([tool, alias])
-        #expect(try await server.wait(timeout: .seconds(60)) == .exited(69), "\(server.standardError)")
-        #expect(try await server.readLine() == nil, "no banner")
+        let ended = try await server.wait(timeout: .seconds(60))
+        let banner = try await server.readLine()
+        _ = try await runner.run(Command("incus", ["image", "delete", alias]))
+        #expect(ended == .exited(69), "\(server.standardError)")
+        #expect(banner == nil, "no banner")
         #expect(
             server.standardError.contains(
-                "the image \(alias) is for arm64 (aarch64), which this Incus host cannot run: it runs amd64 (x86_64)"),
+                "the image \(alias) is for arm64 (aarch64), which the Incus server cannot run: it runs amd64 (x86_64)"),
             "\(server.standardError)")
     }
 

@@ -202,28 +202,36 @@ struct VirtualMachineImportUnitTests {
 final class CannedIncus: CommandRunner {
     let imageInfo: String
     let serverInfo: String
+    let queryFails: Bool
     let ran = Mutex<[[String]]>([])
 
-    init(imageArchitecture: String, hostArchitectures: [String]) {
-        imageInfo = "Fingerprint: 94db\nArchitecture: \(imageArchitecture)\nProperties:\n    architecture: ignored\n"
+    init(imageArchitecture: String, hostArchitectures: [String], clustered: Bool = false, queryFails: Bool = false) {
+        // The lower-case property first: only the top-level line is the architecture.
+        imageInfo = "Fingerprint: 94db\nProperties:\n    architecture: ignored\nArchitecture: \(imageArchitecture)\n"
         let names = hostArchitectures.map { "\"\($0)\"" }.joined(separator: ", ")
-        serverInfo = #"{"environment": {"architectures": ["# + names + "]}}"
+        serverInfo =
+            #"{"environment": {"server_clustered": "# + "\(clustered), " + #""architectures": ["# + names + "]}}"
+        self.queryFails = queryFails
     }
 
     func run(
         _ command: Command, input: CommandInput, output: CommandOutput, error: CommandOutput
     ) async throws(VirtError) -> CommandResult {
         ran.withLock { $0.append(command.argv) }
+        if command.arguments.first == "query" && queryFails {
+            return CommandResult(status: .exited(1), standardError: Array("Error: not authorized".utf8))
+        }
         let text = command.arguments.first == "query" ? serverInfo : command.arguments.first == "image" ? imageInfo : ""
         return CommandResult(status: .exited(0), standardOutput: Array(text.utf8), standardError: [])
     }
 }
 
-@Suite("The Incus host must run the image's architecture")
+@Suite("The Incus server must run the image's architecture")
 struct IncusArchitectureTests {
-    func options(remote: String? = nil) -> IncusOptions {
+    func options(remote: String? = nil, target: String? = nil) -> IncusOptions {
         var options = IncusOptions(image: "artifact/42", auxverbExecutable: "/usr/bin/debusine-virt-auxverb")
         options.cli = IncusCLI(remote: remote)
+        options.target = target
         options.profiles = []
         return options
     }
@@ -235,7 +243,7 @@ struct IncusArchitectureTests {
         #expect(error?.code == .unavailable)
         #expect(
             error?.message
-                == "the image artifact/42 is for arm64 (aarch64), which this Incus host cannot run: it runs "
+                == "the image artifact/42 is for arm64 (aarch64), which the Incus server cannot run: it runs "
                 + "amd64 (x86_64), i386 (i686); use a host of that architecture")
         #expect(runner.ran.withLock { $0.last } == ["incus", "query", "/1.0"])
     }
@@ -250,13 +258,33 @@ struct IncusArchitectureTests {
         #expect(native.ran.withLock { $0 } == [["incus", "image", "info", "artifact/42"]])
     }
 
-    @Test("on a remote the remote is asked, whatever this machine runs")
+    @Test("on a remote the remote is asked, whatever this machine runs; with --target, that member")
     func remoteIsAsked() async throws {
         let runner = CannedIncus(imageArchitecture: Architecture.hostMachine, hostArchitectures: ["riscv64"])
         let error = await #expect(throws: VirtError.self) {
             try await IncusPreflight.check(options(remote: "far"), runner: runner)
         }
-        #expect(error?.message.contains("which the Incus remote far cannot run: it runs riscv64") == true)
+        #expect(error?.message.contains("which the Incus remote far cannot run: it runs riscv64;") == true)
         #expect(runner.ran.withLock { $0.last } == ["incus", "query", "far:/1.0"])
+
+        let member = CannedIncus(imageArchitecture: "aarch64", hostArchitectures: ["x86_64"], clustered: true)
+        let refused = await #expect(throws: VirtError.self) {
+            try await IncusPreflight.check(options(remote: "far", target: "node 2&x"), runner: member)
+        }
+        #expect(refused?.message.contains("the Incus remote far (member node 2&x) cannot run") == true)
+        #expect(member.ran.withLock { $0.last } == ["incus", "query", "far:/1.0?target=node%202%26x"])
+    }
+
+    @Test("a cluster asked without --target, a query that fails and an answer without architectures let open decide")
+    func undecided() async throws {
+        let cluster = CannedIncus(imageArchitecture: "aarch64", hostArchitectures: ["x86_64"], clustered: true)
+        try await IncusPreflight.check(options(remote: "far"), runner: cluster)
+        let failing = CannedIncus(imageArchitecture: "aarch64", hostArchitectures: ["x86_64"], queryFails: true)
+        try await IncusPreflight.check(options(), runner: failing)
+        let silent = CannedIncus(imageArchitecture: "aarch64", hostArchitectures: [])
+        try await IncusPreflight.check(options(), runner: silent)
+        for runner in [cluster, failing, silent] {
+            #expect(runner.ran.withLock { $0.contains { $0.dropFirst().first == "query" } })
+        }
     }
 }

@@ -16,65 +16,38 @@ public actor GuestSlots {
         limit: Int(ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_GUESTS"] ?? "").flatMap { $0 > 0 ? $0 : nil }
             ?? 2)
 
-    /// How many Incus containers the tests that take turns on them run at once
-    /// (`DEBUSINE_VIRT_TEST_CONTAINERS`, 3 by default). A container costs no TCG, but a matrix
-    /// of them all at once would be a launch storm; one at a time made the 28 cases of the
-    /// Incus interruption matrix the longest chain of the fault phase (295 s).
-    public static let containers = GuestSlots(
-        limit: Int(ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_CONTAINERS"] ?? "").flatMap {
-            $0 > 0 ? $0 : nil
-        } ?? 3)
-
     /// How many slots there are.
     public nonisolated let limit: Int
     private var free: Int
-    /// Who waits, for how many slots, and how long it may run: the longest first, then first come
-    /// first served. A long test that got its slot last made the end of a phase (the saved-state
-    /// test, 271 s, started at 377 s of a 674 s phase whose guests needed 651 s of two slots).
-    private var waiting: [(count: Int, length: Int, continuation: CheckedContinuation<Void, Never>)] = []
+    /// Who waits, first come first served, and for how many slots.
+    private var waiting: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
 
     init(limit: Int) {
         self.limit = limit
         free = limit
     }
 
-    func acquire(_ count: Int, length: Int) async {
+    func acquire(_ count: Int) async {
         if waiting.isEmpty && free >= count {
             free -= count
             return
         }
-        await withCheckedContinuation { continuation in
-            let place = waiting.firstIndex { $0.length < length } ?? waiting.endIndex
-            waiting.insert((count, length, continuation), at: place)
-            // First in line now, ahead of one that waits for more slots than are free.
-            grant()
-        }
+        await withCheckedContinuation { waiting.append((count, $0)) }
     }
-
-    /// How many wait, and how many slots are free (for tests of the order).
-    var waitingCount: Int { waiting.count }
-    var freeCount: Int { free }
 
     func release(_ count: Int) {
         free += count
-        grant()
-    }
-
-    private func grant() {
-        // In order: a test waiting for every slot is not overtaken by shorter tests taking one.
+        // In order: a test waiting for every slot is not overtaken for ever by tests taking one.
         while let first = waiting.first, first.count <= free {
             free -= first.count
             waiting.removeFirst().continuation.resume()
         }
     }
 
-    /// Runs `body` holding `count` slots (at most all of them). Among those waiting, the one
-    /// that may run `longest` goes first (a time limit, in seconds, is what a test says of it).
-    public func run<T: Sendable>(
-        slots count: Int = 1, longest: Int = 0, _ body: @Sendable () async throws -> T
-    ) async rethrows -> T {
+    /// Runs `body` holding `count` slots (at most all of them).
+    public func run<T: Sendable>(slots count: Int = 1, _ body: @Sendable () async throws -> T) async rethrows -> T {
         let count = max(1, min(count, limit))
-        await acquire(count, length: longest)
+        await acquire(count)
         do {
             let result = try await body()
             release(count)
@@ -109,7 +82,7 @@ public struct GuestSlot: TestTrait, TestScoping {
         let asked = clock.now
         // The group ends (and with it the test's function) before this returns.
         try await withoutActuallyEscaping(function) { function in
-            try await GuestSlots.shared.run(slots: slots, longest: Self.seconds(limit)) {
+            try await GuestSlots.shared.run(slots: slots) {
                 let started = clock.now
                 // Swift Testing's own figure counts the wait for the slot too: this line is what
                 // the test itself took, for finding where a run's time goes.
