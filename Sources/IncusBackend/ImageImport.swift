@@ -265,7 +265,7 @@ public struct ImageImport: Sendable {
             try await runner.check(Command("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", raw, disk]))
             unlink(raw)
         }
-        let architecture = options.architecture ?? Architecture.debian(machine: Architecture.hostMachine) ?? "amd64"
+        let architecture = options.architecture ?? Architecture.debian(machine: Host.machine) ?? "amd64"
         guard let incusArchitecture = Architecture.incusName(debian: architecture) else {
             throw VirtError(.usage, "unknown Debian architecture \(architecture)")
         }

@@ -1,5 +1,3 @@
-import VirtCore
-
 /// Architecture names: Debian's, Incus's, and the ELF machine they come from.
 public enum Architecture {
     /// Debian architecture -> Incus architecture.
@@ -35,13 +33,6 @@ public enum Architecture {
         case (0x08, true, true): return "mips64el"
         default: return nil
         }
-    }
-
-    /// This machine's `uname -m`, which is Incus's name for its architecture.
-    public static var hostMachine: String {
-        var name = utsname()
-        uname(&name)
-        return withUnsafeBytes(of: &name.machine) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
     }
 
     /// The Debian architecture of this host's `uname -m`.

@@ -1,4 +1,5 @@
 import CommandRunner
+import Foundation
 
 /// The `incus` commands this backend runs, as argv values.
 ///
@@ -141,24 +142,12 @@ public struct IncusCLI: Sendable, Equatable {
     /// `incus query /1.0` on the remote (of one cluster member with `target`): the server's
     /// description, with the architectures it runs.
     public func serverInfo(target: String? = nil) -> Command {
-        let path = "/1.0" + (target.map { "?target=\(Self.queryEscaped($0))" } ?? "")
+        // The member as a query value: all but URL-unreserved characters percent-encoded.
+        let unreserved = CharacterSet(
+            charactersIn: "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
+        let member = target.map { "?target=\($0.addingPercentEncoding(withAllowedCharacters: unreserved) ?? $0)" }
+        let path = "/1.0" + (member ?? "")
         return command(["query", remote.map { "\($0):\(path)" } ?? path])
-    }
-
-    /// A value in a URL's query: what is not unreserved is percent-encoded.
-    static func queryEscaped(_ value: String) -> String {
-        var text = ""
-        for byte in value.utf8 {
-            switch byte {
-            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
-                UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"),
-                UInt8(ascii: "~"):
-                text.unicodeScalars.append(UnicodeScalar(byte))
-            default:
-                text += "%" + String(byte, radix: 16, uppercase: true).leftPadded(to: 2)
-            }
-        }
-        return text
     }
 
     /// `incus image import FILE... --alias ALIAS` into the remote's store: a unified image, or
@@ -204,11 +193,5 @@ public struct IncusCLI: Sendable, Equatable {
     /// `incus profile device set NAME DEVICE KEY=VALUE`.
     public func profileDeviceSet(_ name: String, device: String, _ key: String, _ value: String) -> Command {
         command(["profile", "device", "set", qualified(name), device, "\(key)=\(value)"])
-    }
-}
-
-extension String {
-    fileprivate func leftPadded(to width: Int) -> String {
-        count >= width ? self : String(repeating: "0", count: width - count) + self
     }
 }

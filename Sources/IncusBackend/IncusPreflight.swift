@@ -52,7 +52,7 @@ public enum IncusPreflight {
         _ options: IncusOptions, imageInfo: String, runner: any CommandRunner
     ) async throws(VirtError) {
         guard let image = architecture(imageInfo: imageInfo) else { return }
-        if options.cli.remote == nil && image == Architecture.hostMachine { return }
+        if options.cli.remote == nil && image == Host.machine { return }
         let query = options.cli.serverInfo(target: options.target)
         guard let result = try? await runner.run(query), result.status.succeeded,
             let server = serverArchitectures(result.outputText), !server.clustered || options.target != nil,

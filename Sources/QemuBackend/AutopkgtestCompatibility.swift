@@ -65,12 +65,8 @@ public enum AutopkgtestQemu {
 
     /// The host's architecture in QEMU's vocabulary.
     public static var hostArchitecture: String {
-        var name = utsname()
-        guard uname(&name) == 0 else { return supportedArchitecture }
-        let machine = withUnsafeBytes(of: &name.machine) { buffer in
-            String(decoding: buffer.prefix { $0 != 0 }, as: UTF8.self)
-        }
-        return qemuArchitecture(forUname: machine)
+        let machine = Host.machine
+        return machine.isEmpty ? supportedArchitecture : qemuArchitecture(forUname: machine)
     }
 
     /// The VM's architecture as autopkgtest-virt-qemu chooses it (`--qemu-architecture`, else

@@ -5,6 +5,16 @@
 /// command, uses it.
 @_exported import Glibc
 
+/// The machine this process runs on.
+public enum Host {
+    /// `uname -m`: x86_64, aarch64, i686, ... (also Incus's name for the architecture).
+    public static var machine: String {
+        var name = utsname()
+        guard uname(&name) == 0 else { return "" }
+        return withUnsafeBytes(of: &name.machine) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    }
+}
+
 extension String {
     /// The text a C function wrote into `buffer`, up to its first NUL (or the whole buffer).
     public init(nulTerminated buffer: [CChar]) {

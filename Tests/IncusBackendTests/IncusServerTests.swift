@@ -603,7 +603,7 @@ struct IncusImportTests {
 
     @Test(
         "an arm64 tarball imports as aarch64; on this host the server refuses it before the banner, naming both",
-        .enabled(if: IncusServerTests.enabled && Architecture.hostMachine == "x86_64"))
+        .enabled(if: IncusServerTests.enabled && Host.machine == "x86_64"))
     func foreignArchitecture() async throws {
         let work = try TestPaths.makeTemporaryDirectory("dv-import.")
         defer { TestPaths.removeTree(work) }

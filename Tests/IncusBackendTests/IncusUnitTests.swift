@@ -253,14 +253,14 @@ struct IncusArchitectureTests {
         let i386 = CannedIncus(imageArchitecture: "i686", hostArchitectures: ["x86_64", "i686"])
         try await IncusPreflight.check(options(), runner: i386)
         #expect(i386.ran.withLock { $0.contains(["incus", "query", "/1.0"]) })
-        let native = CannedIncus(imageArchitecture: Architecture.hostMachine, hostArchitectures: [])
+        let native = CannedIncus(imageArchitecture: Host.machine, hostArchitectures: [])
         try await IncusPreflight.check(options(), runner: native)
         #expect(native.ran.withLock { $0 } == [["incus", "image", "info", "artifact/42"]])
     }
 
     @Test("on a remote the remote is asked, whatever this machine runs; with --target, that member")
     func remoteIsAsked() async throws {
-        let runner = CannedIncus(imageArchitecture: Architecture.hostMachine, hostArchitectures: ["riscv64"])
+        let runner = CannedIncus(imageArchitecture: Host.machine, hostArchitectures: ["riscv64"])
         let error = await #expect(throws: VirtError.self) {
             try await IncusPreflight.check(options(remote: "far"), runner: runner)
         }
