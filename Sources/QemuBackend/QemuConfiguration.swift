@@ -220,11 +220,9 @@ public enum QemuCommands {
         var arguments = [
             "-name", "debusine-virt,process=debusine-virt-qemu",
             "-machine", machine,
-            // Under TCG, qemu64 (autopkgtest-virt-qemu's CPU there) made guest work 5-25 % faster
-            // here. Not taken yet: guests booting on a loaded host hung twice in one evening's CI
-            // runs (RCU stalls, one vCPU's timer silent), once with each model; until that is
-            // understood, the model the earlier runs passed with.
-            "-cpu", kvm ? "host" : "max",
+            // Under TCG, qemu64 (autopkgtest-virt-qemu's CPU there too): with `max`, booting and
+            // guest work took 5-25 % longer here. A `-cpu` in --qemu-options comes later and wins.
+            "-cpu", kvm ? "host" : "qemu64",
             "-smp", "\(options.cpus)",
             "-m", "\(options.ramMiB)",
         ]

@@ -36,6 +36,7 @@ struct QemuCommandTests {
         }
         #expect(argv.first == "qemu-system-x86_64")
         #expect(value(after: "-machine") == ["q35,accel=tcg"])
+        #expect(value(after: "-cpu") == ["qemu64"], "TCG gets autopkgtest-virt-qemu's CPU model there")
         #expect(value(after: "-smp") == ["3"])
         #expect(value(after: "-m") == ["1024"])
         #expect(value(after: "-nic") == ["none"])
@@ -62,7 +63,7 @@ struct QemuCommandTests {
         options.efiCode = "/odd,dir/CODE.fd"
         let argv = QemuCommands.qemu(options, paths, kvm: true).argv
         #expect(argv.contains("q35,accel=kvm"))
-        #expect(argv.contains("host"))
+        #expect(argv.indices.contains { argv[$0] == "-cpu" && $0 + 1 < argv.count && argv[$0 + 1] == "host" })
         #expect(argv.contains("user,model=virtio-net-pci"))
         #expect(argv.contains("if=pflash,format=raw,unit=0,readonly=on,file=/odd,,dir/CODE.fd"))
     }
