@@ -12,6 +12,8 @@ import VirtTestSupport
 struct IncusServerTests {
     static let image = ProcessInfo.processInfo.environment["DEBUSINE_VIRT_INCUS_IMAGE"]
     static let enabled = image != nil || TestPaths.isCI
+    /// The i386 system tarball imported as artifact/2 (`scripts/build-test-images --arch i386`).
+    static let i386Image = ProcessInfo.processInfo.environment["DEBUSINE_VIRT_INCUS_I386_IMAGE"]
 
     let runner = SubprocessRunner()
 
@@ -206,7 +208,38 @@ struct IncusServerTests {
         "autopkgtest runs the examples/ fixture package under debusine-virt-incus with the expected summary",
         .enabled(if: enabled), .timeLimit(.minutes(15)))
     func autopkgtestFixture() async throws {
-        let image = try requireImage()
+        let log = try await runFixture(image: try requireImage())
+        #expect(log.contains("testbed dpkg architecture: amd64"), "\(log.suffix(4000))")
+    }
+
+    @Test(
+        "an i386 container on this amd64 host runs the examples/ fixture package under autopkgtest with the expected summary",
+        .enabled(if: i386Image != nil || TestPaths.isCI), .timeLimit(.minutes(15)))
+    func autopkgtestFixtureI386() async throws {
+        let image = try #require(
+            Self.i386Image, "DEBUSINE_VIRT_INCUS_I386_IMAGE is not set: run through scripts/test")
+        let log = try await runFixture(image: image)
+        // autopkgtest asks the testbed itself (dpkg --print-architecture through the auxverb).
+        #expect(log.contains("testbed dpkg architecture: i386"), "\(log.suffix(4000))")
+        // The container runs 32-bit executables (ELF class 1) under the i686 personality.
+        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), image])
+        #expect(try await server.readLine() == "ok")
+        #expect(try await server.request("open").hasPrefix("ok /"), "\(server.standardError)")
+        let auxverb = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
+        let seen = try await runner.check(
+            Command(argv: auxverb + ["sh", "-c", "uname -m; dpkg --print-architecture; od -An -tx1 -j4 -N1 /bin/true"]))
+        #expect(
+            seen.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) } == ["i686", "i386", "01"],
+            "\(seen)")
+        #expect(try await server.request("close") == "ok")
+        server.write(line: "quit")
+        #expect(try await server.wait() == .exited(0), "\(server.standardError)")
+        #expect(try await instances(ownedBy: server.pid).isEmpty)
+    }
+
+    /// autopkgtest with the fixture package against debusine-virt-incus IMAGE: the expected
+    /// summary, the oddly named artifact copied up, no instance left. Returns autopkgtest's log.
+    func runFixture(image: String) async throws -> String {
         let work = try TestPaths.makeTemporaryDirectory("dv-autopkgtest.")
         defer { TestPaths.removeTree(work) }
         let fixture = "\(TestPaths.repositoryRoot)/examples/fixture"
@@ -232,6 +265,7 @@ struct IncusServerTests {
         // Every server autopkgtest started is gone, and none left an instance behind.
         let orphans = try await IncusGarbageCollector().orphans().map(\.name).filter { !before.contains($0) }
         #expect(orphans.isEmpty, "left behind: \(orphans)")
+        return result.errorText
     }
 
     @Test(
