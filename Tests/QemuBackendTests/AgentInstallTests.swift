@@ -15,7 +15,7 @@ import VirtTestSupport
 /// server of the build's agent repository on the host's loopback: no traffic leaves the host.
 ///
 /// Needs DEBUSINE_VIRT_TEST_IMAGES (set by scripts/test); in CI a missing image fails.
-@Suite("debusine-virt-qemu installs qemu-guest-agent over the serial console", .serialized)
+@Suite("debusine-virt-qemu installs qemu-guest-agent over the serial console")
 struct AgentInstallTests {
     static let imageDirectory = ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_IMAGES"]
     static let enabled = imageDirectory != nil || TestPaths.isCI

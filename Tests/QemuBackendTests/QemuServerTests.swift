@@ -9,7 +9,10 @@ import VirtTestSupport
 /// reboot and quit, because every boot costs half a minute here.
 ///
 /// Needs DEBUSINE_VIRT_TEST_IMAGES (set by scripts/test); in CI a missing image fails.
-@Suite("debusine-virt-qemu with a real VM", .serialized)
+///
+/// Not serialized: each test that runs a guest waits for a guest slot, and each has its own
+/// TMPDIR. One after another, this suite was the longest chain of the test run's first phase.
+@Suite("debusine-virt-qemu with a real VM")
 struct QemuServerTests {
     static let imageDirectory = ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_IMAGES"]
     static let enabled = imageDirectory != nil || TestPaths.isCI
