@@ -16,6 +16,8 @@ struct AgentWait {
         // A failed installation is reported only if the agent stays silent: an image with an
         // agent that is merely slow (a starved guest) and a locked root must still boot.
         var installFailure: VirtError?
+        // What the console held before this boot: only what this boot adds may say it failed.
+        let consoleBefore = Self.size(of: instance.paths.consoleLog)
         while true {
             try instance.checkAlive("while booting")
             do {
@@ -38,6 +40,14 @@ struct AgentWait {
                 throw VirtError(
                     .badImage,
                     ConsoleWatch.firmwareMessage(gaveUp, image: instance.options.image) + instance.consoleTail())
+            }
+            // A kernel panic or an initramfs rescue shell waits for ever: say so now.
+            if Self.size(of: instance.paths.consoleLog) != consoleBefore,
+                let failed = ConsoleWatch.bootFailed(ConsoleLog.tail(of: instance.paths.consoleLog, characters: 4000))
+            {
+                throw VirtError(
+                    .badImage,
+                    ConsoleWatch.bootFailedMessage(failed, image: instance.options.image) + instance.consoleTail())
             }
             if promptSince == nil, ConsoleWatch.showsLoginPrompt(instance.consoleTail(8192)) {
                 log.debug("a login prompt is on the serial console; the agent has \(AgentInstall.grace) from now")
@@ -78,5 +88,11 @@ struct AgentWait {
                         + "have qemu-guest-agent installed and enabled?\(instance.consoleTail())")
             }
         }
+    }
+
+    /// The size of the file at `path`, or -1 when there is none.
+    static func size(of path: String) -> Int64 {
+        var info = stat()
+        return stat(path, &info) == 0 ? Int64(info.st_size) : -1
     }
 }

@@ -61,6 +61,45 @@ extension ConsoleWatch {
             + "loader, e.g. EFI/BOOT/BOOTX64.EFI?)"
     }
 
+    /// A Linux boot that failed for good: what the console's last line says, and what it means.
+    struct BootFailed: Equatable {
+        /// The line that says why (terminal escapes removed).
+        var line: String
+        /// What the guest did, for the message: "its kernel panicked".
+        var meaning: String
+    }
+
+    /// The sign that the guest's boot failed for good, when `tail` (the end of the console log)
+    /// ends with one: the closing line of a kernel panic; the rescue shell's prompt of
+    /// initramfs-tools ("(initramfs)", after its reason, e.g. "The root filesystem on /dev/vda2
+    /// requires a manual fsck") or of dracut. Only the last line counts: a kernel that reboots on
+    /// panic, or a shell that someone leaves, prints on.
+    static func bootFailed(_ tail: String) -> BootFailed? {
+        let lines = withoutTerminalEscapes(tail).split(whereSeparator: \.isNewline)
+            .map { $0.trimmingWhitespace() }.filter { !$0.isEmpty }
+        guard let last = lines.last else { return nil }
+        if last.contains("---[ end Kernel panic - not syncing") {
+            let panic = lines.last { $0.contains("Kernel panic - not syncing") && !$0.contains("---[ end") } ?? last
+            return BootFailed(line: panic, meaning: "its kernel panicked")
+        }
+        if last.hasPrefix("(initramfs)") {
+            return BootFailed(
+                line: lines.dropLast().last ?? last,
+                meaning: "its initramfs gave up and waits at its rescue shell, \"(initramfs)\"")
+        }
+        if last.hasPrefix("dracut:/#") || last.contains("Entering emergency mode. Exit the shell to continue.") {
+            return BootFailed(
+                line: lines.dropLast().last ?? last,
+                meaning: "its initramfs (dracut) gave up and waits at its emergency shell")
+        }
+        return nil
+    }
+
+    /// The message for a boot that failed for good.
+    static func bootFailedMessage(_ found: BootFailed, image: String) -> String {
+        "the guest cannot boot from the image \(image): \(found.meaning), after \"\(found.line)\" on the serial console"
+    }
+
     /// `text` without terminal control sequences (`ESC [ ... letter`), which OVMF's console
     /// output is full of; other bytes stay.
     static func withoutTerminalEscapes(_ text: String) -> String {

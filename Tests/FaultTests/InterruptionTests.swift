@@ -122,23 +122,21 @@ func interrupt(_ backend: Backend, _ phase: Phase, _ interruption: Interruption)
     }
 }
 
-/// Outside the fault suite's order: containers are light, and this matrix is long enough (28
-/// cases) to run beside the QEMU faults rather than after them, a few cases at a time
-/// (``GuestSlots/containers``).
-@Suite("Interrupting debusine-virt-incus at every step")
+/// Outside the fault suite's one-at-a-time order: containers are light, and this matrix is
+/// long enough (28 cases) to run beside the QEMU faults rather than after them.
+@Suite("Interrupting debusine-virt-incus at every step", .serialized)
 struct IncusInterruptionTests {
     @Test(
         "every signal and closed stdin at every step: the protocol's ending, nothing left",
         .enabled(if: Backend.incusEnabled), .timeLimit(.minutes(20)),
         arguments: Phase.allCases, Interruption.all)
     func interruption(phase: Phase, interruption: Interruption) async throws {
-        try await GuestSlots.containers.run { try await interrupt(.incus, phase, interruption) }
+        try await interrupt(.incus, phase, interruption)
     }
 }
 
 extension FaultSuite {
-    // Not serialized: each case waits for a guest slot, so no more guests run than elsewhere.
-    @Suite("Interrupting debusine-virt-qemu at every step")
+    @Suite("Interrupting debusine-virt-qemu at every step", .serialized)
     struct QemuInterruptionTests {
         /// Each step once, each signal at two or more, closed stdin at the longest: a VM boot costs
         /// 20-40 s under TCG here, so the whole matrix (the Incus suite runs it) is too long for CI.

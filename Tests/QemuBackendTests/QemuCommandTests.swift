@@ -277,6 +277,42 @@ struct ConsoleWatchTests {
         }
     }
 
+    @Test("a boot that failed for good: the initramfs rescue shell, a kernel panic, dracut; only as the last line")
+    func bootFailed() throws {
+        // Recorded from a qcow2 image cut off at 64 MiB: fsck fails on I/O errors.
+        let fsck = try fixture("initramfs-fsck-failed.log")
+        let found = try #require(ConsoleWatch.bootFailed(fsck))
+        #expect(found.line == "The root filesystem on /dev/vda2 requires a manual fsck")
+        #expect(found.meaning.contains("initramfs gave up"))
+        #expect(
+            ConsoleWatch.bootFailedMessage(found, image: "/i.qcow2")
+                == "the guest cannot boot from the image /i.qcow2: its initramfs gave up and waits at its rescue "
+                + "shell, \"(initramfs)\", after \"The root filesystem on /dev/vda2 requires a manual fsck\" on the serial "
+                + "console")
+        // Someone typing at that shell, or a boot that went on: not (or no longer) failed.
+        #expect(ConsoleWatch.bootFailed(fsck + "ls\r\nbin  dev  etc\r\n") == nil)
+        let panic = """
+            [    1.803211] VFS: Cannot open root device "UUID=1234" or unknown-block(0,0): error -6\r
+            [    1.804016] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\r
+            [    1.804710] CPU: 0 PID: 1 Comm: swapper/0 Not tainted 6.1.0-50-amd64 #1  Debian 6.1.176-1\r
+            [    1.805500]  </TASK>\r
+            [    1.806100] ---[ end Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0) ]---\r
+
+            """
+        let panicked = try #require(ConsoleWatch.bootFailed(panic))
+        #expect(panicked.meaning == "its kernel panicked")
+        #expect(
+            panicked.line.hasSuffix("Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)"))
+        // panic=N: the kernel reboots and the firmware prints on.
+        #expect(ConsoleWatch.bootFailed(panic + "BdsDxe: loading Boot0001 \"UEFI Misc Device\"\r\n") == nil)
+        #expect(
+            ConsoleWatch.bootFailed("Entering emergency mode. Exit the shell to continue.\r\ndracut:/# ")?.meaning
+                == "its initramfs (dracut) gave up and waits at its emergency shell")
+        // A good boot, to its login prompt, and one still in the firmware.
+        #expect(ConsoleWatch.bootFailed(try fixture("ovmf-good-boot.log")) == nil)
+        #expect(ConsoleWatch.bootFailed("") == nil)
+    }
+
     @Test("OVMF trying the network after the disk is recognised at iPXE's banner, before any PXE timeout")
     func firmwareNetworkBoot() throws {
         let found = try #require(ConsoleWatch.firmwareGaveUp(try fixture("ovmf-network-boot.log")))

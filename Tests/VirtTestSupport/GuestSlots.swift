@@ -16,15 +16,6 @@ public actor GuestSlots {
         limit: Int(ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_GUESTS"] ?? "").flatMap { $0 > 0 ? $0 : nil }
             ?? 2)
 
-    /// How many Incus containers the tests that take turns on them run at once
-    /// (`DEBUSINE_VIRT_TEST_CONTAINERS`, 3 by default). A container costs no TCG, but a matrix
-    /// of them all at once would be a launch storm; one at a time made the 28 cases of the
-    /// Incus interruption matrix the longest chain of the fault phase (295 s).
-    public static let containers = GuestSlots(
-        limit: Int(ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_CONTAINERS"] ?? "").flatMap {
-            $0 > 0 ? $0 : nil
-        } ?? 3)
-
     /// How many slots there are.
     public nonisolated let limit: Int
     private var free: Int
