@@ -16,7 +16,8 @@ struct AgentWait {
         // A failed installation is reported only if the agent stays silent: an image with an
         // agent that is merely slow (a starved guest) and a locked root must still boot.
         var installFailure: VirtError?
-        // What the console held before this boot: only what this boot adds may say it failed.
+        // A cold boot's console log starts empty (QEMU truncates it); should one ever start with
+        // an earlier boot's end, only what this boot adds may say it failed.
         let consoleBefore = Self.size(of: instance.paths.consoleLog)
         while true {
             try instance.checkAlive("while booting")

@@ -70,13 +70,18 @@ extension ConsoleWatch {
     }
 
     /// The sign that the guest's boot failed for good, when `tail` (the end of the console log)
-    /// ends with one: the closing line of a kernel panic; the rescue shell's prompt of
-    /// initramfs-tools ("(initramfs)", after its reason, e.g. "The root filesystem on /dev/vda2
-    /// requires a manual fsck") or of dracut. Only the last line counts: a kernel that reboots on
-    /// panic, or a shell that someone leaves, prints on.
+    /// ends with one, kernel log lines after it aside: the closing line of a kernel panic (a
+    /// kernel told to reboot on panic, or kdump, has taken over before it); the rescue shell's
+    /// prompt of initramfs-tools ("(initramfs)", after its reason, e.g. "The root filesystem on
+    /// /dev/vda2 requires a manual fsck") or of dracut ("dracut:/#"). Only the end counts: a
+    /// shell that someone leaves, or a boot that goes on, prints on.
     static func bootFailed(_ tail: String) -> BootFailed? {
-        let lines = withoutTerminalEscapes(tail).split(whereSeparator: \.isNewline)
+        var lines = withoutTerminalEscapes(tail).split(whereSeparator: \.isNewline)
             .map { $0.trimmingWhitespace() }.filter { !$0.isEmpty }
+        // The kernel may log (late I/O errors, a clocksource) after a prompt printed last.
+        while let last = lines.last, isKernelLogLine(last), !last.contains("---[ end Kernel panic") {
+            lines.removeLast()
+        }
         guard let last = lines.last else { return nil }
         if last.contains("---[ end Kernel panic - not syncing") {
             let panic = lines.last { $0.contains("Kernel panic - not syncing") && !$0.contains("---[ end") } ?? last
@@ -87,7 +92,7 @@ extension ConsoleWatch {
                 line: lines.dropLast().last ?? last,
                 meaning: "its initramfs gave up and waits at its rescue shell, \"(initramfs)\"")
         }
-        if last.hasPrefix("dracut:/#") || last.contains("Entering emergency mode. Exit the shell to continue.") {
+        if last.hasPrefix("dracut:/#") {
             return BootFailed(
                 line: lines.dropLast().last ?? last,
                 meaning: "its initramfs (dracut) gave up and waits at its emergency shell")
@@ -95,9 +100,23 @@ extension ConsoleWatch {
         return nil
     }
 
-    /// The message for a boot that failed for good.
+    /// Whether `line` is a kernel log line: "[    5.577699] ...".
+    static func isKernelLogLine(_ line: String) -> Bool {
+        guard line.hasPrefix("["), let close = line.firstIndex(of: "]") else { return false }
+        let stamp = line[line.index(after: line.startIndex)..<close].trimmingCharacters(in: .whitespaces)
+        return !stamp.isEmpty && stamp.allSatisfy { $0.isNumber || $0 == "." }
+    }
+
+    /// The message for a boot that failed for good. It does not blame the image: on a busy TCG
+    /// host a kernel can panic, or an initramfs give up, for want of CPU time.
     static func bootFailedMessage(_ found: BootFailed, image: String) -> String {
-        "the guest cannot boot from the image \(image): \(found.meaning), after \"\(found.line)\" on the serial console"
+        var hint = ""
+        if found.line.contains("IO-APIC + timer") {
+            hint =
+                " (on a busy host without KVM the kernel's timer check can fail: no_timer_check on its command line skips it)"
+        }
+        return "the guest stopped booting from the image \(image): \(found.meaning), after \"\(found.line)\" on the "
+            + "serial console\(hint)"
     }
 
     /// `text` without terminal control sequences (`ESC [ ... letter`), which OVMF's console

@@ -177,7 +177,7 @@ extension FaultSuite {
                 // ends there, long before the boot timeout.
                 (
                     "a truncated qcow2 image", ["--boot-timeout", "300"], truncated,
-                    ["cannot boot from the image", "initramfs"]
+                    ["stopped booting from the image \(truncated): its initramfs gave up"]
                 ),
             ] {
                 try await faultCase("qemu", fault, expected: "open fails: exit 12, one clear line; nothing left") {

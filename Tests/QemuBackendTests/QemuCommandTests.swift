@@ -286,9 +286,12 @@ struct ConsoleWatchTests {
         #expect(found.meaning.contains("initramfs gave up"))
         #expect(
             ConsoleWatch.bootFailedMessage(found, image: "/i.qcow2")
-                == "the guest cannot boot from the image /i.qcow2: its initramfs gave up and waits at its rescue "
+                == "the guest stopped booting from the image /i.qcow2: its initramfs gave up and waits at its rescue "
                 + "shell, \"(initramfs)\", after \"The root filesystem on /dev/vda2 requires a manual fsck\" on the serial "
                 + "console")
+        // The kernel logging after the prompt, with terminal escapes about: still the prompt.
+        let later = fsck + "\u{1B}[0m[   12.345678] I/O error, dev vda, sector 919552\r\n"
+        #expect(ConsoleWatch.bootFailed(later)?.line == "The root filesystem on /dev/vda2 requires a manual fsck")
         // Someone typing at that shell, or a boot that went on: not (or no longer) failed.
         #expect(ConsoleWatch.bootFailed(fsck + "ls\r\nbin  dev  etc\r\n") == nil)
         let panic = """
@@ -308,7 +311,23 @@ struct ConsoleWatchTests {
         #expect(
             ConsoleWatch.bootFailed("Entering emergency mode. Exit the shell to continue.\r\ndracut:/# ")?.meaning
                 == "its initramfs (dracut) gave up and waits at its emergency shell")
-        // A good boot, to its login prompt, and one still in the firmware.
+        // The timer check that fails on a starved vCPU: the message says what helps.
+        let timer = try #require(
+            ConsoleWatch.bootFailed(
+                "[    0.1] Kernel panic - not syncing: IO-APIC + timer doesn't work!  Boot with apic=debug\r\n"
+                    + "[    0.2] ---[ end Kernel panic - not syncing: IO-APIC + timer doesn't work! ]---\r\n"))
+        #expect(ConsoleWatch.bootFailedMessage(timer, image: "/i").contains("no_timer_check"))
+        // A whole Debian boot to its login prompt, kernel lines and all.
+        let booted = """
+            [    5.577699] systemd[1]: Reached target multi-user.target\r
+            \u{1B}[0;32m  OK  \u{1B}[0m] Started serial-getty@ttyS0.service\r
+
+            Debian GNU/Linux 12 debusine-test ttyS0\r
+
+            debusine-test login:\u{20}
+            """
+        #expect(ConsoleWatch.bootFailed(booted) == nil)
+        // A boot still in the firmware and GRUB, and nothing at all.
         #expect(ConsoleWatch.bootFailed(try fixture("ovmf-good-boot.log")) == nil)
         #expect(ConsoleWatch.bootFailed("") == nil)
     }
