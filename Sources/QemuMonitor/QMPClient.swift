@@ -99,14 +99,27 @@ public actor QMPClient {
         let deadline = clock.now.advanced(by: timeout)
         let connection = try await LineConnection.connect(path: path, name: "QMP \(path)", timeout: timeout)
         do throws(VirtError) {
-            let line = try await withTimeout(clock.now.duration(to: deadline), "QMP greeting on \(path)") {
-                try await connection.lines.next()
+            // QEMU can queue an event emitted before anyone connected (RESUME, as the VM starts)
+            // ahead of the greeting it sends a client that connects late: such events are kept
+            // for ``events``, in order; anything else first is not QMP.
+            var early: [[UInt8]] = []
+            var greeting: QMPGreeting?
+            while greeting == nil {
+                let line = try await withTimeout(clock.now.duration(to: deadline), "QMP greeting on \(path)") {
+                    try await connection.lines.next()
+                }
+                greeting = QMPGreeting.parse(line)
+                if greeting == nil {
+                    guard MessageCoding.decoded(Header.self, from: line)?.event != nil, early.count < 64 else {
+                        throw VirtError(
+                            .testbedFailure, "QMP \(path): expected a greeting, got \(MessageCoding.excerpt(line))")
+                    }
+                    early.append(line)
+                }
             }
-            guard let greeting = QMPGreeting.parse(line) else {
-                throw VirtError(
-                    .testbedFailure, "QMP \(path): expected a greeting, got \(MessageCoding.excerpt(line))")
-            }
+            guard let greeting else { throw VirtError(.testbedFailure, "QMP \(path): no greeting") }
             let client = QMPClient(connection: connection, greeting: greeting)
+            for line in early { await client.dispatch(line) }
             await client.startReading()
             // QEMU has answered: a starved host that used the whole timeout up to the greeting
             // still gets a few seconds for the negotiation rather than none.

@@ -48,6 +48,31 @@ struct QMPClientTests {
         #expect(clock.now - start < .seconds(60))
     }
 
+    @Test("an event QEMU queued ahead of the greeting (RESUME, for a client that connected late) is kept, in order")
+    func eventBeforeGreeting() async throws {
+        try await withFakePeer { peer in
+            async let connecting = QMPClient.connect(path: peer.path, timeout: .seconds(60))
+            try await peer.waitForClient()
+            peer.send(#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "RESUME"}"# + "\r")
+            peer.send(
+                #"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}}"#
+                    + "\r")
+            let negotiation = try await peer.nextMessage()
+            #expect(negotiation["execute"] == "qmp_capabilities")
+            peer.send(["return": [:], "id": negotiation["id"] ?? nil])
+            let client = try await connecting
+            #expect(client.greeting.version.major == 10)
+            peer.send(#"{"timestamp": {"seconds": 3, "microseconds": 4}, "event": "STOP"}"#)
+            var names: [String] = []
+            for await event in client.events {
+                names.append(event.name)
+                if names.count == 2 { break }
+            }
+            #expect(names == ["RESUME", "STOP"])
+            await client.close()
+        }
+    }
+
     @Test("a peer that is not QMP fails the handshake instead of being trusted")
     func notAGreeting() async throws {
         try await withFakePeer { peer in
