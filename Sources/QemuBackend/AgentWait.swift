@@ -16,9 +16,6 @@ struct AgentWait {
         // A failed installation is reported only if the agent stays silent: an image with an
         // agent that is merely slow (a starved guest) and a locked root must still boot.
         var installFailure: VirtError?
-        // A cold boot's console log starts empty (QEMU truncates it); should one ever start with
-        // an earlier boot's end, only what this boot adds may say it failed.
-        let consoleBefore = Self.size(of: instance.paths.consoleLog)
         while true {
             try instance.checkAlive("while booting")
             do {
@@ -43,9 +40,7 @@ struct AgentWait {
                     ConsoleWatch.firmwareMessage(gaveUp, image: instance.options.image) + instance.consoleTail())
             }
             // A kernel panic or an initramfs rescue shell waits for ever: say so now.
-            if Self.size(of: instance.paths.consoleLog) != consoleBefore,
-                let failed = ConsoleWatch.bootFailed(ConsoleLog.tail(of: instance.paths.consoleLog, characters: 4000))
-            {
+            if let failed = ConsoleWatch.bootFailed(ConsoleLog.tail(of: instance.paths.consoleLog, characters: 4000)) {
                 throw VirtError(
                     .badImage,
                     ConsoleWatch.bootFailedMessage(failed, image: instance.options.image) + instance.consoleTail())
@@ -89,11 +84,5 @@ struct AgentWait {
                         + "have qemu-guest-agent installed and enabled?\(instance.consoleTail())")
             }
         }
-    }
-
-    /// The size of the file at `path`, or -1 when there is none.
-    static func size(of path: String) -> Int64 {
-        var info = stat()
-        return stat(path, &info) == 0 ? Int64(info.st_size) : -1
     }
 }

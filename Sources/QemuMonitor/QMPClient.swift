@@ -103,21 +103,21 @@ public actor QMPClient {
             // ahead of the greeting it sends a client that connects late: such events are kept
             // for ``events``, in order; anything else first is not QMP.
             var early: [[UInt8]] = []
-            var greeting: QMPGreeting?
-            while greeting == nil {
+            let greeting: QMPGreeting
+            while true {
                 let line = try await withTimeout(clock.now.duration(to: deadline), "QMP greeting on \(path)") {
                     try await connection.lines.next()
                 }
-                greeting = QMPGreeting.parse(line)
-                if greeting == nil {
-                    guard MessageCoding.decoded(Header.self, from: line)?.event != nil, early.count < 64 else {
-                        throw VirtError(
-                            .testbedFailure, "QMP \(path): expected a greeting, got \(MessageCoding.excerpt(line))")
-                    }
-                    early.append(line)
+                if let parsed = QMPGreeting.parse(line) {
+                    greeting = parsed
+                    break
                 }
+                guard MessageCoding.decoded(Header.self, from: line)?.event != nil, early.count < 64 else {
+                    throw VirtError(
+                        .testbedFailure, "QMP \(path): expected a greeting, got \(MessageCoding.excerpt(line))")
+                }
+                early.append(line)
             }
-            guard let greeting else { throw VirtError(.testbedFailure, "QMP \(path): no greeting") }
             let client = QMPClient(connection: connection, greeting: greeting)
             for line in early { await client.dispatch(line) }
             await client.startReading()
