@@ -272,20 +272,23 @@ public actor TestbedController {
     }
 
     /// Creates the scratch directory, or re-creates it at the same path after revert and
-    /// re-open. World-writable only when the testbed is isolated from the host.
+    /// re-open; a directory the pristine testbed already has (``Testbed/preparedScratch()``)
+    /// saves the command.
     private func makeScratch(_ auxverb: [String]) async throws(VirtError) -> String {
-        let mode = Capability.isIsolated(await backend.capabilities()) ? "0777" : "0755"
+        let prepared = await backend.preparedScratch()
         let testbed = InTestbed(auxverb: auxverb, runner: runner)
         let path: String
         if let scratch {
-            try await testbed.check(["install", "-d", "-m", mode, "--", scratch])
-            path = scratch
-        } else {
-            path = try await testbed.script(
-                #"d=$(mktemp --directory --tmpdir autopkgtest.XXXXXX); chmod "$1" "$d"; echo "$d""#, [mode])
-            guard path.hasPrefix("/"), !path.contains("\n") else {
-                throw VirtError(.testbedFailure, "creating the scratch directory gave no path: \(path)")
+            if prepared != scratch {
+                let mode = ScratchDirectory.mode(await backend.capabilities())
+                try await testbed.check(["install", "-d", "-m", mode, "--", scratch])
             }
+            path = scratch
+        } else if let prepared {
+            path = prepared
+        } else {
+            path = try await ScratchDirectory.make(
+                in: testbed, mode: ScratchDirectory.mode(await backend.capabilities()))
         }
         scratch = path
         return path

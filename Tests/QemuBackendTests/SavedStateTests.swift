@@ -24,12 +24,13 @@ struct SavedStateTests {
             environment: ["TMPDIR": parent])
     }
 
-    /// Opens and returns the auxverb; the server must answer `ok`.
-    func open(_ server: ServerProcess) async throws -> [String] {
+    /// Opens and returns the auxverb and the scratch directory; the server must answer `ok`.
+    func open(_ server: ServerProcess) async throws -> (auxverb: [String], scratch: String) {
         #expect(try await server.readLine() == "ok")
         let opened = try await server.request("open", timeout: .seconds(1200))
         try #require(opened.hasPrefix("ok /"), "open failed:\n\(server.standardError)")
-        return try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
+        let auxverb = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
+        return (auxverb, String(opened.dropFirst(3)))
     }
 
     func run(_ aux: [String], _ argv: [String]) async throws -> String {
@@ -72,7 +73,7 @@ struct SavedStateTests {
 
         // The first boot saves; its guest runs on.
         let first = try server(cache: cache, parent: parent)
-        let firstAux = try await open(first)
+        let (firstAux, firstScratch) = try await open(first)
         #expect(first.standardError.contains("saved the VM state"), "\(first.standardError)")
         #expect(entries(cache).count == 1, "\(entries(cache))")
         #expect(try await run(firstAux, ["cat", "/etc/debian_version"]).hasPrefix("12"))
@@ -93,7 +94,11 @@ struct SavedStateTests {
         let third = try server(cache: cache, parent: parent)
         async let secondOpened = open(second)
         async let thirdOpened = open(third)
-        let (secondAux, thirdAux) = try await (secondOpened, thirdOpened)
+        let ((secondAux, secondScratch), (thirdAux, thirdScratch)) = try await (secondOpened, thirdOpened)
+        // The scratch directory was made before the state was saved: restored opens reply it
+        // without making one (mktemp would name each anew), world-writable as a fresh one is.
+        #expect([secondScratch, thirdScratch] == [firstScratch, firstScratch])
+        #expect(try await run(secondAux, ["stat", "-c", "%a %U", secondScratch]) == "777 root")
         for restored in [first, second, third] {
             #expect(restored.standardError.contains("restored the saved VM state"), "\(restored.standardError)")
             // The helper in each guest set the clock and credited fresh host entropy, reseeding
@@ -138,7 +143,7 @@ struct SavedStateTests {
         try handle.write(contentsOf: [byte ^ 0xFF])
         try handle.close()
         let fourth = try server(cache: cache, parent: parent)
-        let fourthAux = try await open(fourth)
+        let fourthAux = try await open(fourth).auxverb
         #expect(fourth.standardError.contains("is corrupt"), "\(fourth.standardError)")
         #expect(!fourth.standardError.contains("restored the saved VM state"), "\(fourth.standardError)")
         #expect(fourth.standardError.contains("saved the VM state"), "\(fourth.standardError)")
@@ -158,7 +163,7 @@ struct SavedStateTests {
         unlink(efiVars)
         try FileManager.default.createDirectory(atPath: efiVars, withIntermediateDirectories: false)
         let fifth = try server(cache: cache, parent: parent)
-        let fifthAux = try await open(fifth)
+        let fifthAux = try await open(fifth).auxverb
         #expect(fifth.standardError.contains("cannot restore the saved state"), "\(fifth.standardError)")
         #expect(fifth.standardError.contains("removing it and booting"), "\(fifth.standardError)")
         #expect(fifth.standardError.contains("saved the VM state"), "\(fifth.standardError)")

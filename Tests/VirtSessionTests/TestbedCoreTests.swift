@@ -1,6 +1,7 @@
 import CommandRunner
 import FixtureBackend
 import Foundation
+import Synchronization
 import TestbedCore
 import Testing
 import VirtCore
@@ -312,6 +313,51 @@ struct TestbedCoreTests {
         #expect(try down.resolvingHostPath().hostPath == "\(base)/./pkg.dsc")
         let absolute = try CopyRequest.fromProtocol(.down, source: "/a/b", destination: "c")
         #expect(try absolute.resolvingHostPath() == absolute)
+    }
+}
+
+/// A testbed that is the host itself, seen through an auxverb that logs every command before
+/// running it, with a scratch directory "saved with its state" that the test sets.
+final class PreparedTestbed: Testbed {
+    let log: String
+    let prepared = Mutex<String?>(nil)
+
+    init(log: String) { self.log = log }
+
+    var auxverb: [String] { ["/bin/sh", "-c", #"printf '%s\n' "$*" >> "$0"; exec "$@""#, log] }
+    func capabilities() async -> [String] { [Capability.revert, Capability.isolationContainer] }
+    func open() async throws(VirtError) -> [String] { auxverb }
+    func revert() async throws(VirtError) -> [String] { auxverb }
+    func close() async {}
+    func preparedScratch() async -> String? { prepared.withLock { $0 } }
+
+    /// The commands run so far, one line each.
+    var commands: [String] {
+        ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
+    }
+}
+
+@Suite("A scratch directory saved with the testbed's state")
+struct PreparedScratchTests {
+    @Test(
+        "open and revert reply the prepared directory without running a command; another one gets the first path made")
+    func preparedScratch() async throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-prepared.")
+        defer { TestPaths.removeTree(work) }
+        let backend = PreparedTestbed(log: "\(work)/commands")
+        backend.prepared.withLock { $0 = "\(work)/saved" }
+        let controller = TestbedController(backend: backend)
+        #expect(try await controller.open() == "\(work)/saved")
+        #expect(try await controller.revert() == "\(work)/saved")
+        #expect(backend.commands == [], "\(backend.commands)")
+        // A revert into a state saved by another server, with a directory of another name: the
+        // session's path is made there, as after any revert.
+        backend.prepared.withLock { $0 = "\(work)/other" }
+        #expect(try await controller.revert() == "\(work)/saved")
+        #expect(backend.commands == ["install -d -m 0777 -- \(work)/saved"], "\(backend.commands)")
+        var info = stat()
+        #expect(stat("\(work)/saved", &info) == 0 && info.st_mode & 0o7777 == 0o777)
+        await controller.shutdown()
     }
 }
 
