@@ -49,12 +49,13 @@ struct GuestFacts: Sendable, Equatable {
         return GuestFacts(normalUser: user, scratch: scratch)
     }
 
-    /// The facts `entry` holds; nil when it has none (saved before they were kept) or they are
-    /// not as written. Read once the entry is verified: only a file its manifest lists counts.
+    /// The facts `entry` holds; nil when it has none (saved before they were kept) or the file
+    /// is not the one its manifest lists: another server may have discarded and saved the entry
+    /// again since it was verified, with another guest's scratch directory.
     static func read(from entry: StateStore.Entry) -> GuestFacts? {
-        guard entry.digests[fileName] != nil, let text = SmallFile.text(entry.file(fileName), limit: 4096) else {
-            return nil
-        }
+        guard let digest = entry.digests[fileName], let text = SmallFile.text(entry.file(fileName), limit: 4096),
+            SHA256.hexDigest(of: Array(text.utf8)) == digest
+        else { return nil }
         return parse(text)
     }
 }

@@ -13,14 +13,19 @@ public enum ScratchDirectory {
         let path = try await testbed.script(
             #"d=$(mktemp --directory --tmpdir autopkgtest.XXXXXX); chmod "$1" "$d"; echo "$d""#, [mode])
         guard isPlausible(path) else {
-            throw VirtError(.testbedFailure, "creating the scratch directory gave no path: \(path)")
+            throw VirtError(
+                .testbedFailure,
+                "creating the scratch directory gave \(path.debugDescription), not an absolute path of printable "
+                    + "ASCII without spaces or `%`, which the protocol's replies need")
         }
         return path
     }
 
-    /// Whether `path` can be the scratch directory: absolute, one line. It goes into the `open`
-    /// reply, which the client reads as one line.
+    /// Whether `path` can be the scratch directory: absolute, printable ASCII without spaces or
+    /// `%`. It goes into the `open` and `revert` replies, which sbuild reads raw and autopkgtest
+    /// percent-decodes: only such a word reads the same to both (protocol-spec, section 4).
     public static func isPlausible(_ path: String) -> Bool {
-        path.hasPrefix("/") && !path.contains("\n") && !path.contains("\r")
+        path.utf8.first == UInt8(ascii: "/")
+            && path.utf8.allSatisfy { (0x21...0x7E).contains($0) && $0 != UInt8(ascii: "%") }
     }
 }

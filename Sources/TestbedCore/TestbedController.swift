@@ -119,6 +119,11 @@ public actor TestbedController {
         let started = ContinuousClock.now
         retireSampling()
         let auxverb = try await backend.revert()
+        guard closing == nil else {
+            // A restore may leave nothing to run in the testbed before the reply: say so here.
+            await backend.close()
+            throw VirtError(.testbedFailure, "the testbed was shut down while reverting")
+        }
         self.auxverb = auxverb
         let scratch = try await makeScratch(auxverb)
         await changed(.reverted(after: started.duration(to: .now)))

@@ -321,13 +321,18 @@ struct TestbedCoreTests {
 final class PreparedTestbed: Testbed {
     let log: String
     let prepared = Mutex<String?>(nil)
+    /// How long a revert takes.
+    let revertDelay = Mutex<Duration>(.zero)
 
     init(log: String) { self.log = log }
 
     var auxverb: [String] { ["/bin/sh", "-c", #"printf '%s\n' "$*" >> "$0"; exec "$@""#, log] }
     func capabilities() async -> [String] { [Capability.revert, Capability.isolationContainer] }
     func open() async throws(VirtError) -> [String] { auxverb }
-    func revert() async throws(VirtError) -> [String] { auxverb }
+    func revert() async throws(VirtError) -> [String] {
+        try? await Task.sleep(for: revertDelay.withLock { $0 })
+        return auxverb
+    }
     func close() async {}
     func preparedScratch() async -> String? { prepared.withLock { $0 } }
 
@@ -358,6 +363,33 @@ struct PreparedScratchTests {
         var info = stat()
         #expect(stat("\(work)/saved", &info) == 0 && info.st_mode & 0o7777 == 0o777)
         await controller.shutdown()
+    }
+
+    /// With nothing left to run in the testbed after a restore, only the controller can notice
+    /// that a signal's shutdown came meanwhile.
+    @Test("a revert that a shutdown overtook fails instead of replying a path in a closed testbed")
+    func shutdownDuringRevert() async throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-prepared.")
+        defer { TestPaths.removeTree(work) }
+        let backend = PreparedTestbed(log: "\(work)/commands")
+        backend.prepared.withLock { $0 = "\(work)/saved" }
+        let controller = TestbedController(backend: backend)
+        _ = try await controller.open()
+        backend.revertDelay.withLock { $0 = .seconds(1) }
+        let reverting = Task { () async -> Result<String, VirtError> in
+            do throws(VirtError) {
+                return .success(try await controller.revert())
+            } catch {
+                return .failure(error)
+            }
+        }
+        try await Task.sleep(for: .milliseconds(200))
+        await controller.shutdown()
+        guard case .failure(let error) = await reverting.value else {
+            Issue.record("the revert replied a scratch directory after the shutdown")
+            return
+        }
+        #expect(error.message.contains("shut down while reverting"), "\(error.message)")
     }
 }
 
