@@ -20,8 +20,6 @@ public final class QemuTestbed: Testbed {
     private let overlayDirectory = Mutex<String?>(nil)
     /// The account `suggested-normal-user=` names, found at each boot.
     private let normalUser = Mutex<String?>(nil)
-    /// The scratch directory the running guest had when it was saved (``GuestFacts``).
-    private let prepared = Mutex<String?>(nil)
     /// The saved state's key and its description, made at the first boot.
     private let stateKey = Mutex<SavedStates?>(nil)
 
@@ -73,10 +71,6 @@ public final class QemuTestbed: Testbed {
         if let old = current.withLock({ $0 }) { await old.destroy(graceful: false, removeDirectory: false) }
         try await boot()
         return auxverb
-    }
-
-    public func preparedScratch() async -> String? {
-        prepared.withLock { $0 }
     }
 
     public func close() async {
@@ -243,7 +237,7 @@ public final class QemuTestbed: Testbed {
                 let status = try await instance.restore(kvm: kvm, from: entry, verification: verification)
                 log.info(
                     "restored the saved VM state in \((ContinuousClock.now - started).formattedSeconds) (\(status))")
-                try await ready(instance, facts: GuestFacts.read(from: entry))
+                try await ready(instance)
                 return
             } catch {
                 current.withLock { if $0 === instance { $0 = nil } }
@@ -280,14 +274,8 @@ public final class QemuTestbed: Testbed {
         do {
             let memory = saved.map { SavedStateKey.memory(qemuVersion: $0.qemuVersion, instance.paths) } ?? .anonymous
             try await instance.boot(kvm: kvm, memory: memory)
-            var facts: GuestFacts?
-            if let saved {
-                // Asked before saving, so that every guest restored from the state has them.
-                facts = await GuestFacts.gather(
-                    from: InTestbed(auxverb: auxverb, runner: runner), capabilities: await capabilities())
-                try await save(instance, saved.store, key: saved.key, description: saved.description, facts: facts)
-            }
-            try await ready(instance, facts: facts)
+            if let saved { try await save(instance, saved.store, key: saved.key, description: saved.description) }
+            try await ready(instance)
         } catch {
             log.debug("boot failed, cleaning up: \(error)")
             current.withLock { if $0 === instance { $0 = nil } }
@@ -303,16 +291,10 @@ public final class QemuTestbed: Testbed {
     }
 
     /// What is left once the guest runs: finding its normal user (the `--user` given, if not
-    /// root; else what `facts` say, found before its state was saved), plugging in the base image.
-    private func ready(_ instance: QemuInstance, facts: GuestFacts?) async throws(VirtError) {
-        prepared.withLock { $0 = facts?.scratch }
+    /// root), plugging in the base image.
+    private func ready(_ instance: QemuInstance) async throws(VirtError) {
         var user = options.normalUser
-        if user == nil {
-            user =
-                if let facts { facts.normalUser } else {
-                    await NormalUser.find(in: InTestbed(auxverb: auxverb, runner: runner))
-                }
-        }
+        if user == nil { user = await NormalUser.find(in: InTestbed(auxverb: auxverb, runner: runner)) }
         normalUser.withLock { [user] in $0 = user }
         if options.baseImage { try await plugBaseImage(instance) }
     }
@@ -336,7 +318,7 @@ public final class QemuTestbed: Testbed {
     /// Saves the freshly booted VM for later opens and reverts, unless another server is saving
     /// the same state already. A state that cannot be saved is only a warning.
     private func save(
-        _ instance: QemuInstance, _ store: StateStore, key: String, description: String, facts: GuestFacts?
+        _ instance: QemuInstance, _ store: StateStore, key: String, description: String
     ) async throws(VirtError) {
         let started = ContinuousClock.now
         let builder: StateStore.Builder
@@ -353,7 +335,6 @@ public final class QemuTestbed: Testbed {
         log.info("saving the booted VM for later opens and reverts")
         do throws(VirtError) {
             try QemuInstance.writeFile("\(builder.path)/\(SavedStateKey.descriptionFile)", description)
-            if let facts { try QemuInstance.writeFile("\(builder.path)/\(GuestFacts.fileName)", facts.text) }
         } catch {
             log.warning("cannot save the VM state: \(error.message)")
             builder.abandon()

@@ -13,7 +13,7 @@ import VirtCore
 /// time is set back (`touch -r`, `cp -p`, `tar` keep or restore it; the change time no one sets).
 enum SavedStateKey {
     /// Bumped whenever what is saved, or how it is restored, changes.
-    static let format = 3
+    static let format = 2
 
     /// The files an entry holds besides the manifest.
     /// The devices' state (QEMU's migration stream without the RAM).

@@ -37,11 +37,6 @@ public protocol Testbed: Sendable {
     /// while any other call is in progress: signal handling calls it at any moment.
     func close() async
 
-    /// A scratch directory the testbed just opened or reverted already has, made by
-    /// ``ScratchDirectory/make(in:mode:)`` before its pristine state was saved; nil when it has
-    /// none, and the controller makes one. Default: nil.
-    func preparedScratch() async -> String?
-
     /// Runs before every reboot, `prepare-only` ones included, once the scratch directory is
     /// saved (autopkgtest's `hook_prepare_reboot`). Default: nothing.
     func prepareReboot(_ testbed: InTestbed) async throws(VirtError)
@@ -85,8 +80,6 @@ public protocol Testbed: Sendable {
 }
 
 extension Testbed {
-    public func preparedScratch() async -> String? { nil }
-
     public func prepareReboot(_ testbed: InTestbed) async throws(VirtError) {}
 
     public func requestReboot(_ testbed: InTestbed) async throws(VirtError) {

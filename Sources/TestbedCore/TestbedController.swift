@@ -120,7 +120,7 @@ public actor TestbedController {
         retireSampling()
         let auxverb = try await backend.revert()
         guard closing == nil else {
-            // A restore may leave nothing to run in the testbed before the reply: say so here.
+            // Whatever the revert made after the shutdown ran must go too, as for open.
             await backend.close()
             throw VirtError(.testbedFailure, "the testbed was shut down while reverting")
         }
@@ -277,23 +277,16 @@ public actor TestbedController {
     }
 
     /// Creates the scratch directory, or re-creates it at the same path after revert and
-    /// re-open; a directory the pristine testbed already has (``Testbed/preparedScratch()``)
-    /// saves the command.
+    /// re-open.
     private func makeScratch(_ auxverb: [String]) async throws(VirtError) -> String {
-        let prepared = await backend.preparedScratch()
+        let mode = ScratchDirectory.mode(await backend.capabilities())
         let testbed = InTestbed(auxverb: auxverb, runner: runner)
         let path: String
         if let scratch {
-            if prepared != scratch {
-                let mode = ScratchDirectory.mode(await backend.capabilities())
-                try await testbed.check(["install", "-d", "-m", mode, "--", scratch])
-            }
+            try await testbed.check(["install", "-d", "-m", mode, "--", scratch])
             path = scratch
-        } else if let prepared {
-            path = prepared
         } else {
-            path = try await ScratchDirectory.make(
-                in: testbed, mode: ScratchDirectory.mode(await backend.capabilities()))
+            path = try await ScratchDirectory.make(in: testbed, mode: mode)
         }
         scratch = path
         return path

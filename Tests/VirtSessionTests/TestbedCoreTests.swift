@@ -316,17 +316,13 @@ struct TestbedCoreTests {
     }
 }
 
-/// A testbed that is the host itself, seen through an auxverb that logs every command before
-/// running it, with a scratch directory "saved with its state" that the test sets.
-final class PreparedTestbed: Testbed {
-    let log: String
-    let prepared = Mutex<String?>(nil)
+/// A testbed that is the host itself, seen through an auxverb that runs commands on the host,
+/// whose revert takes as long as the test says.
+final class HostTestbed: Testbed {
     /// How long a revert takes.
     let revertDelay = Mutex<Duration>(.zero)
 
-    init(log: String) { self.log = log }
-
-    var auxverb: [String] { ["/bin/sh", "-c", #"printf '%s\n' "$*" >> "$0"; exec "$@""#, log] }
+    var auxverb: [String] { ["/usr/bin/env", "--"] }
     func capabilities() async -> [String] { [Capability.revert, Capability.isolationContainer] }
     func open() async throws(VirtError) -> [String] { auxverb }
     func revert() async throws(VirtError) -> [String] {
@@ -334,47 +330,18 @@ final class PreparedTestbed: Testbed {
         return auxverb
     }
     func close() async {}
-    func preparedScratch() async -> String? { prepared.withLock { $0 } }
-
-    /// The commands run so far, one line each.
-    var commands: [String] {
-        ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
-    }
 }
 
-@Suite("A scratch directory saved with the testbed's state")
-struct PreparedScratchTests {
-    @Test(
-        "open and revert reply the prepared directory without running a command; another one gets the first path made")
-    func preparedScratch() async throws {
-        let work = try TestPaths.makeTemporaryDirectory("dv-prepared.")
-        defer { TestPaths.removeTree(work) }
-        let backend = PreparedTestbed(log: "\(work)/commands")
-        backend.prepared.withLock { $0 = "\(work)/saved" }
-        let controller = TestbedController(backend: backend)
-        #expect(try await controller.open() == "\(work)/saved")
-        #expect(try await controller.revert() == "\(work)/saved")
-        #expect(backend.commands == [], "\(backend.commands)")
-        // A revert into a state saved by another server, with a directory of another name: the
-        // session's path is made there, as after any revert.
-        backend.prepared.withLock { $0 = "\(work)/other" }
-        #expect(try await controller.revert() == "\(work)/saved")
-        #expect(backend.commands == ["install -d -m 0777 -- \(work)/saved"], "\(backend.commands)")
-        var info = stat()
-        #expect(stat("\(work)/saved", &info) == 0 && info.st_mode & 0o7777 == 0o777)
-        await controller.shutdown()
-    }
-
-    /// With nothing left to run in the testbed after a restore, only the controller can notice
-    /// that a signal's shutdown came meanwhile.
-    @Test("a revert that a shutdown overtook fails instead of replying a path in a closed testbed")
+@Suite("Reverts and shutdowns")
+struct RevertShutdownTests {
+    /// A backend's revert may leave the new testbed up after the shutdown's close ran; the reply
+    /// must not send the client on with it.
+    @Test("a revert that a shutdown overtook fails with a clear error instead of replying a scratch path")
     func shutdownDuringRevert() async throws {
-        let work = try TestPaths.makeTemporaryDirectory("dv-prepared.")
-        defer { TestPaths.removeTree(work) }
-        let backend = PreparedTestbed(log: "\(work)/commands")
-        backend.prepared.withLock { $0 = "\(work)/saved" }
+        let backend = HostTestbed()
         let controller = TestbedController(backend: backend)
-        _ = try await controller.open()
+        let scratch = try await controller.open()
+        defer { TestPaths.removeTree(scratch) }
         backend.revertDelay.withLock { $0 = .seconds(1) }
         let reverting = Task { () async -> Result<String, VirtError> in
             do throws(VirtError) {
@@ -390,6 +357,16 @@ struct PreparedScratchTests {
             return
         }
         #expect(error.message.contains("shut down while reverting"), "\(error.message)")
+    }
+
+    @Test("only an absolute path of printable ASCII without spaces or % can be the scratch directory")
+    func scratchPaths() {
+        for path in ["/tmp/autopkgtest.AbC123", "/var/tmp/x-y_z.1"] {
+            #expect(ScratchDirectory.isPlausible(path), "\(path)")
+        }
+        for path in ["", "tmp/a", "/tmp/a b", "/tmp/a%20b", "/tmp/a\tb", "/tmp/a\nb", "/tmp/a\r\nb", "/tmp/\u{e9}"] {
+            #expect(!ScratchDirectory.isPlausible(path), "\(path.debugDescription)")
+        }
     }
 }
 
