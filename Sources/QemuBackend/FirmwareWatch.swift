@@ -79,7 +79,7 @@ extension ConsoleWatch {
         var lines = withoutTerminalEscapes(tail).split(whereSeparator: \.isNewline)
             .map { $0.trimmingWhitespace() }.filter { !$0.isEmpty }
         // The kernel may log (late I/O errors, a clocksource) after a prompt printed last.
-        while let last = lines.last, isKernelLogLine(last), !last.contains("---[ end Kernel panic") {
+        while let last = lines.last, isKernelMessage(Substring(last)), !last.contains("---[ end Kernel panic") {
             lines.removeLast()
         }
         guard let last = lines.last else { return nil }
@@ -98,13 +98,6 @@ extension ConsoleWatch {
                 meaning: "its initramfs (dracut) gave up and waits at its emergency shell")
         }
         return nil
-    }
-
-    /// Whether `line` is a kernel log line: "[    5.577699] ...".
-    static func isKernelLogLine(_ line: String) -> Bool {
-        guard line.hasPrefix("["), let close = line.firstIndex(of: "]") else { return false }
-        let stamp = line[line.index(after: line.startIndex)..<close].trimmingCharacters(in: .whitespaces)
-        return !stamp.isEmpty && stamp.allSatisfy { $0.isNumber || $0 == "." }
     }
 
     /// The message for a boot that failed for good. It does not blame the image: on a busy TCG
