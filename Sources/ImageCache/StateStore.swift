@@ -32,7 +32,10 @@ public struct StateStore: Sendable {
     public static let manifestName = "SHA256SUMS"
     public static let identitiesName = "IDENTITIES"
 
-    public init(cacheDirectory: String, maximumEntries: Int = 4, runner: any CommandRunner = SubprocessRunner()) {
+    /// 8 by default: a worker with images of two architectures and a few option sets each (each
+    /// a state) would otherwise boot some of them at every use. An entry holds the RAM the
+    /// guest touched, about 230-280 MB here.
+    public init(cacheDirectory: String, maximumEntries: Int = 8, runner: any CommandRunner = SubprocessRunner()) {
         directory = ImageCache.absolute(cacheDirectory) + "/states"
         self.maximumEntries = maximumEntries
         self.runner = runner

@@ -21,8 +21,10 @@ public struct QemuOptions: Sendable, Equatable {
     public var ramMiB = 2048
     public var cpus = 2
     public var accelerator = Accelerator.auto
-    public var efiCode = "/usr/share/OVMF/OVMF_CODE_4M.fd"
-    public var efiVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+    /// The guest's architecture; ``efiCode``, ``efiVars`` and ``qemu`` must be its own.
+    public var architecture = GuestArchitecture.x86_64
+    public var efiCode = GuestArchitecture.x86_64.efiCode
+    public var efiVars = GuestArchitecture.x86_64.efiVars
     /// User networking by default, as autopkgtest-virt-qemu and debusine's design have it:
     /// tests install their dependencies from the archive.
     public var network = Network.user
@@ -69,6 +71,13 @@ public struct QemuOptions: Sendable, Equatable {
     public init(image: InspectedImage) {
         self.image = image.path
         imageFormat = image.format
+    }
+
+    /// Whether the firmware is a secure-boot build of OVMF (Debian's `*.secboot.fd`, which the
+    /// `.ms` and `.snakeoil` names link to, and the only i386 build): those require SMM and a
+    /// flash that only SMM code may write, and stop early without them.
+    public var firmwareNeedsSMM: Bool {
+        AbsolutePath.real(efiCode).split(separator: "/").last?.contains(".secboot.") ?? false
     }
 
     /// `suggested-normal-user=`: the `--user` given, unless it is root (as autopkgtest-virt-qemu
@@ -205,7 +214,8 @@ public enum QemuCommands {
     )
         -> Command
     {
-        var machine = "q35,accel=\(kvm ? "kvm" : "tcg")"
+        let smm = options.firmwareNeedsSMM
+        var machine = "q35,accel=\(kvm ? "kvm" : "tcg")" + (smm ? ",smm=on" : "")
         var backend: [String] = []
         let file = "memory-backend-file,id=\(memoryBackendID),size=\(options.ramMiB)M"
         switch memory {
@@ -220,9 +230,8 @@ public enum QemuCommands {
         var arguments = [
             "-name", "debusine-virt,process=debusine-virt-qemu",
             "-machine", machine,
-            // Under TCG, qemu64 (autopkgtest-virt-qemu's CPU there too): with `max`, booting and
-            // guest work took 5-25 % longer here. A `-cpu` in --qemu-options comes later and wins.
-            "-cpu", kvm ? "host" : "qemu64",
+            // A `-cpu` in --qemu-options comes later and wins.
+            "-cpu", kvm ? "host" : options.architecture.tcgCPU,
             "-smp", "\(options.cpus)",
             "-m", "\(options.ramMiB)",
         ]
@@ -232,6 +241,9 @@ public enum QemuCommands {
             "-pidfile", paths.pidFile,
             "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=\(escaped(options.efiCode))",
             "-drive", "if=pflash,format=raw,unit=1,file=\(escaped(paths.efiVars))",
+        ]
+        if smm { arguments += ["-global", "driver=cfi.pflash01,property=secure,value=on"] }
+        arguments += [
             "-drive", "file=\(escaped(paths.overlay)),format=qcow2,if=virtio,cache=unsafe,discard=unmap",
         ]
         // After the boot disk, in the order given: vdb, vdc, ... in the guest.

@@ -31,17 +31,28 @@ public final class QemuTestbed: Testbed {
         self.runner = runner
         self.auxverbExecutable = auxverbExecutable
         self.parent = parent
+        let host = AutopkgtestQemu.hostArchitecture
+        let native = options.architecture.runsUnderKVM(onHost: host)
         switch options.accelerator {
         case .tcg: kvm = false
         case .kvm:
+            guard native else {
+                throw VirtError(
+                    .unavailable, "--accel kvm: KVM on this \(host) host cannot run \(options.architecture) guests")
+            }
             guard KVMProbe.usable() else {
                 throw VirtError(
                     .unavailable, "--accel kvm: KVM cannot run guests here (no usable /dev/kvm or no vmx/svm)")
             }
             kvm = true
         case .auto:
-            kvm = KVMProbe.usable()
-            if !kvm { log.info("KVM is not usable here; using TCG (slower)") }
+            kvm = native && KVMProbe.usable()
+            if !kvm {
+                log.info(
+                    native
+                        ? "KVM is not usable here; using TCG (slower)"
+                        : "a \(options.architecture) guest on this \(host) host: using TCG (emulation, slower)")
+            }
         }
         // What the command line came to, for -d: the VM as QEMU will be started (INSTANCE stands
         // for the instance directory) and the rest of the settings.

@@ -71,8 +71,7 @@ enum SavedStateKey {
     /// Without `times` (a cached download, whose times change with every use), the file is
     /// known by its path, inode and size: a new download is a new file.
     static func identity(_ path: String, times: Bool = true) -> String {
-        var resolved = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let real = realpath(path, &resolved) != nil ? String(nulTerminated: resolved) : path
+        let real = AbsolutePath.real(path)
         var info = stat()
         guard stat(real, &info) == 0 else { return "\(real) missing" }
         guard times else { return "\(real) dev \(info.st_dev) ino \(info.st_ino) size \(info.st_size)" }

@@ -17,6 +17,12 @@ public enum AbsolutePath {
         return directory == "/" ? "/" + path : directory + "/" + path
     }
 
+    /// `path` with every symbolic link resolved (realpath(3)), or as it is when that fails.
+    public static func real(_ path: String) -> String {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        return realpath(path, &buffer) != nil ? String(nulTerminated: buffer) : path
+    }
+
     /// ``resolving(_:)``, or `path` as it is when the working directory cannot be found: for
     /// paths that are used at once, which then fail with the path as the user gave it.
     public static func of(_ path: String) -> String { resolving(path) ?? path }

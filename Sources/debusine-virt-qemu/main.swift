@@ -57,7 +57,7 @@ struct QemuServer: AsyncParsableCommand {
             --boot, --efi, --dpkg-architecture, --qemu-architecture, -q, --qemu-options, -o, \
             --timeout-reboot, --show-boot, --timeout-poweroff, -d, -u, -p, --baseimage and more \
             images after the first (attached read-only, in order). What this server cannot boot \
-            yet (another architecture than x86_64, --boot bios, ieee1275 or none) is an error \
+            yet (another architecture than x86_64 and i386, --boot bios, ieee1275 or none) is an error \
             before the banner.
 
             \(StatisticsFile.manual)
@@ -88,25 +88,33 @@ struct QemuServer: AsyncParsableCommand {
 
     @Option(
         help: ArgumentHelp(
-            "The guest's architecture in dpkg's terms (default: the host's); only amd64 is supported yet.",
+            "The guest's architecture in dpkg's terms (default: the host's): amd64 or i386 so far.",
             valueName: "arch"))
     var dpkgArchitecture: String?
 
     @Option(
         help: ArgumentHelp(
-            "The guest's architecture in QEMU's terms, before --dpkg-architecture (default: the host's); only x86_64 "
-                + "is supported yet.",
+            "The guest's architecture in QEMU's terms, before --dpkg-architecture (default: the host's): x86_64 or "
+                + "i386 so far.",
             valueName: "arch"))
     var qemuArchitecture: String?
 
     @Option(help: "Accelerator: auto (KVM only when it can really run guests, else TCG), kvm or tcg.")
     var accel: QemuOptions.Accelerator = .auto
 
-    @Option(help: "EFI firmware code (read-only pflash).")
-    var efiCode = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    @Option(
+        help: ArgumentHelp(
+            "EFI firmware code (read-only pflash; default: OVMF's, /usr/share/OVMF/OVMF_CODE_4M.fd for x86_64, "
+                + "OVMF32_CODE_4M.secboot.fd for i386).",
+            valueName: "path"))
+    var efiCode: String?
 
-    @Option(help: "EFI variables template; each instance gets its own copy.")
-    var efiVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+    @Option(
+        help: ArgumentHelp(
+            "EFI variables template; each instance gets its own copy (default: OVMF's, OVMF_VARS_4M.fd for x86_64, "
+                + "OVMF32_VARS_4M.fd for i386).",
+            valueName: "path"))
+    var efiVars: String?
 
     @Option(help: "Guest network: user (QEMU user networking: the guest reaches what the host reaches), or none.")
     var network: QemuOptions.Network = .user
@@ -250,10 +258,16 @@ struct QemuServer: AsyncParsableCommand {
         if let sha256, !ImageCache.isDigest(sha256) {
             throw VirtError(.usage, "--sha256 must be 64 hexadecimal digits, not \(sha256)")
         }
+        let dropIn = try await autopkgtestOptions()
+        let architecture = dropIn.architecture
+        let efiCode = efiCode ?? architecture.efiCode
+        let efiVars = efiVars ?? architecture.efiVars
         for (what, path) in [("EFI firmware", efiCode), ("EFI variables template", efiVars)]
         where access(path, R_OK) != 0 {
             throw VirtError(
-                .notFound, "the \(what) \(path) is missing: apt-get install ovmf, or pass --efi-code/--efi-vars")
+                .notFound,
+                "the \(what) \(path) is missing: apt-get install \(architecture.firmwarePackage), or pass "
+                    + "--efi-code/--efi-vars")
         }
         guard (1...(1 << 20)).contains(consoleLogLimit) else {
             throw VirtError(.usage, "--console-log-limit must be between 1 and 1048576 MiB")
@@ -261,8 +275,7 @@ struct QemuServer: AsyncParsableCommand {
         guard ramSize >= 128, cpus >= 1, shutdownTimeout >= 0 else {
             throw VirtError(.usage, "--ram-size, --cpus and the timeouts must be positive")
         }
-        let dropIn = try await autopkgtestOptions()
-        let qemu = self.qemu ?? "qemu-system-\(dropIn.architecture)"
+        let qemu = self.qemu ?? architecture.qemuCommand
         guard await Executables.exist(qemu) else {
             throw VirtError(.unavailable, "\(qemu) was not found: apt-get install qemu-system-x86")
         }
@@ -274,6 +287,7 @@ struct QemuServer: AsyncParsableCommand {
         options.ramMiB = ramSize
         options.cpus = cpus
         options.accelerator = accel
+        options.architecture = architecture
         options.efiCode = absolute(efiCode)
         options.efiVars = absolute(efiVars)
         options.network = network
@@ -296,7 +310,7 @@ struct QemuServer: AsyncParsableCommand {
     /// autopkgtest-virt-qemu's options that need checking before the banner: what this server
     /// cannot serve yet is refused here, naming the option and its value.
     func autopkgtestOptions() async throws(VirtError) -> (
-        architecture: String, timeouts: (boot: Duration, reboot: Duration), extraImages: [AttachedImage],
+        architecture: GuestArchitecture, timeouts: (boot: Duration, reboot: Duration), extraImages: [AttachedImage],
         overlayParent: String?
     ) {
         let architecture = try AutopkgtestQemu.architecture(qemu: qemuArchitecture, dpkg: dpkgArchitecture)

@@ -161,7 +161,7 @@ struct QemuCommandLineTests {
                 ["--dpkg-architecture", "arm64"],
                 "--dpkg-architecture arm64 (QEMU architecture aarch64) is not supported yet"
             ),
-            (["--dpkg-architecture", "i386"], "--dpkg-architecture i386 is not supported yet"),
+            (["--dpkg-architecture", "riscv64"], "--dpkg-architecture riscv64 is not supported yet"),
             (["--qemu-architecture", "ppc64le"], "--qemu-architecture ppc64le is not supported yet"),
             (["--qemu-architecture", "aarch64", "--dpkg-architecture", "amd64"], "--qemu-architecture aarch64 is not"),
         ])

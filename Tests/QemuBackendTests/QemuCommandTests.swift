@@ -68,6 +68,55 @@ struct QemuCommandTests {
         #expect(argv.contains("if=pflash,format=raw,unit=0,readonly=on,file=/odd,,dir/CODE.fd"))
     }
 
+    @Test(
+        "an i386 guest: qemu-system-i386, the 32-bit CPU model, OVMF32 with SMM and a secure flash; x86_64 neither"
+    )
+    func i386Guest() throws {
+        let architecture = try AutopkgtestQemu.architecture(qemu: nil, dpkg: "i386", host: "x86_64")
+        var options = QemuOptions(image: "/i.qcow2", format: .qcow2)
+        options.architecture = architecture
+        options.qemu = architecture.qemuCommand
+        options.efiCode = architecture.efiCode
+        options.efiVars = architecture.efiVars
+        let argv = QemuCommands.qemu(options, paths, kvm: false).argv
+        func value(after flag: String) -> [String] {
+            argv.indices.filter { argv[$0] == flag && $0 + 1 < argv.count }.map { argv[$0 + 1] }
+        }
+        #expect(argv.first == "qemu-system-i386")
+        #expect(value(after: "-cpu") == ["qemu32"])
+        // OVMF32's only build is a secure-boot one: without SMM it stops before the boot loader.
+        #expect(value(after: "-machine") == ["q35,accel=tcg,smm=on"])
+        #expect(value(after: "-global") == ["driver=cfi.pflash01,property=secure,value=on"])
+        #expect(
+            value(after: "-drive").contains(
+                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF32_CODE_4M.secboot.fd"))
+        #expect(architecture.dpkgArchitecture == "i386" && architecture.firmwarePackage == "ovmf-ia32")
+        // KVM on an x86_64 host runs i386 guests; an i386 host no x86_64 ones.
+        #expect(GuestArchitecture.i386.runsUnderKVM(onHost: "x86_64"))
+        #expect(!GuestArchitecture.x86_64.runsUnderKVM(onHost: "i386"))
+        #expect(!GuestArchitecture.x86_64.runsUnderKVM(onHost: "aarch64"))
+
+        let plain = QemuCommands.qemu(QemuOptions(image: "/i.qcow2", format: .qcow2), paths, kvm: false).argv
+        #expect(!plain.contains("-global") && plain.contains("q35,accel=tcg"))
+    }
+
+    @Test("a secure-boot OVMF is known by its file name, also through the links Debian ships to it")
+    func secureBootFirmware() throws {
+        let directory = try TestPaths.makeTemporaryDirectory()
+        defer { TestPaths.removeTree(directory) }
+        try Data().write(to: URL(fileURLWithPath: "\(directory)/OVMF_CODE_4M.secboot.fd"))
+        try FileManager.default.createSymbolicLink(
+            atPath: "\(directory)/OVMF_CODE_4M.ms.fd", withDestinationPath: "OVMF_CODE_4M.secboot.fd")
+        try Data().write(to: URL(fileURLWithPath: "\(directory)/OVMF_CODE_4M.fd"))
+        var options = QemuOptions(image: "/i.qcow2", format: .qcow2)
+        for (name, secure) in [
+            ("OVMF_CODE_4M.secboot.fd", true), ("OVMF_CODE_4M.ms.fd", true), ("OVMF_CODE_4M.fd", false),
+        ] {
+            options.efiCode = "\(directory)/\(name)"
+            #expect(options.firmwareNeedsSMM == secure, "\(name)")
+        }
+    }
+
     @Test("KVM counts as usable only with vmx or svm among the CPU flags")
     func kvmProbe() {
         #expect(KVMProbe.cpuHasVirtualization(cpuinfo: "processor\t: 0\nflags\t\t: fpu vme de pse vmx sse\n"))

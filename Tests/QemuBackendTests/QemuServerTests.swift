@@ -16,6 +16,8 @@ import VirtTestSupport
 struct QemuServerTests {
     static let imageDirectory = ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_IMAGES"]
     static let enabled = imageDirectory != nil || TestPaths.isCI
+    /// The i386 images (`scripts/build-test-images --arch i386`, DEBUSINE_VIRT_TEST_I386_IMAGES).
+    static let i386ImageDirectory = ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_I386_IMAGES"]
 
     let runner = SubprocessRunner()
 
@@ -299,6 +301,20 @@ struct QemuServerTests {
     func autopkgtestFixture() async throws {
         let directory = try #require(
             Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        try await fixtureRun(image: "\(directory)/bookworm-amd64.qcow2", architecture: "amd64")
+    }
+
+    @Test(
+        "autopkgtest runs the fixture package in an i386 guest (--dpkg-architecture i386: qemu-system-i386, OVMF32)",
+        .enabled(if: enabled), .guestSlot(minutes: 25))
+    func autopkgtestFixtureI386() async throws {
+        let directory = try #require(
+            Self.i386ImageDirectory, "DEBUSINE_VIRT_TEST_I386_IMAGES is not set: run through scripts/test")
+        try await fixtureRun(image: "\(directory)/bookworm-i386.qcow2", architecture: "i386")
+    }
+
+    /// The fixture under autopkgtest on `image`, a guest of dpkg architecture `architecture`.
+    func fixtureRun(image: String, architecture: String) async throws {
         let work = try TestPaths.makeTemporaryDirectory("dv-autopkgtest.")
         defer { TestPaths.removeTree(work) }
         let fixture = "\(TestPaths.repositoryRoot)/examples/fixture"
@@ -310,7 +326,7 @@ struct QemuServerTests {
                 [
                     "--no-built-binaries", "--summary-file=\(work)/summary", "--output-dir=\(work)/out", "\(fixture)/",
                     "--", TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none",
-                    "\(directory)/bookworm-amd64.qcow2",
+                    "--dpkg-architecture", architecture, "--boot-timeout", "900", image,
                 ], environment: ["TMPDIR": work]),
             input: .none, output: .discard, error: .capture(limit: 64 << 20))
         // 4: at least one test failed, which expected-failure does on purpose.
@@ -320,6 +336,8 @@ struct QemuServerTests {
         let expected = try String(contentsOfFile: "\(fixture)/expected-summary", encoding: .utf8)
             .split(separator: "\n").map(String.init)
         #expect(actual == expected, "summary:\n\(summary)")
+        let log = (try? String(contentsOfFile: "\(work)/out/log", encoding: .utf8)) ?? ""
+        #expect(log.contains("testbed dpkg architecture: \(architecture)\n"), "\(log.suffix(4000))")
         #expect(
             FileManager.default.fileExists(atPath: "\(work)/out/artifacts/odd dir ü/file, with % and spaces"),
             "the artifact with an odd name was not copied up")
