@@ -141,7 +141,9 @@ public enum AutopkgtestQemu {
             given = "the host's architecture \(host)"
         }
         guard let architecture = GuestArchitecture(rawValue: chosen) else {
-            let supported = GuestArchitecture.allCases.map { "\($0.rawValue) (\($0.dpkgArchitecture))" }
+            let supported = GuestArchitecture.allCases.map {
+                $0.rawValue == $0.dpkgArchitecture ? $0.rawValue : "\($0.rawValue) (\($0.dpkgArchitecture))"
+            }
             throw VirtError(
                 .unavailable,
                 "\(given) is not supported yet: debusine-virt-qemu boots "

@@ -51,7 +51,7 @@ public final class QemuTestbed: Testbed {
                 log.info(
                     native
                         ? "KVM is not usable here; using TCG (slower)"
-                        : "a \(options.architecture) guest on this \(host) host: using TCG (emulation, slower)")
+                        : "guest architecture \(options.architecture), host \(host): using TCG (emulation, slower)")
             }
         }
         // What the command line came to, for -d: the VM as QEMU will be started (INSTANCE stands

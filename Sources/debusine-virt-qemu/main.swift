@@ -137,7 +137,9 @@ struct QemuServer: AsyncParsableCommand {
 
     @Option(
         name: [.customShort("q", allowingJoined: true), .customLong("qemu-command"), .customLong("qemu")],
-        help: ArgumentHelp("The QEMU system emulator to run (default: qemu-system-x86_64).", valueName: "command"))
+        help: ArgumentHelp(
+            "The QEMU system emulator to run (default: qemu-system-x86_64; qemu-system-i386 for i386).",
+            valueName: "command"))
     var qemu: String?
 
     @Option(
@@ -258,8 +260,9 @@ struct QemuServer: AsyncParsableCommand {
         if let sha256, !ImageCache.isDigest(sha256) {
             throw VirtError(.usage, "--sha256 must be 64 hexadecimal digits, not \(sha256)")
         }
-        let dropIn = try await autopkgtestOptions()
-        let architecture = dropIn.architecture
+        // Cheap, and the firmware's defaults depend on it; the rest of autopkgtest-virt-qemu's
+        // options (which inspect extra images) come after the plain usage checks.
+        let architecture = try AutopkgtestQemu.architecture(qemu: qemuArchitecture, dpkg: dpkgArchitecture)
         let efiCode = efiCode ?? architecture.efiCode
         let efiVars = efiVars ?? architecture.efiVars
         for (what, path) in [("EFI firmware", efiCode), ("EFI variables template", efiVars)]
@@ -275,6 +278,7 @@ struct QemuServer: AsyncParsableCommand {
         guard ramSize >= 128, cpus >= 1, shutdownTimeout >= 0 else {
             throw VirtError(.usage, "--ram-size, --cpus and the timeouts must be positive")
         }
+        let dropIn = try await autopkgtestOptions()
         let qemu = self.qemu ?? architecture.qemuCommand
         guard await Executables.exist(qemu) else {
             throw VirtError(.unavailable, "\(qemu) was not found: apt-get install qemu-system-x86")
@@ -310,10 +314,9 @@ struct QemuServer: AsyncParsableCommand {
     /// autopkgtest-virt-qemu's options that need checking before the banner: what this server
     /// cannot serve yet is refused here, naming the option and its value.
     func autopkgtestOptions() async throws(VirtError) -> (
-        architecture: GuestArchitecture, timeouts: (boot: Duration, reboot: Duration), extraImages: [AttachedImage],
+        timeouts: (boot: Duration, reboot: Duration), extraImages: [AttachedImage],
         overlayParent: String?
     ) {
-        let architecture = try AutopkgtestQemu.architecture(qemu: qemuArchitecture, dpkg: dpkgArchitecture)
         try AutopkgtestQemu.checkBoot(
             AutopkgtestQemu.bootMode(boot: boot, efi: efi, arguments: Array(CommandLine.arguments.dropFirst())))
         let timeouts = try AutopkgtestQemu.timeouts(bootTimeout: bootTimeout, timeoutReboot: timeoutReboot)
@@ -357,7 +360,7 @@ struct QemuServer: AsyncParsableCommand {
             }
             overlayParent = absolute(overlayDir)
         }
-        return (architecture, timeouts, extras, overlayParent)
+        return (timeouts, extras, overlayParent)
     }
 
     func auxverbExecutable() throws(VirtError) -> String {

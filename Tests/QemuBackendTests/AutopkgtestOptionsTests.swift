@@ -71,7 +71,7 @@ struct AutopkgtestOptionsTests {
         let arm = try #require(refusal(nil, "arm64"))
         #expect(arm.code == .unavailable)
         #expect(arm.message.contains("--dpkg-architecture arm64 (QEMU architecture aarch64) is not supported yet"))
-        #expect(arm.message.hasSuffix("boots x86_64 (amd64) and i386 (i386) guests only, so far"), "\(arm.message)")
+        #expect(arm.message.hasSuffix("boots x86_64 (amd64) and i386 guests only, so far"), "\(arm.message)")
         let riscv = try #require(refusal(nil, "riscv64"))
         #expect(riscv.message.hasPrefix("--dpkg-architecture riscv64 is not supported yet"))
         let qemu = try #require(refusal("aarch64", "amd64"))

@@ -81,6 +81,22 @@ struct QemuCommandLineTests {
         #expect(!stderr.contains("error"), "\(stderr)")
     }
 
+    @Test("--dpkg-architecture i386 gives qemu-system-i386 with OVMF32, SMM, a secure flash and the 32-bit CPU model")
+    func i386Defaults() async throws {
+        let scratch = try await Scratch()
+        defer { scratch.remove() }
+        let qemu = qemuLine(
+            try await accepted(
+                ["-d", "--accel", "tcg", "--dpkg-architecture", "i386", scratch.image], scratch: scratch))
+        #expect(qemu.hasPrefix("qemu-system-i386 "), "\(qemu)")
+        for part in [
+            "q35,accel=tcg,smm=on", "-cpu qemu32", "file=/usr/share/OVMF/OVMF32_CODE_4M.secboot.fd",
+            "-global driver=cfi.pflash01,property=secure,value=on",
+        ] {
+            #expect(qemu.contains(part), "\(part) missing: \(qemu)")
+        }
+    }
+
     @Test(
         "every autopkgtest-virt-qemu option is accepted and reaches the VM: RAM, CPUs, QEMU, its options, disks, timeouts"
     )

@@ -93,6 +93,8 @@ struct QemuCommandTests {
         #expect(architecture.dpkgArchitecture == "i386" && architecture.firmwarePackage == "ovmf-ia32")
         // KVM on an x86_64 host runs i386 guests; an i386 host no x86_64 ones.
         #expect(GuestArchitecture.i386.runsUnderKVM(onHost: "x86_64"))
+        #expect(GuestArchitecture.i386.runsUnderKVM(onHost: "i386"))
+        #expect(GuestArchitecture.x86_64.runsUnderKVM(onHost: "x86_64"))
         #expect(!GuestArchitecture.x86_64.runsUnderKVM(onHost: "i386"))
         #expect(!GuestArchitecture.x86_64.runsUnderKVM(onHost: "aarch64"))
 

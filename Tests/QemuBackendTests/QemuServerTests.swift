@@ -8,7 +8,8 @@ import VirtTestSupport
 /// project-built Debian image under TCG. One session covers open, the auxverb, copies, revert,
 /// reboot and quit, because every boot costs half a minute here.
 ///
-/// Needs DEBUSINE_VIRT_TEST_IMAGES (set by scripts/test); in CI a missing image fails.
+/// Needs DEBUSINE_VIRT_TEST_IMAGES (and DEBUSINE_VIRT_TEST_I386_IMAGES for the i386 guest; both
+/// set by scripts/test); in CI a missing image fails.
 ///
 /// Not serialized: each test that runs a guest waits for a guest slot, and each has its own
 /// TMPDIR. One after another, this suite was the longest chain of the test run's first phase.
@@ -306,7 +307,7 @@ struct QemuServerTests {
 
     @Test(
         "autopkgtest runs the fixture package in an i386 guest (--dpkg-architecture i386: qemu-system-i386, OVMF32)",
-        .enabled(if: enabled), .guestSlot(minutes: 25))
+        .enabled(if: i386ImageDirectory != nil || TestPaths.isCI), .guestSlot(minutes: 25))
     func autopkgtestFixtureI386() async throws {
         let directory = try #require(
             Self.i386ImageDirectory, "DEBUSINE_VIRT_TEST_I386_IMAGES is not set: run through scripts/test")
