@@ -12,9 +12,8 @@ import VirtTestSupport
 /// autopkgtest run on its own, from the working directory the form needs, so relative paths
 /// reach the servers exactly as users' do. autopkgtest-virt-incus runs every form; the QEMU
 /// reference boots under TCG for about a minute each time, so it runs the forms whose paths
-/// differ most (a tree by `.`, a relative `.dsc`) and debusine's command line, ahead of the
-/// other columns (``ConformanceTests/ahead(_:)``): it gives its guest 10 s to mount its shared
-/// directory, which a loaded machine misses.
+/// differ most (a tree by `.`, a relative `.dsc`) and debusine's command line, and runs alone:
+/// it gives its guest 10 s to mount its shared directory, which a loaded machine misses.
 @Suite("Conformance matrix: autopkgtest command-line forms, ours against autopkgtest's servers")
 struct ConformanceTests {
     /// A server column of the matrix.
@@ -172,21 +171,6 @@ struct ConformanceTests {
         return Setup(work: work, images: images, incusImage: incusImage)
     }
 
-    /// What puts the QEMU reference's whole run ahead of everything else on the machine.
-    ///
-    /// autopkgtest-virt-qemu gives its guest 10 s to mount the shared directory, and reads the
-    /// login prompt from a console socket that drops what nobody reads: on a loaded machine both
-    /// miss. nice alone does not help: the kernel schedules sessions (autogroups) against each
-    /// other first, each at the nice of its autogroup, and every run and every QEMU of ours is a
-    /// session of its own. So the run's session (autopkgtest, its driver and its QEMU, which it
-    /// keeps in that session) gets autogroup nice -10. (Only QEMU at nice -10, inside the session,
-    /// once starved its own driver past the login prompt.) Best effort: as root, and where the
-    /// kernel allows it (no CAP_SYS_NICE in a container: the run goes on at the usual priority).
-    static func ahead(_ server: Server) -> [String] {
-        guard server == .theirsQemu, getuid() == 0, access("/proc/self/autogroup", F_OK) == 0 else { return [] }
-        return ["sh", "-c", #"{ echo -10 > /proc/self/autogroup; } 2>/dev/null; exec "$@""#, "sh"]
-    }
-
     /// Runs `form` against `server` in a directory of its own holding links to the package.
     static func run(_ form: Form, on server: Server, _ setup: Setup) async throws -> Outcome {
         let run = try TestPaths.makeTemporaryDirectory("dv-form.")
@@ -206,7 +190,7 @@ struct ConformanceTests {
         if server == .oursQemu && form.debusineArguments { command = ["unshare", "--net", "--"] + command }
         // No controlling terminal and stdin from /dev/null, as in CI and debusine's workers;
         // --shell-fail there must give up, not wait for a terminal.
-        command = ["setsid", "--wait"] + Self.ahead(server) + command
+        command = ["setsid", "--wait"] + command
         let result = try await runner.run(
             Command(
                 command[0], Array(command.dropFirst()),
@@ -265,16 +249,17 @@ struct ConformanceTests {
     func matrix() async throws {
         let setup = try await Self.makeSetup()
         defer { TestPaths.removeTree(setup.work) }
-        // The four columns side by side, the QEMU reference's runs ahead of the rest (``ahead(_:)``).
-        // (Our QEMU column, the longest then, as two lanes took the same time: the cores are busy.)
-        let results = try await withThrowingTaskGroup(of: (Server, [String: Outcome]).self) { group in
-            for server in Server.allCases {
+        // Our columns and the Incus reference side by side (one QEMU guest at a time), then the
+        // QEMU reference alone.
+        var results = try await withThrowingTaskGroup(of: (Server, [String: Outcome]).self) { group in
+            for server in [Server.oursQemu, .oursIncus, .theirsIncus] {
                 group.addTask { (server, try await Self.column(server, setup)) }
             }
             var results: [Server: [String: Outcome]] = [:]
             for try await (server, outcomes) in group { results[server] = outcomes }
             return results
         }
+        results[.theirsQemu] = try await Self.column(.theirsQemu, setup)
         for server in [Server.oursQemu, .oursIncus] {
             for form in Self.forms {
                 guard let ours = results[server]?[form.name], let theirs = results[server.reference]?[form.name]
