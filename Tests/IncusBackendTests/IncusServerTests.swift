@@ -378,8 +378,9 @@ struct IncusServerTests {
 
     @Test(
         "eight auxverb commands at once on a busy host lose no output (side by side with plain incus exec, which does)",
-        // A guest slot: its busy loops take the CPU of a guest for half a minute.
-        .enabled(if: enabled), .guestSlot(minutes: 10))
+        // A guest slot: its busy loops take the CPU of a guest for half a minute. Ahead of the
+        // other guest tests: this suite is serialized, and its tests after this one wait too.
+        .enabled(if: enabled), .guestSlot(minutes: 10, ahead: true))
     func noOutputLost() async throws {
         let image = try requireImage()
         let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), image])

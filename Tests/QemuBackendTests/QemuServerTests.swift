@@ -24,7 +24,7 @@ struct QemuServerTests {
 
     @Test(
         "a whole session: open, auxverb contract, 256 MiB streams, 1 GiB and 2000-file copies, revert, reboot, quit; nothing left behind",
-        .enabled(if: enabled), .guestSlot(minutes: 30))
+        .enabled(if: enabled), .guestSlot(minutes: 30, ahead: true))
     func wholeSession() async throws {
         let directory = try #require(
             Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
@@ -307,7 +307,7 @@ struct QemuServerTests {
 
     @Test(
         "autopkgtest runs the fixture package in an i386 guest (--dpkg-architecture i386: qemu-system-i386, OVMF32)",
-        .enabled(if: i386ImageDirectory != nil || TestPaths.isCI), .guestSlot(minutes: 25))
+        .enabled(if: i386ImageDirectory != nil || TestPaths.isCI), .guestSlot(minutes: 25, ahead: true))
     func autopkgtestFixtureI386() async throws {
         let directory = try #require(
             Self.i386ImageDirectory, "DEBUSINE_VIRT_TEST_I386_IMAGES is not set: run through scripts/test")

@@ -6,9 +6,9 @@ import VirtTestSupport
 
 /// Saved VM states with real VMs: the first boot saves, later opens and reverts restore, and a
 /// restored guest is a machine of its own. One test, in order, because each boot costs half a
-/// minute under TCG here: it boots three times (without states, to save, after a corruption)
-/// and restores five times.
-@Suite("debusine-virt-qemu saved VM states with real VMs", .serialized)
+/// minute under TCG here: it boots three times (to save, after a corruption, after a failed
+/// restore) and restores three times.
+@Suite("debusine-virt-qemu saved VM states with real VMs")
 struct SavedStateTests {
     let runner = SubprocessRunner()
 
@@ -53,22 +53,32 @@ struct SavedStateTests {
         try await run(aux, ["sh", "-c", "head -c 32 /dev/urandom | od -An -tx1; cat /proc/sys/kernel/random/uuid"])
     }
 
+    @Test("--no-snapshot boots and saves nothing", .enabled(if: QemuServerTests.enabled), .guestSlot(minutes: 20))
+    func noSnapshot() async throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-state-vm.")
+        defer { TestPaths.removeTree(work) }
+        let cache = "\(work)/cache"
+        let parent = "\(work)/tmp"
+        try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
+        let plain = try server(cache: cache, parent: parent, ["--no-snapshot"])
+        let aux = try await open(plain)
+        #expect(try await run(aux, ["cat", "/etc/debian_version"]).hasPrefix("12"))
+        try await finish(plain)
+        #expect(!plain.standardError.contains("saved the VM state"), "\(plain.standardError)")
+        #expect(!plain.standardError.contains("restored the saved VM state"), "\(plain.standardError)")
+        #expect(entries(cache).isEmpty, "--no-snapshot saved \(entries(cache))")
+        #expect(TestPaths.contents(of: parent) == [], "instance directories left: \(TestPaths.contents(of: parent))")
+    }
+
     @Test(
-        "the first boot saves the VM; opens and reverts restore it into independent guests; a corrupt state is rebuilt, never used; --no-snapshot boots",
-        .enabled(if: QemuServerTests.enabled), .guestSlot(minutes: 40))
+        "the first boot saves the VM; opens and reverts restore it into independent guests; a corrupt state is rebuilt, never used",
+        .enabled(if: QemuServerTests.enabled), .guestSlot(minutes: 40, ahead: true))
     func savedStates() async throws {
         let work = try TestPaths.makeTemporaryDirectory("dv-state-vm.")
         defer { TestPaths.removeTree(work) }
         let cache = "\(work)/cache"
         let parent = "\(work)/tmp"
         try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
-
-        // --no-snapshot: a plain boot that saves nothing.
-        let plain = try server(cache: cache, parent: parent, ["--no-snapshot"])
-        _ = try await open(plain)
-        try await finish(plain)
-        #expect(!plain.standardError.contains("saved the VM state"), "\(plain.standardError)")
-        #expect(entries(cache).isEmpty, "--no-snapshot saved \(entries(cache))")
 
         // The first boot saves; its guest runs on.
         let first = try server(cache: cache, parent: parent)
@@ -115,10 +125,8 @@ struct SavedStateTests {
             #expect(try await runner.run(Command(argv: other + ["test", "-e", "/root/mine"])).status == .exited(1))
             #expect(try await runner.run(Command(argv: other + ["test", "-e", "/dev/shm/mine"])).status == .exited(1))
         }
-        // A reboot of a restored guest is a real one.
-        let bootBefore = try await run(thirdAux, ["cat", "/proc/sys/kernel/random/boot_id"])
-        #expect(try await third.request("reboot", timeout: .seconds(1200)) == "ok", "\(third.standardError)")
-        #expect(try await run(thirdAux, ["cat", "/proc/sys/kernel/random/boot_id"]) != bootBefore)
+        // (That a reboot of a restored guest is a real one, the fixture's reboot test shows: its
+        // guest is restored too.)
         for server in [first, second, third] { try await finish(server) }
 
         // Three guests ran on the saved RAM and left it as saved.

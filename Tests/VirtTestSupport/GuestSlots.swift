@@ -19,21 +19,29 @@ public actor GuestSlots {
     /// How many slots there are.
     public nonisolated let limit: Int
     private var free: Int
-    /// Who waits, first come first served, and for how many slots.
-    private var waiting: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
+    /// Who waits, and for how many slots: first come first served, except that tests marked
+    /// `ahead` go before the others.
+    private var waiting: [(count: Int, ahead: Bool, continuation: CheckedContinuation<Void, Never>)] = []
 
     init(limit: Int) {
         self.limit = limit
         free = limit
     }
 
-    func acquire(_ count: Int) async {
+    func acquire(_ count: Int, ahead: Bool) async {
         if waiting.isEmpty && free >= count {
             free -= count
             return
         }
-        await withCheckedContinuation { waiting.append((count, $0)) }
+        await withCheckedContinuation { continuation in
+            let place = ahead ? (waiting.firstIndex { !$0.ahead } ?? waiting.endIndex) : waiting.endIndex
+            waiting.insert((count, ahead, continuation), at: place)
+        }
     }
+
+    /// How many wait now, and how many slots are free.
+    var waitingCount: Int { waiting.count }
+    var freeCount: Int { free }
 
     func release(_ count: Int) {
         free += count
@@ -44,10 +52,13 @@ public actor GuestSlots {
         }
     }
 
-    /// Runs `body` holding `count` slots (at most all of them).
-    public func run<T: Sendable>(slots count: Int = 1, _ body: @Sendable () async throws -> T) async rethrows -> T {
+    /// Runs `body` holding `count` slots (at most all of them); `ahead`: before the tests that
+    /// are not.
+    public func run<T: Sendable>(
+        slots count: Int = 1, ahead: Bool = false, _ body: @Sendable () async throws -> T
+    ) async rethrows -> T {
         let count = max(1, min(count, limit))
-        await acquire(count)
+        await acquire(count, ahead: ahead)
         do {
             let result = try await body()
             release(count)
@@ -69,6 +80,8 @@ public struct GuestSlot: TestTrait, TestScoping {
     public let timeLimit: Duration
     /// How many guests the test runs at once, up to all the slots there are.
     public let slots: Int
+    /// Whether the test goes before the others waiting for a slot.
+    public let ahead: Bool
 
     public func provideScope(
         for test: Test, testCase: Test.Case?, performing function: @Sendable () async throws -> Void
@@ -82,7 +95,7 @@ public struct GuestSlot: TestTrait, TestScoping {
         let asked = clock.now
         // The group ends (and with it the test's function) before this returns.
         try await withoutActuallyEscaping(function) { function in
-            try await GuestSlots.shared.run(slots: slots) {
+            try await GuestSlots.shared.run(slots: slots, ahead: ahead) {
                 let started = clock.now
                 // Swift Testing's own figure counts the wait for the slot too: this line is what
                 // the test itself took, for finding where a run's time goes.
@@ -123,7 +136,10 @@ public struct GuestSlot: TestTrait, TestScoping {
 extension Trait where Self == GuestSlot {
     /// Runs QEMU guests: as many tests of this kind at a time as ``GuestSlots`` allows, each for at most
     /// `minutes` once it runs. A test that runs several guests at once takes as many `slots`.
-    public static func guestSlot(minutes: Int, slots: Int = 1) -> Self {
-        GuestSlot(timeLimit: .seconds(minutes * 60), slots: slots)
+    ///
+    /// `ahead`: the test goes before the others waiting. For the longest tests, whose guests run
+    /// one after another: started last, such a test ends its phase alone, one core idle.
+    public static func guestSlot(minutes: Int, slots: Int = 1, ahead: Bool = false) -> Self {
+        GuestSlot(timeLimit: .seconds(minutes * 60), slots: slots, ahead: ahead)
     }
 }
