@@ -212,14 +212,20 @@ struct ConformanceTests {
         #expect(!outcome.log.contains("MISSING FILE"), "\(context)")
     }
 
-    /// Every form on one server, in `lanes` runs at once (each form has a directory of its own),
-    /// each lane's forms one after another.
+    /// The forms a column has yet to run, taken by its lanes one at a time.
+    actor Queue {
+        var forms: [Form]
+        init(_ forms: [Form]) { self.forms = forms }
+        func next() -> Form? { forms.isEmpty ? nil : forms.removeFirst() }
+    }
+
+    /// Every form on one server, in `lanes` runs at once (each form has a directory of its own):
+    /// each lane takes the next form when its last one ends.
     static func column(_ server: Server, lanes: Int, _ setup: Setup) async throws -> [String: Outcome] {
-        let mine = forms.filter { server != .theirsQemu || $0.referenceQemu }
+        let queue = Queue(forms.filter { server != .theirsQemu || $0.referenceQemu })
         return try await withThrowingTaskGroup(of: [String: Outcome].self) { group in
-            for lane in 0..<lanes {
-                let share = mine.enumerated().filter { $0.offset % lanes == lane }.map(\.element)
-                group.addTask { try await Self.lane(share, on: server, setup) }
+            for _ in 0..<lanes {
+                group.addTask { try await Self.lane(queue, on: server, setup) }
             }
             var outcomes: [String: Outcome] = [:]
             for try await part in group { outcomes.merge(part) { first, _ in first } }
@@ -227,10 +233,10 @@ struct ConformanceTests {
         }
     }
 
-    /// Some forms on one server, one after another.
-    static func lane(_ forms: [Form], on server: Server, _ setup: Setup) async throws -> [String: Outcome] {
+    /// Forms from `queue` on one server, one after another.
+    static func lane(_ queue: Queue, on server: Server, _ setup: Setup) async throws -> [String: Outcome] {
         var outcomes: [String: Outcome] = [:]
-        for form in forms {
+        while let form = await queue.next() {
             let started = ContinuousClock.now
             var outcome = try await run(form, on: server, setup)
             if server == .theirsIncus && outcome.status == .exited(16) {

@@ -11,22 +11,52 @@ struct GuestSlotsTests {
         func append(_ name: String) { names.append(name) }
     }
 
+    /// Whether `condition` holds within 10 s: a broken queue fails the test instead of hanging it.
+    func eventually(_ condition: () async -> Bool) async -> Bool {
+        let deadline = ContinuousClock.now + .seconds(10)
+        while ContinuousClock.now < deadline {
+            if await condition() { return true }
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+        return false
+    }
+
     @Test("the next free slot goes to the first test marked ahead, then to the others in the order they asked")
     func aheadFirst() async throws {
         let slots = GuestSlots(limit: 1)
         let order = Order()
         let (held, release) = AsyncStream.makeStream(of: Void.self)
         let holder = Task { await slots.run { for await _ in held {} } }
-        while await slots.freeCount > 0 { await Task.yield() }
+        try #require(await eventually { await slots.freeCount == 0 })
         var waiters: [Task<Void, Never>] = []
         for (name, ahead) in [("first", false), ("ahead", true), ("second", false), ("ahead too", true)] {
             let before = await slots.waitingCount
             waiters.append(Task { await slots.run(ahead: ahead) { await order.append(name) } })
-            while await slots.waitingCount == before { await Task.yield() }
+            #expect(await eventually { await slots.waitingCount == before + 1 }, "\(name) does not wait")
         }
         release.finish()
         await holder.value
         for waiter in waiters { await waiter.value }
         #expect(await order.names == ["ahead", "ahead too", "first", "second"])
+    }
+
+    @Test("a test marked ahead of one that waits for every slot takes a free slot at once")
+    func aheadTakesFreeSlot() async throws {
+        let slots = GuestSlots(limit: 2)
+        let order = Order()
+        let (held, release) = AsyncStream.makeStream(of: Void.self)
+        let holder = Task { await slots.run { for await _ in held {} } }
+        try #require(await eventually { await slots.freeCount == 1 })
+        let everything = Task { await slots.run(slots: 2) { await order.append("everything") } }
+        try #require(await eventually { await slots.waitingCount == 1 })
+        // One slot is free: the test marked ahead runs now, while the holder still holds its own.
+        let ahead = Task { await slots.run(ahead: true) { await order.append("ahead") } }
+        #expect(await eventually { await order.names == ["ahead"] }, "the test marked ahead waited")
+        release.finish()
+        await holder.value
+        await ahead.value
+        await everything.value
+        #expect(await order.names == ["ahead", "everything"])
+        #expect(await slots.freeCount == 2)
     }
 }

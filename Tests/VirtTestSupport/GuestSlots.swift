@@ -29,12 +29,14 @@ public actor GuestSlots {
     }
 
     func acquire(_ count: Int, ahead: Bool) async {
-        if waiting.isEmpty && free >= count {
+        let place = ahead ? (waiting.firstIndex { !$0.ahead } ?? waiting.endIndex) : waiting.endIndex
+        // First in the queue: nobody to wait behind, only for the slots (a test waiting for all
+        // of them may be behind it, with one free).
+        if place == 0 && free >= count {
             free -= count
             return
         }
         await withCheckedContinuation { continuation in
-            let place = ahead ? (waiting.firstIndex { !$0.ahead } ?? waiting.endIndex) : waiting.endIndex
             waiting.insert((count, ahead, continuation), at: place)
         }
     }
@@ -45,7 +47,8 @@ public actor GuestSlots {
 
     func release(_ count: Int) {
         free += count
-        // In order: a test waiting for every slot is not overtaken for ever by tests taking one.
+        // In order: a test waiting for every slot is not overtaken for ever by tests taking one
+        // (only by those marked ahead, a few).
         while let first = waiting.first, first.count <= free {
             free -= first.count
             waiting.removeFirst().continuation.resume()
