@@ -127,7 +127,8 @@ struct SavedStateTests {
             #expect(try await runner.run(Command(argv: other + ["test", "-e", "/dev/shm/mine"])).status == .exited(1))
         }
         // (That a reboot of a restored guest is a real one, the fixture's reboot test shows: its
-        // guest is restored by the revert after breaks-testbed, which QemuServerTests checks.)
+        // guest is restored by the revert after breaks-testbed, which scripts/main-job and the
+        // i386 fixture run in QemuServerTests check.)
         for server in [first, second, third] { try await finish(server) }
 
         // Three guests ran on the saved RAM and left it as saved.
