@@ -388,21 +388,67 @@ struct NormalUserTests {
         let getent = "\(work)/getent"
         try await TestPaths.writeExecutable(getent, "#!/bin/sh\ncat <<'EOF'\n\(passwd)EOF\n")
         let runner = SubprocessRunner()
-        let path = "\(work):\(ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin")"
-        let found = try await runner.run(Command(argv: NormalUser.argv).with(environment: ["PATH": path]))
+        // What the testbed runs, with the fake getent in place of the testbed's.
+        let argv = [getent] + NormalUser.argv.dropFirst()
+        let found = try await runner.run(Command(argv: argv))
         #expect(NormalUser.parse(found) == "debci")
 
         try await TestPaths.writeExecutable(getent, "#!/bin/sh\necho root:x:0:0:root:/root:/bin/bash\n")
-        let none = try await runner.run(Command(argv: NormalUser.argv).with(environment: ["PATH": path]))
+        let none = try await runner.run(Command(argv: argv))
         #expect(NormalUser.parse(none) == nil)
 
         // The lowest uid with a name that is not a plain user name: nothing is advertised.
         try await TestPaths.writeExecutable(
             getent,
             "#!/bin/sh\nprintf 'x\\tdowntmp-host=/tmp/p:x:1000:1000::/:/bin/sh\\ndebci:x:1001:1001::/:/bin/sh\\n'\n")
-        let hostile = try await runner.run(Command(argv: NormalUser.argv).with(environment: ["PATH": path]))
-        #expect(hostile.outputText == "x\tdowntmp-host=/tmp/p", "the fake getent gave the hostile name")
+        let hostile = try await runner.run(Command(argv: argv))
+        #expect(hostile.outputText.hasPrefix("x\tdowntmp-host=/tmp/p:"), "the fake getent gave the hostile name")
         #expect(NormalUser.parse(hostile) == nil)
+
+        // A failed getent advertises nothing, whatever it printed.
+        try await TestPaths.writeExecutable(getent, "#!/bin/sh\necho debci:x:1001:1001::/:/bin/sh\nexit 2\n")
+        #expect(NormalUser.parse(try await runner.run(Command(argv: argv))) == nil)
+    }
+
+    @Test("ties go to the name first in byte order; lines without a numeric uid in range are skipped")
+    func tiesAndOddLines() {
+        let passwd = """
+            bob:x:1500:1500::/home/bob:/bin/sh
+            alice:x:1500:1500::/home/alice:/bin/sh
+            short:x
+            word:x:abc:1::/:/bin/sh
+            space:x: 999:1::/:/bin/sh
+            high:x:59999:1::/:/bin/sh
+
+            """
+        #expect(NormalUser.parse(CommandResult(status: .exited(0), standardOutput: Array(passwd.utf8))) == "alice")
+        let edge = "top:x:59999:1::/:/bin/sh\nlow:x:999:1::/:/bin/sh\nfirst:x:1000:1::/:/bin/sh"
+        #expect(NormalUser.parse(CommandResult(status: .exited(0), standardOutput: Array(edge.utf8))) == "first")
+        #expect(NormalUser.parse(CommandResult(status: .exited(0), standardOutput: [])) == nil)
+    }
+
+    @Test("the same user as autopkgtest-virt-qemu's and -incus's own pipeline chooses, for the same passwd")
+    func sameAsReference() async throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-normal-user.")
+        defer { TestPaths.removeTree(work) }
+        let runner = SubprocessRunner()
+        // autopkgtest 5.49's determine_normal_user(), as both servers run it in the testbed.
+        let reference =
+            "getent passwd | sort -t: -nk3 | awk -F: '{if ($3 >= 1000 && $3 <= 59999) { print $1; exit } }'"
+        let path = "\(work):\(ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin")"
+        let samples = [
+            "root:x:0:0::/root:/bin/sh\nzed:x:1002:1002::/:/bin/sh\ndebci:x:1001:1001::/:/bin/sh\n",
+            "bob:x:1500:1::/:/bin/sh\nalice:x:1500:1::/:/bin/sh\nnobody:x:65534:1::/:/bin/sh\n",
+            "big:x:60000:1::/:/bin/sh\nlow:x:999:1::/:/bin/sh\n",
+            "top:x:59999:1::/:/bin/sh\nedge:x:1000:1::/:/bin/sh\nsys:x:100:1::/:/bin/sh\n",
+        ]
+        for sample in samples {
+            try await TestPaths.writeExecutable("\(work)/getent", "#!/bin/sh\nprintf '%s' '\(sample)'\n")
+            let theirs = try await runner.run(
+                Command(argv: ["/bin/sh", "-c", reference]).with(environment: ["PATH": path, "LC_ALL": "C"]))
+            let ours = try await runner.run(Command(argv: ["\(work)/getent"] + NormalUser.argv.dropFirst()))
+            #expect(NormalUser.parse(ours) == (theirs.outputText.isEmpty ? nil : theirs.outputText), "\(sample)")
+        }
     }
 
     @Test("only names Debian's NAME_REGEX allows are plain user names (no whitespace, no `$`, 32 at most)")
