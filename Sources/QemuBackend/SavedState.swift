@@ -12,8 +12,9 @@ import VirtCore
 /// restore saves. An image changed in place gets a new change time even when its modification
 /// time is set back (`touch -r`, `cp -p`, `tar` keep or restore it; the change time no one sets).
 enum SavedStateKey {
-    /// Bumped whenever what is saved, or how it is restored, changes.
-    static let format = 2
+    /// Bumped whenever what is saved, or how it is restored, changes. 3: saved once the guest's
+    /// start-up has finished (``QemuTestbed``'s settle).
+    static let format = 3
 
     /// The files an entry holds besides the manifest.
     /// The devices' state (QEMU's migration stream without the RAM).
