@@ -1,4 +1,5 @@
 import CommandRunner
+import Foundation
 import VirtCore
 
 /// The user that `suggested-normal-user=` advertises: as autopkgtest's own servers choose it,
@@ -15,8 +16,8 @@ public enum NormalUser {
     static let outputLimit = 16 << 20
 
     /// The user's name from the output of ``argv``: the account with the lowest uid in the
-    /// range (ties: the name first in byte order, as `sort` in the C locale gives); nil when there
-    /// is none or its name is not a plain user name.
+    /// range (ties: the whole line first in byte order, as `sort -t: -nk3` in the C locale gives);
+    /// nil when there is none or its name is not a plain user name.
     ///
     /// The name comes from the testbed's passwd, which a hostile image or a root test writes,
     /// and goes into the `capabilities` reply, which the client splits on any whitespace: a
@@ -26,19 +27,20 @@ public enum NormalUser {
     /// machine accounts, and at most 32 characters as useradd allows.
     public static func parse(_ result: CommandResult) -> String? {
         guard result.status.succeeded else { return nil }
-        var best: (uid: Int, name: [UInt8])?
+        var best: (uid: Int, line: ArraySlice<UInt8>, name: ArraySlice<UInt8>)?
         for line in result.standardOutput.split(separator: UInt8(ascii: "\n")) {
             let fields = line.split(separator: UInt8(ascii: ":"), omittingEmptySubsequences: false)
-            guard fields.count >= 3, let uid = Int(String(decoding: fields[2], as: UTF8.self)),
+            // Blanks around the number are read past, as awk and `sort -n` do.
+            let number = fields.count >= 3 ? String(decoding: fields[2], as: UTF8.self) : ""
+            guard let uid = Int(number.trimmingCharacters(in: .whitespaces)),
                 (1000...59999).contains(uid)
             else { continue }
-            let name = Array(fields[0])
             if let current = best,
-                current.uid < uid || (current.uid == uid && !name.lexicographicallyPrecedes(current.name))
+                current.uid < uid || (current.uid == uid && !line.lexicographicallyPrecedes(current.line))
             {
                 continue
             }
-            best = (uid, name)
+            best = (uid, line, fields[0])
         }
         guard let best else { return nil }
         let name = String(decoding: best.name, as: UTF8.self)

@@ -141,3 +141,28 @@ struct AgentInstallScriptTests {
         #expect(check.status == .exited(0), "\(check.errorText)")
     }
 }
+
+@Suite("What a guest runs before its state is saved")
+struct SettleScriptTests {
+    @Test("the settle script is valid sh, skips what the host lacks, and tells an unfinished start-up apart")
+    func settleScript() async throws {
+        let runner = SubprocessRunner()
+        let check = try await runner.run(Command("sh", ["-n", "-c", QemuTestbed.settleScript]))
+        #expect(check.status == .exited(0), "\(check.errorText)")
+        // Where systemd is not running (this host's tests: no /run/systemd/system as PID 1 makes
+        // it, or a guest without systemd), nothing is waited for and the script succeeds.
+        if !FileManager.default.fileExists(atPath: "/run/systemd/system") {
+            let plain = try await runner.run(Command("sh", ["-c", QemuTestbed.settleScript]))
+            #expect(plain.status == .exited(0), "\(plain.errorText)")
+        }
+        // A systemctl whose wait runs out (timeout's 124) makes the script say so.
+        let work = try TestPaths.makeTemporaryDirectory("dv-settle.")
+        defer { TestPaths.removeTree(work) }
+        try await TestPaths.writeExecutable("\(work)/timeout", "#!/bin/sh\nexit 124\n")
+        let script = QemuTestbed.settleScript.replacingOccurrences(
+            of: "[ -d /run/systemd/system ]", with: "[ -d / ]")
+        let path = "\(work):\(ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin")"
+        let late = try await runner.run(Command("sh", ["-c", script], environment: ["PATH": path]))
+        #expect(late.status == .exited(QemuTestbed.startUpUnfinished), "\(late.errorText)")
+    }
+}

@@ -97,7 +97,9 @@ struct SavedStateTests {
         // The state was saved once the guest had started up: a restored guest does not go on
         // booting while its test runs (on a busy host the helper is up well before that).
         let state = try await runner.run(Command(argv: firstAux + ["systemctl", "is-system-running"]))
-        #expect(["running", "degraded"].contains(state.outputText), "a restored guest is \(state.outputText)")
+        #expect(
+            ["running", "degraded"].contains(state.outputText),
+            "a restored guest is \(state.outputText):\n\(first.standardError.suffix(4000))")
         #expect(try await runner.run(Command(argv: firstAux + ["test", "-e", "/root/marker"])).status == .exited(1))
         let guestTime = Double(try await run(firstAux, ["date", "+%s"])) ?? 0
         #expect(abs(guestTime - Date().timeIntervalSince1970) < 30, "the restored guest's clock is \(guestTime)")

@@ -410,14 +410,13 @@ struct NormalUserTests {
         #expect(NormalUser.parse(try await runner.run(Command(argv: argv))) == nil)
     }
 
-    @Test("ties go to the name first in byte order; lines without a numeric uid in range are skipped")
+    @Test("ties go to the line first in byte order; lines without a numeric uid in range are skipped")
     func tiesAndOddLines() {
         let passwd = """
             bob:x:1500:1500::/home/bob:/bin/sh
             alice:x:1500:1500::/home/alice:/bin/sh
             short:x
             word:x:abc:1::/:/bin/sh
-            space:x: 999:1::/:/bin/sh
             high:x:59999:1::/:/bin/sh
 
             """
@@ -439,6 +438,10 @@ struct NormalUserTests {
         let samples = [
             "root:x:0:0::/root:/bin/sh\nzed:x:1002:1002::/:/bin/sh\ndebci:x:1001:1001::/:/bin/sh\n",
             "bob:x:1500:1::/:/bin/sh\nalice:x:1500:1::/:/bin/sh\nnobody:x:65534:1::/:/bin/sh\n",
+            // A tie goes to the line first in byte order: "alice2:" before "alice:" (':' > '2').
+            "alice:x:1500:1::/:/bin/sh\nalice2:x:1500:1::/:/bin/sh\na-b:x:1501:1::/:/bin/sh\n",
+            // Blanks around a number: awk and sort -n read it all the same.
+            "alice:x:1500:1::/:/bin/sh\nspaced:x: 1200 :1::/:/bin/sh\n",
             "big:x:60000:1::/:/bin/sh\nlow:x:999:1::/:/bin/sh\n",
             "top:x:59999:1::/:/bin/sh\nedge:x:1000:1::/:/bin/sh\nsys:x:100:1::/:/bin/sh\n",
         ]
