@@ -209,7 +209,7 @@ struct SavedStateCommandTests {
         let new = SavedStateKey.description(options: options, kvm: false, qemuVersion: "QEMU emulator version 10.0.2")
         let old = SavedStateKey.description(options: options, kvm: false, qemuVersion: "QEMU emulator version 7.2.19")
         #expect(new.contains("mem-path=/INSTANCE/ram,share=on") && !old.contains("memory-backend"))
-        #expect(new.hasPrefix("debusine-virt saved state format 2\n"))
+        #expect(new.hasPrefix("debusine-virt saved state format 3\n"))
     }
 
     @Test("the exec: migration commands are constants naming links in the instance directory, never a path")
