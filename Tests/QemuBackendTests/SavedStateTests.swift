@@ -12,6 +12,19 @@ import VirtTestSupport
 struct SavedStateTests {
     let runner = SubprocessRunner()
 
+    /// A directory of the test's own holding its state cache and its servers' TMPDIR; the caller
+    /// removes it.
+    func workDirectory() throws -> (work: String, cache: String, parent: String) {
+        let work = try TestPaths.makeTemporaryDirectory("dv-state-vm.")
+        do {
+            try FileManager.default.createDirectory(atPath: "\(work)/tmp", withIntermediateDirectories: true)
+        } catch {
+            TestPaths.removeTree(work)
+            throw error
+        }
+        return (work, "\(work)/cache", "\(work)/tmp")
+    }
+
     /// A server on the test image with its own cache, so this test decides what is saved.
     func server(cache: String, parent: String, _ extra: [String] = []) throws -> ServerProcess {
         let directory = try #require(
@@ -55,11 +68,8 @@ struct SavedStateTests {
 
     @Test("--no-snapshot boots and saves nothing", .enabled(if: QemuServerTests.enabled), .guestSlot(minutes: 20))
     func noSnapshot() async throws {
-        let work = try TestPaths.makeTemporaryDirectory("dv-state-vm.")
+        let (work, cache, parent) = try workDirectory()
         defer { TestPaths.removeTree(work) }
-        let cache = "\(work)/cache"
-        let parent = "\(work)/tmp"
-        try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
         let plain = try server(cache: cache, parent: parent, ["--no-snapshot"])
         let aux = try await open(plain)
         #expect(try await run(aux, ["cat", "/etc/debian_version"]).hasPrefix("12"))
@@ -75,11 +85,8 @@ struct SavedStateTests {
         "the first boot saves the VM; opens and reverts restore it into independent guests; a corrupt state is rebuilt, never used",
         .enabled(if: QemuServerTests.enabled), .guestSlot(minutes: 40, ahead: true))
     func savedStates() async throws {
-        let work = try TestPaths.makeTemporaryDirectory("dv-state-vm.")
+        let (work, cache, parent) = try workDirectory()
         defer { TestPaths.removeTree(work) }
-        let cache = "\(work)/cache"
-        let parent = "\(work)/tmp"
-        try FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: true)
 
         // The first boot saves; its guest runs on.
         let first = try server(cache: cache, parent: parent)

@@ -1,4 +1,5 @@
 import Testing
+import VirtCore
 
 @testable import VirtTestSupport
 
@@ -13,21 +14,25 @@ struct GuestSlotsTests {
 
     /// Whether `condition` holds within 10 s: a broken queue fails the test instead of hanging it.
     func eventually(_ condition: () async -> Bool) async -> Bool {
-        let deadline = ContinuousClock.now + .seconds(10)
-        while ContinuousClock.now < deadline {
-            if await condition() { return true }
-            try? await Task.sleep(for: .milliseconds(5))
-        }
-        return false
+        await Deadline(after: .seconds(10)).poll(every: .milliseconds(5), until: condition)
+    }
+
+    /// A test holding one of `slots`' slots until the returned continuation finishes.
+    func holdOne(
+        of slots: GuestSlots
+    ) async throws -> (holder: Task<Void, Never>, release: AsyncStream<Void>.Continuation) {
+        let free = await slots.freeCount
+        let (held, release) = AsyncStream.makeStream(of: Void.self)
+        let holder = Task { await slots.run { for await _ in held {} } }
+        try #require(await eventually { await slots.freeCount == free - 1 })
+        return (holder, release)
     }
 
     @Test("the next free slot goes to the first test marked ahead, then to the others in the order they asked")
     func aheadFirst() async throws {
         let slots = GuestSlots(limit: 1)
         let order = Order()
-        let (held, release) = AsyncStream.makeStream(of: Void.self)
-        let holder = Task { await slots.run { for await _ in held {} } }
-        try #require(await eventually { await slots.freeCount == 0 })
+        let (holder, release) = try await holdOne(of: slots)
         var waiters: [Task<Void, Never>] = []
         for (name, ahead) in [("first", false), ("ahead", true), ("second", false), ("ahead too", true)] {
             let before = await slots.waitingCount
@@ -44,9 +49,7 @@ struct GuestSlotsTests {
     func aheadTakesFreeSlot() async throws {
         let slots = GuestSlots(limit: 2)
         let order = Order()
-        let (held, release) = AsyncStream.makeStream(of: Void.self)
-        let holder = Task { await slots.run { for await _ in held {} } }
-        try #require(await eventually { await slots.freeCount == 1 })
+        let (holder, release) = try await holdOne(of: slots)
         let everything = Task { await slots.run(slots: 2) { await order.append("everything") } }
         try #require(await eventually { await slots.waitingCount == 1 })
         // One slot is free: the test marked ahead runs now, while the holder still holds its own.
