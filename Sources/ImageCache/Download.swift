@@ -31,15 +31,21 @@ enum CacheCommands {
     static let sha256sum = Command("sha256sum", ["--binary"])
 
     /// The SHA-256 of the file open on `fd` (read from its start), as lowercase hexadecimal.
+    ///
+    /// A sparse file (a saved state's RAM file) reaches the hasher through ``SparseFeed``, which
+    /// reads only the parts that hold data; the digest is the same.
     static func sha256(of fd: Int32, path: String, runner: any CommandRunner) async throws(VirtError) -> String {
         guard lseek(fd, 0, SEEK_SET) == 0 else {
             throw VirtError(.io, "cannot read \(path)", errno: errno)
         }
+        var info = stat()
+        let feed = fstat(fd, &info) == 0 && SparseFeed.isWorthIt(info) ? try SparseFeed.start(fd, path: path) : nil
         let hasher = await Executables.exist(openssl.executable) ? openssl : sha256sum
         let result: CommandResult
         do throws(VirtError) {
+            let input = feed.map { CommandInput.fileDescriptor($0.readEnd, closeAfterStart: true) }
             result = try await runner.run(
-                hasher, input: .fileDescriptor(fd, closeAfterStart: false), output: .capture, error: .capture)
+                hasher, input: input ?? .fileDescriptor(fd, closeAfterStart: false), output: .capture, error: .capture)
         } catch {
             guard await Executables.exist(hasher.executable) else {
                 throw VirtError(.unavailable, "sha256sum is needed to check images: apt-get install coreutils")
@@ -47,6 +53,9 @@ enum CacheCommands {
             throw error
         }
         guard result.status.succeeded else { throw VirtError.failed(hasher, result) }
+        // The hasher saw the end of its input: the feed ended, and said so first. A feed that
+        // stopped early would have hashed part of the file.
+        if let feed, let failure = await feed.outcome() { throw failure }
         // Both print the digest first ("HEX *stdin", "HEX *-").
         let digest = String(result.outputText.prefix(64))
         guard ImageCache.isDigest(digest) else {

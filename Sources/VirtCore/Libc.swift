@@ -21,3 +21,14 @@ extension String {
         self.init(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 }
+
+/// Linux constants that glibc defines only for `_GNU_SOURCE`, which Swift's Glibc module does not
+/// see; their values are Linux's ABI on every architecture.
+public enum LinuxConstants {
+    /// lseek(2): to the next data at or after an offset (ENXIO: none before the end).
+    public static let seekData: Int32 = 3
+    /// lseek(2): to the next hole at or after an offset (the end of the file counts as one).
+    public static let seekHole: Int32 = 4
+    /// fcntl(2): sets a pipe's capacity.
+    public static let setPipeSize: Int32 = 1031
+}

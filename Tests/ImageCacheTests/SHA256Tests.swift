@@ -78,22 +78,34 @@ struct SHA256Tests {
         #expect(digest == String(expected.prefix(64)))
     }
 
-    @Test("a sparse file's digest is sha256sum's, computed by openssl when it is installed")
+    @Test(
+        "a sparse file's digest is sha256sum's, its holes fed as zeros and its data as read, computed by openssl when it is installed"
+    )
     func sparseFileByOpenSSL() async throws {
         let directory = try TestPaths.makeTemporaryDirectory()
         defer { TestPaths.removeTree(directory) }
         let path = "\(directory)/ram"
-        // A hole, data, a hole: a saved VM's RAM file looks like this.
+        // Holes and data, as in a saved VM's RAM file: data at the start, across the feed's 1 MiB
+        // chunks, written as zeros, and in the last byte.
         let out = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
         try #require(out >= 0)
-        let data = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7) }
-        let written = data.withUnsafeBytes { pwrite(out, $0.baseAddress, $0.count, 16 << 20) }
-        let sized = ftruncate(out, 64 << 20)
+        let size: off_t = 64 << 20
+        try #require(ftruncate(out, size) == 0)
+        for (offset, data) in [
+            (off_t(0), [UInt8](repeating: 7, count: 5000)),
+            (off_t(16 << 20) - 10, (0..<(1 << 20) + 20).map { UInt8(truncatingIfNeeded: $0 &* 7) }),
+            (off_t(40 << 20), [UInt8](repeating: 0, count: 70_000)),
+            (size - 1, [1]),
+        ] {
+            let written = data.withUnsafeBytes { pwrite(out, $0.baseAddress, $0.count, offset) }
+            try #require(written == data.count)
+        }
         close(out)
-        try #require(written == data.count && sized == 0)
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         try #require(fd >= 0)
         defer { close(fd) }
+        var info = stat()
+        #expect(fstat(fd, &info) == 0 && SparseFeed.isWorthIt(info), "not sparse here: \(info.st_blocks) blocks")
         let runner = LoopbackRunner()
         let digest = try await CacheCommands.sha256(of: fd, path: path, runner: runner)
         let expected = try await SubprocessRunner().check(Command("sha256sum", [path]))
