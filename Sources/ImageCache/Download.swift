@@ -24,9 +24,9 @@ enum CacheCommands {
     }
 
     /// Hashes its stdin: the file is given as a descriptor, so no path needs quoting or escaping
-    /// in its output. OpenSSL uses the CPU's SHA instructions where it has them: the 2 GiB RAM file
-    /// of a saved state took 1.9 s with it, 10.7 s with coreutils' sha256sum (which hashes too when
-    /// openssl is not installed: Debian does not always have it).
+    /// in its output. OpenSSL uses the CPU's SHA instructions where it has them: 2 GiB took 1.9 s
+    /// with it, 10.7 s with coreutils' sha256sum (which hashes too when openssl is not installed:
+    /// Debian does not always have it).
     static let openssl = Command("openssl", ["dgst", "-sha256", "-r"])
     static let sha256sum = Command("sha256sum", ["--binary"])
 
@@ -43,9 +43,12 @@ enum CacheCommands {
         let hasher = await Executables.exist(openssl.executable) ? openssl : sha256sum
         let result: CommandResult
         do throws(VirtError) {
-            let input = feed.map { CommandInput.fileDescriptor($0.readEnd, closeAfterStart: true) }
+            // The pipe's read end is closed here, whatever the runner did: a feed whose reader
+            // never started must get EPIPE, not block for ever on a full pipe.
+            defer { if let feed { close(feed.readEnd) } }
             result = try await runner.run(
-                hasher, input: input ?? .fileDescriptor(fd, closeAfterStart: false), output: .capture, error: .capture)
+                hasher, input: .fileDescriptor(feed?.readEnd ?? fd, closeAfterStart: false), output: .capture,
+                error: .capture)
         } catch {
             guard await Executables.exist(hasher.executable) else {
                 throw VirtError(.unavailable, "sha256sum is needed to check images: apt-get install coreutils")

@@ -21,11 +21,17 @@ final class SparseFeed: Sendable {
         info.st_mode & S_IFMT == S_IFREG && info.st_size >= 1 << 20 && Int64(info.st_blocks) * 512 < info.st_size / 2
     }
 
-    /// Starts feeding the file open on `fd`, from its start to the size it has now. The feed
-    /// reads through a descriptor of its own: the caller may close `fd` at any time.
-    static func start(_ fd: Int32, path: String) throws(VirtError) -> SparseFeed {
+    /// Starts feeding the file open on `fd`, from its start to the size it has now; nil where its
+    /// file system cannot tell data from holes. The feed reads through a duplicate of `fd` (the
+    /// caller may close `fd` at any time), which shares its offset: the feed moves it until it ends.
+    /// The caller closes ``readEnd`` once the reader has ended or failed to start.
+    static func start(_ fd: Int32, path: String) throws(VirtError) -> SparseFeed? {
         var info = stat()
         guard fstat(fd, &info) == 0 else { throw VirtError(.io, "cannot stat \(path)", errno: errno) }
+        guard lseek(fd, 0, LinuxConstants.seekData) >= 0 || errno == ENXIO else {
+            lseek(fd, 0, SEEK_SET)
+            return nil
+        }
         let own = fcntl(fd, F_DUPFD_CLOEXEC, 0)
         guard own >= 0 else { throw VirtError(.io, "cannot read \(path)", errno: errno) }
         guard let (readEnd, writeEnd) = SpawnHygiene.pipe() else {
@@ -46,6 +52,12 @@ final class SparseFeed: Sendable {
             var failure: VirtError?
             do throws(VirtError) {
                 try copy(own, size: size, to: writeEnd, path: path)
+                // A hole past the end reads as "no more data": a file cut short meanwhile would
+                // otherwise be hashed as if its lost end were zeros.
+                var after = stat()
+                guard fstat(own, &after) == 0, after.st_size >= size else {
+                    throw VirtError(.io, "\(path) shrank while it was hashed")
+                }
             } catch {
                 failure = error
             }

@@ -269,8 +269,10 @@ public struct StateStore: Sendable {
                 let fd = open(file, O_RDONLY | O_CLOEXEC)
                 guard fd >= 0 else { throw VirtError(.io, "cannot open \(file)", errno: errno) }
                 defer { close(fd) }
-                let digest = try await CacheCommands.sha256(of: fd, path: file, runner: store.runner)
+                // Synced first: the hash then reads what the disk holds, and the holes it skips
+                // are found in data no longer waiting to be written.
                 try CacheFiles.sync(fd, file)
+                let digest = try await CacheCommands.sha256(of: fd, path: file, runner: store.runner)
                 manifest += "\(digest) *\(name)\n"
                 // Read after the file's last write; the rename below changes the directory only.
                 var info = stat()

@@ -78,29 +78,37 @@ struct SHA256Tests {
         #expect(digest == String(expected.prefix(64)))
     }
 
-    @Test(
-        "a sparse file's digest is sha256sum's, its holes fed as zeros and its data as read, computed by openssl when it is installed"
-    )
-    func sparseFileByOpenSSL() async throws {
-        let directory = try TestPaths.makeTemporaryDirectory()
-        defer { TestPaths.removeTree(directory) }
-        let path = "\(directory)/ram"
-        // Holes and data, as in a saved VM's RAM file: data at the start, across the feed's 1 MiB
-        // chunks, written as zeros, and in the last byte.
+    /// A sparse file of `size` bytes with `extents` written (data, or zeros written as data).
+    func sparseFile(_ path: String, size: off_t, _ extents: [(off_t, [UInt8])]) throws {
         let out = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
         try #require(out >= 0)
-        let size: off_t = 64 << 20
+        defer { close(out) }
         try #require(ftruncate(out, size) == 0)
-        for (offset, data) in [
-            (off_t(0), [UInt8](repeating: 7, count: 5000)),
-            (off_t(16 << 20) - 10, (0..<(1 << 20) + 20).map { UInt8(truncatingIfNeeded: $0 &* 7) }),
-            (off_t(40 << 20), [UInt8](repeating: 0, count: 70_000)),
-            (size - 1, [1]),
-        ] {
+        for (offset, data) in extents {
             let written = data.withUnsafeBytes { pwrite(out, $0.baseAddress, $0.count, offset) }
             try #require(written == data.count)
         }
-        close(out)
+    }
+
+    /// Holes and data, as in a saved VM's RAM file: data at the start, across the feed's 1 MiB
+    /// chunks, written as zeros, and in the last byte; or ending in a hole, at a size that is no
+    /// multiple of a block.
+    static let sparseLayouts: [(size: off_t, lastByte: Bool)] = [(64 << 20, true), ((64 << 20) + 1234, false)]
+
+    @Test(
+        "a sparse file's digest is sha256sum's, its holes fed as zeros and its data as read, computed by openssl when it is installed",
+        arguments: sparseLayouts)
+    func sparseFileByOpenSSL(size: off_t, lastByte: Bool) async throws {
+        let directory = try TestPaths.makeTemporaryDirectory()
+        defer { TestPaths.removeTree(directory) }
+        let path = "\(directory)/ram"
+        let ramp: [UInt8] = (0..<(1 << 20) + 20).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        var extents: [(off_t, [UInt8])] = [
+            (0, [UInt8](repeating: 7, count: 5000)), ((16 << 20) - 10, ramp),
+            (40 << 20, [UInt8](repeating: 0, count: 70_000)),
+        ]
+        if lastByte { extents.append((size - 1, [1])) }
+        try sparseFile(path, size: size, extents)
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         try #require(fd >= 0)
         defer { close(fd) }
@@ -115,6 +123,36 @@ struct SHA256Tests {
         } else {
             #expect(!TestPaths.isCI, "openssl is missing (scripts/setup-host installs it)")
             #expect(runner.count("sha256sum") == 1)
+        }
+    }
+
+    /// A runner that starts nothing and says the command succeeded, printing a digest: a hasher
+    /// that never read its input, as when a spawn fails after the runner took the input.
+    struct UnreadingRunner: CommandRunner {
+        func run(
+            _ command: Command, input: CommandInput, output: CommandOutput, error: CommandOutput
+        ) async throws(VirtError) -> CommandResult {
+            CommandResult(status: .exited(0), standardOutput: Array(String(repeating: "0", count: 64).utf8))
+        }
+    }
+
+    @Test("a hasher that never reads a sparse file fails the hash, instead of leaving its feed blocked for ever")
+    func unreadFeed() async throws {
+        let directory = try TestPaths.makeTemporaryDirectory()
+        defer { TestPaths.removeTree(directory) }
+        let path = "\(directory)/ram"
+        // More than the pipe holds, so that the feed is still writing when the reader is gone.
+        try sparseFile(path, size: 64 << 20, [(32 << 20, [UInt8](repeating: 9, count: 4 << 20))])
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        do throws(VirtError) {
+            let digest = try await withTimeout(.seconds(60), "the hash") {
+                try await CacheCommands.sha256(of: fd, path: path, runner: UnreadingRunner())
+            }
+            Issue.record("a hash of nothing read gave \(digest)")
+        } catch {
+            #expect(error.code != .timeout, "\(error.message)")
         }
     }
 }
