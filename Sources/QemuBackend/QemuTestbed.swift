@@ -301,13 +301,17 @@ public final class QemuTestbed: Testbed {
         directory.withLock { $0 != path }
     }
 
-    /// What is left once the guest runs: finding its normal user (the `--user` given, if not
-    /// root), plugging in the base image.
+    /// What is left once the guest runs: plugging in the base image.
     private func ready(_ instance: QemuInstance) async throws(VirtError) {
-        var user = options.normalUser
-        if user == nil { user = await NormalUser.find(in: InTestbed(auxverb: auxverb, runner: runner)) }
-        normalUser.withLock { [user] in $0 = user }
         if options.baseImage { try await plugBaseImage(instance) }
+    }
+
+    /// The guest's normal user (the `--user` given, if not root), found while the controller
+    /// makes the scratch directory.
+    public func learn(_ testbed: InTestbed) async {
+        var user = options.normalUser
+        if user == nil { user = await NormalUser.find(in: testbed) }
+        normalUser.withLock { [user] in $0 = user }
     }
 
     /// `--overlay-dir`: a private directory (0700) in it for the overlay, named in the instance
@@ -404,7 +408,7 @@ public final class QemuTestbed: Testbed {
     static let startUpUnfinished: Int32 = 3
 
     /// Waits for systemd's start-up (where systemd runs) and for udev's queue of events, then
-    /// runs what ``ready(_:)`` and the scratch directory run at each open and revert.
+    /// runs what ``learn(_:)`` and the scratch directory run at each open and revert.
     static let settleScript = """
         late=
         if [ -d /run/systemd/system ] && command -v timeout >/dev/null 2>&1; then

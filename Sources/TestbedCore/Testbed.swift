@@ -33,6 +33,11 @@ public protocol Testbed: Sendable {
     /// Returns the testbed to its pristine state and returns the auxverb (which may change).
     func revert() async throws(VirtError) -> [String]
 
+    /// What the backend reads from a testbed that has just come up by `open` or `revert` (its
+    /// normal user, say), run beside the scratch directory's creation: two commands in the
+    /// testbed at once, not one after the other. The reply waits for both. Default: nothing.
+    func learn(_ testbed: InTestbed) async
+
     /// Destroys the testbed and everything made for it. Must be idempotent and safe to call
     /// while any other call is in progress: signal handling calls it at any moment.
     func close() async
@@ -80,6 +85,8 @@ public protocol Testbed: Sendable {
 }
 
 extension Testbed {
+    public func learn(_ testbed: InTestbed) async {}
+
     public func prepareReboot(_ testbed: InTestbed) async throws(VirtError) {}
 
     public func requestReboot(_ testbed: InTestbed) async throws(VirtError) {

@@ -277,10 +277,12 @@ public actor TestbedController {
     }
 
     /// Creates the scratch directory, or re-creates it at the same path after revert and
-    /// re-open.
+    /// re-open, while the backend reads what it learns from the new testbed (``Testbed/learn(_:)``).
     private func makeScratch(_ auxverb: [String]) async throws(VirtError) -> String {
         let mode = ScratchDirectory.mode(await backend.capabilities())
         let testbed = InTestbed(auxverb: auxverb, runner: runner)
+        let backend = self.backend
+        async let learned: Void = backend.learn(testbed)
         let path: String
         if let scratch {
             try await testbed.check(["install", "-d", "-m", mode, "--", scratch])
@@ -288,6 +290,7 @@ public actor TestbedController {
         } else {
             path = try await ScratchDirectory.make(in: testbed, mode: mode)
         }
+        await learned
         scratch = path
         return path
     }

@@ -359,6 +359,47 @@ struct RevertShutdownTests {
         #expect(error.message.contains("shut down while reverting"), "\(error.message)")
     }
 
+    /// A host testbed with a private TMPDIR whose `learn` waits for the scratch directory to
+    /// appear there: it can only see it if it runs while the controller makes it.
+    final class WatchingTestbed: Testbed {
+        let temporary: String
+        /// What each `learn` saw: whether the scratch directory came while it waited.
+        let learned = Mutex<[Bool]>([])
+
+        init(temporary: String) { self.temporary = temporary }
+
+        var auxverb: [String] { ["/usr/bin/env", "TMPDIR=\(temporary)"] }
+        func capabilities() async -> [String] { [Capability.revert, Capability.isolationContainer] }
+        func open() async throws(VirtError) -> [String] { auxverb }
+        func revert() async throws(VirtError) -> [String] { auxverb }
+        func close() async {}
+        func learn(_ testbed: InTestbed) async {
+            let deadline = ContinuousClock.now + .seconds(10)
+            var seen = false
+            while !seen && ContinuousClock.now < deadline {
+                seen = !TestPaths.contents(of: temporary).isEmpty
+                if !seen { try? await Task.sleep(for: .milliseconds(10)) }
+            }
+            // Slower than the scratch directory: the reply must still wait for it.
+            try? await Task.sleep(for: .milliseconds(300))
+            learned.withLock { $0.append(seen) }
+        }
+    }
+
+    @Test("open runs the backend's learn beside the scratch directory's creation, and open and revert reply after it")
+    func learnBesideScratch() async throws {
+        let temporary = try TestPaths.makeTemporaryDirectory("dv-learn.")
+        defer { TestPaths.removeTree(temporary) }
+        let backend = WatchingTestbed(temporary: temporary)
+        let controller = TestbedController(backend: backend)
+        let scratch = try await controller.open()
+        #expect(scratch.hasPrefix(temporary + "/"), "\(scratch)")
+        #expect(backend.learned.withLock { $0 } == [true], "learn did not see the scratch directory being made")
+        #expect(try await controller.revert() == scratch)
+        #expect(backend.learned.withLock { $0.count } == 2, "revert replied before learn ended")
+        await controller.shutdown()
+    }
+
     @Test("only an absolute path of printable ASCII without spaces or % can be the scratch directory")
     func scratchPaths() {
         for path in ["/tmp/autopkgtest.AbC123", "/var/tmp/x-y_z.1"] {
