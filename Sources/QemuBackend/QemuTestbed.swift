@@ -311,6 +311,8 @@ public final class QemuTestbed: Testbed {
     public func learn(_ testbed: InTestbed) async {
         var user = options.normalUser
         if user == nil { user = await NormalUser.find(in: testbed) }
+        // Cancelled: the open or revert failed, and its probe with it; the last answer stays.
+        guard !Task.isCancelled else { return }
         normalUser.withLock { [user] in $0 = user }
     }
 

@@ -87,6 +87,12 @@ public actor TestbedController {
         isOpen = true
         self.auxverb = auxverb
         let scratch = try await makeScratch(auxverb)
+        // A shutdown while the scratch directory was made, or the backend learned what it
+        // learns, destroyed the testbed: its path must not send the client on.
+        guard closing == nil else {
+            await backend.close()
+            throw VirtError(.testbedFailure, "the testbed was shut down while opening")
+        }
         await changed(.opened(after: started.duration(to: .now)))
         return scratch
     }
@@ -126,6 +132,10 @@ public actor TestbedController {
         }
         self.auxverb = auxverb
         let scratch = try await makeScratch(auxverb)
+        guard closing == nil else {
+            await backend.close()
+            throw VirtError(.testbedFailure, "the testbed was shut down while reverting")
+        }
         await changed(.reverted(after: started.duration(to: .now)))
         return scratch
     }

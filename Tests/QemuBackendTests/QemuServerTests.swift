@@ -159,6 +159,36 @@ struct QemuServerTests {
     }
 
     @Test(
+        "--user NAME is advertised as suggested-normal-user once open and after each revert, and not before open",
+        .enabled(if: enabled), .guestSlot(minutes: 8))
+    func suggestedNormalUser() async throws {
+        let directory = try #require(
+            Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-test.")
+        defer { TestPaths.removeTree(parent) }
+        let server = try ServerProcess(
+            [
+                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--user", "tester",
+                "--boot-timeout", "900", "\(directory)/bookworm-amd64.qcow2",
+            ],
+            environment: ["TMPDIR": parent])
+        #expect(try await server.readLine() == "ok", "\(server.standardError)")
+        #expect(!(try await server.request("capabilities")).contains("suggested-normal-user"))
+        let opened = try await server.request("open", timeout: .seconds(960))
+        try #require(opened.hasPrefix("ok /"), "open failed:\n\(server.standardError)")
+        for step in ["open", "revert"] {
+            if step == "revert" {
+                #expect(try await server.request("revert", timeout: .seconds(960)) == opened, "\(server.standardError)")
+            }
+            let words = try await server.request("capabilities").split(separator: " ")
+            #expect(words.contains("suggested-normal-user=tester"), "after \(step): \(words)")
+        }
+        server.write(line: "quit")
+        #expect(try await server.wait() == .exited(0), "\(server.standardError)")
+        #expect(TestPaths.contents(of: parent).isEmpty, "the instance directory was left behind")
+    }
+
+    @Test(
         "debusine's executor's command line (--boot efi --dpkg-architecture amd64 IMAGE), with --network none, opens and runs a command",
         .enabled(if: enabled), .guestSlot(minutes: 20))
     func debusineCommandLine() async throws {

@@ -359,47 +359,6 @@ struct RevertShutdownTests {
         #expect(error.message.contains("shut down while reverting"), "\(error.message)")
     }
 
-    /// A host testbed with a private TMPDIR whose `learn` waits for the scratch directory to
-    /// appear there: it can only see it if it runs while the controller makes it.
-    final class WatchingTestbed: Testbed {
-        let temporary: String
-        /// What each `learn` saw: whether the scratch directory came while it waited.
-        let learned = Mutex<[Bool]>([])
-
-        init(temporary: String) { self.temporary = temporary }
-
-        var auxverb: [String] { ["/usr/bin/env", "TMPDIR=\(temporary)"] }
-        func capabilities() async -> [String] { [Capability.revert, Capability.isolationContainer] }
-        func open() async throws(VirtError) -> [String] { auxverb }
-        func revert() async throws(VirtError) -> [String] { auxverb }
-        func close() async {}
-        func learn(_ testbed: InTestbed) async {
-            let deadline = ContinuousClock.now + .seconds(10)
-            var seen = false
-            while !seen && ContinuousClock.now < deadline {
-                seen = !TestPaths.contents(of: temporary).isEmpty
-                if !seen { try? await Task.sleep(for: .milliseconds(10)) }
-            }
-            // Slower than the scratch directory: the reply must still wait for it.
-            try? await Task.sleep(for: .milliseconds(300))
-            learned.withLock { $0.append(seen) }
-        }
-    }
-
-    @Test("open runs the backend's learn beside the scratch directory's creation, and open and revert reply after it")
-    func learnBesideScratch() async throws {
-        let temporary = try TestPaths.makeTemporaryDirectory("dv-learn.")
-        defer { TestPaths.removeTree(temporary) }
-        let backend = WatchingTestbed(temporary: temporary)
-        let controller = TestbedController(backend: backend)
-        let scratch = try await controller.open()
-        #expect(scratch.hasPrefix(temporary + "/"), "\(scratch)")
-        #expect(backend.learned.withLock { $0 } == [true], "learn did not see the scratch directory being made")
-        #expect(try await controller.revert() == scratch)
-        #expect(backend.learned.withLock { $0.count } == 2, "revert replied before learn ended")
-        await controller.shutdown()
-    }
-
     @Test("only an absolute path of printable ASCII without spaces or % can be the scratch directory")
     func scratchPaths() {
         for path in ["/tmp/autopkgtest.AbC123", "/var/tmp/x-y_z.1"] {
@@ -514,5 +473,97 @@ extension Command {
         var copy = self
         copy.environment = environment
         return copy
+    }
+}
+
+/// `Testbed.learn`: what a backend reads from a new testbed runs beside the scratch directory's
+/// creation, and the reply waits for it.
+@Suite("What the backend learns beside the scratch directory")
+struct LearnTests {
+    /// A host testbed with a private TMPDIR, whose commands wait (10 s at most) for a marker
+    /// that `learn` makes before it waits (30 s at most) for the scratch directory: each of the
+    /// two can only go on while the other runs.
+    final class WatchingTestbed: Testbed {
+        let temporary: String
+        var marker: String { "\(temporary).learning" }
+        /// What each `learn` saw: whether the scratch directory came while it waited, and
+        /// whether it was cancelled (as an `async let` left unawaited is).
+        let learned = Mutex<[(sawScratch: Bool, cancelled: Bool)]>([])
+
+        init(temporary: String) { self.temporary = temporary }
+
+        var auxverb: [String] {
+            [
+                "/bin/sh", "-c",
+                #"i=0; while [ ! -e "$0" ] && [ $i -lt 1000 ]; do sleep 0.01; i=$((i+1)); done; [ -e "$0" ] || exit 99; TMPDIR="$1"; export TMPDIR; shift 2; exec "$@""#,
+                marker, temporary, "--",
+            ]
+        }
+        func capabilities() async -> [String] { [Capability.revert, Capability.isolationContainer] }
+        func open() async throws(VirtError) -> [String] { auxverb }
+        func revert() async throws(VirtError) -> [String] { auxverb }
+        func close() async {}
+        func learn(_ testbed: InTestbed) async {
+            _ = FileManager.default.createFile(atPath: marker, contents: nil)
+            defer { unlink(marker) }
+            let deadline = ContinuousClock.now + .seconds(30)
+            var seen = false
+            while !seen && ContinuousClock.now < deadline {
+                seen = !TestPaths.contents(of: temporary).isEmpty
+                if !seen { try? await Task.sleep(for: .milliseconds(10)) }
+            }
+            // Slower than the scratch directory: the reply must still wait for it.
+            try? await Task.sleep(for: .milliseconds(300))
+            let cancelled = Task.isCancelled
+            learned.withLock { $0.append((seen, cancelled)) }
+        }
+    }
+
+    @Test("open runs the backend's learn beside the scratch directory's creation, and open and revert reply after it")
+    func learnBesideScratch() async throws {
+        let temporary = try TestPaths.makeTemporaryDirectory("dv-learn.")
+        defer { TestPaths.removeTree(temporary) }
+        let backend = WatchingTestbed(temporary: temporary)
+        let controller = TestbedController(backend: backend)
+        let scratch = try await controller.open()
+        #expect(scratch.hasPrefix(temporary + "/"), "\(scratch)")
+        var learned = backend.learned.withLock { $0 }
+        #expect(learned.map(\.sawScratch) == [true], "learn did not see the scratch directory being made")
+        #expect(learned.map(\.cancelled) == [false], "open did not wait for learn")
+        #expect(try await controller.revert() == scratch)
+        learned = backend.learned.withLock { $0 }
+        #expect(learned.count == 2 && learned.allSatisfy { !$0.cancelled }, "revert did not wait for learn")
+        await controller.shutdown()
+    }
+
+    /// A host testbed whose `learn` takes a second.
+    final class SlowLearner: Testbed {
+        var auxverb: [String] { ["/usr/bin/env"] }
+        func capabilities() async -> [String] { [Capability.revert, Capability.isolationContainer] }
+        func open() async throws(VirtError) -> [String] { auxverb }
+        func revert() async throws(VirtError) -> [String] { auxverb }
+        func close() async {}
+        func learn(_ testbed: InTestbed) async { try? await Task.sleep(for: .seconds(1)) }
+    }
+
+    @Test("a revert whose backend was still learning when a shutdown came fails instead of replying a scratch path")
+    func shutdownWhileLearning() async throws {
+        let controller = TestbedController(backend: SlowLearner())
+        let scratch = try await controller.open()
+        defer { TestPaths.removeTree(scratch) }
+        let reverting = Task { () async -> Result<String, VirtError> in
+            do throws(VirtError) {
+                return .success(try await controller.revert())
+            } catch {
+                return .failure(error)
+            }
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        await controller.shutdown()
+        guard case .failure(let error) = await reverting.value else {
+            Issue.record("the revert replied a scratch directory after the shutdown")
+            return
+        }
+        #expect(error.message.contains("shut down while reverting"), "\(error.message)")
     }
 }
