@@ -343,6 +343,12 @@ struct RevertShutdownTests {
         let scratch = try await controller.open()
         defer { TestPaths.removeTree(scratch) }
         backend.revertDelay.withLock { $0 = .seconds(1) }
+        try await Self.expectRevertFails(controller, shutdownAfter: .milliseconds(200))
+    }
+
+    /// Starts a revert, shuts the controller down `delay` later, and expects the revert to fail
+    /// saying so.
+    static func expectRevertFails(_ controller: TestbedController, shutdownAfter delay: Duration) async throws {
         let reverting = Task { () async -> Result<String, VirtError> in
             do throws(VirtError) {
                 return .success(try await controller.revert())
@@ -350,7 +356,7 @@ struct RevertShutdownTests {
                 return .failure(error)
             }
         }
-        try await Task.sleep(for: .milliseconds(200))
+        try await Task.sleep(for: delay)
         await controller.shutdown()
         guard case .failure(let error) = await reverting.value else {
             Issue.record("the revert replied a scratch directory after the shutdown")
@@ -551,19 +557,6 @@ struct LearnTests {
         let controller = TestbedController(backend: SlowLearner())
         let scratch = try await controller.open()
         defer { TestPaths.removeTree(scratch) }
-        let reverting = Task { () async -> Result<String, VirtError> in
-            do throws(VirtError) {
-                return .success(try await controller.revert())
-            } catch {
-                return .failure(error)
-            }
-        }
-        try await Task.sleep(for: .milliseconds(300))
-        await controller.shutdown()
-        guard case .failure(let error) = await reverting.value else {
-            Issue.record("the revert replied a scratch directory after the shutdown")
-            return
-        }
-        #expect(error.message.contains("shut down while reverting"), "\(error.message)")
+        try await RevertShutdownTests.expectRevertFails(controller, shutdownAfter: .milliseconds(300))
     }
 }
