@@ -38,8 +38,7 @@ enum CacheCommands {
         guard lseek(fd, 0, SEEK_SET) == 0 else {
             throw VirtError(.io, "cannot read \(path)", errno: errno)
         }
-        var info = stat()
-        let feed = fstat(fd, &info) == 0 && SparseFeed.isWorthIt(info) ? try SparseFeed.start(fd, path: path) : nil
+        let feed = try SparseFeed.start(fd, path: path)
         let hasher = await Executables.exist(openssl.executable) ? openssl : sha256sum
         let result: CommandResult
         do throws(VirtError) {

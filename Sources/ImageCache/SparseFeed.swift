@@ -21,13 +21,15 @@ final class SparseFeed: Sendable {
         info.st_mode & S_IFMT == S_IFREG && info.st_size >= 1 << 20 && Int64(info.st_blocks) * 512 < info.st_size / 2
     }
 
-    /// Starts feeding the file open on `fd`, from its start to the size it has now; nil where its
-    /// file system cannot tell data from holes. The feed reads through a duplicate of `fd` (the
-    /// caller may close `fd` at any time), which shares its offset: the feed moves it until it ends.
-    /// The caller closes ``readEnd`` once the reader has ended or failed to start.
+    /// Starts feeding the file open on `fd`, from its start to the size it has now; nil when it
+    /// is not worth it (``isWorthIt(_:)``), or where its file system cannot tell data from holes.
+    /// The feed reads through a duplicate of `fd` (the caller may close `fd` at any time), which
+    /// shares its offset: the feed moves it until it ends. The caller closes ``readEnd`` once the
+    /// reader has ended or failed to start.
     static func start(_ fd: Int32, path: String) throws(VirtError) -> SparseFeed? {
         var info = stat()
         guard fstat(fd, &info) == 0 else { throw VirtError(.io, "cannot stat \(path)", errno: errno) }
+        guard isWorthIt(info) else { return nil }
         guard lseek(fd, 0, LinuxConstants.seekData) >= 0 || errno == ENXIO else {
             lseek(fd, 0, SEEK_SET)
             return nil

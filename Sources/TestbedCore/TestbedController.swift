@@ -79,20 +79,11 @@ public actor TestbedController {
         creating.enter()
         defer { creating.leave() }
         let auxverb = try await backend.open()
-        guard closing == nil else {
-            // Whatever open made after the shutdown ran must go too.
-            await backend.close()
-            throw VirtError(.testbedFailure, "the testbed was shut down while opening")
-        }
+        try await failIfShutDown("opening")
         isOpen = true
         self.auxverb = auxverb
         let scratch = try await makeScratch(auxverb)
-        // A shutdown while the scratch directory was made, or the backend learned what it
-        // learns, destroyed the testbed: its path must not send the client on.
-        guard closing == nil else {
-            await backend.close()
-            throw VirtError(.testbedFailure, "the testbed was shut down while opening")
-        }
+        try await failIfShutDown("opening")
         await changed(.opened(after: started.duration(to: .now)))
         return scratch
     }
@@ -125,17 +116,10 @@ public actor TestbedController {
         let started = ContinuousClock.now
         retireSampling()
         let auxverb = try await backend.revert()
-        guard closing == nil else {
-            // Whatever the revert made after the shutdown ran must go too, as for open.
-            await backend.close()
-            throw VirtError(.testbedFailure, "the testbed was shut down while reverting")
-        }
+        try await failIfShutDown("reverting")
         self.auxverb = auxverb
         let scratch = try await makeScratch(auxverb)
-        guard closing == nil else {
-            await backend.close()
-            throw VirtError(.testbedFailure, "the testbed was shut down while reverting")
-        }
+        try await failIfShutDown("reverting")
         await changed(.reverted(after: started.duration(to: .now)))
         return scratch
     }
@@ -284,6 +268,15 @@ public actor TestbedController {
             throw VirtError(.protocolMisuse, "`\(verb)' when not open")
         }
         return (InTestbed(auxverb: auxverb, runner: runner), scratch)
+    }
+
+    /// Throws when a shutdown ran while an open or revert was `doing` its work in the backend, or
+    /// in the testbed it made (the scratch directory, ``Testbed/learn(_:)``): whatever it made
+    /// after the shutdown's close must go too, and its path must not send the client on.
+    private func failIfShutDown(_ doing: String) async throws(VirtError) {
+        guard closing != nil else { return }
+        await backend.close()
+        throw VirtError(.testbedFailure, "the testbed was shut down while \(doing)")
     }
 
     /// Creates the scratch directory, or re-creates it at the same path after revert and

@@ -317,10 +317,12 @@ struct TestbedCoreTests {
 }
 
 /// A testbed that is the host itself, seen through an auxverb that runs commands on the host,
-/// whose revert takes as long as the test says.
+/// whose revert and `learn` take as long as the test says.
 final class HostTestbed: Testbed {
     /// How long a revert takes.
     let revertDelay = Mutex<Duration>(.zero)
+    /// How long `learn` takes.
+    let learnDelay = Mutex<Duration>(.zero)
 
     var auxverb: [String] { ["/usr/bin/env", "--"] }
     func capabilities() async -> [String] { [Capability.revert, Capability.isolationContainer] }
@@ -330,6 +332,7 @@ final class HostTestbed: Testbed {
         return auxverb
     }
     func close() async {}
+    func learn(_ testbed: InTestbed) async { try? await Task.sleep(for: learnDelay.withLock { $0 }) }
 }
 
 @Suite("Reverts and shutdowns")
@@ -542,21 +545,13 @@ struct LearnTests {
         await controller.shutdown()
     }
 
-    /// A host testbed whose `learn` takes a second.
-    final class SlowLearner: Testbed {
-        var auxverb: [String] { ["/usr/bin/env"] }
-        func capabilities() async -> [String] { [Capability.revert, Capability.isolationContainer] }
-        func open() async throws(VirtError) -> [String] { auxverb }
-        func revert() async throws(VirtError) -> [String] { auxverb }
-        func close() async {}
-        func learn(_ testbed: InTestbed) async { try? await Task.sleep(for: .seconds(1)) }
-    }
-
     @Test("a revert whose backend was still learning when a shutdown came fails instead of replying a scratch path")
     func shutdownWhileLearning() async throws {
-        let controller = TestbedController(backend: SlowLearner())
+        let backend = HostTestbed()
+        let controller = TestbedController(backend: backend)
         let scratch = try await controller.open()
         defer { TestPaths.removeTree(scratch) }
+        backend.learnDelay.withLock { $0 = .seconds(1) }
         try await RevertShutdownTests.expectRevertFails(controller, shutdownAfter: .milliseconds(300))
     }
 }
