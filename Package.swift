@@ -62,16 +62,27 @@ let package = Package(
         .target(
             name: "AuxverbClient",
             dependencies: ["VirtCore", "GuestChannel", .product(name: "SystemPackage", package: "swift-system")]),
-        // The QEMU backend: instance lifecycle, guest helper, auxverb relay, saved VM states.
+        // The guest helper (the program that runs commands in the testbed) and the auxverb relay
+        // that serves it to auxverb clients, over any byte stream: a VM's virtio-serial port, or
+        // `incus exec`'s stdio.
         .target(
-            name: "QemuBackend",
+            name: "GuestHelper",
             dependencies: [
-                "VirtCore", "CommandRunner", "TestbedCore", "GuestChannel", "QemuMonitor", "ImageCache",
+                "VirtCore", "GuestChannel",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],
             // Programs that run in the guest, kept as files so that they are linted as what they are.
             resources: [.embedInCode("Resources/guest-helper.py"), .embedInCode("Resources/guest-helper-launcher.sh")]
+        ),
+        // The QEMU backend: instance lifecycle, the guest helper's life in a VM, saved VM states.
+        .target(
+            name: "QemuBackend",
+            dependencies: [
+                "VirtCore", "CommandRunner", "TestbedCore", "GuestChannel", "GuestHelper", "QemuMonitor", "ImageCache",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
         ),
         // Images downloaded from URLs, and saved VM states, in a per-user cache shared by
         // concurrent servers.
@@ -79,7 +90,11 @@ let package = Package(
         // The Incus backend: setup, image import, instances through the incus CLI, gc.
         .target(
             name: "IncusBackend",
-            dependencies: ["VirtCore", "CommandRunner", "TestbedCore", "ImageCache", "TarFormat"],
+            dependencies: [
+                "VirtCore", "CommandRunner", "TestbedCore", "ImageCache", "TarFormat", "GuestHelper",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
             resources: [
                 .embedInCode("Resources/auxverb-wrapper.sh"), .embedInCode("Resources/install-auxverb-wrapper.sh"),
                 .embedInCode("Resources/container-generator.sh"),
@@ -142,13 +157,13 @@ let package = Package(
         .testTarget(
             name: "QemuBackendTests",
             dependencies: [
-                "QemuBackend", "GuestChannel", "AuxverbClient", "CommandRunner", "VirtCore", "VirtTestSupport",
-                "ImageCache",
+                "QemuBackend", "GuestChannel", "GuestHelper", "AuxverbClient", "CommandRunner", "VirtCore",
+                "VirtTestSupport", "ImageCache",
             ], exclude: ["Fixtures"]
         ),
         .testTarget(
             name: "IncusBackendTests",
-            dependencies: ["IncusBackend", "CommandRunner", "VirtCore", "VirtTestSupport", "TarFormat"],
+            dependencies: ["IncusBackend", "GuestHelper", "CommandRunner", "VirtCore", "VirtTestSupport", "TarFormat"],
             exclude: ["Fixtures"]
         ),
         // The real clients (sbuild, and autopkgtest through the installed names) over the servers.

@@ -29,6 +29,10 @@ public struct IncusOptions: Sendable {
     /// (``AuxverbWrapper``); plain `incus exec` now and then loses a command's output on a busy
     /// host.
     public var auxverbExecutable: String
+    /// Run commands through the guest helper over one `incus exec` opened with each instance
+    /// (``HelperChannel``) where the image has python3; false (`--no-guest-helper`): through an
+    /// `incus exec` each.
+    public var guestHelper = true
 
     public init(image: String, auxverbExecutable: String) {
         self.image = image
@@ -58,6 +62,9 @@ public final class IncusTestbed: Testbed {
 
     struct State {
         var normalUser: String?
+        /// The guest helper's relay and its helper in the running instance, made by the first
+        /// bring-up; nil with `--no-guest-helper`, or before.
+        var helper: HelperChannel?
         /// The sweep for instances of dead servers, started by the first open.
         var sweep: Task<Void, Never>?
     }
@@ -88,6 +95,8 @@ public final class IncusTestbed: Testbed {
     }
 
     public func revert() async throws(VirtError) -> [String] {
+        // Its commands end with the instance; it is not started again in an instance going away.
+        await state.withLock { $0.helper }?.stop()
         let (old, spareTask) = instances.retireCurrent()
         // The old instance's state is thrown away: it is force-deleted while the new one is
         // started, rather than shut down cleanly first.
@@ -178,11 +187,15 @@ public final class IncusTestbed: Testbed {
         // Nothing new starts now. What runs (a launch for open or revert, the making of a spare,
         // the deletion of the instance a revert replaced) is waited for, not cancelled: an
         // interrupted `incus init` may still leave the instance made.
+        // The helper is not started again in an instance being stopped.
+        let helper = state.withLock { $0.helper }
+        await helper?.stop()
         let (name, spare) = await instances.close(within: options.bootTimeout)
         // Never started: nothing to shut down cleanly.
         async let spareDeletion: Void = { if let spare { await delete(spare) } }()
         if let name { await stopAndDelete(name) }
         await spareDeletion
+        await helper?.close()
         // Others' leftovers are no reason to keep the caller waiting: an unfinished sweep ends
         // with an interrupted delete, which incusd completes, or the next sweep does.
         if let sweep = state.withLock({ $0.sweep }) {
@@ -248,9 +261,31 @@ public final class IncusTestbed: Testbed {
         return name
     }
 
+    /// The auxverb without a guest helper: an `incus exec` of the wrapper per command.
     func auxverb(_ name: String) -> [String] {
         let runner = cli.execPrefix(name) + [AuxverbWrapper.path, "--framed"]
         return [options.auxverbExecutable, "--exec", String(runner.count)] + runner
+    }
+
+    /// The auxverb through the guest helper: the wrapper still sets the environment up.
+    func auxverb(_ helper: HelperChannel) -> [String] {
+        [options.auxverbExecutable, helper.relay.socketPath, AuxverbWrapper.path, "--login"]
+    }
+
+    /// The helper channel, made on first use; nil with `--no-guest-helper` or once closed.
+    private func helperChannel() -> HelperChannel? {
+        guard options.guestHelper else { return nil }
+        return state.withLock { state -> HelperChannel? in
+            if let helper = state.helper { return helper }
+            guard !instances.isClosed else { return nil }
+            do throws(VirtError) {
+                state.helper = try HelperChannel(cli: cli, runner: runner)
+            } catch {
+                log.info("no guest helper: \(error.message)")
+                return nil
+            }
+            return state.helper
+        }
     }
 
     // MARK: - Lifecycle
@@ -261,19 +296,30 @@ public final class IncusTestbed: Testbed {
 
     /// Waits for a started instance to boot and installs the auxverb's wrapper in it.
     private func bringUp(_ name: String) async throws(VirtError) -> [String] {
-        do {
+        do throws(VirtError) {
             try await waitBooted(name, timeout: options.bootTimeout)
-            try await runner.check(
-                cli.exec(name, ["/bin/sh", "-c", AuxverbWrapper.installScript, "sh", AuxverbWrapper.path]),
-                input: .bytes(Array(AuxverbWrapper.script.utf8)))
-            let user = await NormalUser.find(in: InTestbed(auxverb: auxverb(name), runner: runner))
+            // The wrapper sets the environment up on both paths; the helper starts meanwhile.
+            let helper = helperChannel()
+            async let helperUp: Bool = { if let helper { await helper.start(in: name) } else { false } }()
+            var installed: VirtError?
+            do throws(VirtError) {
+                try await runner.check(
+                    cli.exec(name, ["/bin/sh", "-c", AuxverbWrapper.installScript, "sh", AuxverbWrapper.path]),
+                    input: .bytes(Array(AuxverbWrapper.script.utf8)))
+            } catch {
+                installed = error
+            }
+            let auxverb = if await helperUp, let helper { auxverb(helper) } else { auxverb(name) }
+            if let installed { throw installed }
+            let user = await NormalUser.find(in: InTestbed(auxverb: auxverb, runner: runner))
             state.withLock { $0.normalUser = user }
+            return auxverb
         } catch {
             log.debug("\(name) did not come up, deleting it: \(error)")
+            await state.withLock { $0.helper }?.stop()
             await forget(name)
             throw error
         }
-        return auxverb(name)
     }
 
     /// Makes an instance under a new name: launched for `.current`, only made for `.spare`. A

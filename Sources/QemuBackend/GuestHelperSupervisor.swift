@@ -1,4 +1,5 @@
 import Foundation
+import GuestHelper
 import QemuMonitor
 import Synchronization
 import VirtCore

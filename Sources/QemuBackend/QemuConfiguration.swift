@@ -1,4 +1,5 @@
 import CommandRunner
+import GuestHelper
 import ImageCache
 import VirtCore
 

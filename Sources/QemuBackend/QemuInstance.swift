@@ -1,5 +1,6 @@
 import CommandRunner
 import Foundation
+import GuestHelper
 import ImageCache
 import QemuMonitor
 import Synchronization

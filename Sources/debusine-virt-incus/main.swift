@@ -87,6 +87,13 @@ struct IncusServer: AsyncParsableCommand {
     )
     var eagerSpare = false
 
+    @Flag(
+        inversion: .prefixedNo, exclusivity: .chooseLast,
+        help:
+            "Run the testbed's commands through a helper started in each instance over one long-lived `incus exec` (it needs python3 in the image; without it the server says so and goes without); --no-guest-helper runs each command through an `incus exec` of its own (about 55 ms more a command here)."
+    )
+    var guestHelper = true
+
     @Option(help: "Seconds to wait for the instance to boot (systemctl is-system-running).")
     var bootTimeout = 300
 
@@ -143,6 +150,7 @@ struct IncusServer: AsyncParsableCommand {
         options.cli = IncusCLI(remote: remote.map { $0.hasSuffix(":") ? String($0.dropLast()) : $0 })
         options.spare = spare
         options.eagerSpare = eagerSpare
+        options.guestHelper = guestHelper
         options.bootTimeout = .seconds(bootTimeout)
         options.stopTimeout = stopTimeout
         // As autopkgtest-virt-incus reads it (argparse.REMAINDER): the `--` right after the image

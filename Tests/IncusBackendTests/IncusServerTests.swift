@@ -69,6 +69,18 @@ struct IncusServerTests {
             try await runner.run(
                 Command(argv: aux + argv), input: input, output: .capture(limit: 16 << 20), error: .capture)
         }
+        // The image has python3: commands go through the guest helper, on a socket of the
+        // server's own private directory, and the wrapper gives them a root login's environment.
+        let socket = aux.count == 4 ? aux[1] : ""
+        #expect(
+            aux == [
+                TestPaths.executable("debusine-virt-auxverb"), socket, "/var/lib/debusine-virt/auxverb", "--login",
+            ],
+            "\(aux)")
+        var socketDirectory = stat()
+        #expect(stat((socket as NSString).deletingLastPathComponent, &socketDirectory) == 0)
+        #expect(socketDirectory.st_mode & 0o777 == 0o700)
+        #expect(!server.standardError.contains("no guest helper"), "\(server.standardError)")
         #expect(try await inside(["stat", "-c", "%a", scratch]).outputText == "777")
         #expect(try await inside(["sh", "-c", "exit 3"]).status == .exited(3))
         #expect(try await inside(["sh", "-c", "exit 255"]).status == .exited(253))
@@ -145,18 +157,22 @@ struct IncusServerTests {
         #expect(try await server.request("copyup \(encode(scratch))/tree/ \(encode(copiedBack))/") == "ok")
         #expect(try await runner.run(Command("diff", ["-r", tree, copiedBack])).status == .exited(0))
 
-        // revert: a new instance, same auxverb words except the name, the marker gone.
+        // revert: a new instance (its helper on the same socket), the marker gone.
         try await runner.check(Command(argv: aux + ["touch", "/root/marker"]))
-        func instanceName(_ auxverb: [String]) -> String { auxverb.first { $0.hasPrefix("debusine-virt-") } ?? "" }
-        let firstName = instanceName(aux)
-        #expect(aux.first == TestPaths.executable("debusine-virt-auxverb") && !firstName.isEmpty, "\(aux)")
+        func instanceName(_ auxverb: [String]) async throws -> String {
+            try await runner.check(Command(argv: auxverb + ["cat", "/proc/sys/kernel/hostname"]))
+        }
+        let firstName = try await instanceName(aux)
+        #expect(firstName.hasPrefix("debusine-virt-"), "\(firstName)")
         #expect(try await server.request("revert") == "ok \(scratch)")
         #expect(try await server.request("capabilities") == capabilities, "no duplicated words after revert")
         let reverted = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
-        #expect(instanceName(reverted) != firstName)
+        #expect(reverted == aux)
+        let secondName = try await instanceName(reverted)
+        #expect(secondName != firstName && secondName.hasPrefix("debusine-virt-"))
         #expect(try await runner.run(Command(argv: reverted + ["test", "-e", "/root/marker"])).status == .exited(1))
         #expect(
-            server.standardError.contains("starting the spare \(instanceName(reverted))"),
+            server.standardError.contains("starting the spare \(secondName)"),
             "the revert started a spare:\n\(server.standardError)")
         let gone = try await runner.run(Command("incus", ["info", firstName]))
         #expect(!gone.status.succeeded, "the first instance was deleted")
@@ -169,10 +185,74 @@ struct IncusServerTests {
         #expect(before != after, "init restarted")
         #expect(try await runner.check(Command(argv: reverted + ["cat", "\(scratch)/kept"])) == "kept")
 
+        // A test that kills the helper (its commands' parent) fails its own command; the server
+        // starts another in the instance.
+        let killed = try await runner.run(Command(argv: reverted + ["sh", "-c", "kill -9 $PPID; sleep 5"]))
+        #expect(killed.status == .exited(255))
+        let helperBack = await Deadline(after: .seconds(30)).poll(every: .milliseconds(250)) { () async -> Bool in
+            (try? await runner.run(Command(argv: reverted + ["true"])))?.status == .exited(0)
+        }
+        #expect(helperBack, "a new helper within 30 s")
+
         #expect(try await server.request("close") == "ok")
         #expect(try await instances(ownedBy: server.pid).isEmpty)
         server.write(line: "quit")
         #expect(try await server.wait() == .exited(0))
+        #expect(access(socket, F_OK) != 0, "the relay's socket is gone")
+        #expect(access((socket as NSString).deletingLastPathComponent, F_OK) != 0, "and its directory")
+    }
+
+    @Test(
+        "without a guest helper (--no-guest-helper, or an image without python3) every command is an incus exec; the server says why once",
+        .enabled(if: enabled), .timeLimit(.minutes(10)))
+    func withoutGuestHelper() async throws {
+        let image = try requireImage()
+        // The same image without python3, published from an instance of it.
+        let builder = "debusine-virt-test-nopython-\(getpid())"
+        let derived = "debusine-virt-test/nopython-\(getpid())"
+        try await runner.check(Command("incus", ["launch", image, builder, "--profile", "debusine", "--quiet"]))
+        do {
+            try await runner.check(Command("incus", ["exec", builder, "--", "sh", "-c", "rm -f /usr/bin/python3*"]))
+            try await runner.check(Command("incus", ["stop", builder]))
+            try await runner.check(
+                Command("incus", ["publish", builder, "--alias", derived, "--compression", "none", "--quiet"]))
+        } catch {
+            _ = try? await runner.run(Command("incus", ["delete", "--force", builder]))
+            throw error
+        }
+        _ = try? await runner.run(Command("incus", ["delete", "--force", builder]))
+
+        do {
+            for (arguments, reason) in [(["--no-guest-helper", image], nil), ([derived], "Command not found")] {
+                let server = try ServerProcess([TestPaths.executable("debusine-virt-incus")] + arguments)
+                #expect(try await server.readLine() == "ok")
+                #expect(try await server.request("open").hasPrefix("ok /"), "\(server.standardError)")
+                for verb in ["revert", "revert"] {
+                    let aux = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
+                    #expect(aux.count > 2 && aux[1] == "--exec", "\(arguments): \(aux)")
+                    let result = try await runner.run(Command(argv: aux + ["sh", "-c", "echo $HOME; exit 3"]))
+                    #expect(result.status == .exited(3) && result.outputText == "/root")
+                    #expect(try await server.request(verb).hasPrefix("ok /"))
+                }
+                #expect(try await server.request("close") == "ok")
+                server.write(line: "quit")
+                #expect(try await server.wait() == .exited(0))
+                let said = server.standardError.components(separatedBy: "no guest helper in").count - 1
+                if let reason {
+                    #expect(said == 1, "said once:\n\(server.standardError)")
+                    #expect(
+                        server.standardError.contains(
+                            "it needs python3 in the image: exit status 127: Error: \(reason)"))
+                } else {
+                    #expect(said == 0, "\(server.standardError)")
+                }
+                #expect(try await instances(ownedBy: server.pid).isEmpty)
+            }
+        } catch {
+            _ = try? await runner.run(Command("incus", ["image", "delete", derived]))
+            throw error
+        }
+        _ = try? await runner.run(Command("incus", ["image", "delete", derived]))
     }
 
     @Test(
@@ -190,7 +270,8 @@ struct IncusServerTests {
             let aux = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
             let result = try await runner.run(Command(argv: aux + ["sh", "-c", "echo hello; id -u"]))
             #expect(result.outputText == "hello\n0", "\(result.errorText)")
-            let name = try #require(aux.first { $0.hasPrefix("debusine-virt-") })
+            let name = try await runner.check(Command(argv: aux + ["cat", "/proc/sys/kernel/hostname"]))
+            #expect(name.hasPrefix("debusine-virt-"))
             let profiles = try await runner.check(
                 Command("incus", ["list", name, "--format", "csv", "--columns", "P"]))
             #expect(profiles == "debusine", "\(profiles)")
@@ -449,12 +530,16 @@ struct IncusServerTests {
         #expect(try await server.readLine() == "ok")
         #expect(try await server.request("open").hasPrefix("ok /"), "\(server.standardError)")
         let aux = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
-        #expect(aux.contains { $0.hasPrefix("loop:debusine-virt-") }, "\(aux)")
         let echo = Command(aux[0], Array(aux.dropFirst()) + ["echo", "hello"], environment: environment)
         let result = try await runner.run(echo)
         #expect(
             result.outputText == "hello",
             "\(result.status), stderr: \(result.errorText); server: \(server.standardError)")
+        // The guest helper's exec, like every command of the server's, addresses the remote.
+        let name = try await runner.check(Command(argv: aux + ["cat", "/proc/sys/kernel/hostname"]))
+        let helper = try await runner.run(
+            Command("pgrep", ["-f", "incus exec --force-noninteractive loop:\(name) -- python3 -c "]))
+        #expect(helper.status == .exited(0), "no helper exec on loop:\(name)")
         #expect(try await server.request("close") == "ok")
         #expect(try await instances(ownedBy: server.pid).isEmpty)
         server.write(line: "quit")

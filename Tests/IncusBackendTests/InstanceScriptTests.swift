@@ -150,6 +150,40 @@ struct InstanceScriptTests {
         #expect(clock.now - start < .seconds(60))
     }
 
+    @Test(
+        "--login (through the guest helper): the command exec'd with the environment --framed gives, its status as is, a missing command 127 naming it"
+    )
+    func login() async throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-login.")
+        defer { TestPaths.removeTree(work) }
+        let wrapper = try await install(AuxverbWrapper.script, in: work, as: "auxverb")
+        // Exactly what the guest helper gives every command (its BASE_ENV), and a terminal's TERM.
+        let helperEnvironment = [
+            "PATH=/usr/bin:/bin", "HOME=/root", "USER=root", "LOGNAME=root", "SHELL=/bin/bash", "LANG=C.UTF-8",
+            "TERM=vt100",
+        ]
+        func login(_ argv: [String]) async throws -> CommandResult {
+            try await runner.run(
+                Command("/usr/bin/env", ["-i"] + helperEnvironment + [wrapper, "--login"] + argv), input: .none,
+                output: .capture, error: .capture)
+        }
+        let framed = try await runner.run(
+            Command(
+                "/usr/bin/env",
+                ["-i"] + helperEnvironment + ["SECRET_FROM_CALLER=x"]
+                    + [TestPaths.executable("debusine-virt-auxverb"), "--exec", "2", wrapper, "--framed", "env"]))
+        let loginEnvironment = try await login(["env"]).outputText
+        #expect(
+            Set(loginEnvironment.split(separator: "\n")) == Set(framed.outputText.split(separator: "\n")),
+            "--login:\n\(loginEnvironment)\n--framed:\n\(framed.outputText)")
+        #expect(loginEnvironment.contains("TERM=vt100"))
+        #expect(try await login(["sh", "-c", "exit 255"]).status == .exited(255), "mapped by the auxverb, not here")
+        #expect(try await login(["sh", "-c", "kill -TERM $$"]).status == .signaled(SIGTERM), "exec'd: nothing between")
+        let missing = try await login(["no-such-program-here"])
+        #expect(missing.status == .exited(127))
+        #expect(missing.errorText == "no-such-program-here: No such file or directory")
+    }
+
     @Test("the generator does nothing outside LXC, and in LXC masks, relaxes and tolerates what containers lack")
     func generator() async throws {
         let work = try TestPaths.makeTemporaryDirectory("dv-generator.")

@@ -1,6 +1,7 @@
 import CommandRunner
 import Foundation
 import GuestChannel
+import GuestHelper
 import QemuBackend
 import Testing
 import VirtCore
@@ -591,7 +592,7 @@ struct GuestHelperScriptTests {
 
     @Test("the helper's version is the digest of its program file, so a changed helper is a new version")
     func versionFromBytes() throws {
-        let file = "\(TestPaths.repositoryRoot)/Sources/QemuBackend/Resources/guest-helper.py"
+        let file = "\(TestPaths.repositoryRoot)/Sources/GuestHelper/Resources/guest-helper.py"
         let bytes = try Data(contentsOf: URL(fileURLWithPath: file))
         #expect(Array(GuestHelperScript.source.utf8) == Array(bytes), "the embedded program is the file")
         #expect(GuestHelperScript.version == String(SHA256.hexDigest(of: Array(bytes)).prefix(16)))

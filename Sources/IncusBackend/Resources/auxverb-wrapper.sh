@@ -1,8 +1,13 @@
 #!/bin/sh
-# debusine-virt: runs one command for the autopkgtest auxverb
-# (debusine-virt-auxverb --exec N incus exec ... -- THIS --framed CMD...).
-# Gives the command the environment of a root login, and returns as soon as the command
-# exits even when it left background processes holding stdout or stderr.
+# debusine-virt: runs one command for the autopkgtest auxverb, with the environment of a
+# root login.
+#
+# THIS --login CMD...: through the guest helper (debusine-virt-auxverb SOCKET THIS --login
+# CMD...), which does the rest: the environment, then exec.
+#
+# THIS --framed CMD... (debusine-virt-auxverb --exec N incus exec ... -- THIS --framed CMD...),
+# where the instance has no guest helper: returns as soon as the command exits even when it
+# left background processes holding stdout or stderr.
 #
 # stdin and stdout carry frames of the guest channel (9-byte header: channel, kind, length,
 # big-endian). stdout and stderr of the command come as frames on stdout, then an exit frame;
@@ -10,16 +15,24 @@
 # that exits right after writing it (several execs at once on a busy host): the host closes our
 # stdin only once it has the exit frame, so nothing it still needs is in flight when this
 # process ends. Perl (perl-base is essential in Debian) does the framing.
-if [ "${1-}" != --framed ] || [ $# -lt 2 ]; then
-    echo "usage: $0 --framed COMMAND [ARG...]" >&2
+mode=${1-}
+if { [ "$mode" != --framed ] && [ "$mode" != --login ]; } || [ $# -lt 2 ]; then
+    echo "usage: $0 --framed|--login COMMAND [ARG...]" >&2
     exit 253
 fi
 shift
 shell=/bin/sh
 [ -x /bin/bash ] && shell=/bin/bash
-for var in $(env | sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p'); do
-    case $var in TERM) ;; *) unset "$var" 2>/dev/null ;; esac
-done
+if [ "$mode" = --login ]; then
+    # The helper's environment is its few variables (and TERM on a terminal): the rest of
+    # them are set below, so only LANG goes, and the PWD this shell exported. No env and sed
+    # to run on every command.
+    unset LANG PWD
+else
+    for var in $(env | sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p'); do
+        case $var in TERM) ;; *) unset "$var" 2>/dev/null ;; esac
+    done
+fi
 export HOME=/root USER=root LOGNAME=root SHELL=$shell
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 set -a
@@ -32,6 +45,11 @@ set -a
 [ -r /etc/profile ] && . /etc/profile >/dev/null 2>&1
 set +a
 unset PS1
+if [ "$mode" = --login ]; then
+    # As the framed path says it, not with this script's name and line.
+    command -v "$1" >/dev/null 2>&1 || { echo "$1: No such file or directory" >&2; exit 127; }
+    exec "$@"
+fi
 command -v perl >/dev/null 2>&1 || { echo "debusine-virt: the testbed has no perl (perl-base)" >&2; exit 253; }
 exec perl -e '
 use strict;

@@ -85,9 +85,12 @@ class Command:
 
 
 class Helper:
-    def __init__(self, port):
+    def __init__(self, port, port_out=None):
+        # One read-write port (a virtio-serial port, a socket), or two pipes (--stdio).
         self.port = port
-        nonblocking(port)
+        self.port_out = port if port_out is None else port_out
+        nonblocking(self.port)
+        nonblocking(self.port_out)
         self.inbuf = bytearray()
         self.outbuf = bytearray()
         self.outbuf_offset = 0
@@ -413,7 +416,7 @@ class Helper:
         while self.outbuf_size():
             try:
                 with memoryview(self.outbuf) as view:
-                    written = os.write(self.port, view[self.outbuf_offset:])
+                    written = os.write(self.port_out, view[self.outbuf_offset:])
             except (BlockingIOError, InterruptedError):
                 return
             if not written:
@@ -468,7 +471,7 @@ class Helper:
             return 0
         header = HEADER.pack(command.channel, kind, size)
         try:
-            written = os.write(self.port, header)
+            written = os.write(self.port_out, header)
         except (BlockingIOError, InterruptedError):
             written = 0
         moved = 0
@@ -477,7 +480,7 @@ class Helper:
         else:
             while moved < size:
                 try:
-                    count = os.splice(self.splice_r, self.port, size - moved, flags=SPLICE_F_NONBLOCK)
+                    count = os.splice(self.splice_r, self.port_out, size - moved, flags=SPLICE_F_NONBLOCK)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as e:
@@ -560,7 +563,12 @@ class Helper:
                     left = LINGER - (now - command.exited_at)
                     timeout = left if timeout is None else min(timeout, left)
             poller = select.poll()
-            poller.register(self.port, select.POLLIN | (select.POLLOUT if self.outbuf_size() else 0))
+            if self.port == self.port_out:
+                poller.register(self.port, select.POLLIN | (select.POLLOUT if self.outbuf_size() else 0))
+            else:
+                poller.register(self.port, select.POLLIN)
+                if self.outbuf_size():
+                    poller.register(self.port_out, select.POLLOUT)
             poller.register(self.wake_r, select.POLLIN)
             watched = {}
             for command in self.commands.values():
@@ -585,12 +593,15 @@ class Helper:
                     except BlockingIOError:
                         pass
                     self.reap()
-                elif fd == self.port:
+                elif fd == self.port or fd == self.port_out:
                     if event & select.POLLOUT:
                         self.write_port()
-                    if event & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    if fd == self.port and event & (select.POLLIN | select.POLLHUP | select.POLLERR):
                         if not self.read_port():
                             return
+                    elif fd != self.port and event & (select.POLLHUP | select.POLLERR):
+                        # Nobody reads the output pipe any more: the host is gone.
+                        return
                 elif fd in watched:
                     command, name, kind = watched[fd]
                     if self.commands.get(command.channel) is not command:
@@ -608,11 +619,21 @@ def main():
     os.umask(0o022)
     if len(sys.argv) > 1 and sys.argv[1] == '--version':
         if len(sys.argv) < 3:
-            sys.stderr.write('usage: debusine-virt-helper [--version VERSION] PORT | --listen SOCKET\n')
+            sys.stderr.write('usage: debusine-virt-helper [--version VERSION] PORT | --listen SOCKET | --stdio\n')
             return 2
         VERSION = sys.argv[2]
         del sys.argv[1:3]
-    if len(sys.argv) == 3 and sys.argv[1] == '--listen':
+    port_out = None
+    if len(sys.argv) == 2 and sys.argv[1] == '--stdio':
+        # Frames on stdin and stdout (`incus exec`); both are moved off 0 and 1 so that
+        # nothing else written there can reach the stream, and end of file on stdin ends
+        # the helper and its commands.
+        port, port_out = os.dup(0), os.dup(1)
+        null = os.open('/dev/null', os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.dup2(2, 1)
+    elif len(sys.argv) == 3 and sys.argv[1] == '--listen':
         import socket
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind(sys.argv[2])
@@ -628,9 +649,9 @@ def main():
             pass
         port = os.open(sys.argv[1], os.O_RDWR | os.O_CLOEXEC)
     else:
-        sys.stderr.write('usage: debusine-virt-helper [--version VERSION] PORT | --listen SOCKET\n')
+        sys.stderr.write('usage: debusine-virt-helper [--version VERSION] PORT | --listen SOCKET | --stdio\n')
         return 2
-    helper = Helper(port)
+    helper = Helper(port, port_out)
     try:
         helper.run()
     finally:

@@ -1,7 +1,6 @@
 import GuestChannel
 import NIOCore
 import NIOPosix
-import QemuMonitor
 import VirtCore
 
 /// The server side of the auxverb: serves auxverb clients on a unix socket in the instance
@@ -36,13 +35,26 @@ public actor AuxverbRelay {
         self.expectedVersion = expectedVersion
     }
 
-    /// Serves until cancelled or until the guest side closes. `guestPortPath` is the unix socket
-    /// QEMU serves for the helper's port (`server=on`).
-    public nonisolated func run(guestPortPath: String) async throws(VirtError) {
-        let group = MultiThreadedEventLoopGroup.singleton
+    /// Serves auxverb clients on ``socketPath`` and carries one guest stream, until cancelled:
+    /// a VM's helper port, connected once for the VM's life.
+    public nonisolated func run(guest: NIOAsyncChannel<ByteBuffer, ByteBuffer>) async throws(VirtError) {
         do {
-            let guestChannel = try await Self.connect(guestPortPath, group: group)
-            let server = try await ServerBootstrap(group: group).bind(
+            try await withThrowingDiscardingTaskGroup { tasks in
+                tasks.addTask { await self.carry(guest) }
+                try await self.serve()
+            }
+        } catch let error as VirtError {
+            throw error
+        } catch {
+            throw VirtError(.testbedFailure, "the auxverb relay failed: \(error)")
+        }
+    }
+
+    /// Serves auxverb clients on ``socketPath`` until cancelled. Their commands go to the guest
+    /// stream being carried (``carry(_:)``); with none, they fail at once.
+    public nonisolated func serve() async throws(VirtError) {
+        do {
+            let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(
                 unixDomainSocketPath: socketPath, cleanupExistingSocketFile: true
             ) { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -51,60 +63,52 @@ public actor AuxverbRelay {
             }
             chmod(socketPath, 0o600)
             try await withThrowingDiscardingTaskGroup { tasks in
-                tasks.addTask {
-                    try await guestChannel.executeThenClose { inbound, outbound in
-                        await self.attach(outbound)
-                        var decoder = FrameDecoder(spawnLimit: Frame.maximumPayload)
-                        var broken: String?
-                        do {
-                            reading: for try await buffer in inbound {
-                                decoder.append(buffer.readableBytesView)
-                                while let frame = try decoder.next() {
-                                    broken = await self.route(frame)
-                                    if broken != nil { break reading }
-                                }
-                            }
-                        } catch let error as FrameDecoder.DecodeError {
-                            broken = "it sent a malformed frame (\(error))"
-                        } catch {
-                            log.debug("guest channel: \(error)")
-                        }
-                        if let broken {
-                            log.error(
-                                "the guest helper broke the protocol: \(broken); its port is closed, and commands in "
-                                    + "the testbed fail from now on")
-                        }
-                        await self.guestClosed(broken)
-                    }
-                }
                 try await server.executeThenClose { connections in
                     for try await connection in connections {
                         tasks.addTask { await self.serve(connection) }
                     }
                 }
             }
-        } catch let error as VirtError {
-            throw error
         } catch is CancellationError {
             return
         } catch {
+            if Task.isCancelled { return }
             throw VirtError(.testbedFailure, "the auxverb relay failed: \(error)")
         }
     }
 
-    /// Connects to the guest port's socket, retrying for a few seconds: a socket file can exist
-    /// a moment before its owner listens on it.
-    static func connect(
-        _ path: String, group: MultiThreadedEventLoopGroup
-    ) async throws(VirtError) -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
-        try await UnixConnector.connect(
-            name: "the guest helper's port \(path)", timeout: .seconds(10), every: .milliseconds(20)
-        ) {
-            try await ClientBootstrap(group: group).connect(unixDomainSocketPath: path) { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+    /// Carries one guest stream until it closes (or is closed): frames from the helper at its
+    /// end go to their commands' clients. Commands in flight fail when it ends. One stream at a
+    /// time: an Incus instance's helper is carried again after a reboot or a revert.
+    public nonisolated func carry(_ guest: NIOAsyncChannel<ByteBuffer, ByteBuffer>) async {
+        do {
+            try await guest.executeThenClose { inbound, outbound in
+                await self.attach(outbound)
+                var decoder = FrameDecoder(spawnLimit: Frame.maximumPayload)
+                var broken: String?
+                do {
+                    reading: for try await buffer in inbound {
+                        decoder.append(buffer.readableBytesView)
+                        while let frame = try decoder.next() {
+                            broken = await self.route(frame)
+                            if broken != nil { break reading }
+                        }
+                    }
+                } catch let error as FrameDecoder.DecodeError {
+                    broken = "it sent a malformed frame (\(error))"
+                } catch {
+                    log.debug("guest channel: \(error)")
                 }
+                if let broken {
+                    log.error(
+                        "the guest helper broke the protocol: \(broken); its port is closed, and commands in "
+                            + "the testbed fail from now on")
+                }
+                await self.guestClosed(broken)
             }
+        } catch {
+            log.debug("guest channel: \(error)")
+            await self.guestClosed(nil)
         }
     }
 
@@ -157,6 +161,14 @@ public actor AuxverbRelay {
         }
     }
 
+    /// A new guest stream is about to be carried: until it has been and its helper has said
+    /// hello, ``waitForHelper(notBootID:timeout:)`` waits rather than failing on the last one's
+    /// end.
+    public func expectGuest() {
+        guestLost = false
+        helperBootID = nil
+    }
+
     /// Forgets the helper (it is about to go away with a reboot): commands in flight end with an
     /// error and new ones fail until the next hello.
     public func helperGone(_ reason: String) {
@@ -166,6 +178,8 @@ public actor AuxverbRelay {
 
     private func attach(_ writer: NIOAsyncChannelOutboundWriter<ByteBuffer>) {
         guest = writer
+        guestLost = false
+        helperBootID = nil
     }
 
     private func guestClosed(_ broken: String?) {

@@ -17,6 +17,26 @@ public enum GuestHelperScript {
     /// The helper's argv after python3: its version and the port to serve.
     public static func arguments(port: String) -> [String] { [guestPath, "--version", version, port] }
 
+    /// The argv after python3 that runs the helper on its stdin and stdout (`--stdio`) without
+    /// a file in the testbed: a short loader reads the program's bytes (``source``, sent first
+    /// on stdin) and runs it, so the testbed's process list shows a short command, not the
+    /// program.
+    public static var stdioArguments: [String] {
+        ["-c", stdioLoader, String(source.utf8.count), "--version", version, "--stdio"]
+    }
+
+    public static let stdioLoader = """
+        import os, sys
+        size = int(sys.argv.pop(1))
+        program = b''
+        while len(program) < size:
+            chunk = os.read(0, size - len(program))
+            if not chunk:
+                sys.exit('debusine-virt-helper: the program ended early on stdin')
+            program += chunk
+        exec(compile(program, 'debusine-virt-helper', 'exec'))
+        """
+
     /// Where the server installs it in the guest (a tmpfs: gone after reboot, like the helper).
     public static let guestPath = "/run/debusine-virt-helper.py"
 

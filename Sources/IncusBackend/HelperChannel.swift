@@ -1,0 +1,210 @@
+import CommandRunner
+import Glibc
+import GuestHelper
+import NIOCore
+import NIOPosix
+import Synchronization
+import VirtCore
+
+/// The guest helper in an Incus instance: the QEMU backend's helper program, run by one
+/// long-lived `incus exec` whose stdin and stdout carry its frames, and served to auxverb clients
+/// by an ``AuxverbRelay`` on a socket in a private directory. A command then costs a frame each
+/// way on an open stream instead of an `incus exec` of its own (about 55 ms here).
+///
+/// One relay for the server's life; the helper is started in each instance the testbed runs
+/// (open, revert), and again whenever it ends while the instance is its current one (a reboot,
+/// a test that kills it): meanwhile commands fail at once, as in a rebooting VM. An instance
+/// without python3 gets no helper: the server says so once, and commands go through
+/// `incus exec` each (``AuxverbWrapper``) from then on.
+final class HelperChannel: Sendable {
+    let relay: AuxverbRelay
+    /// The private directory (0700) holding the relay's socket.
+    let directory: String
+    private let cli: IncusCLI
+    private let runner: any CommandRunner
+    private let state = Mutex(State())
+
+    private struct State {
+        var serving: Task<Void, Never>?
+        /// Keeps a helper running in the current instance.
+        var supervisor: Task<Void, Never>?
+        /// Why the helper cannot run in this image's instances, once a start has failed.
+        var unavailable: String?
+        var closed = false
+    }
+
+    init(
+        cli: IncusCLI, runner: any CommandRunner, parent: String = PrivateDirectory.temporaryParent
+    )
+        throws(VirtError)
+    {
+        self.cli = cli
+        self.runner = runner
+        directory = try PrivateDirectory.make(in: parent, prefix: "dvi.")
+        relay = AuxverbRelay(socketPath: "\(directory)/auxverb.sock")
+    }
+
+    /// The command `incus exec` runs in the instance.
+    static func command(_ cli: IncusCLI, _ name: String) -> Command {
+        cli.exec(name, ["python3"] + GuestHelperScript.stdioArguments)
+    }
+
+    /// Starts the helper in `name`, which has just become the current instance, and waits for its
+    /// hello. False when the instance cannot run it: its commands go through `incus exec` then.
+    func start(in name: String) async -> Bool {
+        await stop()
+        let started: Bool = state.withLock { state in
+            guard !state.closed, state.unavailable == nil else { return false }
+            if state.serving == nil {
+                let relay = self.relay
+                state.serving = Task {
+                    do throws(VirtError) {
+                        try await relay.serve()
+                    } catch {
+                        log.error("the auxverb relay stopped: \(error.message)")
+                    }
+                }
+            }
+            return true
+        }
+        guard started else { return false }
+        await relay.expectGuest()
+        let lastEnd = Latch<String>()
+        let supervisor = Task { await self.supervise(name, firstEnd: lastEnd) }
+        let kept = state.withLock { state -> Bool in
+            guard !state.closed else { return false }
+            state.supervisor = supervisor
+            return true
+        }
+        guard kept else {
+            supervisor.cancel()
+            await supervisor.value
+            return false
+        }
+        do {
+            _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+            log.debug("guest helper up in \(cli.qualified(name)) (\(GuestHelperScript.version))")
+            return true
+        } catch {
+            await stop()
+            let why = lastEnd.value ?? error.message
+            let announce = state.withLock { state -> Bool in
+                guard !state.closed, state.unavailable == nil else { return false }
+                state.unavailable = why
+                return true
+            }
+            if announce {
+                log.info(
+                    "no guest helper in \(cli.qualified(name)) (it needs python3 in the image: \(why)); "
+                        + "every command runs through an `incus exec` of its own, which is slower")
+            }
+            return false
+        }
+    }
+
+    /// Stops the helper of the current instance (a revert is replacing it).
+    func stop() async {
+        let supervisor = state.withLock { state -> Task<Void, Never>? in
+            defer { state.supervisor = nil }
+            return state.supervisor
+        }
+        supervisor?.cancel()
+        await supervisor?.value
+    }
+
+    /// Stops everything and removes the private directory. Idempotent.
+    func close() async {
+        let serving = state.withLock { state -> Task<Void, Never>? in
+            state.closed = true
+            defer { state.serving = nil }
+            return state.serving
+        }
+        await stop()
+        serving?.cancel()
+        await serving?.value
+        unlink(relay.socketPath)
+        rmdir(directory)
+    }
+
+    /// Runs the helper in `name` until cancelled, starting it again one second after it ends.
+    /// What the first run's end said (its status and stderr) goes to `firstEnd`, for the message
+    /// of a start that failed.
+    private func supervise(_ name: String, firstEnd: Latch<String>) async {
+        var first = true
+        while !Task.isCancelled {
+            let ended = await runOnce(name)
+            if Task.isCancelled { return }
+            if first { firstEnd.set(ended) }
+            first = false
+            log.debug("the guest helper in \(cli.qualified(name)) ended (\(ended)); starting another in 1 s")
+            try? await Task.sleep(for: .seconds(1))
+            guard !Task.isCancelled else { return }
+            await relay.expectGuest()
+        }
+    }
+
+    /// One helper: a socket pair, one end the `incus exec`'s stdin and stdout, the other carried
+    /// by the relay. The program goes first on the stream (``GuestHelperScript/stdioArguments``).
+    /// Returns how it ended.
+    private func runOnce(_ name: String) async -> String {
+        var ends: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else {
+            return "socketpair: \(VirtError.text(errno: errno))"
+        }
+        let (ours, theirs) = (ends[0], ends[1])
+        let theirsOut = fcntl(theirs, F_DUPFD_CLOEXEC, 0)
+        let program = Array(GuestHelperScript.source.utf8)
+        guard theirsOut >= 0, (try? writeAll(ours, program, "the helper's program")) != nil else {
+            Glibc.close(ours)
+            Glibc.close(theirs)
+            if theirsOut >= 0 { Glibc.close(theirsOut) }
+            return "cannot hand the program to the helper"
+        }
+        let channel: NIOAsyncChannel<ByteBuffer, ByteBuffer>
+        do {
+            channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).withConnectedSocket(ours)
+            {
+                channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+                }
+            }
+        } catch {
+            // NIO owns `ours` from the call on.
+            Glibc.close(theirs)
+            Glibc.close(theirsOut)
+            return "cannot carry the helper's stream: \(error)"
+        }
+        let relay = self.relay
+        let runner = self.runner
+        let command = Self.command(cli, name)
+        return await withTaskGroup(of: String?.self) { group in
+            group.addTask {
+                let result = try? await runner.run(
+                    command, input: .fileDescriptor(theirs, closeAfterStart: true),
+                    output: .fileDescriptor(theirsOut, closeAfterStart: true), error: .capture(limit: 64 << 10))
+                guard let result else { return "`incus exec` could not run" }
+                let stderr = result.errorText.split(separator: "\n").suffix(3).joined(separator: "; ")
+                return stderr.isEmpty ? "\(result.status)" : "\(result.status): \(stderr)"
+            }
+            group.addTask {
+                await relay.carry(channel)
+                return nil
+            }
+            // The exec ending closes the stream's other end: the relay delivers what the helper
+            // sent before it ended, then sees the end. A relay that ended first (the helper broke
+            // the protocol) stops the exec.
+            var ended = "the relay dropped the stream"
+            if let first = await group.next(), let how = first {
+                ended = how
+                group.addTask {
+                    try? await Task.sleep(for: .seconds(2))
+                    return nil
+                }
+                _ = await group.next()
+            }
+            group.cancelAll()
+            return ended
+        }
+    }
+}

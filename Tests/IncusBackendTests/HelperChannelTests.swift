@@ -1,0 +1,116 @@
+import CommandRunner
+import Foundation
+import GuestHelper
+import Testing
+import VirtCore
+import VirtTestSupport
+
+@testable import IncusBackend
+
+/// The guest helper's channel to an Incus instance, with the real helper, relay and auxverb
+/// client, and an `incus` whose `exec` runs its command on the host (so the commands here are
+/// harmless ones). With real instances: IncusServerTests.
+@Suite("the guest helper over incus exec's stdio")
+struct HelperChannelTests {
+    /// A directory with a fake `incus`: `exec ... -- ARGV` runs ARGV here; once `nopython`
+    /// exists, python3 is missing as in an image without it (incus's message and status).
+    struct Host {
+        let directory: String
+        let cli: IncusCLI
+
+        init() throws {
+            directory = try TestPaths.makeTemporaryDirectory("dv-helper-channel.")
+            let fake = "\(directory)/incus"
+            try Data(
+                """
+                #!/bin/sh
+                echo "$*" >> "${0%/*}/calls"
+                while [ "$1" != -- ]; do shift; done
+                shift
+                if [ "$1" = python3 ] && [ -e "${0%/*}/nopython" ]; then
+                    echo 'Error: Command not found' >&2
+                    exit 127
+                fi
+                exec "$@"
+                """.utf8
+            ).write(to: URL(fileURLWithPath: fake))
+            chmod(fake, 0o755)
+            cli = IncusCLI(executable: fake)
+        }
+
+        var helperStarts: Int {
+            let calls = (try? String(contentsOfFile: "\(directory)/calls", encoding: .utf8)) ?? ""
+            return calls.split(separator: "\n").filter { $0.contains(" -- python3 ") }.count
+        }
+
+        func run(_ channel: HelperChannel, _ argv: [String]) async throws -> CommandResult {
+            try await SubprocessRunner().run(
+                Command(argv: [TestPaths.executable("debusine-virt-auxverb"), channel.relay.socketPath] + argv),
+                input: .none, output: .capture, error: .capture)
+        }
+    }
+
+    @Test("the helper runs as python3 with a short loader, the program's size, its version and --stdio")
+    func commandLine() {
+        let argv = HelperChannel.command(IncusCLI(), "debusine-virt-x").argv
+        #expect(
+            argv
+                == ["incus", "exec", "--force-noninteractive", "debusine-virt-x", "--", "python3", "-c"]
+                + [GuestHelperScript.stdioLoader, String(GuestHelperScript.source.utf8.count)]
+                + ["--version", GuestHelperScript.version, "--stdio"])
+        #expect(GuestHelperScript.stdioLoader.utf8.count < 1024, "the process list shows the loader, not the program")
+    }
+
+    @Test(
+        "commands run through the helper; a helper killed inside is started again; stop fails commands at once; a new instance gets a new helper; close leaves nothing",
+        .timeLimit(.minutes(2)))
+    func lifecycle() async throws {
+        let host = try Host()
+        defer { TestPaths.removeTree(host.directory) }
+        let channel = try HelperChannel(cli: host.cli, runner: SubprocessRunner(), parent: host.directory)
+        #expect(await channel.start(in: "first"))
+        let hello = try await host.run(channel, ["sh", "-c", "echo hello; echo oops >&2; exit 7"])
+        #expect(hello.status == .exited(7) && hello.outputText == "hello" && hello.errorText == "oops")
+
+        // The command's parent is the helper.
+        let helperPID = try await host.run(channel, ["sh", "-c", "echo $PPID"]).outputText
+        let killed = try await host.run(channel, ["sh", "-c", "kill -9 $PPID; sleep 5"])
+        #expect(killed.status == .exited(255), "the helper's end fails the command in flight")
+        let back = await Deadline(after: .seconds(20)).poll(every: .milliseconds(200)) { () async -> Bool in
+            (try? await host.run(channel, ["true"]))?.status == .exited(0)
+        }
+        #expect(back, "a new helper within 20 s")
+        let newPID = try await host.run(channel, ["sh", "-c", "echo $PPID"]).outputText
+        #expect(newPID != helperPID && !newPID.isEmpty)
+        #expect(host.helperStarts == 2)
+
+        await channel.stop()
+        let stopped = try await host.run(channel, ["true"])
+        #expect(stopped.status == .exited(255))
+        #expect(kill(pid_t(newPID) ?? 0, 0) != 0, "the helper of a stopped channel is gone")
+
+        #expect(await channel.start(in: "second"))
+        #expect(try await host.run(channel, ["echo", "again"]).outputText == "again")
+        let lastPID = try await host.run(channel, ["sh", "-c", "echo $PPID"]).outputText
+        await channel.close()
+        #expect(access(channel.relay.socketPath, F_OK) != 0)
+        #expect(access(channel.directory, F_OK) != 0)
+        #expect(kill(pid_t(lastPID) ?? 0, 0) != 0, "no helper left after close")
+        #expect(await !channel.start(in: "third"), "nothing starts once closed")
+    }
+
+    @Test("an instance without python3: start says no once, and later instances are not tried again")
+    func noPython() async throws {
+        let host = try Host()
+        defer { TestPaths.removeTree(host.directory) }
+        _ = FileManager.default.createFile(atPath: "\(host.directory)/nopython", contents: nil)
+        let channel = try HelperChannel(cli: host.cli, runner: SubprocessRunner(), parent: host.directory)
+        #expect(await !channel.start(in: "first"))
+        #expect(await !channel.start(in: "second"))
+        #expect(host.helperStarts == 1)
+        let result = try await host.run(channel, ["true"])
+        #expect(result.status == .exited(255), "no helper, so the relay refuses: \(result.errorText)")
+        await channel.close()
+        #expect(access(channel.directory, F_OK) != 0)
+    }
+}
