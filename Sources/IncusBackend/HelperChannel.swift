@@ -28,8 +28,11 @@ final class HelperChannel: Sendable {
         var serving: Task<Void, Never>?
         /// Keeps a helper running in the current instance.
         var supervisor: Task<Void, Never>?
-        /// Why the helper cannot run in this image's instances, once a start has failed.
+        /// Why the helper cannot run in this image's instances: set when it ended before its
+        /// hello (no python3), so later instances go without at once.
         var unavailable: String?
+        /// The fallback has been announced on stderr.
+        var announced = false
         var closed = false
     }
 
@@ -69,8 +72,8 @@ final class HelperChannel: Sendable {
         }
         guard started else { return false }
         await relay.expectGuest()
-        let lastEnd = Latch<String>()
-        let supervisor = Task { await self.supervise(name, firstEnd: lastEnd) }
+        let firstEnd = Latch<String>()
+        let supervisor = Task { await self.supervise(name, firstEnd: firstEnd) }
         let kept = state.withLock { state -> Bool in
             guard !state.closed else { return false }
             state.supervisor = supervisor
@@ -86,17 +89,26 @@ final class HelperChannel: Sendable {
             log.debug("guest helper up in \(cli.qualified(name)) (\(GuestHelperScript.version))")
             return true
         } catch {
+            // Stopped meanwhile (a close): no news about the image.
+            let stopped = state.withLock { $0.supervisor != supervisor }
+            guard !stopped else {
+                await stop()
+                return false
+            }
+            // The relay can see the stream's end before the supervisor has the exec's status.
+            let ended = try? await withTimeout(.seconds(5), "the helper's end") { try await firstEnd.wait() }
             await stop()
-            let why = lastEnd.value ?? error.message
             let announce = state.withLock { state -> Bool in
-                guard !state.closed, state.unavailable == nil else { return false }
-                state.unavailable = why
-                return true
+                // A helper that ended before its hello will end so in every instance of the image;
+                // one that was slow to say it (a busy host) is tried again in the next.
+                if let ended { state.unavailable = ended }
+                defer { state.announced = true }
+                return !state.closed && !state.announced
             }
             if announce {
                 log.info(
-                    "no guest helper in \(cli.qualified(name)) (it needs python3 in the image: \(why)); "
-                        + "every command runs through an `incus exec` of its own, which is slower")
+                    "no guest helper in \(cli.qualified(name)): \(ended ?? error.message) (the helper needs python3 "
+                        + "in the image); every command runs through an `incus exec` of its own, which is slower")
             }
             return false
         }
@@ -143,6 +155,13 @@ final class HelperChannel: Sendable {
         }
     }
 
+    /// How one part of a helper's run ended.
+    private enum RunEnd: Equatable {
+        case exec(String)
+        case carried
+        case waited
+    }
+
     /// One helper: a socket pair, one end the `incus exec`'s stdin and stdout, the other carried
     /// by the relay. The program goes first on the stream (``GuestHelperScript/stdioArguments``).
     /// Returns how it ended.
@@ -178,33 +197,42 @@ final class HelperChannel: Sendable {
         let relay = self.relay
         let runner = self.runner
         let command = Self.command(cli, name)
-        return await withTaskGroup(of: String?.self) { group in
+        return await withTaskGroup(of: RunEnd.self) { group in
             group.addTask {
                 let result = try? await runner.run(
                     command, input: .fileDescriptor(theirs, closeAfterStart: true),
                     output: .fileDescriptor(theirsOut, closeAfterStart: true), error: .capture(limit: 64 << 10))
-                guard let result else { return "`incus exec` could not run" }
+                guard let result else { return .exec("`incus exec` could not run") }
                 let stderr = result.errorText.split(separator: "\n").suffix(3).joined(separator: "; ")
-                return stderr.isEmpty ? "\(result.status)" : "\(result.status): \(stderr)"
+                return .exec(stderr.isEmpty ? "\(result.status)" : "\(result.status): \(stderr)")
             }
             group.addTask {
                 await relay.carry(channel)
-                return nil
+                return .carried
             }
-            // The exec ending closes the stream's other end: the relay delivers what the helper
-            // sent before it ended, then sees the end. A relay that ended first (the helper broke
-            // the protocol) stops the exec.
-            var ended = "the relay dropped the stream"
-            if let first = await group.next(), let how = first {
-                ended = how
-                group.addTask {
-                    try? await Task.sleep(for: .seconds(2))
-                    return nil
+            // The exec's end closes the stream, and the stream's end (the helper gone) ends the
+            // exec: whichever comes first, the other is given two seconds, so that the relay
+            // delivers what the helper sent before it ended and the exec's status is known.
+            var ended: String?
+            var carried = false
+            var waiting = false
+            while let end = await group.next() {
+                switch end {
+                case .exec(let how): ended = how
+                case .carried: carried = true
+                case .waited: break
                 }
-                _ = await group.next()
+                if (ended != nil && carried) || end == .waited { break }
+                if !waiting {
+                    waiting = true
+                    group.addTask {
+                        try? await Task.sleep(for: .seconds(2))
+                        return .waited
+                    }
+                }
             }
             group.cancelAll()
-            return ended
+            return ended ?? "its stream ended"
         }
     }
 }

@@ -242,7 +242,8 @@ struct IncusServerTests {
                     #expect(said == 1, "said once:\n\(server.standardError)")
                     #expect(
                         server.standardError.contains(
-                            "it needs python3 in the image: exit status 127: Error: \(reason)"))
+                            ": exit status 127: Error: \(reason) (the helper needs python3 in the image)"),
+                        "\(server.standardError)")
                 } else {
                     #expect(said == 0, "\(server.standardError)")
                 }
