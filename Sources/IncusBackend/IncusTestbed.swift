@@ -206,6 +206,14 @@ public final class IncusTestbed: Testbed {
 
     public var rebootTimeout: Duration { .seconds(300) }
 
+    /// Copies go through an `incus exec` of their own (the framed wrapper), not the guest
+    /// helper: for bulk data that is the faster path here (256 MiB out of an instance: 0.55-0.65 s
+    /// against 0.78-1.01 s, in: 1.14-1.41 s against 1.91-2.16 s; docs/performance.md), and a copy
+    /// pays the exec's start-up once.
+    public func copy(_ request: CopyRequest, _ testbed: InTestbed) async throws(VirtError) {
+        try await CopyPlumbing.copy(request, InTestbed(auxverb: auxverb(try runningName()), runner: runner))
+    }
+
     /// The kernel's boot id is the host's in a container, so the boot is told apart by the start
     /// time of the instance's init as well.
     /// Read through the auxverb (framed: its output cannot go missing). An empty id would pass

@@ -54,7 +54,8 @@ struct IncusServerTests {
         let image = try requireImage()
         let host = try TestPaths.makeTemporaryDirectory("dv-incus-host.")
         defer { TestPaths.removeTree(host) }
-        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), image])
+        // -d: the log says which path each command took.
+        let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), "-d", image])
         #expect(try await server.readLine() == "ok")
         let opened = try await server.request("open")
         try #require(opened.hasPrefix("ok /"), "open failed:\n\(server.standardError)")
@@ -150,7 +151,12 @@ struct IncusServerTests {
                     ? String(UnicodeScalar(byte)) : "%" + String(byte, radix: 16, uppercase: true)
             }.joined()
         }
+        let logBefore = server.standardError.count
         #expect(try await server.request("copydown \(encode(tree))/ \(encode(scratch))/tree/") == "ok")
+        // Copies take an incus exec of their own (the faster path for bulk data), not the helper.
+        let copyLog = server.standardError.dropFirst(logBefore)
+        #expect(copyLog.contains("/var/lib/debusine-virt/auxverb --framed"), "\(copyLog)")
+        #expect(!copyLog.contains("--login"), "\(copyLog)")
         #expect(
             try await inside(["sh", "-c", "ls \"$1/sub dir\" | wc -l", "sh", "\(scratch)/tree"]).outputText == "200")
         let copiedBack = "\(host)/back tree"
