@@ -15,6 +15,9 @@ public actor AuxverbRelay {
     public nonisolated let socketPath: String
     private var guest: NIOAsyncChannelOutboundWriter<ByteBuffer>?
     private var guestLost = false
+    /// Counts the guest streams attached: the end of one that was replaced (a late end, after
+    /// the next was attached) must not touch the next one's state.
+    private var generation = 0
     private var clients: [UInt32: AsyncStream<Frame>.Continuation] = [:]
     /// Per command: the output bytes the guest may still send (its window plus the client's
     /// credits, less what it sent), and the stdin bytes it has not acknowledged yet.
@@ -81,9 +84,11 @@ public actor AuxverbRelay {
     /// end go to their commands' clients. Commands in flight fail when it ends. One stream at a
     /// time: an Incus instance's helper is carried again after a reboot or a revert.
     public nonisolated func carry(_ guest: NIOAsyncChannel<ByteBuffer, ByteBuffer>) async {
+        var attached: Int?
         do {
             try await guest.executeThenClose { inbound, outbound in
-                await self.attach(outbound)
+                let mine = await self.attach(outbound)
+                attached = mine
                 var decoder = FrameDecoder(spawnLimit: Frame.maximumPayload)
                 var broken: String?
                 do {
@@ -104,11 +109,15 @@ public actor AuxverbRelay {
                         "the guest helper broke the protocol: \(broken); its port is closed, and commands in "
                             + "the testbed fail from now on")
                 }
-                await self.guestClosed(broken)
+                await self.guestClosed(broken, generation: mine)
             }
         } catch {
             log.debug("guest channel: \(error)")
-            await self.guestClosed(nil)
+            if let attached {
+                await self.guestClosed(nil, generation: attached)
+            } else {
+                await self.markLost()
+            }
         }
     }
 
@@ -169,6 +178,12 @@ public actor AuxverbRelay {
         helperBootID = nil
     }
 
+    /// No guest stream is coming (its carrier was stopped before it attached one): a wait for
+    /// the helper fails now instead of at its timeout.
+    public func markLost() {
+        if guest == nil { guestLost = true }
+    }
+
     /// Forgets the helper (it is about to go away with a reboot): commands in flight end with an
     /// error and new ones fail until the next hello.
     public func helperGone(_ reason: String) {
@@ -176,13 +191,16 @@ public actor AuxverbRelay {
         failAll(reason)
     }
 
-    private func attach(_ writer: NIOAsyncChannelOutboundWriter<ByteBuffer>) {
+    private func attach(_ writer: NIOAsyncChannelOutboundWriter<ByteBuffer>) -> Int {
+        generation += 1
         guest = writer
         guestLost = false
         helperBootID = nil
+        return generation
     }
 
-    private func guestClosed(_ broken: String?) {
+    private func guestClosed(_ broken: String?, generation ended: Int) {
+        guard ended == generation else { return }
         guest = nil
         guestLost = true
         helperBootID = nil

@@ -41,10 +41,25 @@ final class HelperChannel: Sendable {
     )
         throws(VirtError)
     {
+        // A unix socket's path has room for 107 bytes: with a longer TMPDIR the relay could not
+        // bind, so there is no helper (said here, before anything is made).
+        let longest = "\(parent)/dvi.XXXXXX/auxverb.sock"
+        guard longest.utf8.count <= 107 else {
+            throw VirtError(.usage, "the relay's socket path \(longest) would be too long for a unix socket")
+        }
         self.cli = cli
         self.runner = runner
         directory = try PrivateDirectory.make(in: parent, prefix: "dvi.")
         relay = AuxverbRelay(socketPath: "\(directory)/auxverb.sock")
+    }
+
+    /// How a helper's `incus exec` ended: its status when it ran, and the words for a message.
+    struct End: Sendable, Equatable {
+        var status: ProcessStatus?
+        var description: String
+
+        /// python3 is not in the image: `incus exec`'s status for a command it cannot find.
+        var missingPython: Bool { status == .exited(127) }
     }
 
     /// The command `incus exec` runs in the instance.
@@ -64,7 +79,9 @@ final class HelperChannel: Sendable {
                     do throws(VirtError) {
                         try await relay.serve()
                     } catch {
-                        log.error("the auxverb relay stopped: \(error.message)")
+                        // A start that sees this after its helper's hello goes without it.
+                        log.debug("the auxverb relay stopped: \(error.message)")
+                        self.state.withLock { $0.unavailable = "its relay failed: \(error.message)" }
                     }
                 }
             }
@@ -72,7 +89,7 @@ final class HelperChannel: Sendable {
         }
         guard started else { return false }
         await relay.expectGuest()
-        let firstEnd = Latch<String>()
+        let firstEnd = Latch<End>()
         let supervisor = Task { await self.supervise(name, firstEnd: firstEnd) }
         let kept = state.withLock { state -> Bool in
             guard !state.closed else { return false }
@@ -84,13 +101,16 @@ final class HelperChannel: Sendable {
             await supervisor.value
             return false
         }
-        do {
+        do throws(VirtError) {
             _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+            if let broken = state.withLock({ $0.unavailable }) {
+                throw VirtError(.testbedFailure, broken)
+            }
             log.debug("guest helper up in \(cli.qualified(name)) (\(GuestHelperScript.version))")
             return true
         } catch {
             // Stopped meanwhile (a close): no news about the image.
-            let stopped = state.withLock { $0.supervisor != supervisor }
+            let stopped = state.withLock { $0.closed || $0.supervisor != supervisor }
             guard !stopped else {
                 await stop()
                 return false
@@ -99,29 +119,44 @@ final class HelperChannel: Sendable {
             let ended = try? await withTimeout(.seconds(5), "the helper's end") { try await firstEnd.wait() }
             await stop()
             let announce = state.withLock { state -> Bool in
-                // A helper that ended before its hello will end so in every instance of the image;
-                // one that was slow to say it (a busy host) is tried again in the next.
-                if let ended { state.unavailable = ended }
+                // Without python3 the helper ends so in every instance of the image; any other
+                // failure (a busy host, an exec that failed once) is tried again in the next.
+                if let ended, ended.missingPython { state.unavailable = ended.description }
                 defer { state.announced = true }
                 return !state.closed && !state.announced
             }
             if announce {
+                let why = ended?.description ?? error.message
                 log.info(
-                    "no guest helper in \(cli.qualified(name)): \(ended ?? error.message) (the helper needs python3 "
-                        + "in the image); every command runs through an `incus exec` of its own, which is slower")
+                    ended?.missingPython == true
+                        ? "no guest helper in \(cli.qualified(name)): \(why) (the helper needs python3 in the image); "
+                            + "every command runs through an `incus exec` of its own, which is slower"
+                        : "no guest helper in \(cli.qualified(name)): \(why); its commands run through an `incus exec` "
+                            + "each, which is slower (the next instance tries again)")
             }
             return false
         }
     }
 
-    /// Stops the helper of the current instance (a revert is replacing it).
+    /// Stops the helper of the current instance (a revert is replacing it). Callers at the same
+    /// time all wait for the same end.
     func stop() async {
-        let supervisor = state.withLock { state -> Task<Void, Never>? in
-            defer { state.supervisor = nil }
-            return state.supervisor
+        guard let supervisor = state.withLock({ $0.supervisor }) else { return }
+        supervisor.cancel()
+        await supervisor.value
+        state.withLock { state in
+            if state.supervisor == supervisor { state.supervisor = nil }
         }
-        supervisor?.cancel()
-        await supervisor?.value
+        // A supervisor stopped before its first exec carried no stream: a start waiting for
+        // its hello must not wait out its timeout.
+        await relay.markLost()
+    }
+
+    /// Starts nothing from now on and stops the current helper: the first step of a close, taken
+    /// before the instances go (a helper restarted in a stopping instance is no use).
+    func shutdown() async {
+        state.withLock { $0.closed = true }
+        await stop()
     }
 
     /// Stops everything and removes the private directory. Idempotent.
@@ -141,14 +176,15 @@ final class HelperChannel: Sendable {
     /// Runs the helper in `name` until cancelled, starting it again one second after it ends.
     /// What the first run's end said (its status and stderr) goes to `firstEnd`, for the message
     /// of a start that failed.
-    private func supervise(_ name: String, firstEnd: Latch<String>) async {
+    private func supervise(_ name: String, firstEnd: Latch<End>) async {
         var first = true
         while !Task.isCancelled {
             let ended = await runOnce(name)
             if Task.isCancelled { return }
             if first { firstEnd.set(ended) }
             first = false
-            log.debug("the guest helper in \(cli.qualified(name)) ended (\(ended)); starting another in 1 s")
+            log.debug(
+                "the guest helper in \(cli.qualified(name)) ended (\(ended.description)); starting another in 1 s")
             try? await Task.sleep(for: .seconds(1))
             guard !Task.isCancelled else { return }
             await relay.expectGuest()
@@ -157,7 +193,7 @@ final class HelperChannel: Sendable {
 
     /// How one part of a helper's run ended.
     private enum RunEnd: Equatable {
-        case exec(String)
+        case exec(End)
         case carried
         case waited
     }
@@ -165,10 +201,10 @@ final class HelperChannel: Sendable {
     /// One helper: a socket pair, one end the `incus exec`'s stdin and stdout, the other carried
     /// by the relay. The program goes first on the stream (``GuestHelperScript/stdioArguments``).
     /// Returns how it ended.
-    private func runOnce(_ name: String) async -> String {
+    private func runOnce(_ name: String) async -> End {
         var ends: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else {
-            return "socketpair: \(VirtError.text(errno: errno))"
+            return End(description: "socketpair: \(VirtError.text(errno: errno))")
         }
         let (ours, theirs) = (ends[0], ends[1])
         let theirsOut = fcntl(theirs, F_DUPFD_CLOEXEC, 0)
@@ -177,7 +213,7 @@ final class HelperChannel: Sendable {
             Glibc.close(ours)
             Glibc.close(theirs)
             if theirsOut >= 0 { Glibc.close(theirsOut) }
-            return "cannot hand the program to the helper"
+            return End(description: "cannot hand the program to the helper")
         }
         let channel: NIOAsyncChannel<ByteBuffer, ByteBuffer>
         do {
@@ -192,7 +228,7 @@ final class HelperChannel: Sendable {
             // NIO owns `ours` from the call on.
             Glibc.close(theirs)
             Glibc.close(theirsOut)
-            return "cannot carry the helper's stream: \(error)"
+            return End(description: "cannot carry the helper's stream: \(error)")
         }
         let relay = self.relay
         let runner = self.runner
@@ -202,9 +238,12 @@ final class HelperChannel: Sendable {
                 let result = try? await runner.run(
                     command, input: .fileDescriptor(theirs, closeAfterStart: true),
                     output: .fileDescriptor(theirsOut, closeAfterStart: true), error: .capture(limit: 64 << 10))
-                guard let result else { return .exec("`incus exec` could not run") }
+                guard let result else { return .exec(End(description: "`incus exec` could not run")) }
                 let stderr = result.errorText.split(separator: "\n").suffix(3).joined(separator: "; ")
-                return .exec(stderr.isEmpty ? "\(result.status)" : "\(result.status): \(stderr)")
+                return .exec(
+                    End(
+                        status: result.status,
+                        description: stderr.isEmpty ? "\(result.status)" : "\(result.status): \(stderr)"))
             }
             group.addTask {
                 await relay.carry(channel)
@@ -213,7 +252,7 @@ final class HelperChannel: Sendable {
             // The exec's end closes the stream, and the stream's end (the helper gone) ends the
             // exec: whichever comes first, the other is given two seconds, so that the relay
             // delivers what the helper sent before it ended and the exec's status is known.
-            var ended: String?
+            var ended: End?
             var carried = false
             var waiting = false
             while let end = await group.next() {
@@ -232,7 +271,7 @@ final class HelperChannel: Sendable {
                 }
             }
             group.cancelAll()
-            return ended ?? "its stream ended"
+            return ended ?? End(description: "its stream ended")
         }
     }
 }

@@ -65,6 +65,8 @@ public final class IncusTestbed: Testbed {
         /// The guest helper's relay and its helper in the running instance, made by the first
         /// bring-up; nil with `--no-guest-helper`, or before.
         var helper: HelperChannel?
+        /// A close has begun: no helper channel is made from now on.
+        var closing = false
         /// The sweep for instances of dead servers, started by the first open.
         var sweep: Task<Void, Never>?
     }
@@ -187,9 +189,13 @@ public final class IncusTestbed: Testbed {
         // Nothing new starts now. What runs (a launch for open or revert, the making of a spare,
         // the deletion of the instance a revert replaced) is waited for, not cancelled: an
         // interrupted `incus init` may still leave the instance made.
-        // The helper is not started again in an instance being stopped.
-        let helper = state.withLock { $0.helper }
-        await helper?.stop()
+        // No helper is made or started again from now on, in an instance being stopped or in
+        // one a bring-up still in flight makes.
+        let helper = state.withLock { state -> HelperChannel? in
+            state.closing = true
+            return state.helper
+        }
+        await helper?.shutdown()
         let (name, spare) = await instances.close(within: options.bootTimeout)
         // Never started: nothing to shut down cleanly.
         async let spareDeletion: Void = { if let spare { await delete(spare) } }()
@@ -285,7 +291,7 @@ public final class IncusTestbed: Testbed {
         guard options.guestHelper else { return nil }
         return state.withLock { state -> HelperChannel? in
             if let helper = state.helper { return helper }
-            guard !instances.isClosed else { return nil }
+            guard !state.closing else { return nil }
             do throws(VirtError) {
                 state.helper = try HelperChannel(cli: cli, runner: runner)
             } catch {

@@ -13,7 +13,9 @@ import VirtTestSupport
 @Suite("the guest helper over incus exec's stdio")
 struct HelperChannelTests {
     /// A directory with a fake `incus`: `exec ... -- ARGV` runs ARGV here; once `nopython`
-    /// exists, python3 is missing as in an image without it (incus's message and status).
+    /// exists, python3 is missing as in an image without it (incus's message and status); with
+    /// `fail-once`, the next python3 exec fails as a flaky exec does (and the file goes); with
+    /// `slow`, the helper never says hello (30 s).
     struct Host {
         let directory: String
         let cli: IncusCLI
@@ -31,6 +33,13 @@ struct HelperChannelTests {
                     echo 'Error: Command not found' >&2
                     exit 127
                 fi
+                if [ "$1" = python3 ] && rm "${0%/*}/fail-once" 2>/dev/null; then
+                    echo 'Error: Failed to retrieve PID of executing child process' >&2
+                    exit 1
+                fi
+                if [ "$1" = python3 ] && [ -e "${0%/*}/slow" ]; then
+                    exec sleep 30
+                fi
                 exec "$@"
                 """.utf8
             ).write(to: URL(fileURLWithPath: fake))
@@ -41,6 +50,10 @@ struct HelperChannelTests {
         var helperStarts: Int {
             let calls = (try? String(contentsOfFile: "\(directory)/calls", encoding: .utf8)) ?? ""
             return calls.split(separator: "\n").filter { $0.contains(" -- python3 ") }.count
+        }
+
+        func touch(_ name: String) {
+            _ = FileManager.default.createFile(atPath: "\(directory)/\(name)", contents: nil)
         }
 
         func run(_ channel: HelperChannel, _ argv: [String]) async throws -> CommandResult {
@@ -103,7 +116,7 @@ struct HelperChannelTests {
     func noPython() async throws {
         let host = try Host()
         defer { TestPaths.removeTree(host.directory) }
-        _ = FileManager.default.createFile(atPath: "\(host.directory)/nopython", contents: nil)
+        host.touch("nopython")
         let channel = try HelperChannel(cli: host.cli, runner: SubprocessRunner(), parent: host.directory)
         #expect(await !channel.start(in: "first"))
         #expect(await !channel.start(in: "second"))
@@ -112,5 +125,43 @@ struct HelperChannelTests {
         #expect(result.status == .exited(255), "no helper, so the relay refuses: \(result.errorText)")
         await channel.close()
         #expect(access(channel.directory, F_OK) != 0)
+    }
+
+    @Test("an exec that fails once for another reason than python3 leaves the next instance its helper")
+    func transientFailure() async throws {
+        let host = try Host()
+        defer { TestPaths.removeTree(host.directory) }
+        host.touch("fail-once")
+        let channel = try HelperChannel(cli: host.cli, runner: SubprocessRunner(), parent: host.directory)
+        #expect(await !channel.start(in: "first"))
+        #expect(await channel.start(in: "second"))
+        #expect(try await host.run(channel, ["echo", "up"]).outputText == "up")
+        await channel.close()
+    }
+
+    @Test("a shutdown while a start waits for the helper's hello ends the start at once, and nothing starts after it")
+    func shutdownWhileStarting() async throws {
+        let host = try Host()
+        defer { TestPaths.removeTree(host.directory) }
+        host.touch("slow")
+        let channel = try HelperChannel(cli: host.cli, runner: SubprocessRunner(), parent: host.directory)
+        let clock = ContinuousClock()
+        let began = clock.now
+        let starting = Task { await channel.start(in: "first") }
+        try await Task.sleep(for: .milliseconds(300))
+        await channel.shutdown()
+        #expect(await !starting.value)
+        #expect(clock.now - began < .seconds(10), "not the 30 s hello timeout: \(clock.now - began)")
+        #expect(await !channel.start(in: "second"))
+        await channel.close()
+        #expect(access(channel.directory, F_OK) != 0)
+    }
+
+    @Test("a TMPDIR too long for the relay's socket path is refused before anything is made")
+    func socketPathTooLong() throws {
+        let parent = "/tmp/" + String(repeating: "d", count: 90)
+        #expect(throws: VirtError.self) {
+            _ = try HelperChannel(cli: IncusCLI(), runner: SubprocessRunner(), parent: parent)
+        }
     }
 }

@@ -94,6 +94,8 @@ struct IncusServerTests {
         #expect(environment.contains("HOME=/root"))
         #expect(environment.contains("LOGNAME=root"))
         #expect(environment.contains { $0.hasPrefix("PATH=") && $0.contains("/usr/sbin") })
+        // Where `incus exec` starts commands, as on the path without the helper.
+        #expect(try await inside(["pwd"]).outputText == "/root")
         // A leaked background process holding stdout does not hang the call.
         let clock = ContinuousClock()
         let started = clock.now
@@ -236,8 +238,8 @@ struct IncusServerTests {
                 for verb in ["revert", "revert"] {
                     let aux = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
                     #expect(aux.count > 2 && aux[1] == "--exec", "\(arguments): \(aux)")
-                    let result = try await runner.run(Command(argv: aux + ["sh", "-c", "echo $HOME; exit 3"]))
-                    #expect(result.status == .exited(3) && result.outputText == "/root")
+                    let result = try await runner.run(Command(argv: aux + ["sh", "-c", "echo $HOME; pwd; exit 3"]))
+                    #expect(result.status == .exited(3) && result.outputText == "/root\n/root")
                     #expect(try await server.request(verb).hasPrefix("ok /"))
                 }
                 #expect(try await server.request("close") == "ok")

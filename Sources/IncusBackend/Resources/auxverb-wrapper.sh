@@ -24,10 +24,12 @@ shift
 shell=/bin/sh
 [ -x /bin/bash ] && shell=/bin/bash
 if [ "$mode" = --login ]; then
+    # Where incus exec starts a command (the helper starts it in /).
+    cd /root 2>/dev/null || cd /
     # The helper's environment is its few variables (and TERM on a terminal): the rest of
-    # them are set below, so only LANG goes, and the PWD this shell exported. No env and sed
-    # to run on every command.
-    unset LANG PWD
+    # them are set below, so only LANG goes, and what this shell exported itself (PWD, and
+    # OLDPWD after the cd). No env and sed to run on every command.
+    unset LANG PWD OLDPWD
 else
     for var in $(env | sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)=.*/\1/p'); do
         case $var in TERM) ;; *) unset "$var" 2>/dev/null ;; esac
