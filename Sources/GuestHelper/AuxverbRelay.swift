@@ -85,31 +85,14 @@ public actor AuxverbRelay {
     /// time: an Incus instance's helper is carried again after a reboot or a revert.
     public nonisolated func carry(_ guest: NIOAsyncChannel<ByteBuffer, ByteBuffer>) async {
         var attached: Int?
+        // Cancelled (its helper stopped), the stream closes now: reading it would otherwise wait
+        // for its other end to close.
+        let underlying = guest.channel
         do {
-            try await guest.executeThenClose { inbound, outbound in
-                let mine = await self.attach(outbound)
-                attached = mine
-                var decoder = FrameDecoder(spawnLimit: Frame.maximumPayload)
-                var broken: String?
-                do {
-                    reading: for try await buffer in inbound {
-                        decoder.append(buffer.readableBytesView)
-                        while let frame = try decoder.next() {
-                            broken = await self.route(frame)
-                            if broken != nil { break reading }
-                        }
-                    }
-                } catch let error as FrameDecoder.DecodeError {
-                    broken = "it sent a malformed frame (\(error))"
-                } catch {
-                    log.debug("guest channel: \(error)")
-                }
-                if let broken {
-                    log.error(
-                        "the guest helper broke the protocol: \(broken); its port is closed, and commands in "
-                            + "the testbed fail from now on")
-                }
-                await self.guestClosed(broken, generation: mine)
+            try await withTaskCancellationHandler {
+                try await carryStream(guest, attached: &attached)
+            } onCancel: {
+                underlying.close(promise: nil)
             }
         } catch {
             log.debug("guest channel: \(error)")
@@ -118,6 +101,36 @@ public actor AuxverbRelay {
             } else {
                 await self.markLost()
             }
+        }
+    }
+
+    private nonisolated func carryStream(
+        _ guest: NIOAsyncChannel<ByteBuffer, ByteBuffer>, attached: inout Int?
+    ) async throws {
+        try await guest.executeThenClose { inbound, outbound in
+            let mine = await self.attach(outbound)
+            attached = mine
+            var decoder = FrameDecoder(spawnLimit: Frame.maximumPayload)
+            var broken: String?
+            do {
+                reading: for try await buffer in inbound {
+                    decoder.append(buffer.readableBytesView)
+                    while let frame = try decoder.next() {
+                        broken = await self.route(frame)
+                        if broken != nil { break reading }
+                    }
+                }
+            } catch let error as FrameDecoder.DecodeError {
+                broken = "it sent a malformed frame (\(error))"
+            } catch {
+                log.debug("guest channel: \(error)")
+            }
+            if let broken {
+                log.error(
+                    "the guest helper broke the protocol: \(broken); its port is closed, and commands in "
+                        + "the testbed fail from now on")
+            }
+            await self.guestClosed(broken, generation: mine)
         }
     }
 

@@ -116,7 +116,7 @@ final class HelperChannel: Sendable {
                 return false
             }
             // The relay can see the stream's end before the supervisor has the exec's status.
-            let ended = try? await withTimeout(.seconds(5), "the helper's end") { try await firstEnd.wait() }
+            let ended = try? await withTimeout(.seconds(15), "the helper's end") { try await firstEnd.wait() }
             await stop()
             let announce = state.withLock { state -> Bool in
                 // Without python3 the helper ends so in every instance of the image; any other
