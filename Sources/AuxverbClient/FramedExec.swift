@@ -41,8 +41,10 @@ public enum FramedExec {
         let child = Runner(pid: pid)
         FrameStreams.startThread { FrameStreams.forwardSignals(signals) { child.signal($0) } }
         FrameStreams.startThread { FrameStreams.pumpStandardInput(into: input, chunk: 64 << 10) }
+        let output = OutputCount()
         let received = FrameStreams.receive(
-            from: fromRunner.read, bufferSize: 1 << 18, stdoutGone: { passOnSIGPIPE(input, child) })
+            from: fromRunner.read, bufferSize: 1 << 18, stdoutGone: { passOnSIGPIPE(input, child, output) },
+            afterOutput: { output.add($0) })
         switch received {
         case .end: break
         // A runner that sends garbage may not read its stdin either, and the stdin pump may be
@@ -70,18 +72,33 @@ public enum FramedExec {
 
 extension FramedExec {
     /// Our reader went away: the command is to get SIGPIPE, as writing to a closed pipe would
-    /// give it. The frame that says so waits behind stdin the wrapper may no longer take (a
-    /// command that reads none of its stdin while it writes on): when it has not gone out in
-    /// 5 s, the runner is killed instead, so that the auxverb ends.
-    static func passOnSIGPIPE(_ input: FrameOutput, _ child: Runner) {
+    /// give it. The runner is killed instead (so that the auxverb ends) when the frame that
+    /// says so has not gone out in 5 s (it waits behind stdin the wrapper does not take: a
+    /// command that reads none of its stdin while it writes on), or when the command's output
+    /// still comes a few seconds after it went out: the frame can sit unread behind that stdin
+    /// (the wrapper stops reading once it holds 1 MiB the command has not taken), and a command
+    /// that ignores SIGPIPE and writes on would have had its writes fail.
+    static func passOnSIGPIPE(_ input: FrameOutput, _ child: Runner, _ output: OutputCount) {
         let sent = Mutex(false)
         FrameStreams.startThread {
             sleep(5)
-            if !sent.withLock({ $0 }) { child.killGroup() }
+            guard sent.withLock({ $0 }) else { return child.killGroup() }
+            let before = output.total
+            sleep(1)
+            if output.total != before { child.killGroup() }
         }
         input.send(FrameStreams.kill(SIGPIPE))
         sent.withLock { $0 = true }
     }
+}
+
+/// Bytes of output received so far, counted by the receiving thread and read by another.
+final class OutputCount: Sendable {
+    private let bytes = Atomic<Int>(0)
+
+    func add(_ count: Int) { bytes.add(count, ordering: .relaxed) }
+
+    var total: Int { bytes.load(ordering: .relaxed) }
 }
 
 /// The runner process: signalled only until it is reaped, so a signal never reaches a process

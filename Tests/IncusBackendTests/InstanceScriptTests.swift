@@ -148,6 +148,35 @@ struct InstanceScriptTests {
             input: .bytes(data))
         #expect(silent.status == .exited(255) && silent.errorText.contains("ended (signal 9)"), "\(silent.errorText)")
         #expect(clock.now - start < .seconds(60))
+        // The same with a pause in stdin once the wrapper holds the 1 MiB it buffers for the
+        // command: the SIGPIPE frame goes out but sits unread behind that stdin (CI hung so), and
+        // the command's output, still coming a second later, gets the runner killed. Sizes on
+        // both sides of that window, all at once; and a command that ignores SIGPIPE and writes on.
+        let paused = try await runner.run(
+            Command(
+                "bash",
+                [
+                    "-c",
+                    #"""
+                    one() {
+                        { head -c "$1" /dev/zero; sleep 10; } | timeout -s KILL 30 "${@:3}" sh -c "$2" |
+                            head -c 20000000 >/dev/null
+                        echo "$1 ${PIPESTATUS[1]}"
+                    }
+                    for size in 1100000 1150000 1200000 1250000 1300000; do
+                        one "$size" 'exec yes' "$@" &
+                    done
+                    one 0 "trap '' PIPE; exec yes" "$@" &
+                    wait
+                    """#,
+                    "bash",
+                ] + auxverb))
+        let statuses = paused.outputText.split(separator: "\n").map { $0.split(separator: " ") }
+        #expect(statuses.count == 6, "\(paused.outputText) \(paused.errorText)")
+        for status in statuses {
+            #expect(
+                status.count == 2 && ["141", "255"].contains(status[1]), "\(paused.outputText) \(paused.errorText)")
+        }
     }
 
     @Test(
