@@ -23,6 +23,10 @@ public actor AuxverbRelay {
     /// credits, less what it sent), and the stdin bytes it has not acknowledged yet.
     private var allowances: [UInt32: (output: Int, stdin: Int)] = [:]
     private var nextChannel: UInt32 = 1
+    /// Whether ``serve()`` has its socket bound (and why it could not, when it failed): a hello
+    /// alone does not make the auxverb usable, since the stream is carried beside the serving.
+    private var listening = false
+    private var listenFailure: String?
     /// The boot id the running helper reported in its hello; nil until one has.
     public private(set) var helperBootID: String?
     /// What the helper's last hello said after its boot id and version (after a restore: what it
@@ -65,6 +69,7 @@ public actor AuxverbRelay {
                 }
             }
             chmod(socketPath, 0o600)
+            await setListening(true)
             try await withThrowingDiscardingTaskGroup { tasks in
                 try await server.executeThenClose { connections in
                     for try await connection in connections {
@@ -72,12 +77,23 @@ public actor AuxverbRelay {
                     }
                 }
             }
+            await setListening(false)
         } catch is CancellationError {
-            return
+            await setListening(false)
         } catch {
-            if Task.isCancelled { return }
-            throw VirtError(.testbedFailure, "the auxverb relay failed: \(error)")
+            if Task.isCancelled {
+                await setListening(false)
+                return
+            }
+            let failure = "the auxverb relay failed: \(error)"
+            await setListening(false, failure: failure)
+            throw VirtError(.testbedFailure, failure)
         }
+    }
+
+    private func setListening(_ now: Bool, failure: String? = nil) {
+        listening = now
+        if let failure { listenFailure = failure }
     }
 
     /// Carries one guest stream until it closes (or is closed): frames from the helper at its
@@ -134,12 +150,14 @@ public actor AuxverbRelay {
         }
     }
 
-    /// Waits until a helper has said hello with a boot id other than `previous`; returns it. A
+    /// Waits until a helper has said hello with a boot id other than `previous` and clients can
+    /// connect (``serve()`` has bound its socket); returns the boot id. A
     /// helper of another version (a saved state's, left by another server) is an error.
     public func waitForHelper(notBootID previous: String?, timeout: Duration) async throws(VirtError) -> String {
         let started = try await Deadline(after: timeout).poll(every: .milliseconds(20)) {
             () throws(VirtError) -> String? in
-            if let helperBootID, helperBootID != previous { return helperBootID }
+            if let listenFailure { throw VirtError(.testbedFailure, listenFailure) }
+            if let helperBootID, helperBootID != previous, listening { return helperBootID }
             if guestLost { throw VirtError(.testbedFailure, "the guest helper's port closed") }
             return nil
         }

@@ -640,6 +640,24 @@ struct GuestHelperScriptTests {
                 == "the guest helper is version 0123456789abcdef, not this server's \(GuestHelperScript.version)")
     }
 
+    @Test("a hello is not enough: the helper is up once clients can connect; a relay that cannot listen says why")
+    func helperUpOnlyWhenServed() async throws {
+        let directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
+        defer { TestPaths.removeTree(directory) }
+        let (helper, port) = try await HostHelper.listening(in: directory)
+        defer { helper.signal(SIGKILL) }
+        // The stream is carried beside the serving: its hello can come before the socket is
+        // bound (CI saw four commands fail so at once). Here the socket can never be bound.
+        let relay = AuxverbRelay(socketPath: "\(directory)/missing/aux.sock")
+        let relayTask = Task { try await relay.run(guestPortPath: port) }
+        defer { relayTask.cancel() }
+        let error = await #expect(throws: VirtError.self) {
+            _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+        }
+        #expect(error?.message.hasPrefix("the auxverb relay failed: ") == true, "\(error?.message ?? "")")
+        await #expect(throws: VirtError.self) { try await relayTask.value }
+    }
+
     @Test("the helper is valid Python 3")
     func compiles() async throws {
         let result = try await SubprocessRunner().run(
