@@ -18,8 +18,8 @@ enum FrameStreams {
     }
 
     /// Reads frames from `fd` until the exit frame, writing the command's stdout and stderr to
-    /// ours. `afterOutput` runs after each output frame is written (with its size); stdin
-    /// credit granted by the other side goes to `credit`.
+    /// ours. `onStdout` is told the size of each stdout frame (written or, once our stdout is
+    /// gone, not); stdin credit granted by the other side goes to `credit`.
     ///
     /// Once our stdout is gone, `stdoutGone` runs once, on a thread of its own (it is to give
     /// the command SIGPIPE, as writing to a closed pipe would): sending needs the stdin pump's
@@ -27,7 +27,7 @@ enum FrameStreams {
     /// reading on.
     static func receive(
         from fd: Int32, bufferSize: Int, credit: StdinCredit? = nil, stdoutGone: @escaping @Sendable () -> Void,
-        afterOutput: (Int) -> Void = { _ in }
+        onStdout: (Int) -> Void = { _ in }
     ) -> Received {
         var decoder = FrameDecoder()
         var buffer = [UInt8](repeating: 0, count: bufferSize)
@@ -52,7 +52,7 @@ enum FrameStreams {
                         stdoutBroken = true
                         startThread(stdoutGone)
                     }
-                    afterOutput(frame.payload.count)
+                    if target == 1 { onStdout(frame.payload.count) }
                 case .stdinCredit:
                     credit?.add(frame.countValue)
                 case .exit:

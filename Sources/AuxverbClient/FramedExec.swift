@@ -41,10 +41,11 @@ public enum FramedExec {
         let child = Runner(pid: pid)
         FrameStreams.startThread { FrameStreams.forwardSignals(signals) { child.signal($0) } }
         FrameStreams.startThread { FrameStreams.pumpStandardInput(into: input, chunk: 64 << 10) }
-        let output = OutputCount()
+        let output = StdoutWatch()
         let received = FrameStreams.receive(
             from: fromRunner.read, bufferSize: 1 << 18, stdoutGone: { passOnSIGPIPE(input, child, output) },
-            afterOutput: { output.add($0) })
+            onStdout: { output.add($0) })
+        output.finish()
         switch received {
         case .end: break
         // A runner that sends garbage may not read its stdin either, and the stdin pump may be
@@ -74,31 +75,51 @@ extension FramedExec {
     /// Our reader went away: the command is to get SIGPIPE, as writing to a closed pipe would
     /// give it. The runner is killed instead (so that the auxverb ends) when the frame that
     /// says so has not gone out in 5 s (it waits behind stdin the wrapper does not take: a
-    /// command that reads none of its stdin while it writes on), or when the command's output
-    /// still comes a few seconds after it went out: the frame can sit unread behind that stdin
-    /// (the wrapper stops reading once it holds 1 MiB the command has not taken), and a command
-    /// that ignores SIGPIPE and writes on would have had its writes fail.
-    static func passOnSIGPIPE(_ input: FrameOutput, _ child: Runner, _ output: OutputCount) {
-        let sent = Mutex(false)
+    /// command that reads none of its stdin while it writes on), or when the command still
+    /// writes to stdout once the frame has had 2 s to act: the frame can sit unread behind that
+    /// stdin (the wrapper stops reading once it holds 1 MiB the command has not taken), and a
+    /// command that ignores SIGPIPE and writes on would have had its writes fail. Checked each
+    /// second until the command's end comes through.
+    static func passOnSIGPIPE(_ input: FrameOutput, _ child: Runner, _ stdout: StdoutWatch) {
+        let sentAt = Mutex<ContinuousClock.Instant?>(nil)
         FrameStreams.startThread {
-            sleep(5)
-            guard sent.withLock({ $0 }) else { return child.killGroup() }
-            let before = output.total
-            sleep(1)
-            if output.total != before { child.killGroup() }
+            let clock = ContinuousClock()
+            let gone = clock.now
+            var sent = sentAt.withLock { $0 }
+            while sent == nil {
+                guard clock.now - gone < .seconds(5) else { return child.killGroup() }
+                usleep(50_000)
+                sent = sentAt.withLock { $0 }
+            }
+            if let grace = sent.map({ $0 + .seconds(2) - clock.now }), grace > .zero {
+                usleep(UInt32(grace / .microseconds(1)))
+            }
+            var seen = stdout.total
+            while !stdout.finished {
+                sleep(1)
+                let now = stdout.total
+                guard now == seen || stdout.finished else { return child.killGroup() }
+                seen = now
+            }
         }
         input.send(FrameStreams.kill(SIGPIPE))
-        sent.withLock { $0 = true }
+        sentAt.withLock { $0 = ContinuousClock().now }
     }
 }
 
-/// Bytes of output received so far, counted by the receiving thread and read by another.
-final class OutputCount: Sendable {
+/// The command's stdout as the receiving thread sees it: bytes so far, and whether the
+/// command's end has come through; read by the SIGPIPE thread.
+final class StdoutWatch: Sendable {
     private let bytes = Atomic<Int>(0)
+    private let ended = Atomic<Bool>(false)
 
     func add(_ count: Int) { bytes.add(count, ordering: .relaxed) }
 
+    func finish() { ended.store(true, ordering: .releasing) }
+
     var total: Int { bytes.load(ordering: .relaxed) }
+
+    var finished: Bool { ended.load(ordering: .acquiring) }
 }
 
 /// The runner process: signalled only until it is reaped, so a signal never reaches a process

@@ -150,8 +150,9 @@ struct InstanceScriptTests {
         #expect(clock.now - start < .seconds(60))
         // The same with a pause in stdin once the wrapper holds the 1 MiB it buffers for the
         // command: the SIGPIPE frame goes out but sits unread behind that stdin (CI hung so), and
-        // the command's output, still coming a second later, gets the runner killed. Sizes on
-        // both sides of that window, all at once; and a command that ignores SIGPIPE and writes on.
+        // the command's stdout, still written to 2 s later, gets the runner killed. Two sizes in
+        // that window here (it moves with pipe sizes: either status will do), all at once; and a
+        // command that ignores SIGPIPE and writes on, which is killed so, always.
         let paused = try await runner.run(
             Command(
                 "bash",
@@ -159,11 +160,11 @@ struct InstanceScriptTests {
                     "-c",
                     #"""
                     one() {
-                        { head -c "$1" /dev/zero; sleep 10; } | timeout -s KILL 30 "${@:3}" sh -c "$2" |
+                        { head -c "$1" /dev/zero; sleep 8; } | timeout -s KILL 30 "${@:3}" sh -c "$2" |
                             head -c 20000000 >/dev/null
                         echo "$1 ${PIPESTATUS[1]}"
                     }
-                    for size in 1100000 1150000 1200000 1250000 1300000; do
+                    for size in 1150000 1200000; do
                         one "$size" 'exec yes' "$@" &
                     done
                     one 0 "trap '' PIPE; exec yes" "$@" &
@@ -172,11 +173,13 @@ struct InstanceScriptTests {
                     "bash",
                 ] + auxverb))
         let statuses = paused.outputText.split(separator: "\n").map { $0.split(separator: " ") }
-        #expect(statuses.count == 6, "\(paused.outputText) \(paused.errorText)")
+        #expect(statuses.count == 3, "\(paused.outputText) \(paused.errorText)")
         for status in statuses {
+            let expected: [Substring] = status.first == "0" ? ["255"] : ["141", "255"]
             #expect(
-                status.count == 2 && ["141", "255"].contains(status[1]), "\(paused.outputText) \(paused.errorText)")
+                status.count == 2 && expected.contains(status[1]), "\(paused.outputText) \(paused.errorText)")
         }
+        #expect(paused.errorText.contains("ended (signal 9) before the command's end came through"))
     }
 
     @Test(
