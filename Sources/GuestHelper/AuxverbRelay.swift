@@ -1,6 +1,7 @@
 import GuestChannel
 import NIOCore
 import NIOPosix
+import Synchronization
 import VirtCore
 
 /// The server side of the auxverb: serves auxverb clients on a unix socket in the instance
@@ -23,8 +24,10 @@ public actor AuxverbRelay {
     /// credits, less what it sent), and the stdin bytes it has not acknowledged yet.
     private var allowances: [UInt32: (output: Int, stdin: Int)] = [:]
     private var nextChannel: UInt32 = 1
-    /// Whether ``serve()`` has its socket bound (and why it could not, when it failed): a hello
-    /// alone does not make the auxverb usable, since the stream is carried beside the serving.
+    /// Whether ``serve()`` has its socket bound (and why it could not, or no longer does, when it
+    /// failed or ended uncancelled): a hello alone does not make the auxverb usable, since the
+    /// stream is carried beside the serving. One serving per relay: nothing here tells a later
+    /// one's state from an earlier one's.
     private var listening = false
     private var listenFailure: String?
     /// The boot id the running helper reported in its hello; nil until one has.
@@ -60,24 +63,35 @@ public actor AuxverbRelay {
     /// Serves auxverb clients on ``socketPath`` until cancelled. Their commands go to the guest
     /// stream being carried (``carry(_:)``); with none, they fail at once.
     public nonisolated func serve() async throws(VirtError) {
+        let untaken = UntakenConnections()
         do {
             let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(
                 unixDomainSocketPath: socketPath, cleanupExistingSocketFile: true
             ) { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+                    let connection = try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+                    untaken.hold(connection)
+                    return connection
                 }
             }
             chmod(socketPath, 0o600)
             await setListening(true)
-            try await withThrowingDiscardingTaskGroup { tasks in
-                try await server.executeThenClose { connections in
-                    for try await connection in connections {
-                        tasks.addTask { await self.serve(connection) }
+            do {
+                try await withThrowingDiscardingTaskGroup { tasks in
+                    try await server.executeThenClose { connections in
+                        for try await connection in connections {
+                            untaken.release(connection)
+                            tasks.addTask { await self.serve(connection) }
+                        }
                     }
+                    await setListening(false)
                 }
+            } catch {
+                await untaken.finish(after: server.channel)
+                throw error
             }
-            await setListening(false)
+            await untaken.finish(after: server.channel)
+            if !Task.isCancelled { throw VirtError(.testbedFailure, "its socket stopped taking connections") }
         } catch is CancellationError {
             await setListening(false)
         } catch {
@@ -85,7 +99,7 @@ public actor AuxverbRelay {
                 await setListening(false)
                 return
             }
-            let failure = "the auxverb relay failed: \(error)"
+            let failure = "the auxverb relay failed: \((error as? VirtError)?.message ?? "\(error)")"
             await setListening(false, failure: failure)
             throw VirtError(.testbedFailure, failure)
         }
@@ -387,4 +401,34 @@ public actor AuxverbRelay {
     }
 
     static let notReady = Frame.failure("the testbed is not ready (rebooting, or gone)")
+}
+
+/// Connections the listening socket accepted that the serving loop has not taken yet. A loop
+/// that ends (cancelled) leaves those in NIO's stream, which drops them, and NIO traps on a
+/// connection dropped before it was closed (swift-nio#2637, #3481): they are held here, and
+/// closed once the listening socket is.
+final class UntakenConnections: Sendable {
+    private let connections = Mutex<[ObjectIdentifier: NIOAsyncChannel<ByteBuffer, ByteBuffer>]>([:])
+
+    func hold(_ connection: NIOAsyncChannel<ByteBuffer, ByteBuffer>) {
+        connections.withLock { $0[ObjectIdentifier(connection.channel)] = connection }
+    }
+
+    func release(_ connection: NIOAsyncChannel<ByteBuffer, ByteBuffer>) {
+        _ = connections.withLock { $0.removeValue(forKey: ObjectIdentifier(connection.channel)) }
+    }
+
+    /// Waits for `server` to close (no connection is accepted after that), then closes those
+    /// never taken.
+    func finish(after server: any Channel) async {
+        server.close(promise: nil)
+        try? await server.closeFuture.get()
+        let left = connections.withLock { connections in
+            defer { connections.removeAll() }
+            return Array(connections.values)
+        }
+        for connection in left {
+            try? await connection.executeThenClose { _, _ in }
+        }
+    }
 }

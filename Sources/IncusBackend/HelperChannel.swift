@@ -115,8 +115,12 @@ final class HelperChannel: Sendable {
                 await stop()
                 return false
             }
+            // The relay itself failed (it says so in `unavailable`): the exec is not to blame.
+            let relayFailure = state.withLock { $0.unavailable }
             // The relay can see the stream's end before the supervisor has the exec's status.
-            let ended = try? await withTimeout(.seconds(15), "the helper's end") { try await firstEnd.wait() }
+            let ended =
+                relayFailure != nil
+                ? nil : try? await withTimeout(.seconds(15), "the helper's end") { try await firstEnd.wait() }
             await stop()
             let announce = state.withLock { state -> Bool in
                 // Without python3 the helper ends so in every instance of the image; any other
@@ -127,12 +131,16 @@ final class HelperChannel: Sendable {
             }
             if announce {
                 let why = ended?.description ?? error.message
-                log.info(
-                    ended?.missingPython == true
-                        ? "no guest helper in \(cli.qualified(name)): \(why) (the helper needs python3 in the image); "
-                            + "every command runs through an `incus exec` of its own, which is slower"
-                        : "no guest helper in \(cli.qualified(name)): \(why); its commands run through an `incus exec` "
-                            + "each, which is slower (the next instance tries again)")
+                let instance = cli.qualified(name)
+                let slower = "every command runs through an `incus exec` of its own, which is slower"
+                if relayFailure != nil {
+                    log.info("no guest helper in \(instance): \(why); \(slower)")
+                } else if ended?.missingPython == true {
+                    log.info(
+                        "no guest helper in \(instance): \(why) (the helper needs python3 in the image); \(slower)")
+                } else {
+                    log.info("no guest helper in \(instance): \(why); \(slower) (the next instance tries again)")
+                }
             }
             return false
         }

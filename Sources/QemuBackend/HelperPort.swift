@@ -13,7 +13,7 @@ extension AuxverbRelay {
 
     /// Connects to the guest port's socket, retrying for a few seconds: a socket file can exist
     /// a moment before its owner listens on it.
-    static func connect(_ path: String) async throws(VirtError) -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
+    public static func connect(_ path: String) async throws(VirtError) -> NIOAsyncChannel<ByteBuffer, ByteBuffer> {
         try await UnixConnector.connect(
             name: "the guest helper's port \(path)", timeout: .seconds(10), every: .milliseconds(20)
         ) {

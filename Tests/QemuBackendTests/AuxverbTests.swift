@@ -640,14 +640,62 @@ struct GuestHelperScriptTests {
                 == "the guest helper is version 0123456789abcdef, not this server's \(GuestHelperScript.version)")
     }
 
-    @Test("a hello is not enough: the helper is up once clients can connect; a relay that cannot listen says why")
+    @Test("a hello is not enough: the helper counts as up once clients can connect to the relay")
     func helperUpOnlyWhenServed() async throws {
         let directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
         defer { TestPaths.removeTree(directory) }
         let (helper, port) = try await HostHelper.listening(in: directory)
         defer { helper.signal(SIGKILL) }
-        // The stream is carried beside the serving: its hello can come before the socket is
-        // bound (CI saw four commands fail so at once). Here the socket can never be bound.
+        // The stream is carried beside the serving: its hello can come first (CI saw four
+        // commands refused so at once). Here it always does.
+        let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock")
+        let guest = try await AuxverbRelay.connect(port)
+        let carrying = Task { await relay.carry(guest) }
+        defer { carrying.cancel() }
+        let hello = await Deadline(after: .seconds(30)).poll(every: .milliseconds(10)) {
+            await relay.helperBootID != nil
+        }
+        #expect(hello)
+        let early = await #expect(throws: VirtError.self) {
+            _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(1))
+        }
+        #expect(early?.code == .timeout)
+        let serving = Task { try await relay.serve() }
+        defer { serving.cancel() }
+        _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+        let client = try TestSockets.connect(to: relay.socketPath)
+        close(client)
+    }
+
+    @Test("a relay stopped while clients connect ends cleanly: no connection is dropped untaken")
+    func stopWhileConnecting() async throws {
+        let directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
+        defer { TestPaths.removeTree(directory) }
+        for round in 0..<20 {
+            let relay = AuxverbRelay(socketPath: "\(directory)/aux\(round).sock")
+            let serving = Task { try await relay.serve() }
+            #expect(
+                await Deadline(after: .seconds(30)).poll(every: .milliseconds(5)) {
+                    access(relay.socketPath, F_OK) == 0
+                })
+            // Connections still arriving as the relay stops: NIO traps (the whole process) on
+            // one accepted and never taken.
+            let connecting = Task.detached {
+                for _ in 0..<30 { if let fd = try? TestSockets.connect(to: relay.socketPath) { close(fd) } }
+            }
+            try await Task.sleep(for: .milliseconds(round % 5))
+            serving.cancel()
+            try await serving.value
+            await connecting.value
+        }
+    }
+
+    @Test("a relay that cannot listen fails the wait for its helper with its reason")
+    func relayCannotListen() async throws {
+        let directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
+        defer { TestPaths.removeTree(directory) }
+        let (helper, port) = try await HostHelper.listening(in: directory)
+        defer { helper.signal(SIGKILL) }
         let relay = AuxverbRelay(socketPath: "\(directory)/missing/aux.sock")
         let relayTask = Task { try await relay.run(guestPortPath: port) }
         defer { relayTask.cancel() }
