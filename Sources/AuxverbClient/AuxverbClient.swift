@@ -42,10 +42,10 @@ public enum AuxverbClient {
             FrameStreams.forwardSignals(signals) { connection.send(FrameStreams.kill($0)) }
         }
         FrameStreams.startThread { FrameStreams.pumpStandardInput(into: connection, chunk: 256 << 10, credit: credit) }
-        // Every output frame written is credit for the relay to send more.
+        // Every output frame handled, stdout and stderr alike, is credit for the relay to send more.
         let received = FrameStreams.receive(
-            from: fd, bufferSize: 1 << 20, credit: credit, stdoutGone: { connection.send(FrameStreams.kill(SIGPIPE)) }
-        ) { connection.send(.count(.credit, $0)) }
+            from: fd, bufferSize: 1 << 20, credit: credit, stdoutGone: { connection.send(FrameStreams.kill(SIGPIPE)) },
+            afterOutput: { _, count in connection.send(.count(.credit, count)) })
         switch received {
         case .end(let end):
             if case .failed(let reason) = end { _ = fail(reason) }

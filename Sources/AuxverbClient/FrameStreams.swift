@@ -18,8 +18,9 @@ enum FrameStreams {
     }
 
     /// Reads frames from `fd` until the exit frame, writing the command's stdout and stderr to
-    /// ours. `onStdout` is told the size of each stdout frame (written or, once our stdout is
-    /// gone, not); stdin credit granted by the other side goes to `credit`.
+    /// ours. `afterOutput` runs after each output frame is handled (with its kind and size; a
+    /// stdout frame once our stdout is gone is dropped, and counts the same); stdin credit
+    /// granted by the other side goes to `credit`.
     ///
     /// Once our stdout is gone, `stdoutGone` runs once, on a thread of its own (it is to give
     /// the command SIGPIPE, as writing to a closed pipe would): sending needs the stdin pump's
@@ -27,7 +28,7 @@ enum FrameStreams {
     /// reading on.
     static func receive(
         from fd: Int32, bufferSize: Int, credit: StdinCredit? = nil, stdoutGone: @escaping @Sendable () -> Void,
-        onStdout: (Int) -> Void = { _ in }
+        afterOutput: (Frame.Kind, Int) -> Void = { _, _ in }
     ) -> Received {
         var decoder = FrameDecoder()
         var buffer = [UInt8](repeating: 0, count: bufferSize)
@@ -52,7 +53,7 @@ enum FrameStreams {
                         stdoutBroken = true
                         startThread(stdoutGone)
                     }
-                    if target == 1 { onStdout(frame.payload.count) }
+                    afterOutput(frame.kind, frame.payload.count)
                 case .stdinCredit:
                     credit?.add(frame.countValue)
                 case .exit:

@@ -44,7 +44,7 @@ public enum FramedExec {
         let output = StdoutWatch()
         let received = FrameStreams.receive(
             from: fromRunner.read, bufferSize: 1 << 18, stdoutGone: { passOnSIGPIPE(input, child, output) },
-            onStdout: { output.add($0) })
+            afterOutput: { kind, count in if kind == .stdout { output.add(count) } })
         output.finish()
         switch received {
         case .end: break

@@ -201,6 +201,17 @@ struct AuxverbTests {
         }
     }
 
+    @Test("stderr alone, four times the credit window, comes whole: its frames are credited as stdout's are")
+    func stderrBeyondWindow() async throws {
+        try await withHelper { host in
+            let size = 4 * Frame.window
+            let result = try await host.run(["sh", "-c", "head -c \(size) /dev/zero >&2; echo done"])
+            #expect(result.status == .exited(0))
+            #expect(result.outputText == "done")
+            #expect(result.standardError.count == size)
+        }
+    }
+
     @Test("a background process left holding stdout does not hang the call")
     func leakedBackgroundProcess() async throws {
         try await withHelper { host in
