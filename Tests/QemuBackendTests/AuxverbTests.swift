@@ -212,6 +212,38 @@ struct AuxverbTests {
         }
     }
 
+    @Test(
+        "our reader gone: the command's stdout closes as a pipe's would (SIGPIPE, or EPIPE where it ignores that), and nothing else in its group is signalled"
+    )
+    func readerGone() async throws {
+        try await withHelper { host in
+            let marker = "\(host.directory)/survived"
+            let result = try await SubprocessRunner().run(
+                Command(
+                    "bash",
+                    [
+                        "-c",
+                        #"""
+                        marker=$1
+                        shift
+                        timeout -s KILL 30 "$@" sh -c 'exec yes' | head -c 10 >/dev/null
+                        a=${PIPESTATUS[0]}
+                        timeout -s KILL 30 "$@" sh -c "trap '' PIPE; exec yes" | head -c 10 >/dev/null
+                        b=${PIPESTATUS[0]}
+                        timeout -s KILL 30 "$@" sh -c '(sleep 2; touch "$1") & exec yes' sh "$marker" | head -c 10 >/dev/null
+                        echo "$a $b ${PIPESTATUS[0]}"
+                        """#,
+                        "bash", marker,
+                    ] + host.auxverb), input: .none, output: .capture, error: .capture)
+            #expect(result.outputText == "141 1 141", "\(result.errorText)")
+            #expect(result.errorText.contains("Broken pipe"), "yes saw EPIPE: \(result.errorText)")
+            let survived = await Deadline(after: .seconds(30)).poll(every: .milliseconds(50)) {
+                access(marker, F_OK) == 0
+            }
+            #expect(survived, "a process of the group that does not write to stdout lives on")
+        }
+    }
+
     @Test("a background process left holding stdout does not hang the call")
     func leakedBackgroundProcess() async throws {
         try await withHelper { host in

@@ -362,10 +362,20 @@ class Helper:
             if len(command.pending) == command.pending_offset:
                 self.close_fd(command, 'stdin')
         elif kind == KILL:
-            if command.pid is not None and command.status is None:
+            try:
+                number = int(payload or b'15')
+            except ValueError:
+                return
+            if number == signal.SIGPIPE and command.pipes and command.stdout is not None:
+                # The caller's reader went away: as with a real pipe, the command's next write
+                # to stdout fails (SIGPIPE, or EPIPE where it ignores that), and nothing else
+                # in its group is signalled.
+                self.close_fd(command, 'stdout')
+                command.owed.pop('stdout', None)
+            elif command.pid is not None and command.status is None:
                 try:
-                    os.killpg(command.pid, int(payload or b'15'))
-                except (OSError, ValueError):
+                    os.killpg(command.pid, number)
+                except (OSError, OverflowError):
                     pass
         elif kind == CREDIT and len(payload) == 4:
             command.credit += struct.unpack('>I', payload)[0]

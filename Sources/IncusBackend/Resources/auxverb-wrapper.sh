@@ -91,7 +91,8 @@ sub frame {
         $offset += $written;
     }
 }
-my %open = (fileno($out_r) => [$out_r, 0x11], fileno($err_r) => [$err_r, 0x12]);
+my $out_fd = fileno($out_r);
+my %open = ($out_fd => [$out_r, 0x11], fileno($err_r) => [$err_r, 0x12]);
 my ($host, $pending, $stdin_done, $host_done, $status) = ("", "", 0, 0, undef);
 sub close_stdin { close $in_w if defined $in_w; $in_w = undef; $pending = ""; }
 # Until the command has ended and its output is drained; stdin goes on flowing to a command
@@ -128,7 +129,16 @@ while (%open || !defined $status) {
                 substr($host, 0, 9 + $length) = "";
                 if ($kind == 0x02) { $pending .= $payload if defined $in_w; }
                 elsif ($kind == 0x03) { $stdin_done = 1; }
-                elsif ($kind == 0x04 && $payload =~ /^([0-9]{1,2})$/) { kill $1, $pid; }
+                elsif ($kind == 0x04 && $payload =~ /^([0-9]{1,2})$/) {
+                    if ($1 == 13 && $open{$out_fd}) {
+                        # The reader on the host went away: as with a real pipe, the next write
+                        # of the command to stdout fails (SIGPIPE, or EPIPE where it ignores that).
+                        close $out_r;
+                        delete $open{$out_fd};
+                    } else {
+                        kill $1, $pid;
+                    }
+                }
             }
         }
         if (defined $in_w && length $pending && vec($wout, fileno($in_w), 1)) {
