@@ -22,8 +22,8 @@ enum FrameStreams {
     /// stdout frame once our stdout is gone is dropped, and counts the same); stdin credit
     /// granted by the other side goes to `credit`.
     ///
-    /// Once our stdout is gone, `stdoutGone` runs once, on a thread of its own (it is to give
-    /// the command SIGPIPE, as writing to a closed pipe would): sending needs the stdin pump's
+    /// Once our stdout is gone, `stdoutGone` runs once, on a thread of its own (it is to close
+    /// the command's stdout, as our reader's going closed ours): sending needs the stdin pump's
     /// lock, which it may hold until the other side reads again, which needs this thread
     /// reading on.
     static func receive(

@@ -72,14 +72,13 @@ public enum FramedExec {
 }
 
 extension FramedExec {
-    /// Our reader went away: the command is to get SIGPIPE, as writing to a closed pipe would
-    /// give it. The runner is killed instead (so that the auxverb ends) when the frame that
-    /// says so has not gone out in 5 s (it waits behind stdin the wrapper does not take: a
-    /// command that reads none of its stdin while it writes on), or when the command still
-    /// writes to stdout once the frame has had 2 s to act: the frame can sit unread behind that
-    /// stdin (the wrapper stops reading once it holds 1 MiB the command has not taken), and a
-    /// command that ignores SIGPIPE and writes on would have had its writes fail. Checked each
-    /// second until the command's end comes through.
+    /// Our reader went away: the frame that says so has the wrapper close the command's stdout,
+    /// so that its next write there fails as on a closed pipe. The runner is killed instead (so
+    /// that the auxverb ends) when that frame has not gone out in 5 s (it waits behind stdin the
+    /// wrapper does not take: a command that reads none of its stdin while it writes on), or
+    /// when stdout frames still come once it has had 2 s to act: it can sit unread behind that
+    /// stdin (the wrapper stops reading once it holds 1 MiB the command has not taken). Checked
+    /// each second until the command's end comes through.
     static func passOnSIGPIPE(_ input: FrameOutput, _ child: Runner, _ stdout: StdoutWatch) {
         let sentAt = Mutex<ContinuousClock.Instant?>(nil)
         FrameStreams.startThread {

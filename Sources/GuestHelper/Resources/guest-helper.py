@@ -366,12 +366,13 @@ class Helper:
                 number = int(payload or b'15')
             except ValueError:
                 return
-            if number == signal.SIGPIPE and command.pipes and command.stdout is not None:
+            if number == signal.SIGPIPE and command.pipes:
                 # The caller's reader went away: as with a real pipe, the command's next write
                 # to stdout fails (SIGPIPE, or EPIPE where it ignores that), and nothing else
-                # in its group is signalled.
-                self.close_fd(command, 'stdout')
-                command.owed.pop('stdout', None)
+                # in its group is signalled; a stdout already ended has nobody to tell.
+                if command.stdout is not None:
+                    self.close_fd(command, 'stdout')
+                    command.owed.pop('stdout', None)
             elif command.pid is not None and command.status is None:
                 try:
                     os.killpg(command.pid, number)

@@ -130,11 +130,14 @@ while (%open || !defined $status) {
                 if ($kind == 0x02) { $pending .= $payload if defined $in_w; }
                 elsif ($kind == 0x03) { $stdin_done = 1; }
                 elsif ($kind == 0x04 && $payload =~ /^([0-9]{1,2})$/) {
-                    if ($1 == 13 && $open{$out_fd}) {
+                    if ($1 == 13) {
                         # The reader on the host went away: as with a real pipe, the next write
-                        # of the command to stdout fails (SIGPIPE, or EPIPE where it ignores that).
-                        close $out_r;
-                        delete $open{$out_fd};
+                        # of the command to stdout fails (SIGPIPE, or EPIPE where it ignores that);
+                        # a stdout already ended has nobody to tell.
+                        if ($open{$out_fd}) {
+                            close $out_r;
+                            delete $open{$out_fd};
+                        }
                     } else {
                         kill $1, $pid;
                     }
