@@ -90,7 +90,8 @@ final class HelperChannel: Sendable {
         guard started else { return false }
         await relay.expectGuest()
         let firstEnd = Latch<End>()
-        let supervisor = Task { await self.supervise(name, firstEnd: firstEnd) }
+        let cameUp = Latch<Bool>()
+        let supervisor = Task { await self.supervise(name, firstEnd: firstEnd, cameUp: cameUp) }
         let kept = state.withLock { state -> Bool in
             guard !state.closed else { return false }
             state.supervisor = supervisor
@@ -107,8 +108,11 @@ final class HelperChannel: Sendable {
                 throw VirtError(.testbedFailure, broken)
             }
             log.debug("guest helper up in \(cli.qualified(name)) (\(GuestHelperScript.version))")
+            cameUp.set(true)
             return true
         } catch {
+            // Before the supervisor, which waits for this, could start another.
+            cameUp.set(false)
             // Stopped meanwhile (a close): no news about the image.
             let stopped = state.withLock { $0.closed || $0.supervisor != supervisor }
             guard !stopped else {
@@ -181,15 +185,20 @@ final class HelperChannel: Sendable {
         rmdir(directory)
     }
 
-    /// Runs the helper in `name` until cancelled, starting it again one second after it ends.
-    /// What the first run's end said (its status and stderr) goes to `firstEnd`, for the message
-    /// of a start that failed.
-    private func supervise(_ name: String, firstEnd: Latch<End>) async {
+    /// Runs the helper in `name` until cancelled, starting it again one second after it ends,
+    /// once the first has come up (`cameUp`, the start's verdict). What the first run's end
+    /// said (its status and stderr) goes to `firstEnd`, for the message of a start that failed.
+    private func supervise(_ name: String, firstEnd: Latch<End>, cameUp: Latch<Bool>) async {
         var first = true
         while !Task.isCancelled {
             let ended = await runOnce(name)
             if Task.isCancelled { return }
-            if first { firstEnd.set(ended) }
+            if first {
+                firstEnd.set(ended)
+                // A first helper that never came up is the start's to judge, not restarted here
+                // (with a busy start, a restart could come before its verdict).
+                guard (try? await cameUp.wait()) == true else { return }
+            }
             first = false
             log.debug(
                 "the guest helper in \(cli.qualified(name)) ended (\(ended.description)); starting another in 1 s")
