@@ -43,7 +43,7 @@ public enum FramedExec {
         FrameStreams.startThread { FrameStreams.pumpStandardInput(into: input, chunk: 64 << 10) }
         let output = StdoutWatch()
         let received = FrameStreams.receive(
-            from: fromRunner.read, bufferSize: 1 << 18, stdoutGone: { passOnSIGPIPE(input, child, output) },
+            from: fromRunner.read, bufferSize: 1 << 18, stdoutGone: { readerGone(input, child, output) },
             afterOutput: { kind, count in if kind == .stdout { output.add(count) } })
         output.finish()
         switch received {
@@ -79,7 +79,7 @@ extension FramedExec {
     /// when stdout frames still come once it has had 2 s to act: it can sit unread behind that
     /// stdin (the wrapper stops reading once it holds 1 MiB the command has not taken). Checked
     /// each second until the command's end comes through.
-    static func passOnSIGPIPE(_ input: FrameOutput, _ child: Runner, _ stdout: StdoutWatch) {
+    static func readerGone(_ input: FrameOutput, _ child: Runner, _ stdout: StdoutWatch) {
         let sentAt = Mutex<ContinuousClock.Instant?>(nil)
         FrameStreams.startThread {
             let clock = ContinuousClock()

@@ -24,12 +24,13 @@ public actor AuxverbRelay {
     /// credits, less what it sent), and the stdin bytes it has not acknowledged yet.
     private var allowances: [UInt32: (output: Int, stdin: Int)] = [:]
     private var nextChannel: UInt32 = 1
-    /// Whether ``serve()`` has its socket bound (and why it could not, or no longer does, when it
-    /// failed or ended uncancelled): a hello alone does not make the auxverb usable, since the
-    /// stream is carried beside the serving. One serving per relay: nothing here tells a later
-    /// one's state from an earlier one's.
+    /// Whether ``serve()`` has its socket bound: a hello alone does not make the auxverb usable,
+    /// since the stream is carried beside the serving. One serving per relay: nothing here tells
+    /// a later one's state from an earlier one's.
     private var listening = false
-    private var listenFailure: String?
+    /// Why ``serve()`` could not listen, or no longer does (it failed or ended uncancelled); nil
+    /// while it serves, before it does, and once cancelled.
+    public private(set) var listenFailure: String?
     /// The boot id the running helper reported in its hello; nil until one has.
     public private(set) var helperBootID: String?
     /// What the helper's last hello said after its boot id and version (after a restore: what it
@@ -63,9 +64,24 @@ public actor AuxverbRelay {
     /// Serves auxverb clients on ``socketPath`` until cancelled. Their commands go to the guest
     /// stream being carried (``carry(_:)``); with none, they fail at once.
     public nonisolated func serve() async throws(VirtError) {
-        let untaken = UntakenConnections()
+        var failure: String?
         do {
-            let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(
+            try await serveConnections()
+        } catch {
+            if !(error is CancellationError), !Task.isCancelled {
+                failure = "the auxverb relay failed: \((error as? VirtError)?.message ?? "\(error)")"
+            }
+        }
+        await setListening(false, failure: failure)
+        if let failure { throw VirtError(.testbedFailure, failure) }
+    }
+
+    /// Binds the socket and serves its connections; returns only when cancelled.
+    private nonisolated func serveConnections() async throws {
+        let untaken = UntakenConnections()
+        let server: NIOAsyncChannel<NIOAsyncChannel<ByteBuffer, ByteBuffer>, Never>
+        do {
+            server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(
                 unixDomainSocketPath: socketPath, cleanupExistingSocketFile: true
             ) { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -74,35 +90,29 @@ public actor AuxverbRelay {
                     return connection
                 }
             }
-            chmod(socketPath, 0o600)
-            await setListening(true)
-            do {
-                try await withThrowingDiscardingTaskGroup { tasks in
-                    try await server.executeThenClose { connections in
-                        for try await connection in connections {
-                            untaken.release(connection)
-                            tasks.addTask { await self.serve(connection) }
-                        }
-                    }
-                    await setListening(false)
-                }
-            } catch {
-                await untaken.finish(after: server.channel)
-                throw error
-            }
-            await untaken.finish(after: server.channel)
-            if !Task.isCancelled { throw VirtError(.testbedFailure, "its socket stopped taking connections") }
-        } catch is CancellationError {
-            await setListening(false)
-        } catch {
-            if Task.isCancelled {
-                await setListening(false)
-                return
-            }
-            let failure = "the auxverb relay failed: \((error as? VirtError)?.message ?? "\(error)")"
-            await setListening(false, failure: failure)
-            throw VirtError(.testbedFailure, failure)
+        } catch let error as IOError {
+            throw VirtError(.testbedFailure, "cannot listen on \(socketPath): \(String(cString: strerror(error.errnoCode)))")
         }
+        chmod(socketPath, 0o600)
+        await setListening(true)
+        var ended: (any Error)?
+        do {
+            try await withThrowingDiscardingTaskGroup { tasks in
+                try await server.executeThenClose { connections in
+                    for try await connection in connections {
+                        untaken.release(connection)
+                        tasks.addTask { await self.serve(connection) }
+                    }
+                }
+                // No new client from here, while those connected finish.
+                await setListening(false)
+            }
+        } catch {
+            ended = error
+        }
+        await untaken.finish(after: server.channel)
+        if let ended { throw ended }
+        if !Task.isCancelled { throw VirtError(.testbedFailure, "its socket stopped taking connections") }
     }
 
     private func setListening(_ now: Bool, failure: String? = nil) {

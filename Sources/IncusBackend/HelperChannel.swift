@@ -81,7 +81,7 @@ final class HelperChannel: Sendable {
                     } catch {
                         // A start that sees this after its helper's hello goes without it.
                         log.debug("the auxverb relay stopped: \(error.message)")
-                        self.state.withLock { $0.unavailable = "its relay failed: \(error.message)" }
+                        self.state.withLock { $0.unavailable = error.message }
                     }
                 }
             }
@@ -104,7 +104,7 @@ final class HelperChannel: Sendable {
         }
         do throws(VirtError) {
             _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
-            if let broken = state.withLock({ $0.unavailable }) {
+            if let broken = await relay.listenFailure {
                 throw VirtError(.testbedFailure, broken)
             }
             log.debug("guest helper up in \(cli.qualified(name)) (\(GuestHelperScript.version))")
@@ -119,8 +119,9 @@ final class HelperChannel: Sendable {
                 await stop()
                 return false
             }
-            // The relay itself failed (it says so in `unavailable`): the exec is not to blame.
-            let relayFailure = state.withLock { $0.unavailable }
+            // The relay itself failed: the exec is not to blame. Asked of the relay, which knows
+            // before its serving task has ended.
+            let relayFailure = await relay.listenFailure
             // The relay can see the stream's end before the supervisor has the exec's status.
             let ended =
                 relayFailure != nil
@@ -130,6 +131,7 @@ final class HelperChannel: Sendable {
                 // Without python3 the helper ends so in every instance of the image; any other
                 // failure (a busy host, an exec that failed once) is tried again in the next.
                 if let ended, ended.missingPython { state.unavailable = ended.description }
+                if let relayFailure { state.unavailable = relayFailure }
                 defer { state.announced = true }
                 return !state.closed && !state.announced
             }

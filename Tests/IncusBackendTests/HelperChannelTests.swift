@@ -162,6 +162,24 @@ struct HelperChannelTests {
         #expect(access(channel.directory, F_OK) != 0)
     }
 
+    @Test("a relay that cannot listen fails the start at once, and later instances go without a helper")
+    func relayCannotListen() async throws {
+        let host = try Host()
+        defer { TestPaths.removeTree(host.directory) }
+        let channel = try HelperChannel(cli: host.cli, runner: SubprocessRunner(), parent: host.directory)
+        // Its private directory gone, the relay cannot bind its socket.
+        TestPaths.removeTree(channel.directory)
+        let clock = ContinuousClock()
+        let started = clock.now
+        #expect(await !channel.start(in: "first"))
+        // Not the 15 s a start gives an exec to report its end: the relay's failure is its own.
+        #expect(clock.now - started < .seconds(12), "\(clock.now - started)")
+        let calls = host.helperStarts
+        #expect(await !channel.start(in: "second"))
+        #expect(host.helperStarts == calls, "no helper is started for a relay that failed")
+        await channel.close()
+    }
+
     @Test("a TMPDIR too long for the relay's socket path is refused before anything is made")
     func socketPathTooLong() throws {
         let parent = "/tmp/" + String(repeating: "d", count: 90)

@@ -31,6 +31,18 @@ final class HostHelper: Sendable {
         return (helper, port)
     }
 
+    /// A temporary directory (the first argument of `body`) with the real helper listening on
+    /// its port (the second) in it, both gone once `body` returns.
+    static func withListening(
+        version: String = GuestHelperScript.version, _ body: (String, String) async throws -> Void
+    ) async throws {
+        let directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
+        defer { TestPaths.removeTree(directory) }
+        let (helper, port) = try await listening(in: directory, version: version)
+        defer { helper.signal(SIGKILL) }
+        try await body(directory, port)
+    }
+
     init() async throws {
         directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
         let port: String
@@ -673,46 +685,42 @@ struct GuestHelperScriptTests {
 
     @Test("a helper of another version is refused, naming both versions")
     func otherVersionRefused() async throws {
-        let directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
-        defer { TestPaths.removeTree(directory) }
-        let (helper, port) = try await HostHelper.listening(in: directory, version: "0123456789abcdef")
-        defer { helper.signal(SIGKILL) }
-        let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock")
-        let relayTask = Task { try? await relay.run(guestPortPath: port) }
-        defer { relayTask.cancel() }
-        let error = await #expect(throws: VirtError.self) {
-            _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+        try await HostHelper.withListening(version: "0123456789abcdef") { directory, port in
+            let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock")
+            let relayTask = Task { try? await relay.run(guestPortPath: port) }
+            defer { relayTask.cancel() }
+            let error = await #expect(throws: VirtError.self) {
+                _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+            }
+            #expect(
+                error?.message
+                    == "the guest helper is version 0123456789abcdef, not this server's \(GuestHelperScript.version)")
         }
-        #expect(
-            error?.message
-                == "the guest helper is version 0123456789abcdef, not this server's \(GuestHelperScript.version)")
     }
 
     @Test("a hello is not enough: the helper counts as up once clients can connect to the relay")
     func helperUpOnlyWhenServed() async throws {
-        let directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
-        defer { TestPaths.removeTree(directory) }
-        let (helper, port) = try await HostHelper.listening(in: directory)
-        defer { helper.signal(SIGKILL) }
-        // The stream is carried beside the serving: its hello can come first (CI saw four
-        // commands refused so at once). Here it always does.
-        let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock")
-        let guest = try await AuxverbRelay.connect(port)
-        let carrying = Task { await relay.carry(guest) }
-        defer { carrying.cancel() }
-        let hello = await Deadline(after: .seconds(30)).poll(every: .milliseconds(10)) {
-            await relay.helperBootID != nil
+        try await HostHelper.withListening { directory, port in
+            // The stream is carried beside the serving: its hello can come first (CI saw four
+            // commands refused so at once). Here it always does.
+            let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock")
+            let guest = try await AuxverbRelay.connect(port)
+            let carrying = Task { await relay.carry(guest) }
+            defer { carrying.cancel() }
+            let hello = await Deadline(after: .seconds(30)).poll(every: .milliseconds(10)) {
+                await relay.helperBootID != nil
+            }
+            #expect(hello)
+            let early = await #expect(throws: VirtError.self) {
+                _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(1))
+            }
+            #expect(early?.code == .timeout)
+            let serving = Task { try await relay.serve() }
+            defer { serving.cancel() }
+            _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+            let client = try TestSockets.connect(to: relay.socketPath)
+            close(client)
         }
-        #expect(hello)
-        let early = await #expect(throws: VirtError.self) {
-            _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(1))
-        }
-        #expect(early?.code == .timeout)
-        let serving = Task { try await relay.serve() }
-        defer { serving.cancel() }
-        _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
-        let client = try TestSockets.connect(to: relay.socketPath)
-        close(client)
     }
 
     @Test("a relay stopped while clients connect ends cleanly: no connection is dropped untaken")
@@ -740,18 +748,18 @@ struct GuestHelperScriptTests {
 
     @Test("a relay that cannot listen fails the wait for its helper with its reason")
     func relayCannotListen() async throws {
-        let directory = try TestPaths.makeTemporaryDirectory("dv-aux.")
-        defer { TestPaths.removeTree(directory) }
-        let (helper, port) = try await HostHelper.listening(in: directory)
-        defer { helper.signal(SIGKILL) }
-        let relay = AuxverbRelay(socketPath: "\(directory)/missing/aux.sock")
-        let relayTask = Task { try await relay.run(guestPortPath: port) }
-        defer { relayTask.cancel() }
-        let error = await #expect(throws: VirtError.self) {
-            _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+        try await HostHelper.withListening { directory, port in
+            let relay = AuxverbRelay(socketPath: "\(directory)/missing/aux.sock")
+            let relayTask = Task { try await relay.run(guestPortPath: port) }
+            defer { relayTask.cancel() }
+            let error = await #expect(throws: VirtError.self) {
+                _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+            }
+            #expect(error?.message.hasPrefix("the auxverb relay failed: ") == true, "\(error?.message ?? "")")
+            // One source of truth: what the relay says when asked is what the wait threw.
+            #expect(await relay.listenFailure == error?.message)
+            await #expect(throws: VirtError.self) { try await relayTask.value }
         }
-        #expect(error?.message.hasPrefix("the auxverb relay failed: ") == true, "\(error?.message ?? "")")
-        await #expect(throws: VirtError.self) { try await relayTask.value }
     }
 
     @Test("the helper is valid Python 3")
