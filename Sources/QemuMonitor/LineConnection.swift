@@ -1,5 +1,4 @@
 import NIOCore
-import NIOExtras
 import NIOPosix
 import VirtCore
 
@@ -39,7 +38,7 @@ final class LineConnection: Sendable {
         let (channel, lines) = try await UnixConnector.connect(
             path: path, name: name, timeout: timeout, every: .milliseconds(50)
         ) { pipeline in
-            try pipeline.addHandler(ByteToMessageHandler(LineBasedFrameDecoder(), maximumBufferSize: maximumLineLength))
+            try pipeline.addHandler(ByteToMessageHandler(LineDecoder(), maximumBufferSize: maximumLineLength))
         }
         return LineConnection(name: name, lines: lines, channel: channel)
     }

@@ -81,4 +81,26 @@ struct UnixConnectorTests {
         #expect(error?.message == "QMP x: connection closed")
         #expect(bytes.isFinished)
     }
+
+    @Test("lines are split at LF without their terminator (CRLF too), across reads, empty ones kept, a partial last one dropped")
+    func lineDecoder() throws {
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(LineDecoder(), maximumBufferSize: 1 << 10))
+        for chunk in ["{\"a\"", ": 1}\r\n", "\n", "x\ry\n{\"b\"", "", ": 2}\r", "\n", "cut"] {
+            try channel.writeInbound(ByteBuffer(string: chunk))
+        }
+        var lines: [String] = []
+        while let line = try channel.readInbound(as: ByteBuffer.self) { lines.append(String(buffer: line)) }
+        #expect(lines == [#"{"a": 1}"#, "", "x\ry", #"{"b": 2}"#])
+        // The end of the stream: a last line without its LF is not one.
+        _ = try channel.finish()
+        #expect(try channel.readInbound(as: ByteBuffer.self) == nil)
+    }
+
+    @Test("a line longer than the limit is an error, not a buffer that grows without end")
+    func lineTooLong() throws {
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(LineDecoder(), maximumBufferSize: 1 << 10))
+        #expect(throws: (any Error).self) {
+            for _ in 0..<4 { try channel.writeInbound(ByteBuffer(repeating: UInt8(ascii: "x"), count: 512)) }
+        }
+    }
 }
