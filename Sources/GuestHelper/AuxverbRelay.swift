@@ -91,7 +91,8 @@ public actor AuxverbRelay {
                 }
             }
         } catch let error as IOError {
-            throw VirtError(.testbedFailure, "cannot listen on \(socketPath): \(String(cString: strerror(error.errnoCode)))")
+            throw VirtError(
+                .testbedFailure, "cannot listen on \(socketPath): \(String(cString: strerror(error.errnoCode)))")
         }
         chmod(socketPath, 0o600)
         await setListening(true)

@@ -82,7 +82,9 @@ struct UnixConnectorTests {
         #expect(bytes.isFinished)
     }
 
-    @Test("lines are split at LF without their terminator (CRLF too), across reads, empty ones kept, a partial last one dropped")
+    @Test(
+        "lines are split at LF without their terminator (CRLF too), across reads, empty ones kept, a partial last one dropped"
+    )
     func lineDecoder() throws {
         let channel = EmbeddedChannel(handler: ByteToMessageHandler(LineDecoder(), maximumBufferSize: 1 << 10))
         for chunk in ["{\"a\"", ": 1}\r\n", "\n", "x\ry\n{\"b\"", "", ": 2}\r", "\n", "cut"] {

@@ -61,7 +61,13 @@ public actor GuestSlots {
         slots count: Int = 1, ahead: Bool = false, _ body: @Sendable () async throws -> T
     ) async rethrows -> T {
         let count = max(1, min(count, limit))
+        let clock = ContinuousClock()
+        let asked = clock.now
         await acquire(count, ahead: ahead)
+        let granted = clock.now
+        // What CI's time goes to: each test's hold of the slots, in the log.
+        let shared = self === Self.shared
+        defer { if shared { Self.report(slots: count, waited: granted - asked, held: clock.now - granted) } }
         do {
             let result = try await body()
             release(count)
@@ -70,6 +76,13 @@ public actor GuestSlots {
             release(count)
             throw error
         }
+    }
+
+    private nonisolated static func report(slots: Int, waited: Duration, held: Duration) {
+        let name = Test.current.map { $0.displayName ?? $0.name } ?? "(no test)"
+        let seconds = { (duration: Duration) in String(format: "%.1f", Double(duration.components.seconds)) }
+        FileHandle.standardError.write(
+            Data("guest slots: \(slots) held \(seconds(held)) s after waiting \(seconds(waited)) s: \(name)\n".utf8))
     }
 }
 
