@@ -7,6 +7,25 @@ public enum DiskFormat: String, Sendable, CaseIterable {
     case qcow2, raw
 }
 
+/// The firmware that boots a disk: what `--boot` chooses, or the disk decides (`auto`).
+public enum Firmware: String, Sendable, CaseIterable {
+    /// UEFI (OVMF, AAVMF): it boots the loader on an EFI system partition.
+    case efi
+    /// A PC BIOS (SeaBIOS): it runs the boot code in the disk's first sector.
+    case bios
+}
+
+/// What an inspection checks the disk can boot with.
+public enum BootCheck: Sendable, Equatable {
+    /// Nothing: the disk is not booted (an extra disk, an import).
+    case none
+    /// The disk must be bootable by this firmware.
+    case firmware(Firmware)
+    /// EFI when the disk has an EFI system partition, else BIOS when its first sector has boot
+    /// code (a disk made for both boots EFI, as a machine with UEFI would).
+    case auto
+}
+
 /// A disk image that passed ``ImageInspection``: what QEMU (or Incus) may be given.
 public struct InspectedImage: Sendable, Equatable {
     /// The absolute path that was inspected.
@@ -17,12 +36,17 @@ public struct InspectedImage: Sendable, Equatable {
     public var virtualSize: Int64
     /// What its first sectors hold; nil when the partitions were not asked about.
     public var partitions: PartitionTable?
+    /// The firmware that boots it; nil when how it boots was not asked about.
+    public var firmware: Firmware?
 
-    public init(path: String, format: DiskFormat, virtualSize: Int64, partitions: PartitionTable?) {
+    public init(
+        path: String, format: DiskFormat, virtualSize: Int64, partitions: PartitionTable?, firmware: Firmware? = nil
+    ) {
         self.path = path
         self.format = format
         self.virtualSize = virtualSize
         self.partitions = partitions
+        self.firmware = firmware
     }
 }
 
@@ -31,9 +55,10 @@ public struct InspectedImage: Sendable, Equatable {
 ///   which can also name network block devices) or an external data file. An overlay put over
 ///   such an image gives the guest those files' bytes;
 /// - formats other than raw and qcow2 (vmdk extents, for one, are more host files);
-/// - for an EFI boot, what firmware cannot boot: a file that is not a disk image, a disk without
-///   a partition table, or without an EFI system partition. These fail in seconds here, instead
-///   of the firmware trying the network and the boot timing out minutes later.
+/// - for a boot, what its firmware cannot boot: a file that is not a disk image, a disk without
+///   a partition table, for EFI one without an EFI system partition, for BIOS one without boot
+///   code in its first sector. These fail in seconds here, instead of the firmware trying the
+///   network and the boot timing out minutes later.
 ///
 /// Everything goes through qemu-img, so qcow2 and raw are read alike, and the image is only
 /// ever read. Errors have the code ``VirtError/Code/badImage`` and name the image.
@@ -53,10 +78,10 @@ public struct ImageInspection: Sendable {
     }
 
     /// Inspects the image at `path` (absolute), naming it `name` (what the user gave: a path or
-    /// a URL) in errors. With `requireEFISystemPartition`, the disk must also have a partition
-    /// table with an EFI system partition.
+    /// a URL) in errors. Unless `boot` is ``BootCheck/none``, the disk must also be bootable so,
+    /// and the result says by which firmware.
     public func inspect(
-        _ path: String, name: String? = nil, requireEFISystemPartition: Bool
+        _ path: String, name: String? = nil, boot: BootCheck
     ) async throws(VirtError) -> InspectedImage {
         let name = name ?? path
         guard path.hasPrefix("/") else {
@@ -71,7 +96,7 @@ public struct ImageInspection: Sendable {
         let info = try await info(path, name: name)
         let format = try Self.check(info, name: name)
         var image = InspectedImage(path: path, format: format, virtualSize: info.virtualSize, partitions: nil)
-        guard requireEFISystemPartition else { return image }
+        guard boot != .none else { return image }
         var head = try await readHead(path, format: format, bytes: min(Int64(Self.headBytes), info.virtualSize))
         var reading = PartitionTable.read(head)
         if case .needs(let bytes) = reading, Int64(bytes) <= info.virtualSize {
@@ -86,7 +111,7 @@ public struct ImageInspection: Sendable {
             table = .none
         }
         image.partitions = table
-        try Self.checkBootable(table, head: head, format: format, size: size, name: name)
+        image.firmware = try Self.checkBootable(table, head: head, format: format, size: size, name: name, boot: boot)
         return image
     }
 
@@ -146,11 +171,22 @@ public struct ImageInspection: Sendable {
         return format
     }
 
-    /// Refuses a disk EFI firmware would find nothing to boot on, saying which of the three it is.
+    /// The firmware that boots the disk as `boot` asks; refuses a disk that firmware would find
+    /// nothing to boot on, saying why.
     static func checkBootable(
-        _ table: PartitionTable, head: [UInt8], format: DiskFormat, size: Int64?, name: String
-    ) throws(VirtError) {
-        if table == .none {
+        _ table: PartitionTable, head: [UInt8], format: DiskFormat, size: Int64?, name: String, boot: BootCheck
+    ) throws(VirtError) -> Firmware {
+        let bootCode = PartitionTable.hasBIOSBootCode(head)
+        let chosen: Firmware
+        switch boot {
+        case .none, .auto: chosen = table.hasEFISystemPartition || !bootCode ? .efi : .bios
+        case .firmware(let firmware): chosen = firmware
+        }
+        let nothing =
+            boot == .auto
+            ? "neither EFI firmware nor a BIOS finds anything"
+            : chosen == .efi ? "EFI firmware finds nothing" : "a BIOS finds nothing"
+        if table == .none && !(chosen == .bios && bootCode) {
             if format == .raw, let size, size % 512 != 0 {
                 throw VirtError(
                     .badImage,
@@ -164,13 +200,27 @@ public struct ImageInspection: Sendable {
             throw VirtError(
                 .badImage,
                 "the image \(name) has no partition table (neither a GPT header nor an MBR boot signature in its first "
-                    + "sectors): EFI firmware finds nothing to boot on it")
+                    + "sectors): \(nothing) to boot on it")
         }
-        guard table.hasEFISystemPartition else {
+        switch chosen {
+        case .efi where !table.hasEFISystemPartition:
+            let esp = "none of type \(PartitionTable.espGUID) (GPT) or 0xef (MBR)"
             throw VirtError(
                 .badImage,
-                "the image \(name) has no EFI system partition: it has \(table.summary), none of type "
-                    + "\(PartitionTable.espGUID) (GPT) or 0xef (MBR), so EFI firmware finds nothing to boot on it")
+                boot == .auto
+                    ? "the image \(name) has no EFI system partition (it has \(table.summary), \(esp)) and no boot "
+                        + "code in its first sector: \(nothing) to boot on it"
+                    : "the image \(name) has no EFI system partition: it has \(table.summary), \(esp), so EFI "
+                        + "firmware finds nothing to boot on it"
+                        + (bootCode ? " (it has BIOS boot code: --boot bios)" : ""))
+        case .bios where !bootCode:
+            throw VirtError(
+                .badImage,
+                "the image \(name) has no boot code in its first sector (\(table.summary), the boot code's 440 bytes "
+                    + "all zero): a BIOS finds nothing to boot on it"
+                    + (table.hasEFISystemPartition ? " (it has an EFI system partition: --boot efi)" : ""))
+        default:
+            return chosen
         }
     }
 

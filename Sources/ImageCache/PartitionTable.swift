@@ -29,6 +29,14 @@ public enum PartitionTable: Sendable, Equatable {
     /// anywhere; the usual place is right after the header).
     public static let maximumRead = 32 << 20
 
+    /// Whether a BIOS finds boot code in the disk's first sector: a boot signature, and boot
+    /// code that is not all zeros (a GPT's protective MBR as partitioning tools write it has
+    /// none; GRUB's `boot.img`, a FAT boot sector's jump, or any MBR loader puts some there).
+    public static func hasBIOSBootCode(_ head: [UInt8]) -> Bool {
+        guard head.count >= 512, head[510] == 0x55, head[511] == 0xAA else { return false }
+        return head[0..<440].contains { $0 != 0 }
+    }
+
     /// Whether firmware finds an EFI system partition here (a whole-disk FAT counts as one;
     /// GPT entries out of reach count too, as unknown is not refused).
     public var hasEFISystemPartition: Bool {

@@ -249,7 +249,7 @@ public struct ImageImport: Sendable {
     static func checkDisk(_ path: String, name: String, runner: any CommandRunner) async throws(VirtError) {
         guard readMagic(path).starts(with: qcow2Magic) else { return }
         let absolute = AbsolutePath.of(path)
-        _ = try await ImageInspection(runner: runner).inspect(absolute, name: name, requireEFISystemPartition: false)
+        _ = try await ImageInspection(runner: runner).inspect(absolute, name: name, boot: .none)
     }
 
     /// A split image: a metadata tarball and the disk as qcow2.

@@ -37,7 +37,9 @@ struct AgentWait {
             {
                 throw VirtError(
                     .badImage,
-                    ConsoleWatch.firmwareMessage(gaveUp, image: instance.options.image) + instance.consoleTail())
+                    ConsoleWatch.firmwareMessage(
+                        gaveUp, image: instance.options.image, firmware: instance.options.firmware)
+                        + instance.consoleTail())
             }
             // A kernel panic or an initramfs rescue shell waits for ever: say so now.
             if let failed = ConsoleWatch.bootFailed(ConsoleLog.tail(of: instance.paths.consoleLog, characters: 4000)) {

@@ -1,3 +1,4 @@
+import ImageCache
 import VirtCore
 
 /// `--boot`, with autopkgtest-virt-qemu's values.
@@ -176,17 +177,25 @@ public enum AutopkgtestQemu {
         return last
     }
 
-    /// Refuses, before the banner, the boot methods this server cannot serve yet. `auto` boots
-    /// EFI for now (a later change decides from the image).
-    public static func checkBoot(_ mode: BootMode) throws(VirtError) {
+    /// What the image must boot with for `mode`, refusing before the banner the boot methods this
+    /// server cannot serve yet. `efiFirmwareGiven`: `--efi-code` or `--efi-vars` was given, which
+    /// asks for EFI where the image would decide (and makes no sense with `--boot bios`).
+    public static func bootCheck(_ mode: BootMode, efiFirmwareGiven: Bool) throws(VirtError) -> BootCheck {
         switch mode {
-        case .auto, .efi:
-            return
-        case .bios, .ieee1275, .none:
+        case .efi:
+            return .firmware(.efi)
+        case .auto:
+            return efiFirmwareGiven ? .firmware(.efi) : .auto
+        case .bios:
+            guard !efiFirmwareGiven else {
+                throw VirtError(.usage, "--efi-code and --efi-vars are EFI firmware: they do not go with --boot bios")
+            }
+            return .firmware(.bios)
+        case .ieee1275, .none:
             throw VirtError(
                 .unavailable,
-                "--boot \(mode.rawValue) is not supported yet: debusine-virt-qemu boots EFI images only, so far "
-                    + "(--boot efi, --efi or --boot auto)")
+                "--boot \(mode.rawValue) is not supported yet: debusine-virt-qemu boots EFI and BIOS images "
+                    + "(--boot efi, --efi, --boot bios or --boot auto)")
         }
     }
 

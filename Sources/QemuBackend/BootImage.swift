@@ -11,16 +11,16 @@ public enum BootImage {
     /// returns what QEMU may boot. `name` is what the user gave, for messages. A URL's download
     /// is inspected before it enters the cache, so a refused image leaves no entry there.
     ///
-    /// `requireEFISystemPartition` is for EFI boots (the only kind today): the disk must have a
-    /// partition table with an EFI system partition.
+    /// `boot` says what the disk must boot with (see ``BootCheck``); the result says which
+    /// firmware boots it.
     public static func prepare(
         _ image: String, name: String? = nil, sha256: String?, cacheDirectory: String?,
-        requireEFISystemPartition: Bool = true, runner: any CommandRunner = SubprocessRunner()
+        boot: BootCheck = .firmware(.efi), runner: any CommandRunner = SubprocessRunner()
     ) async throws(VirtError) -> InspectedImage {
         let inspection = ImageInspection(runner: runner)
         let name = name ?? image
         guard ImageCache.isURL(image) else {
-            return try await inspection.inspect(image, name: name, requireEFISystemPartition: requireEFISystemPartition)
+            return try await inspection.inspect(image, name: name, boot: boot)
         }
         // The cache runs the inspection on what becomes (or is) the entry; its result is kept
         // rather than inspecting the entry a second time.
@@ -28,7 +28,7 @@ public enum BootImage {
         let path = try await ImageCache(directory: cacheDirectory, runner: runner).fetch(image, sha256: sha256) {
             path throws(VirtError) in
             let inspected = try await inspection.inspect(
-                path, name: name, requireEFISystemPartition: requireEFISystemPartition)
+                path, name: name, boot: boot)
             found.withLock { $0 = inspected }
         }
         guard var inspected = found.withLock({ $0 }) else {

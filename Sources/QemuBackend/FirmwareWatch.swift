@@ -1,6 +1,8 @@
+import ImageCache
 import VirtCore
 
-/// What EFI firmware says on the serial console when it finds nothing to boot on the disk.
+/// What the firmware (OVMF, SeaBIOS) says on the serial console when it finds nothing to boot on
+/// the disk.
 ///
 /// Seen with this server's QEMU command line and Debian's OVMF (2022.11) under TCG: a disk
 /// without an EFI system partition, or with one but no loader, prints within about 5 s
@@ -37,6 +39,9 @@ extension ConsoleWatch {
         ({ $0.contains(">>Start PXE over IPv") }, "tried to boot from the network (PXE)"),
         ({ $0.contains(">>Start HTTP Boot over IPv") }, "tried to boot from the network (HTTP boot)"),
         ({ $0.contains("Open Source Network Boot Firmware") }, "tried to boot from the network (iPXE)"),
+        // SeaBIOS, on the serial console with -nographic.
+        ({ $0.hasPrefix("Boot failed: not a bootable disk") }, "found no boot code on the disk"),
+        ({ $0.hasPrefix("No bootable device.") }, "found no bootable device"),
     ]
 
     /// The first sign in `console` (the start of the console log) that the firmware found nothing
@@ -54,11 +59,15 @@ extension ConsoleWatch {
     }
 
     /// The message for a boot the firmware gave up on.
-    static func firmwareMessage(_ found: FirmwareGaveUp, image: String) -> String {
+    static func firmwareMessage(_ found: FirmwareGaveUp, image: String, firmware: Firmware = .efi) -> String {
         let before = found.failedLoads.isEmpty ? "" : "\"\(found.failedLoads.joined(separator: "\", \""))\", then "
+        let question =
+            switch firmware {
+            case .efi: "does the image have an EFI system partition with a boot loader, e.g. EFI/BOOT/BOOTX64.EFI?"
+            case .bios: "does the image have a BIOS boot loader, e.g. GRUB's for i386-pc, in its first sectors?"
+            }
         return "the firmware found nothing to boot on the image \(image) and \(found.meaning): it printed \(before)"
-            + "\"\(found.line)\" on the serial console (does the image have an EFI system partition with a boot "
-            + "loader, e.g. EFI/BOOT/BOOTX64.EFI?)"
+            + "\"\(found.line)\" on the serial console (\(question))"
     }
 
     /// A Linux boot that failed for good: what the console's last line says, and what it means.

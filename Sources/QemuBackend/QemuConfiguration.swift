@@ -24,6 +24,9 @@ public struct QemuOptions: Sendable, Equatable {
     public var accelerator = Accelerator.auto
     /// The guest's architecture; ``efiCode``, ``efiVars`` and ``qemu`` must be its own.
     public var architecture = GuestArchitecture.x86_64
+    /// The firmware: EFI (``efiCode`` and a copy of ``efiVars`` on flash), or QEMU's own BIOS
+    /// (SeaBIOS), which needs neither.
+    public var firmware = Firmware.efi
     public var efiCode = GuestArchitecture.x86_64.efiCode
     public var efiVars = GuestArchitecture.x86_64.efiVars
     /// User networking by default, as autopkgtest-virt-qemu and debusine's design have it:
@@ -68,17 +71,23 @@ public struct QemuOptions: Sendable, Equatable {
         imageFormat = format
     }
 
-    /// Options for an image that passed ``ImageInspection`` (``BootImage/prepare(_:name:sha256:cacheDirectory:requireEFISystemPartition:runner:)``).
+    /// Options for an image that passed ``ImageInspection`` (``BootImage/prepare(_:name:sha256:cacheDirectory:boot:runner:)``).
     public init(image: InspectedImage) {
         self.image = image.path
         imageFormat = image.format
+        firmware = image.firmware ?? .efi
     }
+
+    /// The BIOS QEMU's q35 machine loads when no flash is given (Debian's seabios package, which
+    /// qemu-system-x86 depends on): part of a saved state's identity.
+    public static let seaBIOS = "/usr/share/seabios/bios-256k.bin"
 
     /// Whether the firmware is a secure-boot build of OVMF (Debian's `*.secboot.fd`, which the
     /// `.ms` and `.snakeoil` names link to, and the only i386 build): those require SMM and a
     /// flash that only SMM code may write, and stop early without them.
     public var firmwareNeedsSMM: Bool {
-        AbsolutePath.real(efiCode).split(separator: "/").last?.contains(".secboot.") ?? false
+        guard firmware == .efi else { return false }
+        return AbsolutePath.real(efiCode).split(separator: "/").last?.contains(".secboot.") ?? false
     }
 
     /// `suggested-normal-user=`: the `--user` given, unless it is root (as autopkgtest-virt-qemu
@@ -238,11 +247,20 @@ public enum QemuCommands {
         ]
         arguments += backend
         arguments += [
-            "-nodefaults", "-no-user-config", "-display", "none",
-            "-pidfile", paths.pidFile,
-            "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=\(escaped(options.efiCode))",
-            "-drive", "if=pflash,format=raw,unit=1,file=\(escaped(paths.efiVars))",
+            "-nodefaults", "-no-user-config",
         ]
+        // -nographic (with -nodefaults, nothing on QEMU's own stdio) also has SeaBIOS write to the
+        // serial console (fw_cfg etc/sercon-port), where "No bootable device." is seen. OVMF
+        // writes there anyway; its machines keep the command line their saved states have.
+        arguments += options.firmware == .bios ? ["-nographic"] : ["-display", "none"]
+        arguments += ["-pidfile", paths.pidFile]
+        // With no flash, QEMU's machine boots its own BIOS (SeaBIOS).
+        if options.firmware == .efi {
+            arguments += [
+                "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=\(escaped(options.efiCode))",
+                "-drive", "if=pflash,format=raw,unit=1,file=\(escaped(paths.efiVars))",
+            ]
+        }
         if smm { arguments += ["-global", "driver=cfi.pflash01,property=secure,value=on"] }
         arguments += [
             "-drive", "file=\(escaped(paths.overlay)),format=qcow2,if=virtio,cache=unsafe,discard=unmap",

@@ -65,7 +65,7 @@ final class QemuInstance: GuestHelperHost {
         let deadline = ContinuousClock.now + options.bootTimeout
         let format = options.imageFormat
         try await runner.check(QemuCommands.createOverlay(base: options.image, format: format, overlay: paths.overlay))
-        try await runner.check(Command("cp", ["--", options.efiVars, paths.efiVars]))
+        if options.firmware == .efi { try await runner.check(Command("cp", ["--", options.efiVars, paths.efiVars])) }
         let (_, qga) = try await start(kvm: kvm, memory: memory, incoming: false)
         try await AgentWait(instance: self).run(qga, until: deadline)
         try await helper.start(qga, previousBootID: nil)

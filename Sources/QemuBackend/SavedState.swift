@@ -36,16 +36,20 @@ enum SavedStateKey {
         // Extra disks are in the guest's page cache of a saved state: a changed one must not
         // meet a state that read the old one. (None: the same lines as before they existed.)
         let extraImages = options.extraImages.map { "extra image: \(identity($0.path))" }
+        // (EFI: the same lines as before BIOS boots existed, so saved states stay valid.)
+        let firmware =
+            switch options.firmware {
+            case .efi: ["efi code: \(identity(options.efiCode))", "efi vars: \(identity(options.efiVars))"]
+            case .bios: ["bios: \(identity(QemuOptions.seaBIOS))"]
+            }
         return
             ([
                 "debusine-virt saved state format \(format)",
                 "qemu: \(qemuVersion)",
                 "argv: \(template.argv.joined(separator: " "))",
                 "image: \(identity(options.image, times: !options.imageIsCached))",
-            ] + extraImages + [
-                "efi code: \(identity(options.efiCode))",
-                "efi vars: \(identity(options.efiVars))",
-                "guest helper: \(GuestHelperScript.version)",
+            ] + extraImages + firmware + [
+                "guest helper: \(GuestHelperScript.version)"
             ]).joined(separator: "\n") + "\n"
     }
 
@@ -115,8 +119,10 @@ extension QemuInstance {
             }
             try await runner.check(
                 Command("cp", ["--sparse=always", "--", paths.overlay, "\(builder.path)/\(SavedStateKey.diskFile)"]))
-            try await runner.check(
-                Command("cp", ["--", paths.efiVars, "\(builder.path)/\(SavedStateKey.efiVarsFile)"]))
+            if options.firmware == .efi {
+                try await runner.check(
+                    Command("cp", ["--", paths.efiVars, "\(builder.path)/\(SavedStateKey.efiVarsFile)"]))
+            }
         } catch {
             problem = error
         }
@@ -167,7 +173,9 @@ extension QemuInstance {
         try await runner.check(
             QemuCommands.createOverlay(
                 base: entry.file(SavedStateKey.diskFile), format: .qcow2, overlay: paths.overlay))
-        try await runner.check(Command("cp", ["--", entry.file(SavedStateKey.efiVarsFile), paths.efiVars]))
+        if options.firmware == .efi {
+            try await runner.check(Command("cp", ["--", entry.file(SavedStateKey.efiVarsFile), paths.efiVars]))
+        }
         unlink(paths.stateIn)
         guard symlink(entry.file(SavedStateKey.stateFile), paths.stateIn) == 0 else {
             throw VirtError(.io, "cannot link \(paths.stateIn)", errno: errno)

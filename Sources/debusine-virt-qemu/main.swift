@@ -30,7 +30,8 @@ struct QemuServer: AsyncParsableCommand {
         commandName: "serve",
         abstract: "Serve the autopkgtest virt-server protocol with a VM of IMAGE (the default command).",
         discussion: """
-            Boots IMAGE (qcow2 or raw, EFI, never modified: every boot gets a fresh qcow2 overlay) \
+            Boots IMAGE (qcow2 or raw, EFI or BIOS, never modified: every boot gets a fresh qcow2 \
+            overlay) \
             and serves the autopkgtest virt-server protocol on stdin/stdout. The image needs \
             python3-minimal and qemu-guest-agent; an image without the agent that boots to a login \
             prompt on the serial console where root logs in without a password (as Debian's nocloud \
@@ -57,7 +58,7 @@ struct QemuServer: AsyncParsableCommand {
             --boot, --efi, --dpkg-architecture, --qemu-architecture, -q, --qemu-options, -o, \
             --timeout-reboot, --show-boot, --timeout-poweroff, -d, -u, -p, --baseimage and more \
             images after the first (attached read-only, in order). What this server cannot boot \
-            yet (another architecture than x86_64 and i386, --boot bios, ieee1275 or none) is an error \
+            yet (another architecture than x86_64 and i386, --boot ieee1275 or none) is an error \
             before the banner.
 
             \(StatisticsFile.manual)
@@ -78,8 +79,9 @@ struct QemuServer: AsyncParsableCommand {
 
     @Option(
         help: ArgumentHelp(
-            "How the VM boots: auto and efi boot EFI firmware (see --efi-code); bios, ieee1275 and none are not "
-                + "supported yet.",
+            "How the VM boots: efi (EFI firmware, see --efi-code), bios (QEMU's SeaBIOS), or auto (the default): "
+                + "EFI when the image has an EFI system partition, else BIOS when its first sector has boot code. "
+                + "ieee1275 and none are not supported yet.",
             valueName: "auto|bios|efi|ieee1275|none"))
     var boot: BootMode?
 
@@ -263,15 +265,22 @@ struct QemuServer: AsyncParsableCommand {
         // Cheap, and the firmware's defaults depend on it; the rest of autopkgtest-virt-qemu's
         // options (which inspect extra images) come after the plain usage checks.
         let architecture = try AutopkgtestQemu.architecture(qemu: qemuArchitecture, dpkg: dpkgArchitecture)
+        let mode = AutopkgtestQemu.bootMode(boot: boot, efi: efi, arguments: Array(CommandLine.arguments.dropFirst()))
+        let bootCheck = try AutopkgtestQemu.bootCheck(
+            mode, efiFirmwareGiven: self.efiCode != nil || self.efiVars != nil)
         let efiCode = efiCode ?? architecture.efiCode
         let efiVars = efiVars ?? architecture.efiVars
-        for (what, path) in [("EFI firmware", efiCode), ("EFI variables template", efiVars)]
-        where access(path, R_OK) != 0 {
-            throw VirtError(
-                .notFound,
-                "the \(what) \(path) is missing: apt-get install \(architecture.firmwarePackage), or pass "
-                    + "--efi-code/--efi-vars")
+        // EFI's files: before the image when the boot is EFI for sure, after it when the image decides.
+        let checkEFIFiles = { () throws(VirtError) in
+            for (what, path) in [("EFI firmware", efiCode), ("EFI variables template", efiVars)]
+            where access(path, R_OK) != 0 {
+                throw VirtError(
+                    .notFound,
+                    "the \(what) \(path) is missing: apt-get install \(architecture.firmwarePackage), or pass "
+                        + "--efi-code/--efi-vars")
+            }
         }
+        if bootCheck == .firmware(.efi) { try checkEFIFiles() }
         guard (1...(1 << 20)).contains(consoleLogLimit) else {
             throw VirtError(.usage, "--console-log-limit must be between 1 and 1048576 MiB")
         }
@@ -285,7 +294,14 @@ struct QemuServer: AsyncParsableCommand {
         }
         // Fetched if a URL, and inspected either way: an image that must not boot is refused here.
         let inspected = try await BootImage.prepare(
-            isURL ? image : absolute(image), name: image, sha256: sha256, cacheDirectory: cacheDir)
+            isURL ? image : absolute(image), name: image, sha256: sha256, cacheDirectory: cacheDir, boot: bootCheck)
+        if bootCheck == .auto {
+            if inspected.firmware == .bios {
+                log.info("the image has no EFI system partition: booting it with BIOS (SeaBIOS)")
+            } else {
+                try checkEFIFiles()
+            }
+        }
         var options = QemuOptions(image: inspected)
         options.imageIsCached = isURL
         options.ramMiB = ramSize
@@ -317,8 +333,6 @@ struct QemuServer: AsyncParsableCommand {
         timeouts: (boot: Duration, reboot: Duration), extraImages: [AttachedImage],
         overlayParent: String?
     ) {
-        try AutopkgtestQemu.checkBoot(
-            AutopkgtestQemu.bootMode(boot: boot, efi: efi, arguments: Array(CommandLine.arguments.dropFirst())))
         let timeouts = try AutopkgtestQemu.timeouts(bootTimeout: bootTimeout, timeoutReboot: timeoutReboot)
         // Typed on the serial console: a line break would end it early.
         if let password, password.contains(where: { $0.isNewline }) {
@@ -346,7 +360,7 @@ struct QemuServer: AsyncParsableCommand {
             // Inspected like the boot disk (a backing file would show the guest a host file), but
             // any disk will do: no partition table is required.
             let inspected = try await ImageInspection().inspect(
-                absolute(path), name: path, requireEFISystemPartition: false)
+                absolute(path), name: path, boot: .none)
             extras.append(AttachedImage(path: inspected.path, format: inspected.format))
         }
         var overlayParent: String?

@@ -80,6 +80,51 @@ struct ImageInspectionUnitTests {
         #expect(PartitionTable.read(head) == .table(.gpt(types: nil)), "too far to read: not checked, not refused")
     }
 
+    @Test("BIOS boot code is a boot signature with something other than zeros before the partition table")
+    func biosBootCode() {
+        var sector = mbr([0xEE])
+        #expect(!PartitionTable.hasBIOSBootCode(sector), "a protective MBR as sfdisk writes it")
+        sector[0] = 0xEB
+        #expect(PartitionTable.hasBIOSBootCode(sector))
+        sector[511] = 0
+        #expect(!PartitionTable.hasBIOSBootCode(sector), "no boot signature")
+        #expect(!PartitionTable.hasBIOSBootCode(Array(sector.prefix(511))))
+    }
+
+    @Test(
+        "the firmware: EFI for a disk with an ESP (with boot code too), BIOS for boot code alone, each refused without its part, naming the other where the disk has it",
+        arguments: [
+            // (table, boot code, check, the firmware chosen or a part of the refusal)
+            (PartitionTable.gpt(types: [PartitionTable.espGUID]), true, BootCheck.auto, "efi"),
+            (.gpt(types: [PartitionTable.espGUID]), false, .auto, "efi"),
+            (.mbr(types: [0x83]), true, .auto, "bios"),
+            (.none, true, .auto, "bios"),
+            (.gpt(types: [PartitionTable.espGUID]), true, .firmware(.bios), "bios"),
+            (.mbr(types: [0x83]), true, .firmware(.bios), "bios"),
+            (.mbr(types: [0x83]), false, .auto, "neither EFI firmware nor a BIOS finds anything to boot on it"),
+            (.none, false, .auto, "no partition table (neither a GPT header nor an MBR boot signature"),
+            (.mbr(types: [0x83]), true, .firmware(.efi), "has no EFI system partition: it has an MBR"),
+            (.mbr(types: [0x83]), true, .firmware(.efi), "(it has BIOS boot code: --boot bios)"),
+            (.gpt(types: [PartitionTable.espGUID]), false, .firmware(.bios), "has no boot code in its first sector"),
+            (
+                .gpt(types: [PartitionTable.espGUID]), false, .firmware(.bios),
+                "(it has an EFI system partition: --boot efi)"
+            ),
+            (.none, false, .firmware(.bios), "a BIOS finds nothing to boot on it"),
+        ])
+    func firmwareChoice(_ table: PartitionTable, _ bootCode: Bool, _ check: BootCheck, _ expected: String) {
+        var head = mbr([])
+        if bootCode { head[0] = 0xEB }
+        do throws(VirtError) {
+            let firmware = try ImageInspection.checkBootable(
+                table, head: head, format: .qcow2, size: nil, name: "i.qcow2", boot: check)
+            #expect(firmware.rawValue == expected)
+        } catch {
+            #expect(error.code == .badImage)
+            #expect(error.message.contains(expected), "\(error.message)")
+        }
+    }
+
     @Test("text is told apart from boot sectors")
     func text() {
         #expect(ImageInspection.looksLikeText(Array("myhost\n".utf8)))
@@ -95,9 +140,9 @@ struct ImageInspectionTests {
     let inspection = ImageInspection()
 
     /// The error of inspecting `path`, which must be refused as a bad image.
-    func refusal(_ path: String, requireESP: Bool = true) async throws -> String {
+    func refusal(_ path: String, boot: BootCheck = .firmware(.efi)) async throws -> String {
         do {
-            let image = try await inspection.inspect(path, requireEFISystemPartition: requireESP)
+            let image = try await inspection.inspect(path, boot: boot)
             Issue.record("\(path) was accepted: \(image)")
             return ""
         } catch {
@@ -139,16 +184,16 @@ struct ImageInspectionTests {
         #expect(try await refusal("\(work)/mbr.raw").contains("an MBR partition table with 1 partition (type 0x83)"))
 
         try await TestDisks.raw("\(work)/esp.raw", layout: .gptWithESP, fatOnESP: true)
-        let raw = try await inspection.inspect("\(work)/esp.raw", requireEFISystemPartition: true)
+        let raw = try await inspection.inspect("\(work)/esp.raw", boot: .firmware(.efi))
         #expect(raw.format == .raw)
         #expect(raw.virtualSize == 40 << 20)
         #expect(raw.partitions?.hasEFISystemPartition == true)
         try await TestDisks.qcow2(from: "\(work)/esp.raw", to: "\(work)/esp.qcow2")
-        #expect(try await inspection.inspect("\(work)/esp.qcow2", requireEFISystemPartition: true).format == .qcow2)
+        #expect(try await inspection.inspect("\(work)/esp.qcow2", boot: .firmware(.efi)).format == .qcow2)
         try await TestDisks.raw("\(work)/mbr-esp.raw", size: 10 << 20, layout: .mbrWithESP)
-        #expect(try await inspection.inspect("\(work)/mbr-esp.raw", requireEFISystemPartition: true).format == .raw)
+        #expect(try await inspection.inspect("\(work)/mbr-esp.raw", boot: .firmware(.efi)).format == .raw)
         // Without the ESP requirement only the format and what it reads are checked.
-        #expect(try await inspection.inspect("\(work)/gpt.qcow2", requireEFISystemPartition: false).format == .qcow2)
+        #expect(try await inspection.inspect("\(work)/gpt.qcow2", boot: .none).format == .qcow2)
     }
 
     @Test(
@@ -159,7 +204,7 @@ struct ImageInspectionTests {
         defer { TestPaths.removeTree(work) }
         try Data("HOST SECRET".utf8).write(to: URL(fileURLWithPath: "\(work)/secret"))
         try await TestDisks.qcow2("\(work)/backed.qcow2", backing: "\(work)/secret")
-        let backed = try await refusal("\(work)/backed.qcow2", requireESP: false)
+        let backed = try await refusal("\(work)/backed.qcow2", boot: .none)
         #expect(backed.contains("has a backing file (\(work)/secret)"), "\(backed)")
 
         // A json: spec naming a socket we listen on: refused, and qemu-img never connected.
@@ -168,12 +213,12 @@ struct ImageInspectionTests {
         defer { close(listener) }
         let spec = #"json:{"driver":"raw","file":{"driver":"nbd","server":{"type":"unix","path":"\#(socketPath)"}}}"#
         try await TestDisks.qcow2("\(work)/json.qcow2", backing: spec)
-        let json = try await refusal("\(work)/json.qcow2", requireESP: false)
+        let json = try await refusal("\(work)/json.qcow2", boot: .none)
         #expect(json.contains("has a backing file given as a json: specification (\(spec))"), "\(json)")
         #expect(accept(listener, nil, nil) < 0 && errno == EAGAIN, "qemu-img connected to the json: backing's socket")
 
         try await TestDisks.qcow2("\(work)/data.qcow2", dataFile: "\(work)/data.raw")
-        let data = try await refusal("\(work)/data.qcow2", requireESP: false)
+        let data = try await refusal("\(work)/data.qcow2", boot: .none)
         #expect(data.contains("has an external data file (\(work)/data.raw)"), "\(data)")
     }
 
@@ -220,7 +265,7 @@ struct ImageInspectionTests {
         let cache = ImageCache(directory: "\(work)/cache", runner: LoopbackRunner())
         let inspection = self.inspection
         let check: ImageCheck = { @Sendable path async throws(VirtError) in
-            _ = try await inspection.inspect(path, requireEFISystemPartition: true)
+            _ = try await inspection.inspect(path, boot: .firmware(.efi))
         }
         await #expect(throws: VirtError.self) {
             try await cache.fetch("file://\(work)/gpt.raw", sha256: nil, check: check)

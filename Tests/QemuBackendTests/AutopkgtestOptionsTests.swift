@@ -1,4 +1,5 @@
 import Foundation
+import ImageCache
 import QemuMonitor
 import Testing
 import VirtCore
@@ -92,12 +93,18 @@ struct AutopkgtestOptionsTests {
         #expect(AutopkgtestQemu.bootMode(boot: .bios, efi: true, arguments: ["--boot=bios", "--efi", "x"]) == .efi)
     }
 
-    @Test("--boot auto and efi boot EFI; bios, ieee1275 and none are refused naming the value, as not supported yet")
+    @Test(
+        "--boot efi and bios ask the image for that firmware, auto lets it decide (EFI firmware given asks for EFI); ieee1275 and none are refused as not supported yet"
+    )
     func bootSupport() throws {
-        try AutopkgtestQemu.checkBoot(.auto)
-        try AutopkgtestQemu.checkBoot(.efi)
-        for mode in [BootMode.bios, .ieee1275, .none] {
-            let error = #expect(throws: VirtError.self) { try AutopkgtestQemu.checkBoot(mode) }
+        #expect(try AutopkgtestQemu.bootCheck(.efi, efiFirmwareGiven: false) == .firmware(.efi))
+        #expect(try AutopkgtestQemu.bootCheck(.bios, efiFirmwareGiven: false) == .firmware(.bios))
+        #expect(try AutopkgtestQemu.bootCheck(.auto, efiFirmwareGiven: false) == .auto)
+        #expect(try AutopkgtestQemu.bootCheck(.auto, efiFirmwareGiven: true) == .firmware(.efi))
+        let mixed = #expect(throws: VirtError.self) { try AutopkgtestQemu.bootCheck(.bios, efiFirmwareGiven: true) }
+        #expect(mixed?.code == .usage)
+        for mode in [BootMode.ieee1275, .none] {
+            let error = #expect(throws: VirtError.self) { try AutopkgtestQemu.bootCheck(mode, efiFirmwareGiven: false) }
             #expect(error?.code == .unavailable)
             #expect(error?.message.hasPrefix("--boot \(mode.rawValue) is not supported yet") == true, "\(mode)")
         }

@@ -12,16 +12,19 @@ import VirtTestSupport
 struct QemuCommandLineTests {
     let runner = SubprocessRunner()
 
-    /// A private directory with two small disk images that pass the image inspection: a raw
-    /// boot disk with an EFI system partition, and an empty qcow2 for an extra disk.
+    /// A private directory with small disk images that pass the image inspection: a raw boot
+    /// disk with an EFI system partition, one with BIOS boot code and no ESP, and an empty qcow2
+    /// for an extra disk.
     struct Scratch {
         let directory: String
         var image: String { "\(directory)/disk.img" }
+        var biosImage: String { "\(directory)/bios.img" }
         var extra: String { "\(directory)/extra.qcow2" }
 
         init() async throws {
             directory = try TestPaths.makeTemporaryDirectory("dv-qemu-cli.")
             try await TestDisks.raw(image, size: 4 << 20, layout: .mbrWithESP)
+            try await TestDisks.raw(biosImage, size: 4 << 20, layout: .mbrWithoutESP, bootCode: true)
             try await SubprocessRunner().check(Command("qemu-img", ["create", "-q", "-f", "qcow2", extra, "1M"]))
         }
 
@@ -167,12 +170,44 @@ struct QemuCommandLineTests {
     }
 
     @Test(
+        "--boot bios boots QEMU's SeaBIOS (no flash, -nographic for its serial output); --boot auto decides from the image, and says so for BIOS"
+    )
+    func biosBoot() async throws {
+        let scratch = try await Scratch()
+        defer { scratch.remove() }
+        for arguments in [["--boot", "bios"], ["--boot", "auto"], []] {
+            let stderr = try await accepted(["-d"] + arguments + [scratch.biosImage], scratch: scratch)
+            let line = qemuLine(stderr)
+            #expect(line.contains(" -nographic ") && !line.contains("pflash"), "\(arguments): \(line)")
+            #expect(
+                stderr.contains("booting it with BIOS (SeaBIOS)") == (arguments != ["--boot", "bios"]),
+                "\(arguments): \(stderr)")
+        }
+        // An image with an EFI system partition boots EFI, unless BIOS is asked for.
+        let efi = qemuLine(try await accepted(["-d", "--boot", "auto", scratch.image], scratch: scratch))
+        #expect(efi.contains("if=pflash") && efi.contains(" -display none ") && !efi.contains("-nographic"), "\(efi)")
+        // Asked for, a firmware the image has nothing for is refused before the banner, saying so.
+        let noCode = try await refused(["--boot", "bios", scratch.image], status: 65, scratch: scratch)
+        #expect(noCode.contains("has no boot code in its first sector"), "\(noCode)")
+        #expect(noCode.contains("it has an EFI system partition: --boot efi"), "\(noCode)")
+        let noESP = try await refused(["--boot", "efi", scratch.biosImage], status: 65, scratch: scratch)
+        #expect(noESP.contains("has no EFI system partition") && noESP.contains("--boot bios"), "\(noESP)")
+        // EFI firmware given with auto asks for EFI; with bios it is a usage error.
+        let given = try await refused(
+            ["--efi-code", "/usr/share/OVMF/OVMF_CODE_4M.fd", scratch.biosImage], status: 65, scratch: scratch)
+        #expect(given.contains("has no EFI system partition"), "\(given)")
+        let mixed = try await refused(
+            ["--boot", "bios", "--efi-vars", "/usr/share/OVMF/OVMF_VARS_4M.fd", scratch.biosImage], status: 64,
+            scratch: scratch)
+        #expect(mixed.contains("do not go with --boot bios"), "\(mixed)")
+    }
+
+    @Test(
         "what this server cannot serve yet is refused before the banner, naming the option and value",
         arguments: [
-            (["--boot", "bios"], "--boot bios is not supported yet"),
             (["--boot", "ieee1275"], "--boot ieee1275 is not supported yet"),
             (["--boot", "none"], "--boot none is not supported yet"),
-            (["--efi", "--boot", "bios"], "--boot bios is not supported yet"),
+            (["--efi", "--boot", "ieee1275"], "--boot ieee1275 is not supported yet"),
             (
                 ["--dpkg-architecture", "arm64"],
                 "--dpkg-architecture arm64 (QEMU architecture aarch64) is not supported yet"

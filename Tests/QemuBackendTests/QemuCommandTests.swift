@@ -329,6 +329,22 @@ struct ConsoleWatchTests {
         }
     }
 
+    @Test(
+        "SeaBIOS finding no boot code on the disk, as it says on the serial console with -nographic; the message asks for a BIOS loader"
+    )
+    func seaBIOSGaveUp() throws {
+        // Recorded from a disk of zeros, -nodefaults -nographic -serial file:..., no network.
+        let found = try #require(ConsoleWatch.firmwareGaveUp(try fixture("seabios-no-boot-code.log")))
+        #expect(found.line == "Boot failed: not a bootable disk")
+        #expect(found.meaning == "found no boot code on the disk")
+        let message = ConsoleWatch.firmwareMessage(found, image: "/i.raw", firmware: .bios)
+        #expect(message.contains("does the image have a BIOS boot loader"), "\(message)")
+        #expect(
+            ConsoleWatch.firmwareGaveUp("\r\nNo bootable device.  Retrying in 60 seconds.\r\n")?.meaning
+                == "found no bootable device")
+        #expect(ConsoleWatch.firmwareGaveUp("SeaBIOS (version 1.16.3)\r\nBooting from Hard Disk...\r\n") == nil)
+    }
+
     @Test("a boot that failed for good: the initramfs rescue shell, a kernel panic, dracut; only as the last line")
     func bootFailed() throws {
         // Recorded from a qcow2 image cut off at 64 MiB: fsck fails on I/O errors.

@@ -31,11 +31,19 @@ public enum TestDisks {
 
     /// A raw disk of `size` bytes (sparse, zeros) partitioned as `layout`. With `fatOnESP`, the
     /// EFI system partition of ``Layout/gptWithESP`` gets an empty FAT file system: a disk the
-    /// inspection accepts and the firmware still finds nothing to boot on.
-    public static func raw(_ path: String, size: Int = 40 << 20, layout: Layout?, fatOnESP: Bool = false) async throws {
+    /// inspection accepts and the firmware still finds nothing to boot on. With `bootCode`, the
+    /// MBR's boot code is an endless loop (`jmp $`), which a BIOS runs.
+    public static func raw(
+        _ path: String, size: Int = 40 << 20, layout: Layout?, fatOnESP: Bool = false, bootCode: Bool = false
+    ) async throws {
         try await runner.check(Command("truncate", ["--size=\(size)", "--", path]))
         guard let layout else { return }
         try await runner.check(Command("sfdisk", ["--quiet", "--", path]), input: .bytes(Array(layout.script.utf8)))
+        if bootCode {
+            let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+            defer { try? handle.close() }
+            try handle.write(contentsOf: Data([0xEB, 0xFE]))
+        }
         if fatOnESP {
             // The partition starts at sector 2048 and holds 30720 sectors: 15360 KiB blocks.
             try await runner.check(Command("mkfs.vfat", ["--offset", "2048", path, "15360"]))
