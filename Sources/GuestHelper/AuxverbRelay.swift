@@ -69,7 +69,7 @@ public actor AuxverbRelay {
             try await serveConnections()
         } catch {
             if !(error is CancellationError), !Task.isCancelled {
-                failure = "the auxverb relay failed: \((error as? VirtError)?.message ?? "\(error)")"
+                failure = Self.failed((error as? VirtError)?.message ?? "\(error)")
             }
         }
         await setListening(false, failure: failure)
@@ -105,16 +105,23 @@ public actor AuxverbRelay {
                         tasks.addTask { await self.serve(connection) }
                     }
                 }
-                // No new client from here, while those connected finish.
-                await setListening(false)
+                // No new client from here, while those connected finish (which can take hours):
+                // a wait for the helper fails now, not once they have.
+                await setListening(false, failure: Task.isCancelled ? nil : Self.failed(Self.stoppedServing))
             }
         } catch {
             ended = error
         }
         await untaken.finish(after: server.channel)
         if let ended { throw ended }
-        if !Task.isCancelled { throw VirtError(.testbedFailure, "its socket stopped taking connections") }
+        if !Task.isCancelled { throw VirtError(.testbedFailure, Self.stoppedServing) }
     }
+
+    /// Why a relay whose serving ended uncancelled fails (its socket was closed under it).
+    static let stoppedServing = "its socket stopped taking connections"
+
+    /// ``listenFailure`` for `reason`.
+    static func failed(_ reason: String) -> String { "the auxverb relay failed: \(reason)" }
 
     private func setListening(_ now: Bool, failure: String? = nil) {
         listening = now

@@ -176,17 +176,21 @@ public struct ImageInspection: Sendable {
     static func checkBootable(
         _ table: PartitionTable, head: [UInt8], format: DiskFormat, size: Int64?, name: String, boot: BootCheck
     ) throws(VirtError) -> Firmware {
+        let signature = head.count >= 512 && head[510] == 0x55 && head[511] == 0xAA
         let bootCode = PartitionTable.hasBIOSBootCode(head)
-        let chosen: Firmware
-        switch boot {
-        case .none, .auto: chosen = table.hasEFISystemPartition || !bootCode ? .efi : .bios
-        case .firmware(let firmware): chosen = firmware
-        }
+        // A disk with both boots EFI, as a machine with UEFI would. So does one whose ESP is only
+        // assumed (GPT entries out of reach; a FAT file system on the whole disk, whose boot
+        // sector is also BIOS boot code): unknown is not refused, and EFI is the likelier.
+        let chosen: Firmware =
+            switch boot {
+            case .none, .auto: table.hasEFISystemPartition || !bootCode ? .efi : .bios
+            case .firmware(let firmware): firmware
+            }
         let nothing =
             boot == .auto
             ? "neither EFI firmware nor a BIOS finds anything"
             : chosen == .efi ? "EFI firmware finds nothing" : "a BIOS finds nothing"
-        if table == .none && !(chosen == .bios && bootCode) {
+        if table == .none && !bootCode {
             if format == .raw, let size, size % 512 != 0 {
                 throw VirtError(
                     .badImage,
@@ -197,27 +201,35 @@ public struct ImageInspection: Sendable {
                 throw VirtError(
                     .badImage, "the image \(name) is not a disk image: it starts with text and has no partition table")
             }
-            throw VirtError(
-                .badImage,
-                "the image \(name) has no partition table (neither a GPT header nor an MBR boot signature in its first "
-                    + "sectors): \(nothing) to boot on it")
         }
+        // (With --efi-code or --efi-vars, which ask for EFI, --boot bios is a usage error.)
+        let biosHint = bootCode && boot != .auto ? " (it has BIOS boot code: --boot bios, without EFI firmware)" : ""
         switch chosen {
+        case .efi where table == .none:
+            let first =
+                signature
+                ? "its first sector has a boot signature but no valid partition entries"
+                : "neither a GPT header nor an MBR boot signature in its first sectors"
+            throw VirtError(
+                .badImage, "the image \(name) has no partition table (\(first)): \(nothing) to boot on it\(biosHint)")
         case .efi where !table.hasEFISystemPartition:
             let esp = "none of type \(PartitionTable.espGUID) (GPT) or 0xef (MBR)"
             throw VirtError(
                 .badImage,
                 boot == .auto
-                    ? "the image \(name) has no EFI system partition (it has \(table.summary), \(esp)) and no boot "
-                        + "code in its first sector: \(nothing) to boot on it"
+                    ? "the image \(name) has no EFI system partition (it has \(table.summary), \(esp)) and no BIOS "
+                        + "boot code in its first sector: \(nothing) to boot on it"
                     : "the image \(name) has no EFI system partition: it has \(table.summary), \(esp), so EFI "
-                        + "firmware finds nothing to boot on it"
-                        + (bootCode ? " (it has BIOS boot code: --boot bios)" : ""))
+                        + "firmware finds nothing to boot on it\(biosHint)")
         case .bios where !bootCode:
+            let why =
+                signature
+                ? "the 440 bytes of boot code in its first sector are all zero"
+                : "its first sector has no boot signature (0x55 0xAA)"
             throw VirtError(
                 .badImage,
-                "the image \(name) has no boot code in its first sector (\(table.summary), the boot code's 440 bytes "
-                    + "all zero): a BIOS finds nothing to boot on it"
+                "the image \(name) has no BIOS boot code (\(why); it has \(table.summary)): a BIOS finds nothing to "
+                    + "boot on it"
                     + (table.hasEFISystemPartition ? " (it has an EFI system partition: --boot efi)" : ""))
         default:
             return chosen

@@ -23,16 +23,20 @@ public enum BootImage {
             return try await inspection.inspect(image, name: name, boot: boot)
         }
         // The cache runs the inspection on what becomes (or is) the entry; its result is kept
-        // rather than inspecting the entry a second time.
+        // rather than inspecting the entry a second time. What it refuses it removes, so it asks
+        // only whether some firmware boots the image: an image the other firmware boots is no
+        // bad image, and a `--boot` that does not fit it is refused below, keeping the entry.
         let found = Mutex<InspectedImage?>(nil)
         let path = try await ImageCache(directory: cacheDirectory, runner: runner).fetch(image, sha256: sha256) {
             path throws(VirtError) in
-            let inspected = try await inspection.inspect(
-                path, name: name, boot: boot)
+            let inspected = try await inspection.inspect(path, name: name, boot: boot == .none ? .none : .auto)
             found.withLock { $0 = inspected }
         }
         guard var inspected = found.withLock({ $0 }) else {
             throw VirtError(.internalError, "the image cache handed out \(path) without inspecting it")
+        }
+        if case .firmware(let firmware) = boot, inspected.firmware != firmware {
+            inspected = try await inspection.inspect(path, name: name, boot: boot)
         }
         inspected.path = path
         return inspected

@@ -201,7 +201,7 @@ public enum QemuCommands {
         Command("qemu-img", ["create", "-q", "-f", "qcow2", "-F", format.rawValue, "-b", base, overlay])
     }
 
-    /// The VM: q35 with EFI, the overlay as a virtio disk with unsafe caching (the VM is thrown
+    /// The VM: q35 with EFI (or SeaBIOS), the overlay as a virtio disk with unsafe caching (the VM is thrown
     /// away), virtio-rng, vmgenid, QMP, the guest agent and the helper port on unix sockets, the serial
     /// console on a socket with a log file, no display, no defaults.
     /// The `exec:` commands QEMU runs (with /bin/sh, in the instance directory) to save a VM

@@ -32,6 +32,7 @@ struct LineDecoder: ByteToMessageDecoder {
     ) throws -> DecodingState {
         while try decode(context: context, buffer: &buffer) == .continue {}
         buffer.moveReaderIndex(to: buffer.writerIndex)
+        searched = 0
         return .needMoreData
     }
 }

@@ -221,7 +221,8 @@ struct QemuServer: AsyncParsableCommand {
     @Option(help: ArgumentHelp(StatisticsFile.optionHelp, valueName: "path"))
     var statisticsFile: String?
 
-    @Argument(help: "The system image: a path to a qcow2 or raw EFI image, or an http(s):// or file:// URL of one.")
+    @Argument(
+        help: "The system image: a path to a qcow2 or raw EFI or BIOS image, or an http(s):// or file:// URL of one.")
     var image: String
 
     @Argument(

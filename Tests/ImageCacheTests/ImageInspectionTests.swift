@@ -102,10 +102,15 @@ struct ImageInspectionUnitTests {
             (.gpt(types: [PartitionTable.espGUID]), true, .firmware(.bios), "bios"),
             (.mbr(types: [0x83]), true, .firmware(.bios), "bios"),
             (.mbr(types: [0x83]), false, .auto, "neither EFI firmware nor a BIOS finds anything to boot on it"),
-            (.none, false, .auto, "no partition table (neither a GPT header nor an MBR boot signature"),
+            (.none, false, .auto, "has no partition table (its first sector has a boot signature but no valid"),
+            (.none, true, .firmware(.efi), "has no partition table (its first sector has a boot signature but no"),
+            (
+                .none, true, .firmware(.efi),
+                "EFI firmware finds nothing to boot on it (it has BIOS boot code: --boot bios"
+            ),
             (.mbr(types: [0x83]), true, .firmware(.efi), "has no EFI system partition: it has an MBR"),
-            (.mbr(types: [0x83]), true, .firmware(.efi), "(it has BIOS boot code: --boot bios)"),
-            (.gpt(types: [PartitionTable.espGUID]), false, .firmware(.bios), "has no boot code in its first sector"),
+            (.mbr(types: [0x83]), true, .firmware(.efi), "(it has BIOS boot code: --boot bios, without EFI firmware)"),
+            (.gpt(types: [PartitionTable.espGUID]), false, .firmware(.bios), "has no BIOS boot code (the 440 bytes"),
             (
                 .gpt(types: [PartitionTable.espGUID]), false, .firmware(.bios),
                 "(it has an EFI system partition: --boot efi)"
@@ -122,6 +127,27 @@ struct ImageInspectionUnitTests {
         } catch {
             #expect(error.code == .badImage)
             #expect(error.message.contains(expected), "\(error.message)")
+        }
+    }
+
+    @Test("without a boot signature a BIOS boot is refused saying so, and a disk of nothing is no disk for it either")
+    func noBootSignature() {
+        var head = mbr([])
+        head[0] = 0xEB
+        head[510] = 0
+        do throws(VirtError) {
+            _ = try ImageInspection.checkBootable(
+                .gpt(types: [PartitionTable.espGUID]), head: head, format: .raw, size: nil, name: "i.raw",
+                boot: .firmware(.bios))
+            Issue.record("accepted")
+        } catch {
+            #expect(error.message.contains("its first sector has no boot signature (0x55 0xAA)"), "\(error.message)")
+            #expect(error.message.contains("(it has an EFI system partition: --boot efi)"), "\(error.message)")
+        }
+        let text = Array(String(repeating: "key = value\n", count: 50).utf8)
+        #expect(throws: VirtError.self) {
+            try ImageInspection.checkBootable(
+                .none, head: text, format: .raw, size: nil, name: "t", boot: .firmware(.bios))
         }
     }
 

@@ -188,7 +188,7 @@ struct QemuCommandLineTests {
         #expect(efi.contains("if=pflash") && efi.contains(" -display none ") && !efi.contains("-nographic"), "\(efi)")
         // Asked for, a firmware the image has nothing for is refused before the banner, saying so.
         let noCode = try await refused(["--boot", "bios", scratch.image], status: 65, scratch: scratch)
-        #expect(noCode.contains("has no boot code in its first sector"), "\(noCode)")
+        #expect(noCode.contains("has no BIOS boot code"), "\(noCode)")
         #expect(noCode.contains("it has an EFI system partition: --boot efi"), "\(noCode)")
         let noESP = try await refused(["--boot", "efi", scratch.biosImage], status: 65, scratch: scratch)
         #expect(noESP.contains("has no EFI system partition") && noESP.contains("--boot bios"), "\(noESP)")

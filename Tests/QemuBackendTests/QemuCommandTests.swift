@@ -476,3 +476,37 @@ struct ConsoleLogTests {
             ])
     }
 }
+
+/// What the image cache keeps when a URL's image does not fit the `--boot` asked for.
+@Suite("Boot images from URLs")
+struct BootImageTests {
+    @Test(
+        "an image the asked firmware cannot boot, but the other can, is refused and stays cached; one neither boots is removed"
+    )
+    func askedFirmwareKeepsTheEntry() async throws {
+        let work = try TestPaths.makeTemporaryDirectory("dv-boot-image.")
+        defer { TestPaths.removeTree(work) }
+        try await TestDisks.raw("\(work)/esp.raw", size: 4 << 20, layout: .mbrWithESP)
+        try await TestDisks.raw("\(work)/none.raw", size: 4 << 20, layout: .mbrWithoutESP)
+        let cache = "\(work)/cache"
+        let cached = { TestPaths.contents(of: cache).filter { !$0.hasPrefix(".") && !$0.hasSuffix(".lock") } }
+        let refused = await #expect(throws: VirtError.self) {
+            _ = try await BootImage.prepare(
+                "file://\(work)/esp.raw", sha256: nil, cacheDirectory: cache, boot: .firmware(.bios))
+        }
+        #expect(
+            refused?.message.contains("(it has an EFI system partition: --boot efi)") == true,
+            "\(refused?.message ?? "")")
+        let kept = cached()
+        #expect(!kept.isEmpty, "an image EFI boots was removed from the cache for a --boot bios")
+        let efi = try await BootImage.prepare(
+            "file://\(work)/esp.raw", sha256: nil, cacheDirectory: cache, boot: .firmware(.efi))
+        #expect(efi.firmware == .efi)
+        #expect(cached() == kept, "the same entry serves the EFI boot")
+        await #expect(throws: VirtError.self) {
+            _ = try await BootImage.prepare(
+                "file://\(work)/none.raw", sha256: nil, cacheDirectory: cache, boot: .firmware(.efi))
+        }
+        #expect(cached() == kept, "an image no firmware boots is not kept")
+    }
+}
