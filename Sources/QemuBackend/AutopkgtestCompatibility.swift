@@ -11,14 +11,24 @@ public enum BootMode: String, Sendable, CaseIterable {
 public enum GuestArchitecture: String, Sendable, CaseIterable {
     case x86_64
     case i386
+    case aarch64
 
     /// dpkg's name for it (what the guest's `dpkg --print-architecture` says).
     public var dpkgArchitecture: String {
         switch self {
         case .x86_64: "amd64"
         case .i386: "i386"
+        case .aarch64: "arm64"
         }
     }
+
+    /// Whether it is a PC: q35, with a BIOS (SeaBIOS) as well as EFI, SMM for secure-boot
+    /// firmware, and vmgenid. Arm guests run on QEMU's `virt` machine, EFI only (AAVMF).
+    public var isX86: Bool { self == .x86_64 || self == .i386 }
+
+    /// QEMU's machine type: the PC of today for x86, `virt` (a machine made for guests, PCIe and
+    /// all) for Arm, as autopkgtest-virt-qemu has them.
+    public var machineType: String { isX86 ? "q35" : "virt" }
 
     /// qemu-system-i386 boots i386 guests, as autopkgtest-virt-qemu has it (qemu-system-x86_64
     /// would too, but with a 64-bit CPU model).
@@ -30,6 +40,7 @@ public enum GuestArchitecture: String, Sendable, CaseIterable {
         switch self {
         case .x86_64: "/usr/share/OVMF/OVMF_CODE_4M.fd"
         case .i386: "/usr/share/OVMF/OVMF32_CODE_4M.secboot.fd"
+        case .aarch64: "/usr/share/AAVMF/AAVMF_CODE.fd"
         }
     }
 
@@ -37,6 +48,7 @@ public enum GuestArchitecture: String, Sendable, CaseIterable {
         switch self {
         case .x86_64: "/usr/share/OVMF/OVMF_VARS_4M.fd"
         case .i386: "/usr/share/OVMF/OVMF32_VARS_4M.fd"
+        case .aarch64: "/usr/share/AAVMF/AAVMF_VARS.fd"
         }
     }
 
@@ -44,17 +56,23 @@ public enum GuestArchitecture: String, Sendable, CaseIterable {
         switch self {
         case .x86_64: "ovmf"
         case .i386: "ovmf-ia32"
+        case .aarch64: "qemu-efi-aarch64"
         }
     }
 
-    /// The CPU model under TCG: QEMU's defaults for each (autopkgtest-virt-qemu's too). With
-    /// `max`, booting and guest work took 5-25 % longer here.
+    /// The CPU model under TCG: QEMU's defaults for x86 (autopkgtest-virt-qemu's too; with
+    /// `max`, booting and guest work took 5-25 % longer here), and autopkgtest-virt-qemu's for
+    /// Arm on another host (`virt` has no default).
     public var tcgCPU: String {
         switch self {
         case .x86_64: "qemu64"
         case .i386: "qemu32"
+        case .aarch64: "cortex-a53"
         }
     }
+
+    /// The package with its qemu-system program.
+    public var qemuPackage: String { isX86 ? "qemu-system-x86" : "qemu-system-arm" }
 
     /// Whether KVM on a host of `host` (QEMU's vocabulary) can run this guest: an x86_64 host
     /// runs both, an i386 host i386 only.
@@ -148,7 +166,7 @@ public enum AutopkgtestQemu {
             throw VirtError(
                 .unavailable,
                 "\(given) is not supported yet: debusine-virt-qemu boots "
-                    + "\(supported.joined(separator: " and ")) guests only, so far")
+                    + "\(supported.dropLast().joined(separator: ", ")) and \(supported.last ?? "") guests only, so far")
         }
         return architecture
     }
@@ -179,14 +197,23 @@ public enum AutopkgtestQemu {
 
     /// What the image must boot with for `mode`, refusing before the banner the boot methods this
     /// server cannot serve yet. `efiFirmwareGiven`: `--efi-code` or `--efi-vars` was given, which
-    /// asks for EFI where the image would decide (and makes no sense with `--boot bios`).
-    public static func bootCheck(_ mode: BootMode, efiFirmwareGiven: Bool) throws(VirtError) -> BootCheck {
+    /// asks for EFI where the image would decide (and makes no sense with `--boot bios`). A BIOS
+    /// is a PC's: other guests boot EFI.
+    public static func bootCheck(
+        _ mode: BootMode, efiFirmwareGiven: Bool, architecture: GuestArchitecture = .x86_64
+    ) throws(VirtError) -> BootCheck {
         switch mode {
         case .efi:
             return .firmware(.efi)
         case .auto:
-            return efiFirmwareGiven ? .firmware(.efi) : .auto
+            return efiFirmwareGiven || !architecture.isX86 ? .firmware(.efi) : .auto
         case .bios:
+            guard architecture.isX86 else {
+                throw VirtError(
+                    .unavailable,
+                    "--boot bios boots x86 guests (amd64, i386): \(architecture.dpkgArchitecture) guests boot EFI "
+                        + "(--boot efi or auto)")
+            }
             guard !efiFirmwareGiven else {
                 throw VirtError(.usage, "--efi-code and --efi-vars are EFI firmware: they do not go with --boot bios")
             }

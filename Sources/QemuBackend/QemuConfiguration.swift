@@ -225,7 +225,7 @@ public enum QemuCommands {
         -> Command
     {
         let smm = options.firmwareNeedsSMM
-        var machine = "q35,accel=\(kvm ? "kvm" : "tcg")" + (smm ? ",smm=on" : "")
+        var machine = "\(options.architecture.machineType),accel=\(kvm ? "kvm" : "tcg")" + (smm ? ",smm=on" : "")
         var backend: [String] = []
         let file = "memory-backend-file,id=\(memoryBackendID),size=\(options.ramMiB)M"
         switch memory {
@@ -271,11 +271,12 @@ public enum QemuCommands {
                 "-drive", "file=\(escaped(image.path)),format=\(image.format.rawValue),if=virtio,readonly=on",
             ]
         }
+        arguments += ["-device", "virtio-rng-pci"]
+        // A new generation id at each start: a kernel with the vmgenid driver reseeds its random
+        // generator when a restored VM sees it change. (An x86 device: on Arm the helper's
+        // reseed after a restore is all.)
+        if options.architecture.isX86 { arguments += ["-device", "vmgenid,guid=auto"] }
         arguments += [
-            "-device", "virtio-rng-pci",
-            // A new generation id at each start: a kernel with the vmgenid driver reseeds its
-            // random generator when a restored VM sees it change.
-            "-device", "vmgenid,guid=auto",
             "-chardev", "socket,id=qmp,path=\(escaped(paths.qmp)),server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
             "-device", "virtio-serial-pci",

@@ -58,7 +58,7 @@ struct QemuServer: AsyncParsableCommand {
             --boot, --efi, --dpkg-architecture, --qemu-architecture, -q, --qemu-options, -o, \
             --timeout-reboot, --show-boot, --timeout-poweroff, -d, -u, -p, --baseimage and more \
             images after the first (attached read-only, in order). What this server cannot boot \
-            yet (another architecture than x86_64 and i386, --boot ieee1275 or none) is an error \
+            yet (another architecture than x86_64, i386 and aarch64, --boot ieee1275 or none) is an error \
             before the banner.
 
             \(StatisticsFile.manual)
@@ -90,14 +90,14 @@ struct QemuServer: AsyncParsableCommand {
 
     @Option(
         help: ArgumentHelp(
-            "The guest's architecture in dpkg's terms (default: the host's): amd64 or i386 so far.",
+            "The guest's architecture in dpkg's terms (default: the host's): amd64, i386 or arm64 so far.",
             valueName: "arch"))
     var dpkgArchitecture: String?
 
     @Option(
         help: ArgumentHelp(
-            "The guest's architecture in QEMU's terms, before --dpkg-architecture (default: the host's): x86_64 or "
-                + "i386 so far.",
+            "The guest's architecture in QEMU's terms, before --dpkg-architecture (default: the host's): x86_64, "
+                + "i386 or aarch64 so far.",
             valueName: "arch"))
     var qemuArchitecture: String?
 
@@ -268,7 +268,7 @@ struct QemuServer: AsyncParsableCommand {
         let architecture = try AutopkgtestQemu.architecture(qemu: qemuArchitecture, dpkg: dpkgArchitecture)
         let mode = AutopkgtestQemu.bootMode(boot: boot, efi: efi, arguments: Array(CommandLine.arguments.dropFirst()))
         let bootCheck = try AutopkgtestQemu.bootCheck(
-            mode, efiFirmwareGiven: self.efiCode != nil || self.efiVars != nil)
+            mode, efiFirmwareGiven: self.efiCode != nil || self.efiVars != nil, architecture: architecture)
         let efiCode = efiCode ?? architecture.efiCode
         let efiVars = efiVars ?? architecture.efiVars
         // EFI's files: before the image when the boot is EFI for sure, after it when the image decides.
@@ -291,7 +291,7 @@ struct QemuServer: AsyncParsableCommand {
         let dropIn = try await autopkgtestOptions()
         let qemu = self.qemu ?? architecture.qemuCommand
         guard await Executables.exist(qemu) else {
-            throw VirtError(.unavailable, "\(qemu) was not found: apt-get install qemu-system-x86")
+            throw VirtError(.unavailable, "\(qemu) was not found: apt-get install \(architecture.qemuPackage)")
         }
         // Fetched if a URL, and inspected either way: an image that must not boot is refused here.
         let inspected = try await BootImage.prepare(

@@ -69,16 +69,21 @@ struct AutopkgtestOptionsTests {
                 return error
             }
         }
-        let arm = try #require(refusal(nil, "arm64"))
+        #expect(try AutopkgtestQemu.architecture(qemu: nil, dpkg: "arm64", host: "x86_64") == .aarch64)
+        #expect(try AutopkgtestQemu.architecture(qemu: "aarch64", dpkg: "amd64", host: "x86_64") == .aarch64)
+        #expect(try AutopkgtestQemu.architecture(qemu: nil, dpkg: nil, host: "aarch64") == .aarch64)
+        let arm = try #require(refusal(nil, "armhf"))
         #expect(arm.code == .unavailable)
-        #expect(arm.message.contains("--dpkg-architecture arm64 (QEMU architecture aarch64) is not supported yet"))
-        #expect(arm.message.hasSuffix("boots x86_64 (amd64) and i386 guests only, so far"), "\(arm.message)")
+        #expect(arm.message.contains("--dpkg-architecture armhf (QEMU architecture arm) is not supported yet"))
+        #expect(
+            arm.message.hasSuffix("boots x86_64 (amd64), i386 and aarch64 (arm64) guests only, so far"),
+            "\(arm.message)")
         let riscv = try #require(refusal(nil, "riscv64"))
         #expect(riscv.message.hasPrefix("--dpkg-architecture riscv64 is not supported yet"))
-        let qemu = try #require(refusal("aarch64", "amd64"))
-        #expect(qemu.message.hasPrefix("--qemu-architecture aarch64 is not supported yet"))
-        let host = try #require(refusal(nil, nil, host: "aarch64"))
-        #expect(host.message.hasPrefix("the host's architecture aarch64 is not supported yet"))
+        let qemu = try #require(refusal("ppc64le", "amd64"))
+        #expect(qemu.message.hasPrefix("--qemu-architecture ppc64le is not supported yet"))
+        let host = try #require(refusal(nil, nil, host: "riscv64"))
+        #expect(host.message.hasPrefix("the host's architecture riscv64 is not supported yet"))
     }
 
     @Test("--boot and --efi: the last one on the command line wins, as they share one setting in argparse")

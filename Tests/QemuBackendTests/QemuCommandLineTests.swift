@@ -101,6 +101,32 @@ struct QemuCommandLineTests {
     }
 
     @Test(
+        "--dpkg-architecture arm64 gives qemu-system-aarch64: the virt machine, AAVMF, autopkgtest's Cortex-A53 under TCG, no vmgenid; --boot bios is an x86 thing"
+    )
+    func arm64Defaults() async throws {
+        let scratch = try await Scratch()
+        defer { scratch.remove() }
+        let stderr = try await accepted(
+            ["-d", "--dpkg-architecture", "arm64", scratch.image], scratch: scratch)
+        let qemu = qemuLine(stderr)
+        #expect(qemu.hasPrefix("qemu-system-aarch64 "), "\(qemu)")
+        for part in [
+            "-machine virt,accel=tcg ", "-cpu cortex-a53", "file=/usr/share/AAVMF/AAVMF_CODE.fd",
+            "-device virtio-serial-pci",
+        ] {
+            #expect(qemu.contains(part), "\(part) missing: \(qemu)")
+        }
+        for absent in ["vmgenid", "smm=on", "-nographic"] { #expect(!qemu.contains(absent), "\(absent): \(qemu)") }
+        #expect(stderr.contains("guest architecture aarch64, host x86_64: using TCG"), "\(stderr)")
+        // Its image decides nothing: no ESP is no boot, whatever boot code it has.
+        let bios = try await refused(["--dpkg-architecture", "arm64", scratch.biosImage], status: 65, scratch: scratch)
+        #expect(bios.contains("has no EFI system partition"), "\(bios)")
+        let asked = try await refused(
+            ["--dpkg-architecture", "arm64", "--boot", "bios", scratch.image], status: 69, scratch: scratch)
+        #expect(asked.contains("--boot bios boots x86 guests (amd64, i386): arm64 guests boot EFI"), "\(asked)")
+    }
+
+    @Test(
         "every autopkgtest-virt-qemu option is accepted and reaches the VM: RAM, CPUs, QEMU, its options, disks, timeouts"
     )
     func everyOption() async throws {
@@ -209,12 +235,12 @@ struct QemuCommandLineTests {
             (["--boot", "none"], "--boot none is not supported yet"),
             (["--efi", "--boot", "ieee1275"], "--boot ieee1275 is not supported yet"),
             (
-                ["--dpkg-architecture", "arm64"],
-                "--dpkg-architecture arm64 (QEMU architecture aarch64) is not supported yet"
+                ["--dpkg-architecture", "armhf"],
+                "--dpkg-architecture armhf (QEMU architecture arm) is not supported yet"
             ),
             (["--dpkg-architecture", "riscv64"], "--dpkg-architecture riscv64 is not supported yet"),
             (["--qemu-architecture", "ppc64le"], "--qemu-architecture ppc64le is not supported yet"),
-            (["--qemu-architecture", "aarch64", "--dpkg-architecture", "amd64"], "--qemu-architecture aarch64 is not"),
+            (["--qemu-architecture", "riscv64", "--dpkg-architecture", "amd64"], "--qemu-architecture riscv64 is not"),
         ])
     func notSupportedYet(_ arguments: [String], _ message: String) async throws {
         let scratch = try await Scratch()
