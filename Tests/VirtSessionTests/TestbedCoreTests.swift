@@ -489,10 +489,11 @@ extension Command {
 /// creation, and the reply waits for it.
 @Suite("What the backend learns beside the scratch directory")
 struct LearnTests {
-    /// A host testbed with a private TMPDIR, whose commands wait (60 s at most) for a marker
-    /// that `learn` makes before it waits (90 s at most) for the scratch directory: each of the
+    /// A host testbed with a private TMPDIR, whose commands wait (300 s at most) for a marker
+    /// that `learn` makes before it waits (330 s at most) for the scratch directory: each of the
     /// two can only go on while the other runs. (Generous bounds: in a CI run's first phase the
-    /// learn task once waited more than 10 s for a thread of the busy cooperative pool.)
+    /// learn task once waited more than 10 s for a thread of the busy cooperative pool, and
+    /// once more than 60 s.)
     final class WatchingTestbed: Testbed {
         let temporary: String
         var marker: String { "\(temporary).learning" }
@@ -505,7 +506,7 @@ struct LearnTests {
         var auxverb: [String] {
             [
                 "/bin/sh", "-c",
-                #"i=0; while [ ! -e "$0" ] && [ $i -lt 6000 ]; do sleep 0.01; i=$((i+1)); done; [ -e "$0" ] || exit 99; TMPDIR="$1"; export TMPDIR; shift 2; exec "$@""#,
+                #"i=0; while [ ! -e "$0" ] && [ $i -lt 30000 ]; do sleep 0.01; i=$((i+1)); done; [ -e "$0" ] || exit 99; TMPDIR="$1"; export TMPDIR; shift 2; exec "$@""#,
                 marker, temporary, "--",
             ]
         }
@@ -516,7 +517,7 @@ struct LearnTests {
         func learn(_ testbed: InTestbed) async {
             _ = FileManager.default.createFile(atPath: marker, contents: nil)
             defer { unlink(marker) }
-            let deadline = ContinuousClock.now + .seconds(90)
+            let deadline = ContinuousClock.now + .seconds(330)
             var seen = false
             while !seen && ContinuousClock.now < deadline {
                 seen = !TestPaths.contents(of: temporary).isEmpty
