@@ -8,8 +8,8 @@ import VirtTestSupport
 /// project-built Debian image under TCG. One session covers open, the auxverb, copies, revert,
 /// reboot and quit, because every boot costs half a minute here.
 ///
-/// Needs DEBUSINE_VIRT_TEST_IMAGES (and DEBUSINE_VIRT_TEST_I386_IMAGES for the i386 guest; both
-/// set by scripts/test); in CI a missing image fails.
+/// Needs DEBUSINE_VIRT_TEST_IMAGES (and DEBUSINE_VIRT_TEST_I386_IMAGES, DEBUSINE_VIRT_TEST_ARM64_IMAGES
+/// for the i386 and arm64 guests; all set by scripts/test); in CI a missing image fails.
 ///
 /// Not serialized: each test that runs a guest waits for a guest slot, and each has its own
 /// TMPDIR. One after another, this suite was the longest chain of the test run's first phase.
@@ -19,6 +19,8 @@ struct QemuServerTests {
     static let enabled = imageDirectory != nil || TestPaths.isCI
     /// The i386 images (`scripts/build-test-images --arch i386`, DEBUSINE_VIRT_TEST_I386_IMAGES).
     static let i386ImageDirectory = ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_I386_IMAGES"]
+    /// The arm64 images (`scripts/build-test-images --arch arm64`, DEBUSINE_VIRT_TEST_ARM64_IMAGES).
+    static let arm64ImageDirectory = ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_ARM64_IMAGES"]
 
     let runner = SubprocessRunner()
 
@@ -337,6 +339,15 @@ struct QemuServerTests {
         let directory = try #require(
             Self.i386ImageDirectory, "DEBUSINE_VIRT_TEST_I386_IMAGES is not set: run through scripts/test")
         try await fixtureRun(image: "\(directory)/bookworm-i386.qcow2", architecture: "i386")
+    }
+
+    @Test(
+        "autopkgtest runs the fixture package in an arm64 guest (--dpkg-architecture arm64: qemu-system-aarch64 -machine virt, AAVMF, Cortex-A53 under TCG)",
+        .enabled(if: arm64ImageDirectory != nil || TestPaths.isCI), .guestSlot(minutes: 25, ahead: true))
+    func autopkgtestFixtureArm64() async throws {
+        let directory = try #require(
+            Self.arm64ImageDirectory, "DEBUSINE_VIRT_TEST_ARM64_IMAGES is not set: run through scripts/test")
+        try await fixtureRun(image: "\(directory)/bookworm-arm64.qcow2", architecture: "arm64")
     }
 
     @Test(
