@@ -12,6 +12,8 @@ enum Installed {
 
     static var canRunIncus: Bool { (prefix != nil && incusImage != nil) || TestPaths.isCI }
     static var canRunQemu: Bool { (prefix != nil && qemuImages != nil) || TestPaths.isCI }
+    static let qemuArm64Images = environment["DEBUSINE_VIRT_TEST_ARM64_IMAGES"]
+    static var canRunQemuArm64: Bool { (prefix != nil && qemuArm64Images != nil) || TestPaths.isCI }
 
     static func path() throws -> String {
         let prefix = try #require(prefix, "DEBUSINE_VIRT_INSTALL_PREFIX is not set: run through scripts/test")
