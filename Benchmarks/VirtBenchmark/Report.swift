@@ -51,10 +51,13 @@ public enum Report {
     /// What was compared, for the lines above a comparison table in docs/.
     public static func comparisonPreamble(ours: BenchmarkResult, theirs: BenchmarkResult) -> String {
         let workload = ours.workload
+        func skipped(_ result: BenchmarkResult) -> String {
+            result.workload.skipped.isEmpty
+                ? "" : " (not exercised: \(result.workload.skipped.joined(separator: ", ")))"
+        }
         return """
-            - \(ours.label): `\(ours.server.joined(separator: " "))`
-            - \(theirs.label): `\(theirs.server.joined(separator: " "))`\(
-                theirs.workload.skipped.isEmpty ? "" : " (not exercised: \(theirs.workload.skipped.joined(separator: ", ")))")
+            - \(ours.label): `\(ours.server.joined(separator: " "))`\(skipped(ours))
+            - \(theirs.label): `\(theirs.server.joined(separator: " "))`\(skipped(theirs))
             - \(ours.date == theirs.date ? ours.date : "ours \(ours.date), theirs \(theirs.date)"), \(ours.machine.summary)
             - medians of \(workload.repetitions) sessions each; \(workload.auxverbCalls) auxverb calls per session; \(
                 workload.streamBytes >> 20) MiB streamed each way; one \(workload.copyBytes >> 20) MiB file and \(

@@ -121,7 +121,7 @@ struct Compare: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Print two results side by side with ours/theirs ratios.")
 
-    @Option(help: "Check the ratios against the targets for this backend (qemu or incus).")
+    @Option(help: "Check the ratios against the targets for this pair (qemu, qemu-arm64 or incus).")
     var targets: String?
 
     @Flag(help: "Print a Markdown table, after a list of what was compared.")

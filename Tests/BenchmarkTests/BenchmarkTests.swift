@@ -27,6 +27,8 @@ struct BenchmarkReportTests {
         #expect(stdout.isMet(by: 3.5) && !stdout.isMet(by: 2))
         #expect(Target.forBackend("incus").contains { $0.metric == .revert && $0.ratio == 0.2 })
         #expect(Target.forBackend("qemu").contains { $0.metric == .revert && $0.ratio == 0.05 })
+        #expect(Target.forBackend("qemu-arm64").map(\.metric) == [.open, .revert])
+        #expect(Target.forBackend("qemu-arm64").allSatisfy { $0.ratio == 0.02 })
         #expect(Target.forBackend("xen").isEmpty)
     }
 
