@@ -67,9 +67,17 @@ struct ServerUnderTest {
         return ServerUnderTest(backend: backend, parent: parent, process: process)
     }
 
-    /// `open`, returning the scratch directory.
+    /// `open`, returning the scratch directory. Its wait outlasts the server's own boot timeout
+    /// (900 s), so that a boot that never ends is the server's error, and a wait that runs out
+    /// anyway says what the server said.
     func open() async throws -> String {
-        let reply = try await process.request("open")
+        let reply: String
+        do {
+            reply = try await process.request("open", timeout: .seconds(960))
+        } catch {
+            Issue.record("open: \(error); stderr:\n\(process.standardError.suffix(8000))")
+            throw error
+        }
         try #require(reply.hasPrefix("ok /"), "open failed: \(reply)\n\(process.standardError)")
         return String(reply.dropFirst(3))
     }
