@@ -14,23 +14,50 @@ import VirtTestSupport
 /// guestfwd of the image's apt source (10.0.2.100:80), through Fixtures/loopback-relay, to a
 /// server of the build's agent repository on the host's loopback: no traffic leaves the host.
 ///
-/// Needs DEBUSINE_VIRT_TEST_IMAGES (set by scripts/test); in CI a missing image fails.
+/// The install runs on the agent-less image of each architecture the tests boot: the console is
+/// an 8250 UART (ttyS0) on amd64 and i386, a PL011 (ttyAMA0) on arm64, and apt installs the
+/// guest's own architecture's packages.
+///
+/// Needs DEBUSINE_VIRT_TEST_IMAGES, DEBUSINE_VIRT_TEST_I386_IMAGES and
+/// DEBUSINE_VIRT_TEST_ARM64_IMAGES (set by scripts/test); an architecture whose images are not
+/// set is left out, except in CI, where a missing image fails.
 @Suite("debusine-virt-qemu installs qemu-guest-agent over the serial console")
 struct AgentInstallTests {
     static let imageDirectory = ProcessInfo.processInfo.environment["DEBUSINE_VIRT_TEST_IMAGES"]
     static let enabled = imageDirectory != nil || TestPaths.isCI
 
+    /// A guest architecture with an agent-less test image.
+    enum Guest: String, CaseIterable, Sendable, CustomTestStringConvertible {
+        case amd64, i386, arm64
+
+        /// The variable scripts/test sets to the directory of this architecture's images.
+        var variable: String {
+            switch self {
+            case .amd64: "DEBUSINE_VIRT_TEST_IMAGES"
+            case .i386: "DEBUSINE_VIRT_TEST_I386_IMAGES"
+            case .arm64: "DEBUSINE_VIRT_TEST_ARM64_IMAGES"
+            }
+        }
+        var imageDirectory: String? { ProcessInfo.processInfo.environment[variable] }
+        /// The serial console the server logs in on (the kernel's console= of the image).
+        var console: String { self == .arm64 ? "ttyAMA0" : "ttyS0" }
+        var testDescription: String { rawValue }
+
+        /// Those whose images are there; in CI all of them, so that a missing one fails.
+        static var testable: [Guest] { allCases.filter { $0.imageDirectory != nil || TestPaths.isCI } }
+    }
+
     let runner = SubprocessRunner()
 
     @Test(
         "an image without the agent gets it installed over the serial console from an apt repository on loopback; then commands run",
-        .enabled(if: enabled), .guestSlot(minutes: 20))
-    func installsTheAgent() async throws {
-        let directory = try #require(
-            Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
+        .enabled(if: enabled), .guestSlot(minutes: 25), arguments: Guest.testable)
+    func installsTheAgent(_ guest: Guest) async throws {
+        let directory = try #require(guest.imageDirectory, "\(guest.variable) is not set: run through scripts/test")
         let http = try await TestHTTPServer(directory: "\(directory)/agent-repo")
         do {
-            try await installsTheAgent(image: "\(directory)/bookworm-amd64-noagent.qcow2", http: http)
+            try await installsTheAgent(
+                guest, image: "\(directory)/bookworm-\(guest.rawValue)-noagent.qcow2", http: http)
         } catch {
             await http.stop()
             throw error
@@ -38,7 +65,7 @@ struct AgentInstallTests {
         await http.stop()
     }
 
-    func installsTheAgent(image: String, http: TestHTTPServer) async throws {
+    func installsTheAgent(_ guest: Guest, image: String, http: TestHTTPServer) async throws {
         let parent = try TestPaths.makeTemporaryDirectory("dv-qemu-test.")
         let cache = try TestPaths.makeTemporaryDirectory("dv-qemu-cache.")
         defer {
@@ -54,7 +81,8 @@ struct AgentInstallTests {
                 "--qemu-option", "-netdev", "--qemu-option", network,
                 "--qemu-option", "-device", "--qemu-option", "virtio-net-pci,netdev=net0",
                 // Room for a starved TCG guest: the boot, apt and the install all count.
-                "--boot-timeout", "900", "--shutdown-timeout", "10", "--cache-dir", cache, image,
+                "--boot-timeout", "900", "--shutdown-timeout", "10", "--cache-dir", cache,
+                "--dpkg-architecture", guest.rawValue, image,
             ],
             environment: ["TMPDIR": parent])
         #expect(try await server.readLine() == "ok")
@@ -74,9 +102,10 @@ struct AgentInstallTests {
         let status = try await inGuest(["dpkg-query", "-W", "-f", "${Status}", "qemu-guest-agent"])
         #expect(status.outputText == "install ok installed", "\(status.errorText)")
         #expect(try await inGuest(["id", "-u"]).outputText == "0")
+        #expect(try await inGuest(["dpkg", "--print-architecture"]).outputText == guest.rawValue)
         // Logged out again: no session of root is left on the console (utmp; no procps in minbase).
         let who = try await inGuest(["who"])
-        #expect(who.status == .exited(0) && !who.outputText.contains("ttyS0"), "who: \(who.outputText)")
+        #expect(who.status == .exited(0) && !who.outputText.contains(guest.console), "who: \(who.outputText)")
 
         // The state saved after that boot has the agent: a revert restores it, installing nothing.
         #expect(try await server.request("revert", timeout: .seconds(960)).hasPrefix("ok /"), "\(server.standardError)")
