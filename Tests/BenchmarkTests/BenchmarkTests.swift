@@ -179,14 +179,18 @@ struct BenchmarkSmokeTests {
         expectEveryMetric(try await smokeRun([TestPaths.executable("debusine-virt-incus"), image], label: "incus"))
     }
 
+    /// Without the reboot: under TCG it is a cold boot (about 45 CPU-seconds here), which the
+    /// whole-session test in QemuServerTests and the fixture runs give the server already, and
+    /// the harness's reboot step runs in the Incus session above.
     @Test(
-        "debusine-virt-qemu through a whole benchmark session",
+        "debusine-virt-qemu through a whole benchmark session but the reboot",
         .enabled(if: imageDirectory != nil || TestPaths.isCI), .guestSlot(minutes: 30))
     func qemu() async throws {
         let images = try #require(Self.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
         let result = try await smokeRun(
             [TestPaths.executable("debusine-virt-qemu"), "--boot-timeout", "900", "\(images)/bookworm-amd64.qcow2"],
-            label: "qemu")
-        expectEveryMetric(result)
+            label: "qemu", extra: ["--skip", "reboot"])
+        expectEveryMetric(result, except: [.reboot])
+        #expect(result.median(.reboot) == nil)
     }
 }
