@@ -180,7 +180,7 @@ struct BenchmarkSmokeTests {
     }
 
     /// Without the reboot: under TCG it is a cold boot (about 45 CPU-seconds here), which the
-    /// whole-session test in QemuServerTests and the fixture runs give the server already, and
+    /// --baseimage session in QemuServerTests and the fixture runs give the server already, and
     /// the harness's reboot step runs in the Incus session above.
     @Test(
         "debusine-virt-qemu through a whole benchmark session but the reboot",

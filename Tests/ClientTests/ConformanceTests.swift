@@ -18,12 +18,13 @@ import VirtTestSupport
 /// every form; what the QEMU reference adds, a VM testbed's answers, one form gives.) Each of our
 /// columns is compared with every reference run of a form.
 ///
-/// What a reference gives is decided by the versions of autopkgtest, incus, QEMU and OVMF, the
-/// test image, the package and the forms: the reference columns' results are kept for exactly
-/// those (``ReferenceRecord``), beside the test images, and a later run with all of them the
-/// same compares ours with the kept results instead of running the references again (they took
-/// about half of the matrix's CPU time and its 112 s tail). Anything different runs them again;
-/// `DEBUSINE_VIRT_CONFORMANCE_LIVE=1` always does.
+/// What a reference gives is decided by what ``referenceInputs(_:_:)`` lists (versions of
+/// autopkgtest, incus, QEMU, OVMF and the running incusd, the host kernel, the test image and the
+/// Incus profile, the package, the forms and this file): the reference columns' results are kept
+/// with it (``ReferenceRecord``), beside the test images, and a later run for which all of it is
+/// the same compares ours with the kept results instead of running the references again (they
+/// took about half of the matrix's CPU time and its 112 s tail). Anything different runs them
+/// again; `DEBUSINE_VIRT_CONFORMANCE_LIVE=1` always does.
 @Suite("Conformance matrix: autopkgtest command-line forms, ours against autopkgtest's servers")
 struct ConformanceTests {
     /// A server column of the matrix.
@@ -133,7 +134,8 @@ struct ConformanceTests {
                 "--setup-commands", "echo configured > /var/tmp/forms-setup", "--env", "FORMS_VAR=set by --env",
                 "--user", "nobody", "--shell-fail", "forms/",
             ],
-            expected: all, logContains: ["setup=configured", "var=set by --env", "user=nobody"]),
+            expected: all,
+            logContains: ["setup=configured", "var=set by --env", "user=nobody", "- - - running shell - - -"]),
         Form(
             name: "--test-name", arguments: ["-B", "--test-name", "smoke", "forms/"], expected: ["smoke PASS"]),
         Form(
@@ -221,6 +223,7 @@ struct ConformanceTests {
         return problems
     }
 
+    /// Records each of ``problems(_:_:_:)`` as an issue of the test.
     static func check(_ outcome: Outcome, _ form: Form, _ server: Server) {
         for problem in problems(outcome, form, server) { Issue.record(Comment(rawValue: problem)) }
     }
@@ -234,7 +237,9 @@ struct ConformanceTests {
     struct ReferenceRecord: Codable, Sendable {
         /// What a run must have the same to use these results: versions, image, package, forms.
         let inputs: String
+        /// When the reference ran (ISO 8601).
         let recorded: String
+        /// Each form's result by the form's name.
         let outcomes: [String: Kept]
 
         /// One form's result: its summary and autopkgtest's exit status.
@@ -245,21 +250,38 @@ struct ConformanceTests {
         }
     }
 
-    /// Everything that decides what autopkgtest's own server gives in this matrix, as text.
+    /// Everything that decides what autopkgtest's own server gives in this matrix, as text: the
+    /// packages' versions, the running incusd's and the host kernel's, the image and the Incus
+    /// profile the reference launches with (both made by our `import` and `setup`), the QEMU
+    /// wrapper, the package, the forms, and this file (how autopkgtest is run and read).
     static func referenceInputs(_ server: Server, _ setup: Setup) async throws -> String {
-        let versions = try await runner.run(
-            Command(
-                "dpkg-query",
-                ["-W", "-f", "${Package} ${Version}\n", "autopkgtest", "incus", "qemu-system-x86", "ovmf"]),
-            input: .none, output: .capture, error: .capture)
-        var lines = versions.outputText.split(separator: "\n").map(String.init).sorted()
-        lines.append("images \(setup.images), incus image \(setup.incusImage)")
-        // Any clone of the repository: the QEMU reference's wrapper by its content, not its path.
+        func output(_ argv: String...) async throws -> String {
+            let result = try await runner.run(
+                Command(argv: argv), input: .none, output: .capture, error: .capture)
+            return "\(argv.joined(separator: " ")): \(result.status)\n\(result.outputText)\n\(result.errorText)"
+        }
+        var lines = [
+            try await output(
+                "dpkg-query", "-W", "-f", "${Package} ${Version}\n", "autopkgtest", "incus", "qemu-system-x86", "ovmf"),
+            try await output("uname", "-r"),
+        ]
+        if server == .theirsIncus {
+            lines.append(try await output("incus", "version"))
+            lines.append(try await output("incus", "profile", "show", "debusine"))
+            let image = try await output("incus", "image", "info", setup.incusImage)
+            lines.append(
+                "incus image \(setup.incusImage): "
+                    + (image.split(separator: "\n").first { $0.hasPrefix("Fingerprint:") } ?? "no fingerprint"))
+        }
+        lines.append("images \(setup.images)")
+        // Any clone of the repository: files by their content, not their path.
         let root = TestPaths.repositoryRoot
         let argv = "\(server.argv(setup, debusine: false)) \(server.argv(setup, debusine: true))"
         lines.append("server \(argv.replacingOccurrences(of: root, with: "REPOSITORY"))")
-        let wrapper = try #require(FileManager.default.contents(atPath: "\(root)/scripts/qemu-no-kvm"))
-        lines.append("scripts/qemu-no-kvm \(SHA256.hexDigest(of: wrapper))")
+        for file in ["scripts/qemu-no-kvm", "Tests/ClientTests/ConformanceTests.swift"] {
+            let bytes = try #require(FileManager.default.contents(atPath: "\(root)/\(file)"), "cannot read \(file)")
+            lines.append("\(file) \(SHA256.hexDigest(of: bytes))")
+        }
         lines.append("package \(try treeDigest("\(root)/examples/forms"))")
         for form in forms(of: server) {
             lines.append(
@@ -269,16 +291,26 @@ struct ConformanceTests {
         return lines.joined(separator: "\n")
     }
 
-    /// The SHA-256 of a tree's paths, modes and file contents.
+    /// The SHA-256 of a tree as git sees it: paths, kinds, executable bits, file contents and
+    /// link targets (not the umask's permission bits, which differ between clones).
     static func treeDigest(_ root: String) throws -> String {
         var hash = SHA256()
-        let paths = (FileManager.default.enumerator(atPath: root)?.allObjects as? [String] ?? []).sorted()
+        let enumerator = try #require(FileManager.default.enumerator(atPath: root), "cannot list \(root)")
+        let paths = (enumerator.allObjects as? [String] ?? []).sorted()
+        try #require(!paths.isEmpty, "\(root) is empty")
         for path in paths {
+            let full = "\(root)/\(path)"
             var info = stat()
-            try #require(lstat("\(root)/\(path)", &info) == 0, "cannot stat \(root)/\(path)")
-            hash.update(Array("\(path)\0\(info.st_mode)\0".utf8))
-            if info.st_mode & S_IFMT == S_IFREG {
-                hash.update(try Data(contentsOf: URL(fileURLWithPath: "\(root)/\(path)")))
+            try #require(lstat(full, &info) == 0, "cannot stat \(full)")
+            switch info.st_mode & S_IFMT {
+            case S_IFREG:
+                hash.update(Array("file \(path) \(info.st_mode & 0o111 != 0)\0".utf8))
+                hash.update(try Data(contentsOf: URL(fileURLWithPath: full)))
+            case S_IFLNK:
+                let target = try FileManager.default.destinationOfSymbolicLink(atPath: full)
+                hash.update(Array("link \(path) \(target)\0".utf8))
+            default:
+                hash.update(Array("other \(path) \(info.st_mode & S_IFMT)\0".utf8))
             }
         }
         return hash.hexDigest()
@@ -291,20 +323,37 @@ struct ConformanceTests {
         let directory = "\(setup.images)/conformance-reference"
         let path = "\(directory)/\(server.rawValue).json"
         let live = ProcessInfo.processInfo.environment["DEBUSINE_VIRT_CONFORMANCE_LIVE"] == "1"
-        if !live, let data = FileManager.default.contents(atPath: path),
-            let record = try? JSONDecoder().decode(ReferenceRecord.self, from: data), record.inputs == inputs
-        {
-            print(
-                "conformance: \(server): not run again: its results of \(record.recorded) (\(path)) are for the same "
-                    + "autopkgtest, incus, QEMU, OVMF, image, package and forms; DEBUSINE_VIRT_CONFORMANCE_LIVE=1 runs it"
-            )
-            return record.outcomes.compactMapValues { kept in
+        let record = FileManager.default.contents(atPath: path).flatMap {
+            try? JSONDecoder().decode(ReferenceRecord.self, from: $0)
+        }
+        let kept = record.map { record in
+            record.outcomes.compactMapValues { kept -> Outcome? in
                 let status: ProcessStatus? =
                     if let code = kept.exited { .exited(code) } else if let signal = kept.signaled {
                         .signaled(signal)
                     } else { nil }
                 return status.map { Outcome(status: $0, summary: kept.summary, log: "") }
             }
+        }
+        let complete = kept.map { kept in forms(of: server).allSatisfy { kept[$0.name] != nil } } ?? false
+        if let record, !live {
+            if record.inputs != inputs {
+                // What differs, so that a run that took longer says why.
+                let now = inputs.split(separator: "\n", omittingEmptySubsequences: false)
+                let then = record.inputs.split(separator: "\n", omittingEmptySubsequences: false)
+                let first =
+                    zip(now, then).first { $0 != $1 }.map { "\($0.1) became \($0.0)" } ?? "lines added or removed"
+                print("conformance: \(server): its kept results (\(path)) are for other inputs (\(first)): running it")
+            } else if !complete {
+                print("conformance: \(server): its kept results (\(path)) lack a form: running it")
+            }
+        }
+        if !live, let record, let kept, record.inputs == inputs, complete {
+            print(
+                "conformance: \(server): not run again: its results of \(record.recorded) (\(path)) are for the same "
+                    + "autopkgtest, incus, QEMU, OVMF, image, package and forms; DEBUSINE_VIRT_CONFORMANCE_LIVE=1 runs it"
+            )
+            return kept
         }
         let outcomes = try await column(server, lanes: lanes, setup)
         let passed = forms(of: server).allSatisfy { form in
@@ -402,9 +451,17 @@ struct ConformanceTests {
         // reference's run of a form is what each of ours must give: ours are compared with both.
         for server in [Server.oursQemu, .oursIncus] {
             for form in Self.forms {
-                guard let ours = results[server]?[form.name] else { continue }
+                guard let ours = results[server]?[form.name] else {
+                    Issue.record("\(form.name): no result from \(server)")
+                    continue
+                }
                 for reference in [Server.theirsQemu, .theirsIncus] {
-                    guard let theirs = results[reference]?[form.name] else { continue }
+                    guard let theirs = results[reference]?[form.name] else {
+                        if Self.forms(of: reference).contains(where: { $0.name == form.name }) {
+                            Issue.record("\(form.name): no result from \(reference)")
+                        }
+                        continue
+                    }
                     #expect(
                         ours.summary == theirs.summary,
                         "\(form.name): \(server) and \(reference) differ:\n\(ours.summary)\n\(theirs.summary)")
