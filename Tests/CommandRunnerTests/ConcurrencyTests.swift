@@ -75,13 +75,16 @@ struct ConcurrencyTests {
         }
         #expect(error?.code == .timeout)
         #expect(error?.message == "a line timed out after 0.1 s")
+        // The deadlines below are long because a deadline counts from the call, and this test
+        // process starts its hundreds of tests at once on two cores: the task that pushes 20 ms
+        // later was first run more than 10 s later in a CI run (ci90), after the timer.
         mailbox.push(1)
-        #expect(try await mailbox.next(timeout: .seconds(10), "a line") == 1)
+        #expect(try await mailbox.next(timeout: .seconds(300), "a line") == 1)
         Task {
             try await Task.sleep(for: .milliseconds(20))
             mailbox.push(2)
         }
-        #expect(try await mailbox.next(timeout: .seconds(10), "a line") == 2)
+        #expect(try await mailbox.next(timeout: .seconds(300), "a line") == 2)
     }
 
     @Test("elements arriving as timed waits expire are never lost, and come in order")
@@ -140,7 +143,7 @@ struct ConcurrencyTests {
         #expect(inFlight.enter())
         #expect(inFlight.enter())
         #expect(inFlight.count == 2)
-        let waiter = Task { await inFlight.waitUntilIdle(timeout: .seconds(30)) }
+        let waiter = Task { await inFlight.waitUntilIdle(timeout: .seconds(300)) }
         try await Task.sleep(for: .milliseconds(20))
         inFlight.leave()
         try await Task.sleep(for: .milliseconds(20))
