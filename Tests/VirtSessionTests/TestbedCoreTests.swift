@@ -541,9 +541,15 @@ struct LearnTests {
         var learned = backend.learned.withLock { $0 }
         #expect(learned.map(\.sawScratch) == [true], "learn did not see the scratch directory being made")
         #expect(learned.map(\.cancelled) == [false], "open did not wait for learn")
+        // Gone before the revert, so that the revert's learn waits for it to be made again (an
+        // existing one would end that learn, and with it the marker, before the revert's command
+        // had looked for the marker: a command started late then waited for it in vain, ci91).
+        try #require(rmdir(scratch) == 0, "cannot remove \(scratch)")
         #expect(try await controller.revert() == scratch)
+        #expect(access(scratch, F_OK) == 0, "the revert did not make the scratch directory again")
         learned = backend.learned.withLock { $0 }
         #expect(learned.count == 2 && learned.allSatisfy { !$0.cancelled }, "revert did not wait for learn")
+        #expect(learned.map(\.sawScratch) == [true, true], "the revert's learn did not see the scratch directory made")
         await controller.shutdown()
     }
 
