@@ -129,6 +129,14 @@ public struct IncusCLI: Sendable, Equatable {
         command(["info", "--show-log", qualified(name)])
     }
 
+    /// `incus query /1.0/instances/NAME`: the instance as JSON, with its cluster `location`.
+    public func instanceInfo(_ name: String) -> Command {
+        let unreserved = CharacterSet(
+            charactersIn: "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
+        let path = "/1.0/instances/" + (name.addingPercentEncoding(withAllowedCharacters: unreserved) ?? name)
+        return command(["query", remote.map { "\($0):\(path)" } ?? path])
+    }
+
     /// `incus config get NAME KEY`.
     public func configGet(_ name: String, _ key: String) -> Command {
         command(["config", "get", qualified(name), key])
@@ -165,16 +173,22 @@ public struct IncusCLI: Sendable, Equatable {
 
     public func networkShow(_ name: String) -> Command { command(["network", "show", qualified(name)]) }
 
-    /// `incus network create NAME [KEY=VALUE...]`.
-    public func networkCreate(_ name: String, _ configuration: [String]) -> Command {
-        command(["network", "create", qualified(name)] + configuration)
+    /// `incus network create NAME [KEY=VALUE...] [--target MEMBER]`: with a member, the
+    /// network's definition on that member of a cluster (pending until created without one).
+    public func networkCreate(_ name: String, _ configuration: [String], target: String? = nil) -> Command {
+        command(["network", "create", qualified(name)] + configuration + (target.map { ["--target", $0] } ?? []))
     }
 
     public func storageShow(_ pool: String) -> Command { command(["storage", "show", qualified(pool)]) }
 
-    /// `incus storage create POOL DRIVER`.
-    public func storageCreate(_ pool: String, driver: String) -> Command {
-        command(["storage", "create", qualified(pool), driver])
+    /// `incus storage create POOL DRIVER [--target MEMBER]`, as ``networkCreate(_:_:target:)``.
+    public func storageCreate(_ pool: String, driver: String, target: String? = nil) -> Command {
+        command(["storage", "create", qualified(pool), driver] + (target.map { ["--target", $0] } ?? []))
+    }
+
+    /// `incus query /1.0/cluster/members`: the members' URLs, or "Server is not clustered".
+    public func clusterMembers() -> Command {
+        command(["query", remote.map { "\($0):/1.0/cluster/members" } ?? "/1.0/cluster/members"])
     }
 
     public func profileShow(_ name: String) -> Command { command(["profile", "show", qualified(name)]) }

@@ -11,6 +11,21 @@ enum IncusErrors {
     /// The error for a failed `incus` command: what the user can do about it when we know.
     static func describe(_ command: Command, _ result: CommandResult) -> VirtError {
         let text = result.errorText
+        if let address = unreachableAddress(text) {
+            return VirtError(
+                .unavailable,
+                "the Incus server at \(address) is not reachable (a remote, or the cluster member that holds the "
+                    + "instance, is down or cut off); once it is back, `debusine-virt-incus gc` removes what this "
+                    + "server left there; `\(command)` said: \(text)")
+        }
+        if text.contains("Missing event connection with target cluster member")
+            || text.contains("Cluster member") && text.contains("offline")
+        {
+            return VirtError(
+                .unavailable,
+                "a member of the Incus cluster is not reachable (down or cut off); once it is back, "
+                    + "`debusine-virt-incus gc` removes what this server left there; `\(command)` said: \(text)")
+        }
         if text.contains("doesn't appear to be started") || text.contains("unix.socket: connect: no such file")
             || text.contains("connection refused")
         {
@@ -33,6 +48,15 @@ enum IncusErrors {
                 "the Incus host is not set up: run `debusine-virt-incus setup`; `\(command)` said: \(text)")
         }
         return VirtError.failed(command, result)
+    }
+
+    /// The `host:port` of the client's "Unable to connect to: ADDRESS (...)": a TLS remote or
+    /// cluster member that does not answer. A unix socket is described as incusd not running.
+    static func unreachableAddress(_ text: String) -> String? {
+        guard let range = text.range(of: "Unable to connect to: ") else { return nil }
+        let address = text[range.upperBound...].prefix { $0 != " " && $0 != "\n" && $0 != "(" }
+        guard !address.isEmpty, !address.hasPrefix("/"), !address.contains("unix.socket") else { return nil }
+        return String(address)
     }
 
     static func launchFailed(_ command: Command, _ result: CommandResult, image: String) -> VirtError {

@@ -27,6 +27,10 @@ public enum IncusPreflight {
             }
             throw IncusErrors.describe(info, result)
         }
+        // `@GROUP` names a cluster group, which the member query does not know.
+        if let target = options.target, !target.hasPrefix("@") {
+            try await checkTarget(target, options, runner: runner)
+        }
         try await checkArchitecture(options, imageInfo: result.outputText, runner: runner)
         for profile in options.profiles {
             let show = cli.profileShow(profile)
@@ -40,6 +44,31 @@ public enum IncusPreflight {
                 throw IncusErrors.describe(show, shown)
             }
         }
+    }
+
+    /// A `--target` that is not a member of the server's cluster (or a server that is not
+    /// clustered) fails here, before the banner, instead of at `open`.
+    static func checkTarget(
+        _ target: String, _ options: IncusOptions, runner: any CommandRunner
+    )
+        async throws(VirtError)
+    {
+        let query = options.cli.serverInfo(target: target)
+        let result = try await runner.run(query)
+        guard !result.status.succeeded else { return }
+        let server = options.cli.remote.map { "the Incus remote \($0)" } ?? "the Incus server"
+        guard result.errorText.lowercased().contains("member not found") else {
+            throw IncusErrors.describe(query, result)
+        }
+        // incusd says the same of a server that is not clustered at all.
+        let members = try await IncusSetup(options: .init(cli: options.cli), runner: runner).members()
+        if members.isEmpty {
+            throw VirtError(.usage, "--target \(target): \(server) is not clustered; leave --target out")
+        }
+        throw VirtError(
+            .usage,
+            "--target \(target): \(server) has no cluster member of that name (its members: "
+                + "\(members.joined(separator: ", ")))")
     }
 
     /// An image of an architecture the Incus server cannot run fails here, naming both, instead

@@ -1,4 +1,5 @@
 import CommandRunner
+import Foundation
 import VirtCore
 
 /// `debusine-virt-incus setup`: makes an Incus host ready for the servers, idempotently.
@@ -16,7 +17,7 @@ public struct IncusSetup: Sendable {
         public var profile = "debusine"
         public var cli = IncusCLI()
 
-        public init() {}
+        public init(cli: IncusCLI = IncusCLI()) { self.cli = cli }
     }
 
     /// One thing the host needs.
@@ -27,6 +28,9 @@ public struct IncusSetup: Sendable {
         /// A command that succeeds (and, when `expected` is set, prints it) when it is met.
         public var probe: Command
         public var expected: String?
+        /// A line the probe's output must hold (a pool or network `status: Created`, not one
+        /// still pending on a cluster's members after a `setup` that was interrupted).
+        public var expectedLine: String?
         /// The requirement this one refines (a device's key refines the device): when that one
         /// is missing, fixing it fixes this one too, so it is not reported on its own.
         public var parent: String?
@@ -42,23 +46,28 @@ public struct IncusSetup: Sendable {
 
     var cli: IncusCLI { options.cli }
 
-    /// Everything `setup` makes sure of, in the order it does it.
-    public var requirements: [Requirement] {
+    /// Everything `setup` makes sure of, in the order it does it, on a server that is not
+    /// clustered.
+    public var requirements: [Requirement] { requirements(members: []) }
+
+    /// Everything `setup` makes sure of on a server whose cluster has `members` (none: not
+    /// clustered). A cluster makes a pool or network in two steps: defined on each member with
+    /// `--target` (pending), then created with its cluster-wide configuration.
+    public func requirements(members: [String]) -> [Requirement] {
         let profile = options.profile
+        let network = ["ipv4.address=\(options.ipv4Address)", "ipv6.address=\(options.ipv6Address)"]
         var list: [Requirement] = [
             Requirement(
                 description: "storage pool \(options.pool) (\(options.poolDriver))",
-                fix: [cli.storageCreate(options.pool, driver: options.poolDriver)],
-                probe: cli.storageShow(options.pool)),
+                fix: members.map { cli.storageCreate(options.pool, driver: options.poolDriver, target: $0) }
+                    + [cli.storageCreate(options.pool, driver: options.poolDriver)],
+                probe: cli.storageShow(options.pool), expectedLine: "status: Created"),
             Requirement(
                 description:
                     "network \(options.network) (ipv4.address=\(options.ipv4Address), ipv6.address=\(options.ipv6Address))",
-                fix: [
-                    cli.networkCreate(
-                        options.network,
-                        ["ipv4.address=\(options.ipv4Address)", "ipv6.address=\(options.ipv6Address)"])
-                ],
-                probe: cli.networkShow(options.network)),
+                fix: members.map { cli.networkCreate(options.network, [], target: $0) }
+                    + [cli.networkCreate(options.network, network)],
+                probe: cli.networkShow(options.network), expectedLine: "status: Created"),
             Requirement(
                 description: "profile \(profile)", fix: [cli.profileCreate(profile)], probe: cli.profileShow(profile)),
         ]
@@ -95,12 +104,41 @@ public struct IncusSetup: Sendable {
         return list
     }
 
+    /// The names of the cluster's members, or none when the server is not clustered.
+    public func members() async throws(VirtError) -> [String] {
+        let query = cli.clusterMembers()
+        let result = try await runner.run(query)
+        guard result.status.succeeded else {
+            if result.errorText.contains("not clustered") { return [] }
+            throw IncusErrors.describe(query, result)
+        }
+        return Self.memberNames(result.outputText)
+    }
+
+    /// The member names of `incus query /1.0/cluster/members` (a JSON list of their URLs).
+    static func memberNames(_ json: String) -> [String] {
+        guard let data = json.data(using: .utf8),
+            let urls = try? JSONDecoder().decode([String].self, from: data)
+        else { return [] }
+        return urls.compactMap { url in
+            guard let name = url.split(separator: "/").last else { return nil }
+            return name.removingPercentEncoding ?? String(name)
+        }
+    }
+
     /// Whether `requirement` is met. Errors that mean incusd cannot be asked at all are thrown.
     public func isMet(_ requirement: Requirement) async throws(VirtError) -> Bool {
         let result = try await runner.run(requirement.probe)
         if !result.status.succeeded {
             let error = IncusErrors.describe(requirement.probe, result)
             if error.code == .unavailable && !error.message.contains("setup") { throw error }
+            return false
+        }
+        if let line = requirement.expectedLine,
+            !result.outputText.split(separator: "\n").contains(where: {
+                $0.trimmingCharacters(in: .whitespaces) == line
+            })
+        {
             return false
         }
         guard let expected = requirement.expected else { return true }
@@ -111,7 +149,7 @@ public struct IncusSetup: Sendable {
     public func missing() async throws(VirtError) -> [Requirement] {
         var missing: [Requirement] = []
         var covered: Set<String> = []
-        for requirement in requirements {
+        for requirement in requirements(members: try await members()) {
             if let parent = requirement.parent, covered.contains(parent) {
                 covered.insert(requirement.description)
                 continue
@@ -127,10 +165,13 @@ public struct IncusSetup: Sendable {
     /// Meets every requirement; returns one line per change.
     public func apply() async throws(VirtError) -> [String] {
         var changes: [String] = []
-        for requirement in requirements where !(try await isMet(requirement)) {
+        for requirement in requirements(members: try await members()) where !(try await isMet(requirement)) {
             for command in requirement.fix {
                 let result = try await runner.run(command)
-                guard result.status.succeeded else { throw IncusErrors.describe(command, result) }
+                // A member's definition that an interrupted `setup` made already.
+                guard result.status.succeeded || result.errorText.contains("already defined on member") else {
+                    throw IncusErrors.describe(command, result)
+                }
             }
             changes.append("set up \(requirement.description)")
         }

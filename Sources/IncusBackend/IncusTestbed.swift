@@ -152,9 +152,16 @@ public final class IncusTestbed: Testbed {
                         ? "the host is quiet: making the spare"
                         : "the wait for a quiet host ended early (a revert or a close)")
             }
+        let current = instances.current
         instances.prepareSpare(after: wait) {
             do throws(VirtError) {
-                return try await self.createInstance(.spare)
+                // On a cluster, the member the instance it replaces was placed on: a revert
+                // then stays on the member that had room (and has the image unpacked).
+                var target = self.options.target
+                if target == nil, let current { target = await self.location(of: current) }
+                let spare = try await self.createInstance(.spare, target: target)
+                log.debug("made the spare \(self.cli.qualified(spare))")
+                return spare
             } catch {
                 if !self.instances.isClosed {
                     log.info("could not make a spare instance for the next revert: \(error.message)")
@@ -168,7 +175,17 @@ public final class IncusTestbed: Testbed {
     /// deleted and a new instance launched instead.
     private func startSpare(_ name: String) async throws(VirtError) -> [String] {
         log.info("starting the spare \(cli.qualified(name)), made for this revert")
-        let result = try await instances.counted { () async throws(VirtError) in try await runner.run(cli.start(name)) }
+        let runner = runner
+        let start = cli.start(name)
+        let result: CommandResult
+        do {
+            result = try await instances.counted { () async throws(VirtError) in
+                try await withTimeout(options.bootTimeout, "`\(start)`") { try await runner.run(start) }
+            }
+        } catch {
+            await forget(name)
+            throw error
+        }
         guard result.status.succeeded else {
             log.warning(
                 "the spare \(cli.qualified(name)) did not start (\(result.errorText)); launching a new instance")
@@ -339,7 +356,9 @@ public final class IncusTestbed: Testbed {
     /// Makes an instance under a new name: launched for `.current`, only made for `.spare`. A
     /// name that is taken (by anyone) is never touched; an instance that a failed launch left
     /// behind is deleted when it carries our labels.
-    private func createInstance(_ role: OwnedInstances.Role) async throws(VirtError) -> String {
+    private func createInstance(
+        _ role: OwnedInstances.Role, target: String? = nil
+    ) async throws(VirtError) -> String {
         var lastError = VirtError(.internalError, "no launch attempted")
         for _ in 0..<3 {
             let name = InstanceName.make()
@@ -350,7 +369,7 @@ public final class IncusTestbed: Testbed {
             }
             let launch = IncusCLI.Launch(
                 image: options.image, name: name, profiles: options.profiles,
-                virtualMachine: options.virtualMachine, target: options.target,
+                virtualMachine: options.virtualMachine, target: target ?? options.target,
                 configuration: owner.labels(), extraArguments: options.extraLaunchArguments)
             let command: Command
             switch role {
@@ -364,7 +383,17 @@ public final class IncusTestbed: Testbed {
             let result: CommandResult
             do {
                 defer { instances.leave() }
-                result = try await runner.run(command)
+                // Bounded: on a cluster, a member that goes away while it makes the instance
+                // leaves the client waiting for the operation for good.
+                let runner = runner
+                result = try await withTimeout(options.bootTimeout, "`\(command)`") {
+                    try await runner.run(command)
+                }
+            } catch {
+                // The client is stopped, not incusd's operation: what it makes is deleted when
+                // it carries our labels, and the name is not kept as the spare.
+                await forget(name)
+                throw error
             }
             if result.status.succeeded { return name }
             lastError = IncusErrors.launchFailed(command, result, image: cli.qualified(options.image))
@@ -376,6 +405,16 @@ public final class IncusTestbed: Testbed {
             throw lastError
         }
         throw lastError
+    }
+
+    /// The cluster member `name` runs on; nil when the server is not clustered or cannot say.
+    func location(of name: String) async -> String? {
+        guard let result = try? await runner.run(cli.instanceInfo(name)), result.status.succeeded,
+            let data = result.outputText.data(using: .utf8),
+            let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+            let location = object["location"] as? String, !location.isEmpty, location != "none"
+        else { return nil }
+        return location
     }
 
     /// Deletes `name` if it still exists and is ours, and drops it from the state.

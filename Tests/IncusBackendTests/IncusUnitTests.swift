@@ -288,3 +288,168 @@ struct IncusArchitectureTests {
         }
     }
 }
+
+/// Answers each `incus` command through `answer` (arguments → status, stdout, stderr) and
+/// records the argv.
+final class ScriptedIncus: CommandRunner {
+    let answer: @Sendable ([String]) -> (Int32, String, String)
+    let ran = Mutex<[[String]]>([])
+
+    init(_ answer: @escaping @Sendable ([String]) -> (Int32, String, String)) { self.answer = answer }
+
+    func run(
+        _ command: Command, input: CommandInput, output: CommandOutput, error: CommandOutput
+    ) async throws(VirtError) -> CommandResult {
+        ran.withLock { $0.append(command.argv) }
+        let (status, out, err) = answer(command.arguments)
+        return CommandResult(status: .exited(status), standardOutput: Array(out.utf8), standardError: Array(err.utf8))
+    }
+}
+
+@Suite("Incus clusters: setup on every member, --target checked, members that go away")
+struct IncusClusterUnitTests {
+    @Test("on a cluster, setup defines pool and network on each member (--target), then creates them")
+    func setupOnMembers() async throws {
+        var options = IncusSetup.Options(cli: IncusCLI(remote: "c"))
+        options.ipv4Address = "none"
+        let runner = ScriptedIncus { arguments in
+            switch arguments.first {
+            case "query": return (0, #"["/1.0/cluster/members/m1", "/1.0/cluster/members/node%202"]"#, "")
+            case "storage" where arguments.dropFirst().first == "show",
+                "network" where arguments.dropFirst().first == "show",
+                "profile" where arguments.dropFirst().first == "show":
+                return (1, "", "Error: not found")
+            default: return (0, "", "")
+            }
+        }
+        let setup = IncusSetup(options: options, runner: runner)
+        #expect(try await setup.members() == ["m1", "node 2"])
+        _ = try await setup.apply()
+        let creates = runner.ran.withLock { $0 }.filter { $0.dropFirst(2).first == "create" }
+        #expect(
+            creates.prefix(6) == [
+                ["incus", "storage", "create", "c:default", "dir", "--target", "m1"],
+                ["incus", "storage", "create", "c:default", "dir", "--target", "node 2"],
+                ["incus", "storage", "create", "c:default", "dir"],
+                ["incus", "network", "create", "c:debusinebr0", "--target", "m1"],
+                ["incus", "network", "create", "c:debusinebr0", "--target", "node 2"],
+                ["incus", "network", "create", "c:debusinebr0", "ipv4.address=none", "ipv6.address=none"],
+            ], "\(creates)")
+        // Not clustered: one step each, as before.
+        let single = ScriptedIncus { arguments in
+            arguments.first == "query" ? (1, "", "Error: Server is not clustered") : (0, "", "")
+        }
+        #expect(try await IncusSetup(options: options, runner: single).members().isEmpty)
+        #expect(
+            IncusSetup(options: options).requirements(members: []).flatMap(\.fix).map(\.argv).contains([
+                "incus", "storage", "create", "c:default", "dir",
+            ]))
+    }
+
+    func options(target: String) -> IncusOptions {
+        var options = IncusOptions(image: "artifact/42", auxverbExecutable: "/usr/bin/debusine-virt-auxverb")
+        options.cli = IncusCLI(remote: "c")
+        options.target = target
+        options.profiles = []
+        return options
+    }
+
+    @Test("a --target that is no member, or on a server that is not clustered, is a usage error naming the members")
+    func wrongTarget() async throws {
+        let cluster = ScriptedIncus { arguments in
+            if arguments == ["query", "c:/1.0?target=m9"] { return (1, "", "Error: Cluster member not found") }
+            if arguments == ["query", "c:/1.0/cluster/members"] {
+                return (0, #"["/1.0/cluster/members/m1","/1.0/cluster/members/m2"]"#, "")
+            }
+            return (0, "Architecture: \(Host.machine)\n", "")
+        }
+        let error = await #expect(throws: VirtError.self) {
+            try await IncusPreflight.check(options(target: "m9"), runner: cluster)
+        }
+        #expect(error?.code == .usage)
+        #expect(
+            error?.message
+                == "--target m9: the Incus remote c has no cluster member of that name (its members: m1, m2)")
+        let single = ScriptedIncus { arguments in
+            if arguments == ["query", "c:/1.0?target=m1"] { return (1, "", "Error: Cluster member not found") }
+            if arguments == ["query", "c:/1.0/cluster/members"] { return (1, "", "Error: Server is not clustered") }
+            return (0, "Architecture: \(Host.machine)\n", "")
+        }
+        let notClustered = await #expect(throws: VirtError.self) {
+            try await IncusPreflight.check(options(target: "m1"), runner: single)
+        }
+        #expect(notClustered?.message == "--target m1: the Incus remote c is not clustered; leave --target out")
+    }
+
+    @Test("an `incus launch` that never returns (its member gone mid-operation) fails open after --boot-timeout")
+    func launchThatNeverReturns() async throws {
+        let runner = HangingLaunch()
+        var options = IncusOptions(image: "artifact/42", auxverbExecutable: "/usr/bin/debusine-virt-auxverb")
+        options.cli = IncusCLI(remote: "c")
+        options.bootTimeout = .seconds(1)
+        options.spare = false
+        let testbed = IncusTestbed(options: options, runner: runner)
+        let started = ContinuousClock.now
+        let error = await #expect(throws: VirtError.self) { _ = try await testbed.open() }
+        #expect(error?.code == .timeout, "\(String(describing: error))")
+        #expect(
+            error?.message.contains("`incus launch c:artifact/42 c:debusine-virt-") == true,
+            "\(String(describing: error))")
+        #expect(ContinuousClock.now - started < .seconds(60))
+        // The launch was stopped, and what incusd may still make under the name is looked after.
+        let ran = runner.ran.withLock { $0 }
+        #expect(runner.cancelled.withLock { $0 } == 1, "\(ran)")
+        #expect(ran.contains { $0.starts(with: ["incus", "config", "get"]) }, "\(ran)")
+        #expect(testbed.instanceName == nil)
+    }
+
+    @Test("a TLS remote or member that does not answer is named by its address; a unix socket is incusd not running")
+    func unreachable() {
+        let refused =
+            #"Error: Post "https://198.51.100.2:8443/1.0/instances?target=m2": Unable to connect to: "#
+            + "198.51.100.2:8443 ([dial tcp 198.51.100.2:8443: connect: connection refused])"
+        #expect(IncusErrors.unreachableAddress(refused) == "198.51.100.2:8443")
+        let command = IncusCLI(remote: "c").start("n")
+        let error = IncusErrors.describe(
+            command, CommandResult(status: .exited(1), standardError: Array(refused.utf8)))
+        #expect(error.code == .unavailable)
+        #expect(error.message.hasPrefix("the Incus server at 198.51.100.2:8443 is not reachable"), "\(error.message)")
+        let gone = "Error: Missing event connection with target cluster member"
+        #expect(
+            IncusErrors.describe(command, CommandResult(status: .exited(1), standardError: Array(gone.utf8))).message
+                .hasPrefix("a member of the Incus cluster is not reachable"))
+        let local =
+            "Error: Get \"http://unix.socket/1.0\": dial unix /var/lib/incus/unix.socket: connect: connection refused"
+        #expect(IncusErrors.unreachableAddress(local) == nil)
+        #expect(
+            IncusErrors.describe(command, CommandResult(status: .exited(1), standardError: Array(local.utf8))).message
+                .hasPrefix("incusd is not running"))
+        #expect(
+            IncusCLI(remote: "c").instanceInfo("debusine-virt-a b").argv == [
+                "incus", "query", "c:/1.0/instances/debusine-virt-a%20b",
+            ])
+    }
+}
+
+/// An `incus launch` that never returns until cancelled; every other command succeeds saying
+/// nothing (so the instance is not this server's: no pid label).
+final class HangingLaunch: CommandRunner {
+    let ran = Mutex<[[String]]>([])
+    let cancelled = Mutex(0)
+
+    func run(
+        _ command: Command, input: CommandInput, output: CommandOutput, error: CommandOutput
+    ) async throws(VirtError) -> CommandResult {
+        ran.withLock { $0.append(command.argv) }
+        if command.arguments.first == "launch" {
+            do {
+                try await Task.sleep(for: .seconds(600))
+            } catch {
+                cancelled.withLock { $0 += 1 }
+                throw VirtError(.timeout, "`\(command)` was cancelled")
+            }
+        }
+        let text = command.arguments.first == "list" ? "[]" : ""
+        return CommandResult(status: .exited(0), standardOutput: Array(text.utf8), standardError: [])
+    }
+}
