@@ -15,8 +15,8 @@ enum IncusErrors {
             return VirtError(
                 .unavailable,
                 "the Incus server at \(address) is not reachable (a remote, or the cluster member that holds the "
-                    + "instance, is down or cut off); once it is back, `debusine-virt-incus gc` removes what this "
-                    + "server left there; `\(command)` said: \(text)")
+                    + "instance, is down or cut off); once it is back, `debusine-virt-incus gc` removes what servers "
+                    + "that died left there; `\(command)` said: \(text)")
         }
         if text.contains("Missing event connection with target cluster member")
             || text.contains("Cluster member") && text.contains("offline")
@@ -24,7 +24,7 @@ enum IncusErrors {
             return VirtError(
                 .unavailable,
                 "a member of the Incus cluster is not reachable (down or cut off); once it is back, "
-                    + "`debusine-virt-incus gc` removes what this server left there; `\(command)` said: \(text)")
+                    + "`debusine-virt-incus gc` removes what servers that died left there; `\(command)` said: \(text)")
         }
         if text.contains("doesn't appear to be started") || text.contains("unix.socket: connect: no such file")
             || text.contains("connection refused")

@@ -94,7 +94,10 @@ struct IncusServer: AsyncParsableCommand {
     )
     var guestHelper = true
 
-    @Option(help: "Seconds to wait for the instance to boot (systemctl is-system-running).")
+    @Option(
+        help:
+            "Seconds to wait for the instance to boot (systemctl is-system-running), and for each `incus launch`, `init` or `start` to return."
+    )
     var bootTimeout = 300
 
     @Option(help: "Seconds a graceful stop may take before the instance is killed.")
