@@ -86,7 +86,16 @@ struct AgentInstallTests {
             ],
             environment: ["TMPDIR": parent])
         #expect(try await server.readLine() == "ok")
-        let opened = try await server.request("open", timeout: .seconds(960))
+        // Longer than the server's --boot-timeout and its clean-up after it, so that a boot or
+        // install that does not end in time shows the server's own error and log (a CI run at
+        // the busiest start of the suite once waited 960 s for a reply and showed nothing).
+        let opened: String
+        do {
+            opened = try await server.request("open", timeout: .seconds(1140))
+        } catch {
+            Issue.record("no reply to open: \(error)\n\(server.standardError.suffix(20000))")
+            throw error
+        }
         try #require(opened.hasPrefix("ok /"), "open failed:\n\(server.standardError)")
         #expect(
             server.standardError.contains("qemu-guest-agent installed and started over the serial console"),
