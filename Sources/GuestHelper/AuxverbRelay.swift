@@ -81,15 +81,18 @@ public actor AuxverbRelay {
         let untaken = UntakenConnections()
         let server: NIOAsyncChannel<NIOAsyncChannel<ByteBuffer, ByteBuffer>, Never>
         do {
-            server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(
-                unixDomainSocketPath: socketPath, cleanupExistingSocketFile: true
-            ) { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    let connection = try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
-                    untaken.hold(connection)
-                    return connection
+            server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .childChannelOption(.recvAllocator, value: Self.bulkReads)
+                .bind(
+                    unixDomainSocketPath: socketPath, cleanupExistingSocketFile: true
+                ) { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        let connection = try NIOAsyncChannel<ByteBuffer, ByteBuffer>(
+                            wrappingChannelSynchronously: channel)
+                        untaken.hold(connection)
+                        return connection
+                    }
                 }
-            }
         } catch let error as IOError {
             throw VirtError(
                 .testbedFailure, "cannot listen on \(socketPath): \(String(cString: strerror(error.errnoCode)))")
@@ -116,6 +119,11 @@ public actor AuxverbRelay {
         if let ended { throw ended }
         if !Task.isCancelled { throw VirtError(.testbedFailure, Self.stoppedServing) }
     }
+
+    /// How the relay's streams are read: NIO's default reads at most 64 KiB at a time, and every
+    /// read costs a hop between the event loop and the tasks that route it; a stream of output
+    /// fills much more than that between two reads.
+    public static let bulkReads = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 64 << 10, maximum: 1 << 20)
 
     /// Why a relay whose serving ended uncancelled fails (its socket was closed under it).
     static let stoppedServing = "its socket stopped taking connections"
@@ -163,9 +171,12 @@ public actor AuxverbRelay {
             do {
                 reading: for try await buffer in inbound {
                     decoder.append(buffer.readableBytesView)
-                    while let frame = try decoder.next() {
-                        broken = await self.route(frame)
-                        if broken != nil { break reading }
+                    // One hop onto the actor per read, not per frame: a read of output holds several.
+                    var frames: [Frame] = []
+                    while let frame = try decoder.next() { frames.append(frame) }
+                    if !frames.isEmpty, let why = await self.route(frames) {
+                        broken = why
+                        break reading
                     }
                 }
             } catch let error as FrameDecoder.DecodeError {
@@ -227,7 +238,7 @@ public actor AuxverbRelay {
         guard let guest else { throw VirtError(.testbedFailure, "the guest helper's port is not connected") }
         helperBootID = nil
         do {
-            try await guest.write(ByteBuffer(bytes: Frame(channel: 0, .resumed, payload).encoded))
+            try await guest.write(Frame(channel: 0, .resumed, payload).buffer)
         } catch {
             throw VirtError(.testbedFailure, "cannot reach the guest helper: \(error)")
         }
@@ -279,8 +290,16 @@ public actor AuxverbRelay {
         allowances.removeAll()
     }
 
-    /// Hands a frame from the guest to its command's client. Returns why the guest channel must
-    /// be dropped when the frame breaks the protocol's bounds.
+    /// Hands frames from the guest to their commands' clients, in order. Returns why the guest
+    /// channel must be dropped when one breaks the protocol's bounds (those after it are not
+    /// handed on).
+    private func route(_ frames: [Frame]) -> String? {
+        for frame in frames {
+            if let broken = route(frame) { return broken }
+        }
+        return nil
+    }
+
     private func route(_ frame: Frame) -> String? {
         switch frame.kind {
         case .hello:
@@ -366,7 +385,7 @@ public actor AuxverbRelay {
                     tasks.addTask {
                         for await var frame in replies {
                             frame.channel = 0
-                            try await outbound.write(ByteBuffer(bytes: frame.encoded))
+                            try await outbound.write(frame.buffer)
                         }
                     }
                     var decoder = FrameDecoder()
@@ -394,7 +413,7 @@ public actor AuxverbRelay {
                                 frame.channel = channel
                                 guard !guestGone else { continue }
                                 do {
-                                    try await guest.write(ByteBuffer(bytes: frame.encoded))
+                                    try await guest.write(frame.buffer)
                                 } catch {
                                     // Read on until the client hangs up: leaving the inbound
                                     // stream closes the connection before the reply task has
@@ -409,7 +428,7 @@ public actor AuxverbRelay {
                     }
                     if let (channel, _) = assigned, let guest = await self.abandon(channel) {
                         try? await guest.write(
-                            ByteBuffer(bytes: Frame(channel: channel, .kill, Array("\(SIGKILL)".utf8)).encoded))
+                            Frame(channel: channel, .kill, Array("\(SIGKILL)".utf8)).buffer)
                     }
                 }
             }
@@ -419,6 +438,18 @@ public actor AuxverbRelay {
     }
 
     static let notReady = Frame.failure("the testbed is not ready (rebooting, or gone)")
+}
+
+extension Frame {
+    /// Header and payload in one buffer (``encoded``'s bytes), the payload copied once.
+    public var buffer: ByteBuffer {
+        var buffer = ByteBufferAllocator().buffer(capacity: Frame.headerSize + payload.count)
+        buffer.writeInteger(channel)
+        buffer.writeInteger(kind.rawValue)
+        buffer.writeInteger(UInt32(payload.count))
+        buffer.writeBytes(payload)
+        return buffer
+    }
 }
 
 /// Connections the listening socket accepted that the serving loop has not taken yet. A loop

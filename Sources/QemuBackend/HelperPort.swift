@@ -17,13 +17,15 @@ extension AuxverbRelay {
         try await UnixConnector.connect(
             name: "the guest helper's port \(path)", timeout: .seconds(10), every: .milliseconds(20)
         ) {
-            try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connect(
-                unixDomainSocketPath: path
-            ) { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+            try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .channelOption(.recvAllocator, value: AuxverbRelay.bulkReads)
+                .connect(
+                    unixDomainSocketPath: path
+                ) { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+                    }
                 }
-            }
         }
     }
 }

@@ -661,6 +661,16 @@ struct GuestHelperScriptTests {
         #expect(GuestHelperScript.version != String(SHA256.hexDigest(of: changed).prefix(16)))
     }
 
+    @Test(
+        "the relay's frame buffers hold exactly a frame's encoding",
+        arguments: [
+            Frame(channel: 0, .hello, []), Frame(channel: 0x0102_0304, .stdout, Array(repeating: 0xAB, count: 70_000)),
+            Frame(channel: UInt32.max, .exit, Array("code 3".utf8)),
+        ])
+    func frameBuffers(_ frame: Frame) {
+        #expect(Array(frame.buffer.readableBytesView) == frame.encoded)
+    }
+
     @Test("Python's frame kinds are GuestChannel's, value for value")
     func frameKindsAgree() throws {
         // The helper's two constant lines: `SPAWN, STDIN, ... = 1, 2, ...`.

@@ -20,6 +20,14 @@ SPLICE_F_NONBLOCK = 2
 # <linux/random.h>: _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
 RNDADDENTROPY, RNDRESEEDCRNG = 0x40085203, 0x5207
 PORT_BATCH = 4 << 20
+# A virtio-serial port hands out one buffer (a page) per read(), and its driver has no
+# read_iter: readv() then reads each of its iovecs with a read() of its own, all in one
+# system call, stopping at the first short one (so what arrives stays contiguous). Page-sized
+# iovecs take up to a MiB a call where read() took 4 KiB; pipes and sockets fill them at once.
+# Each call costs a buffer per iovec in Python, so the first read of a turn takes one page
+# only: the small frames of a command's output traffic (credits) need no more.
+READ_PIECE = 4096
+READ_PIECES = 256
 # Output still arriving this long after a command exited (and after everything it wrote
 # itself was delivered) belongs to processes it left behind; waiting for them to close
 # their end would hang the caller.
@@ -92,6 +100,9 @@ class Helper:
         nonblocking(self.port)
         nonblocking(self.port_out)
         self.inbuf = bytearray()
+        self.readbuf = memoryview(bytearray(READ_PIECE * READ_PIECES))
+        self.readpieces = [self.readbuf[i:i + READ_PIECE] for i in range(0, len(self.readbuf), READ_PIECE)]
+        self.readpiece = self.readpieces[:1]
         self.outbuf = bytearray()
         self.outbuf_offset = 0
         self.commands = {}
@@ -382,27 +393,24 @@ class Helper:
             command.credit += struct.unpack('>I', payload)[0]
 
     def read_port(self):
-        # A virtio-serial port hands out one page-sized buffer per read(): reading on
-        # until it is empty, before parsing and polling again, keeps the per-read cost
-        # to a system call (under TCG the rest of a loop turn costs far more).
+        # Reading on until the port is empty, before parsing and polling again, keeps the
+        # per-read cost to a system call (under TCG the rest of a loop turn costs far more).
         got = 0
         while got < PORT_BATCH:
             try:
-                # A read asking for much more than a buffer would cost an mmap each (glibc
-                # maps allocations past 128 KiB); 64 KiB is at least a page everywhere.
-                data = os.read(self.port, 64 << 10)
+                count = os.readv(self.port, self.readpieces if got >= READ_PIECE else self.readpiece)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 if got:
                     break
                 return False
-            if not data:
+            if not count:
                 if got:
                     break
                 return False
-            self.inbuf += data
-            got += len(data)
+            self.inbuf += self.readbuf[:count]
+            got += count
         offset = 0
         while len(self.inbuf) - offset >= HEADER.size:
             channel, kind, length = HEADER.unpack_from(self.inbuf, offset)
