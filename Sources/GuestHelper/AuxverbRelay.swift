@@ -172,12 +172,20 @@ public actor AuxverbRelay {
                 reading: for try await buffer in inbound {
                     decoder.append(buffer.readableBytesView)
                     // One hop onto the actor per read, not per frame: a read of output holds several.
+                    // The frames before a malformed one are still delivered, as they would have been
+                    // had it come in a later read.
                     var frames: [Frame] = []
-                    while let frame = try decoder.next() { frames.append(frame) }
+                    var malformed: FrameDecoder.DecodeError?
+                    do throws(FrameDecoder.DecodeError) {
+                        while let frame = try decoder.next() { frames.append(frame) }
+                    } catch {
+                        malformed = error
+                    }
                     if !frames.isEmpty, let why = await self.route(frames) {
                         broken = why
                         break reading
                     }
+                    if let malformed { throw malformed }
                 }
             } catch let error as FrameDecoder.DecodeError {
                 broken = "it sent a malformed frame (\(error))"

@@ -428,6 +428,10 @@ struct HostileGuestEndTests {
                     send(channel, 0x11, b'x' * (1 << 20))
                     sent += 1 << 20
                 outcome = 'sent all %d' % sent
+            elif mode == 'exit-then-garbage':
+                # One write: output, the exit, then a frame of no known kind.
+                conn.sendall(header.pack(channel, 0x11, 6) + b'hello\\n' + header.pack(channel, 0x13, 6)
+                             + b'code 3' + header.pack(channel, 0x7f, 0))
             else:
                 send(channel, 0x14, struct.pack('>I', 1000))
             while conn.recv(1 << 20):
@@ -497,6 +501,37 @@ struct HostileGuestEndTests {
             Command(argv: [TestPaths.executable("debusine-virt-auxverb"), relay.socketPath, "true"]), input: .none,
             output: .discard, error: .capture)
         #expect(after.status == .exited(255))
+        relayTask.cancel()
+        await relayTask.value
+        guestEnd.signal(SIGKILL)
+        _ = try? await guestEnd.wait(timeout: .seconds(10))
+    }
+}
+
+extension HostileGuestEndTests {
+    @Test("frames that arrive in one read before a malformed one reach their command; then the port is closed")
+    func framesBeforeAMalformedOne() async throws {
+        let directory = try TestPaths.makeTemporaryDirectory("dv-hostile.")
+        defer { TestPaths.removeTree(directory) }
+        let script = "\(directory)/fake.py"
+        try Data(Self.fake.utf8).write(to: URL(fileURLWithPath: script))
+        let port = "\(directory)/port.sock"
+        let report = "\(directory)/report"
+        let guestEnd = try ServerProcess(["/usr/bin/python3", script, port, "exit-then-garbage", report])
+        let deadline = ContinuousClock.now + .seconds(60)
+        while access(port, F_OK) != 0 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+        let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock", expectedVersion: "1")
+        let relayTask = Task { try? await relay.run(guestPortPath: port) }
+        _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+        let result = try await SubprocessRunner().run(
+            Command(argv: [TestPaths.executable("debusine-virt-auxverb"), relay.socketPath, "true"]), input: .none,
+            output: .capture, error: .capture)
+        #expect(result.status == .exited(3), "\(result.errorText)")
+        #expect(result.outputText == "hello")
+        while access(report, F_OK) != 0 && ContinuousClock.now < deadline + .seconds(60) {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(String(decoding: FileManager.default.contents(atPath: report) ?? Data(), as: UTF8.self) == "closed")
         relayTask.cancel()
         await relayTask.value
         guestEnd.signal(SIGKILL)
