@@ -11,8 +11,18 @@ public enum AuxverbClient {
     /// Runs `argv` and returns the exit status to end with. Failures of the auxverb itself
     /// (server gone, protocol error) are reported on stderr and give 255.
     public static func run(socketPath: String, argv: [String], terminal: Frame.TerminalSize? = nil) -> Int32 {
-        signal(SIGPIPE, SIG_IGN)
         guard !argv.isEmpty else { return fail("no command given") }
+        return run(socketPath: socketPath, request: .spawn(argv: argv, terminal: terminal))
+    }
+
+    /// Writes one file of the testbed to stdout (``Frame/readFile(_:directory:)``, whose statuses
+    /// it ends with).
+    public static func readFile(socketPath: String, path: String) -> Int32 {
+        run(socketPath: socketPath, request: .readFile(path))
+    }
+
+    static func run(socketPath: String, request: Frame) -> Int32 {
+        signal(SIGPIPE, SIG_IGN)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { return fail("socket: \(errorText())") }
         var address = sockaddr_un()
@@ -34,7 +44,7 @@ public enum AuxverbClient {
         }
         let signals = FrameStreams.blockForwardedSignals()
         let connection = FrameOutput(fd: fd)
-        guard connection.send(.spawn(argv: argv, terminal: terminal)) else {
+        guard connection.send(request) else {
             return fail("the testbed went away")
         }
         let credit = StdinCredit()

@@ -10,6 +10,8 @@ public struct Frame: Sendable, Equatable {
     public enum Kind: UInt8, Sendable {
         /// Start a command: NUL-separated fields: window, working directory, the number of
         /// environment entries, the `KEY=value` entries, then the argv (see ``Frame/spawn(argv:)``).
+        /// A first field of `WINDOW file` asks for one file's content instead of a command
+        /// (``Frame/readFile(_:directory:)``).
         case spawn = 0x01
         /// Bytes for the command's stdin.
         case stdin = 0x02
@@ -96,6 +98,15 @@ public struct Frame: Sendable, Equatable {
     ) -> Frame {
         let head = terminal.map { "\(window) pty \($0.rows) \($0.columns)" } ?? "\(window)"
         let fields = [head, directory, "\(environment.count)"] + environment + argv
+        return Frame(.spawn, Array(fields.joined(separator: "\u{0}").utf8))
+    }
+
+    /// A spawn request for one file's content as the output (`WINDOW file`, the path as the one
+    /// argument, relative to `directory`): the helper sends the file itself, with no command
+    /// in between, and ends with status 3 when root may execute it, 0 when not, 1 (and a message)
+    /// when it cannot read it. What is neither a regular file nor a directory is read by `cat`.
+    public static func readFile(_ path: String, directory: String = "/") -> Frame {
+        let fields = ["\(window) file", directory, "0", path]
         return Frame(.spawn, Array(fields.joined(separator: "\u{0}").utf8))
     }
 

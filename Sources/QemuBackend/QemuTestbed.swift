@@ -216,6 +216,13 @@ public final class QemuTestbed: Testbed {
         [auxverbExecutable, instancePaths.auxverb]
     }
 
+    /// Single files leave the guest through the helper itself (`--read-file`), spliced from its
+    /// page cache to the port, rather than through `cat` and a pipe.
+    public func copy(_ request: CopyRequest, _ testbed: InTestbed) async throws(VirtError) {
+        let reader = [auxverbExecutable, "--read-file", instancePaths.auxverb]
+        try await CopyPlumbing.copy(request, testbed.readingFiles(with: reader))
+    }
+
     private func boot() async throws(VirtError) {
         let path: String
         if let existing = directory.withLock({ $0 }) {

@@ -132,11 +132,13 @@ public enum CopyPlumbing {
             : try createBeside(request.hostPath)
         if found && type == S_IFREG { fchmod(fd, existing.st_mode & 0o777) }
         let discard = { if !inPlace { unlink(target) } }
+        let command =
+            testbed.fileReader.map { Command(argv: $0 + [request.testbedPath]) }
+            ?? testbed.command(["/bin/sh", "-ec", sendFileScript, "sh", request.testbedPath])
         let result: CommandResult
         do {
-            result = try await testbed.run(
-                ["/bin/sh", "-ec", sendFileScript, "sh", request.testbedPath],
-                output: .fileDescriptor(fd, closeAfterStart: true))
+            result = try await testbed.runner.run(
+                command, input: .none, output: .fileDescriptor(fd, closeAfterStart: true), error: .capture)
         } catch {
             discard()
             throw error

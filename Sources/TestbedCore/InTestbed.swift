@@ -6,10 +6,20 @@ public struct InTestbed: Sendable {
     /// The argv prefix that runs a command in the testbed.
     public let auxverb: [String]
     public let runner: any CommandRunner
+    /// The argv prefix that writes one file of the testbed (the path it is given) to stdout and
+    /// ends with status 3 when root may execute it, where the backend has one that is cheaper
+    /// than running `cat` through the auxverb.
+    public let fileReader: [String]?
 
-    public init(auxverb: [String], runner: any CommandRunner) {
+    public init(auxverb: [String], runner: any CommandRunner, fileReader: [String]? = nil) {
         self.auxverb = auxverb
         self.runner = runner
+        self.fileReader = fileReader
+    }
+
+    /// This testbed, with `fileReader` for single-file copies out of it.
+    public func readingFiles(with fileReader: [String]) -> InTestbed {
+        InTestbed(auxverb: auxverb, runner: runner, fileReader: fileReader)
     }
 
     /// The host command that runs `argv` in the testbed.

@@ -4,8 +4,11 @@ import GuestChannel
 
 // debusine-virt-auxverb [--terminal ROWSxCOLUMNS] SOCKET COMMAND [ARG...]
 // debusine-virt-auxverb --exec COUNT RUNNER... COMMAND [ARG...]
+// debusine-virt-auxverb --read-file SOCKET PATH
 //
 // --terminal runs the command on a pseudo-terminal in the testbed (the server's `shell`).
+// --read-file writes one file of the testbed to stdout, sent by the guest helper itself (the
+// server's copyup); status 3 says root may execute it.
 //
 // The program print-execute-command names: it runs for every command autopkgtest and sbuild
 // send, so it is its own small executable without Foundation, NIO or ArgumentParser (the
@@ -35,6 +38,14 @@ if arguments.first == "--exec" {
     }
     let words = arguments.dropFirst(2)
     exit(FramedExec.run(runner: Array(words.prefix(count)), command: Array(words.dropFirst(count))))
+}
+if arguments.first == "--read-file" {
+    guard arguments.count == 3 else {
+        let usage = "usage: debusine-virt-auxverb --read-file SOCKET PATH\n"
+        _ = usage.withCString { write(2, $0, strlen($0)) }
+        exit(255)
+    }
+    exit(AuxverbClient.readFile(socketPath: arguments[1], path: arguments[2]))
 }
 var terminal: Frame.TerminalSize?
 var usable = true

@@ -382,6 +382,127 @@ struct AuxverbTests {
         }
     }
 
+    func readFile(_ host: HostHelper, _ path: String) async throws -> CommandResult {
+        try await SubprocessRunner().run(
+            Command(TestPaths.executable("debusine-virt-auxverb"), ["--read-file", host.relay.socketPath, path]),
+            input: .none, output: .capture(limit: 64 << 20), error: .capture)
+    }
+
+    @Test("--read-file sends a file whole, with status 3 when root may execute it and 0 when not")
+    func readFileWhole() async throws {
+        try await withHelper { host in
+            let path = "\(host.directory)/data"
+            var generator = SystemRandomNumberGenerator()
+            let bytes = Data((0..<(9 << 20) + 123).map { _ in UInt8.random(in: 0...255, using: &generator) })
+            try bytes.write(to: URL(fileURLWithPath: path))
+            let plain = try await readFile(host, path)
+            #expect(plain.status == .exited(0))
+            #expect(plain.standardOutput == Array(bytes), "\(plain.standardOutput.count) bytes")
+            #expect(plain.errorText == "")
+            chmod(path, 0o744)
+            let executable = try await readFile(host, path)
+            #expect(executable.status == .exited(3))
+            #expect(executable.standardOutput == Array(bytes))
+            let empty = "\(host.directory)/empty"
+            try Data().write(to: URL(fileURLWithPath: empty))
+            let nothing = try await readFile(host, empty)
+            #expect(nothing.status == .exited(0))
+            #expect(nothing.standardOutput.isEmpty)
+        }
+    }
+
+    @Test("--read-file of a missing file or of a directory ends with 1 and says why")
+    func readFileFailures() async throws {
+        try await withHelper { host in
+            let missing = try await readFile(host, "\(host.directory)/missing")
+            #expect(missing.status == .exited(1))
+            #expect(missing.standardOutput.isEmpty)
+            #expect(missing.errorText.contains("cannot read \(host.directory)/missing: No such file or directory"))
+            let directory = try await readFile(host, host.directory)
+            #expect(directory.status == .exited(1))
+            #expect(directory.errorText.contains("Is a directory"), "\(directory.errorText)")
+            // The helper serves on.
+            #expect(try await host.run(["true"]).status == .exited(0))
+        }
+    }
+
+    @Test(
+        "--read-file takes a relative path from /, and leaves to cat what is not a regular file on a local file system: /proc's, a FIFO, /dev/null, errors included"
+    )
+    func readFileOthers() async throws {
+        try await withHelper { host in
+            let relative = try await readFile(host, "etc/passwd")
+            #expect(relative.status == .exited(0))
+            #expect(relative.standardOutput == Array(try Data(contentsOf: URL(fileURLWithPath: "/etc/passwd"))))
+            // /proc/self is the process that reads it: cat, not the helper.
+            let proc = try await readFile(host, "/proc/self/status")
+            #expect(proc.status == .exited(0))
+            #expect(proc.outputText.hasPrefix("Name:\tcat\n"), "\(proc.outputText)")
+            // A read that fails (EIO at offset 0) fails the copy with cat's status and message.
+            let memory = try await readFile(host, "/proc/self/mem")
+            #expect(memory.status == .exited(1))
+            #expect(memory.errorText.contains("Input/output error"), "\(memory.errorText)")
+            let null = try await readFile(host, "/dev/null")
+            #expect(null.status == .exited(0))
+            #expect(null.standardOutput.isEmpty)
+            let fifo = "\(host.directory)/fifo"
+            #expect(mkfifo(fifo, 0o600) == 0)
+            let writer = try ServerProcess(["/bin/sh", "-c", #"printf 'through the fifo' > "$1""#, "sh", fifo])
+            let throughFIFO = try await readFile(host, fifo)
+            #expect(throughFIFO.status == .exited(0))
+            #expect(throughFIFO.outputText == "through the fifo")
+            #expect(try await writer.wait(timeout: .seconds(60)) == .exited(0))
+        }
+    }
+
+    @Test("--read-file whose reader goes away stops there, as cat would (141), and the helper serves on")
+    func readFileReaderGone() async throws {
+        try await withHelper { host in
+            let path = "\(host.directory)/big"
+            let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+            #expect(ftruncate(fd, 1 << 30) == 0)
+            close(fd)
+            let result = try await SubprocessRunner().run(
+                Command(
+                    "/bin/bash",
+                    [
+                        "-c", #""$@" | head -c 10 > /dev/null; echo "${PIPESTATUS[0]}""#, "bash",
+                        TestPaths.executable("debusine-virt-auxverb"), "--read-file", host.relay.socketPath, path,
+                    ]))
+            #expect(result.outputText == "141", "\(result.errorText)")
+            #expect(try await host.run(["echo", "still"]).outputText == "still")
+        }
+    }
+
+    @Test("the helper reads a file itself only on a local file system: /tmp's and /dev/shm's, not /proc's or /sys's")
+    func localFileSystems() async throws {
+        let script = try TestPaths.makeTemporaryDirectory("dv-aux.")
+        defer { TestPaths.removeTree(script) }
+        try Data(GuestHelperScript.source.utf8).write(to: URL(fileURLWithPath: "\(script)/helper.py"))
+        let result = try await SubprocessRunner().run(
+            Command(
+                "/usr/bin/python3",
+                [
+                    "-c",
+                    """
+                    import os, runpy, sys
+                    local = runpy.run_path(sys.argv[1], run_name='helper')['local_file_system']
+                    print(' '.join(str(local(os.stat(p).st_dev)) for p in sys.argv[2:]))
+                    """,
+                    "\(script)/helper.py", script, "/dev/shm", "/proc/self/status", "/sys/class",
+                ]))
+        #expect(result.status == .exited(0), "\(result.errorText)")
+        #expect(result.outputText == "True True False False")
+    }
+
+    @Test("a malformed --read-file is an auxverb failure (255) with a usage message")
+    func badReadFile() async throws {
+        let result = try await SubprocessRunner().run(
+            Command(TestPaths.executable("debusine-virt-auxverb"), ["--read-file", "/nonexistent.sock"]))
+        #expect(result.status == .exited(255))
+        #expect(result.errorText.contains("usage"))
+    }
+
     @Test("a malformed --terminal is an auxverb failure (255) with a usage message")
     func badTerminal() async throws {
         let result = try await SubprocessRunner().run(
@@ -669,7 +790,9 @@ struct GuestHelperScriptTests {
     @Test("the helper imports only modules that Debian's python3-minimal ships")
     func importsOnlyMinimalModules() {
         // What /usr/lib/python3.11 of libpython3.11-minimal provides (plus built-in modules).
-        let minimal: Set<String> = ["errno", "fcntl", "os", "select", "signal", "socket", "struct", "sys", "time"]
+        let minimal: Set<String> = [
+            "errno", "fcntl", "os", "select", "signal", "socket", "stat", "struct", "sys", "time",
+        ]
         var imported: Set<String> = []
         for line in GuestHelperScript.source.split(separator: "\n") {
             let words = line.split(separator: " ")

@@ -1,6 +1,7 @@
 import CommandRunner
 import FixtureBackend
 import Foundation
+import Glibc
 import Synchronization
 import TestbedCore
 import Testing
@@ -290,6 +291,53 @@ struct TestbedCoreTests {
                     == .copied)
             #expect(mode("\(host)/private") == 0o600, "the replaced file's mode was lost")
         }
+    }
+
+    /// Records each command and answers as a testbed would for a file copied up: `output` on
+    /// the command's stdout, then `status`.
+    final class FileSendingRunner: CommandRunner {
+        let commands = Mutex<[[String]]>([])
+        let output: [UInt8]
+        let status: ProcessStatus
+
+        init(output: [UInt8], status: ProcessStatus) {
+            self.output = output
+            self.status = status
+        }
+
+        func run(
+            _ command: Command, input: CommandInput, output: CommandOutput, error: CommandOutput
+        ) async throws(VirtError) -> CommandResult {
+            commands.withLock { $0.append(command.argv) }
+            if case .fileDescriptor(let fd, let closeAfterStart) = output {
+                _ = self.output.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+                if closeAfterStart { close(fd) }
+            }
+            return CommandResult(status: status)
+        }
+    }
+
+    @Test(
+        "a file copy up goes through the testbed's file reader where it has one (3: executable), through the copy script where not"
+    )
+    func copyUpThroughFileReader() async throws {
+        let host = try TestPaths.makeTemporaryDirectory("dv-host.")
+        defer { TestPaths.removeTree(host) }
+        let runner = FileSendingRunner(output: Array("the content\n".utf8), status: .exited(3))
+        let testbed = InTestbed(auxverb: ["aux", "sock"], runner: runner)
+        let reader = ["aux", "--read-file", "sock"]
+        let up = CopyRequest(direction: .up, hostPath: "\(host)/a", testbedPath: "/tb/file", isDirectory: false)
+        try await CopyPlumbing.copy(up, testbed.readingFiles(with: reader))
+        #expect(runner.commands.withLock { $0 } == [reader + ["/tb/file"]])
+        #expect(try String(contentsOfFile: "\(host)/a", encoding: .utf8) == "the content\n")
+        var info = stat()
+        #expect(stat("\(host)/a", &info) == 0 && info.st_mode & 0o111 != 0, "status 3 makes the copy executable")
+        let plain = CopyRequest(direction: .up, hostPath: "\(host)/b", testbedPath: "/tb/file", isDirectory: false)
+        try await CopyPlumbing.copy(plain, testbed)
+        let script = try #require(runner.commands.withLock { $0.last })
+        #expect(Array(script.prefix(4)) == ["aux", "sock", "/bin/sh", "-ec"])
+        #expect(Array(script.suffix(2)) == ["sh", "/tb/file"])
+        #expect(try String(contentsOfFile: "\(host)/b", encoding: .utf8) == "the content\n")
     }
 
     @Test("copy requests follow the protocol's rules on empty paths and trailing slashes")

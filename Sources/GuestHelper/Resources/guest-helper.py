@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 # debusine-virt guest helper: runs commands for the host over a framed byte stream.
 # Only modules of Debian's python3-minimal: debusine's images promise no more.
-import errno, fcntl, os, select, signal, struct, sys, time
+import errno, fcntl, os, select, signal, stat, struct, sys, time
 
 # What the hello announces: the server passes the digest of this file (--version).
 VERSION = '-'
@@ -41,6 +41,11 @@ RESET_SIGNALS = ([number for number in signal.valid_signals() if number not in (
                  else [signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM])
 # os.posix_spawn with setsid: Python 3.8 and glibc 2.26 on; older guests fork.
 POSIX_SPAWN = hasattr(os, 'posix_spawn') and hasattr(os, 'POSIX_SPAWN_DUP2')
+# File systems whose reads wait on nothing but the guest's own disk and memory. A file the host
+# asks for elsewhere (NFS, FUSE, 9p; /proc and /sys, whose files can block or fail mid-read)
+# is read by `cat`, so that only `cat` waits on it, never every command the helper serves.
+LOCAL_FILE_SYSTEMS = {'ext2', 'ext3', 'ext4', 'xfs', 'btrfs', 'f2fs', 'tmpfs', 'ramfs', 'overlay',
+                      'vfat', 'squashfs', 'iso9660'}
 BASE_ENV = {
     'PATH': '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin',
     'HOME': '/root', 'USER': 'root', 'LOGNAME': 'root', 'SHELL': '/bin/bash',
@@ -58,6 +63,22 @@ def consume(buffer, offset, written):
         del buffer[:offset]
         return 0
     return offset
+
+
+def local_file_system(device):
+    """Whether the file system mounted from `device` (an st_dev) is one of
+    LOCAL_FILE_SYSTEMS, by /proc/self/mountinfo; False when it cannot tell."""
+    wanted = ('%d:%d' % (os.major(device), os.minor(device))).encode()
+    try:
+        with open('/proc/self/mountinfo', 'rb') as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == wanted and b'-' in fields[6:]:
+                    after = fields.index(b'-', 6) + 1
+                    return after < len(fields) and fields[after].decode(errors='replace') in LOCAL_FILE_SYSTEMS
+    except OSError:
+        pass
+    return False
 
 
 def readable(fd):
@@ -83,8 +104,14 @@ class Command:
         self.pending_offset = 0
         self.stdin_eof = False
         self.credit = 0
-        # Output through pipes (not a terminal), which the kernel can splice.
+        # Output through pipes (not a terminal).
         self.pipes = True
+        # Output the kernel can splice: not a terminal's, nor a file's on a file system
+        # without splice_read (some of /proc).
+        self.splice = True
+        # A `file` spawn: the output is the content of the file at `path`, no process runs.
+        self.file = False
+        self.path = None
         self.status = None
         self.exited_at = None
         # Bytes the command itself left in each output pipe when it exited: they are its
@@ -172,6 +199,7 @@ class Helper:
             head = fields[0].split(' ')
             command.credit = int(head[0])
             terminal = (int(head[2]), int(head[3])) if len(head) == 4 and head[1] == 'pty' else None
+            whole_file = head[1:] == ['file']
             cwd = fields[1] or '/'
             count = int(fields[2])
             env = dict(BASE_ENV)
@@ -179,15 +207,21 @@ class Helper:
                 key, _, value = entry.partition('=')
                 env[key] = value
             argv = fields[3 + count:]
-            if not argv:
-                raise ValueError('empty argv')
+            if not argv or whole_file and len(argv) != 1:
+                raise ValueError('empty argv' if not argv else 'a file spawn names one file')
         except (ValueError, IndexError) as e:
             self.finish(command, 'error bad spawn request: %s' % e)
             return
+        if whole_file:
+            path = os.path.join(cwd, argv[0])
+            if self.send_file(command, path):
+                return
+            # Not a regular file (a FIFO, a device): `cat` reads it as it must be read.
+            argv = ['cat', '--', path]
         if terminal is not None:
             # A pseudo-terminal: the master is the command's stdin and stdout.
             master, slave = os.openpty()
-            command.pipes = False
+            command.pipes = command.splice = False
             fcntl.ioctl(slave, TIOCSWINSZ, struct.pack('HHHH', terminal[0], terminal[1], 0, 0))
             in_r, in_w, out_r, out_w, err_r, err_w = slave, os.dup(master), master, slave, None, slave
         else:
@@ -252,6 +286,55 @@ class Helper:
             report += chunk
         os.close(report_r)
         self.started(command, pid, argv, report, in_w, out_r, err_r)
+
+    def send_file(self, command, path):
+        """A `file` spawn, for a copy out of the guest: the output is the file's content,
+        spliced from the page cache to the port, with no `cat` and no pipe of its own in
+        between (under TCG those cost as much guest time again as the copy itself). It ends
+        with status 3 for a file root may execute (`test -x`), 0 for another, and 1 with a
+        message when it cannot be read. Returns False for what the caller runs `cat` on
+        instead: what is not a regular file or a directory, and a file on a file system not in
+        LOCAL_FILE_SYSTEMS. (Looking at the file and opening it still happen here.)"""
+        fd = None
+        try:
+            # Looked at before it is opened: opening a FIFO lets a writer waiting in its own
+            # open() go on, to be killed by SIGPIPE once this closes it; opening a device can
+            # do anything.
+            info = os.stat(path)
+            if stat.S_ISDIR(info.st_mode):
+                raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+            if not stat.S_ISREG(info.st_mode) or not local_file_system(info.st_dev):
+                return False
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                # Replaced in between: `cat` opens it again.
+                os.close(fd)
+                return False
+        except OSError as e:
+            if fd is not None:
+                os.close(fd)
+            message = ('debusine-virt-helper: cannot read %s: %s\n' % (path, e.strerror or e)).encode()
+            self.send(command.channel, STDERR, message)
+            command.credit -= len(message)
+            command.status = 'code 1'
+            command.exited_at = time.monotonic()
+            return True
+        command.file = True
+        command.path = path
+        command.stdout = fd
+        command.status = 'code 3' if os.access(path, os.X_OK) else 'code 0'
+        command.exited_at = time.monotonic()
+        return True
+
+    def file_failed(self, command, error):
+        """A file spawn's read failed (EIO from a disk, say): the copy ends there with
+        status 1 and a message, as `cat`'s would."""
+        message = ('debusine-virt-helper: cannot read %s: %s\n' % (command.path, error.strerror or error)).encode()
+        self.send(command.channel, STDERR, message)
+        command.credit -= len(message)
+        self.close_fd(command, 'stdout')
+        command.owed.pop('stdout', None)
+        command.status = 'code 1'
 
     def spawn_plain(self, argv, env, cwd, in_r, out_w, err_w):
         """Starts argv without a terminal and returns its pid: posix_spawn, which the C
@@ -377,7 +460,14 @@ class Helper:
                 number = int(payload or b'15')
             except ValueError:
                 return
-            if number == signal.SIGPIPE and command.pipes:
+            if command.file:
+                # No process to signal: the copy stops as `cat` killed by the signal would
+                # (SIGPIPE too: the caller's reader went away).
+                if command.stdout is not None and 0 < number < 65:
+                    self.close_fd(command, 'stdout')
+                    command.owed.pop('stdout', None)
+                    command.status = 'signal %d' % number
+            elif number == signal.SIGPIPE and command.pipes:
                 # The caller's reader went away: as with a real pipe, the command's next write
                 # to stdout fails (SIGPIPE, or EPIPE where it ignores that), and nothing else
                 # in its group is signalled; a stdout already ended has nobody to tell.
@@ -481,10 +571,13 @@ class Helper:
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError as e:
-            # A kernel that cannot splice these: copy from now on. Anything else (ENOMEM,
-            # say) only costs this turn.
+            # A kernel that cannot splice these (or a file system, for a file): copy from now
+            # on. Anything else (ENOMEM, say) only costs this turn.
             if e.errno in (errno.EINVAL, errno.ENOSYS):
-                self.splice = False
+                if command.file:
+                    command.splice = False
+                else:
+                    self.splice = False
             return 0
         if not size:
             return 0
@@ -525,7 +618,7 @@ class Helper:
 
     def read_output(self, command, name, kind):
         fd = getattr(command, name)
-        if self.splice and command.pipes and not self.outbuf_size():
+        if self.splice and command.splice and not self.outbuf_size():
             size = self.splice_output(command, fd, kind)
             if size:
                 if name in command.owed:
@@ -536,12 +629,16 @@ class Helper:
         # A pipe holds 64 KiB: read on while the command keeps it filled, up to a frame.
         collected = []
         size = 0
+        failure = None
         while size < min(CHUNK, command.credit):
             try:
                 data = os.read(getattr(command, name), min(CHUNK, command.credit) - size)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
+                if command.file:
+                    failure = e
+                    break
                 # A pseudo-terminal's master reads EIO once no process has it open.
                 if e.errno != errno.EIO:
                     raise
@@ -554,13 +651,15 @@ class Helper:
                 return
             collected.append(data)
             size += len(data)
-        if not size:
-            return
-        if name in command.owed:
-            command.owed[name] = max(0, command.owed[name] - size)
-        command.credit -= size
-        self.send(command.channel, kind, b''.join(collected))
-        self.write_port()
+        if size:
+            if name in command.owed:
+                command.owed[name] = max(0, command.owed[name] - size)
+            command.credit -= size
+            self.send(command.channel, kind, b''.join(collected))
+        if failure is not None:
+            self.file_failed(command, failure)
+        if size or failure is not None:
+            self.write_port()
 
     def run(self):
         self.hello()
@@ -568,7 +667,8 @@ class Helper:
             now = time.monotonic()
             timeout = None
             for command in list(self.commands.values()):
-                if command.status is None:
+                if command.status is None or command.file and command.stdout is not None:
+                    # Running, or a file still being read: its end is the file's.
                     continue
                 if command.credit <= 0 or any(command.owed.values()):
                     # Blocked by a slow reader or a busy port, not by leftovers: the
