@@ -104,7 +104,8 @@ public struct Frame: Sendable, Equatable {
     /// A spawn request for one file's content as the output (`WINDOW file`, the path as the one
     /// argument, relative to `directory`): the helper sends the file itself, with no command
     /// in between, and ends with status 3 when root may execute it, 0 when not, 1 (and a message)
-    /// when it cannot read it. What is neither a regular file nor a directory is read by `cat`.
+    /// when it cannot read it. What is neither a regular file nor a directory, or is on a file
+    /// system that is not a local one (/proc, NFS, FUSE...), is read by `cat`, with the same statuses.
     public static func readFile(_ path: String, directory: String = "/") -> Frame {
         let fields = ["\(window) file", directory, "0", path]
         return Frame(.spawn, Array(fields.joined(separator: "\u{0}").utf8))

@@ -41,9 +41,11 @@ RESET_SIGNALS = ([number for number in signal.valid_signals() if number not in (
                  else [signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM])
 # os.posix_spawn with setsid: Python 3.8 and glibc 2.26 on; older guests fork.
 POSIX_SPAWN = hasattr(os, 'posix_spawn') and hasattr(os, 'POSIX_SPAWN_DUP2')
+# What a file spawn runs for what the helper does not read itself: the host's own copy script.
+SEND_FILE_SCRIPT = 'cat -- "$1"; if [ -x "$1" ]; then exit 3; fi'
 # File systems whose reads wait on nothing but the guest's own disk and memory. A file the host
 # asks for elsewhere (NFS, FUSE, 9p; /proc and /sys, whose files can block or fail mid-read)
-# is read by `cat`, so that only `cat` waits on it, never every command the helper serves.
+# is read by `cat`, so that reading it waits in `cat`, not in the helper every command needs.
 LOCAL_FILE_SYSTEMS = {'ext2', 'ext3', 'ext4', 'xfs', 'btrfs', 'f2fs', 'tmpfs', 'ramfs', 'overlay',
                       'vfat', 'squashfs', 'iso9660'}
 BASE_ENV = {
@@ -65,18 +67,20 @@ def consume(buffer, offset, written):
     return offset
 
 
-def local_file_system(device):
-    """Whether the file system mounted from `device` (an st_dev) is one of
-    LOCAL_FILE_SYSTEMS, by /proc/self/mountinfo; False when it cannot tell."""
-    wanted = ('%d:%d' % (os.major(device), os.minor(device))).encode()
+def local_file_system(fd):
+    """Whether the file open as `fd` (O_PATH will do) is on one of LOCAL_FILE_SYSTEMS: its
+    mount's id (fdinfo's mnt_id) looked up in /proc/self/mountinfo. Not by st_dev, which on
+    btrfs (and some overlays) is not the mount's device. False when it cannot tell."""
     try:
+        with open('/proc/self/fdinfo/%d' % fd, 'rb') as info:
+            mount = next((line.split()[1] for line in info if line.startswith(b'mnt_id:')), None)
         with open('/proc/self/mountinfo', 'rb') as mounts:
             for line in mounts:
                 fields = line.split()
-                if len(fields) > 2 and fields[2] == wanted and b'-' in fields[6:]:
+                if mount is not None and fields and fields[0] == mount and b'-' in fields[6:]:
                     after = fields.index(b'-', 6) + 1
                     return after < len(fields) and fields[after].decode(errors='replace') in LOCAL_FILE_SYSTEMS
-    except OSError:
+    except (OSError, IndexError):
         pass
     return False
 
@@ -216,8 +220,9 @@ class Helper:
             path = os.path.join(cwd, argv[0])
             if self.send_file(command, path):
                 return
-            # Not a regular file (a FIFO, a device): `cat` reads it as it must be read.
-            argv = ['cat', '--', path]
+            # Not a regular file (a FIFO, a device) or not on a local file system: `cat` reads
+            # it as it must be read, with the statuses of a file spawn.
+            argv = ['/bin/sh', '-ec', SEND_FILE_SCRIPT, 'sh', path]
         if terminal is not None:
             # A pseudo-terminal: the master is the command's stdin and stdout.
             master, slave = os.openpty()
@@ -289,24 +294,30 @@ class Helper:
 
     def send_file(self, command, path):
         """A `file` spawn, for a copy out of the guest: the output is the file's content,
-        spliced from the page cache to the port, with no `cat` and no pipe of its own in
-        between (under TCG those cost as much guest time again as the copy itself). It ends
+        spliced from the page cache to the port through the helper's own pipe, with no `cat`
+        and no command pipe in between (under TCG those cost as much guest time again as the
+        copy itself). It ends
         with status 3 for a file root may execute (`test -x`), 0 for another, and 1 with a
         message when it cannot be read. Returns False for what the caller runs `cat` on
         instead: what is not a regular file or a directory, and a file on a file system not in
         LOCAL_FILE_SYSTEMS. (Looking at the file and opening it still happen here.)"""
         fd = None
         try:
-            # Looked at before it is opened: opening a FIFO lets a writer waiting in its own
-            # open() go on, to be killed by SIGPIPE once this closes it; opening a device can
-            # do anything.
-            info = os.stat(path)
-            if stat.S_ISDIR(info.st_mode):
-                raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
-            if not stat.S_ISREG(info.st_mode) or not local_file_system(info.st_dev):
-                return False
+            # Looked at through O_PATH before it is opened for reading: opening a FIFO lets a
+            # writer waiting in its own open() go on, to be killed by SIGPIPE once this closes
+            # it; opening a device can do anything.
+            where = os.open(path, getattr(os, 'O_PATH', 0o10000000) | os.O_CLOEXEC)
+            try:
+                info = os.fstat(where)
+                if stat.S_ISDIR(info.st_mode):
+                    raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+                if not stat.S_ISREG(info.st_mode) or not local_file_system(where):
+                    return False
+            finally:
+                os.close(where)
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
                 # Replaced in between: `cat` opens it again.
                 os.close(fd)
                 return False
