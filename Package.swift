@@ -156,7 +156,7 @@ let package = Package(
             name: "QemuBackendTests",
             dependencies: [
                 "QemuBackend", "GuestChannel", "GuestHelper", "AuxverbClient", "CommandRunner", "VirtCore",
-                "VirtTestSupport", "ImageCache",
+                "VirtTestSupport", "ImageCache", "TestbedCore",
             ], exclude: ["Fixtures"]
         ),
         .testTarget(

@@ -37,16 +37,8 @@ public enum CacheFiles {
 
     /// The names in a directory, without `.` and `..`.
     static func names(in directory: String) throws(VirtError) -> [String] {
-        guard let handle = opendir(directory) else {
+        guard let names = OwnedDirectory.names(in: directory) else {
             throw VirtError(.io, "cannot list the image cache \(directory)", errno: errno)
-        }
-        defer { closedir(handle) }
-        var names: [String] = []
-        while let entry = readdir(handle) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
-            }
-            if name != "." && name != ".." { names.append(name) }
         }
         return names
     }

@@ -43,14 +43,45 @@ final class HelperChannel: Sendable {
     {
         // A unix socket's path has room for 107 bytes: with a longer TMPDIR the relay could not
         // bind, so there is no helper (said here, before anything is made).
-        let longest = "\(parent)/dvi.XXXXXX/auxverb.sock"
+        let longest = "\(parent)/\(Self.directoryPrefix)XXXXXX/\(Self.socketName)"
         guard longest.utf8.count <= 107 else {
             throw VirtError(.usage, "the relay's socket path \(longest) would be too long for a unix socket")
         }
         self.cli = cli
         self.runner = runner
-        directory = try PrivateDirectory.make(in: parent, prefix: "dvi.")
-        relay = AuxverbRelay(socketPath: "\(directory)/auxverb.sock")
+        directory = try PrivateDirectory.make(in: parent, prefix: Self.directoryPrefix)
+        relay = AuxverbRelay(socketPath: "\(directory)/\(Self.socketName)")
+        do throws(VirtError) {
+            try OwnedDirectory.claim(directory)
+        } catch {
+            rmdir(directory)
+            throw error
+        }
+    }
+
+    static let directoryPrefix = "dvi."
+    static let socketName = "auxverb.sock"
+
+    /// Removes the relay directories in `parent` that servers which have ended left behind (a
+    /// SIGKILL gives a server no time for ``close()``). With `owner`, only that server's. A
+    /// directory holding anything but the socket and the owner file is not ours: it stays.
+    /// Returns one line per directory removed.
+    static func collectOrphans(parent: String = PrivateDirectory.temporaryParent, owner: pid_t? = nil) -> [String] {
+        var report: [String] = []
+        let orphans = OwnedDirectory.orphans(
+            in: parent, prefix: directoryPrefix, program: "debusine-virt-incus", owner: owner)
+        for directory in orphans {
+            guard let names = OwnedDirectory.names(in: directory),
+                names.allSatisfy({ $0 == socketName || $0 == OwnedDirectory.ownerFileName })
+            else { continue }
+            for name in names { unlink("\(directory)/\(name)") }
+            if rmdir(directory) == 0 {
+                report.append("removed \(directory)")
+            } else {
+                report.append("could not remove \(directory): \(String(cString: strerror(errno)))")
+            }
+        }
+        return report
     }
 
     /// How a helper's `incus exec` ended: its status when it ran, and the words for a message.
@@ -184,6 +215,7 @@ final class HelperChannel: Sendable {
         serving?.cancel()
         await serving?.value
         unlink(relay.socketPath)
+        unlink("\(directory)/\(OwnedDirectory.ownerFileName)")
         rmdir(directory)
     }
 

@@ -2,7 +2,8 @@ import CommandRunner
 import Foundation
 import VirtCore
 
-/// `debusine-virt-incus gc`: deletes the instances whose server died.
+/// `debusine-virt-incus gc`: deletes the instances whose server died (and the relay directories
+/// such servers left in $TMPDIR).
 ///
 /// An instance is collected when its labels name this host (and this machine id, when it has
 /// one) and its owner process is gone (or is another process under a recycled pid). Instances
@@ -41,10 +42,12 @@ public struct IncusGarbageCollector: Sendable {
         }
     }
 
-    /// Deletes the orphans; returns one line per instance.
-    /// With `owner`, only that server's instances (the death watch's run, once it has died).
+    /// Deletes the orphans, and removes the directories of the guest helper's relay that dead
+    /// servers left in $TMPDIR; returns one line per instance and directory.
+    /// With `owner`, only that server's (the death watch's run, once it has died).
     public func collect(owner only: Int32? = nil, provenMachine: Bool = false) async throws(VirtError) -> [String] {
-        var report: [String] = []
+        // Local, so first: a remote that cannot be listed does not keep them.
+        var report = HelperChannel.collectOrphans(owner: only)
         for (name, owner) in try await orphans(owner: only, provenMachine: provenMachine) where !Task.isCancelled {
             let command = cli.delete(name)
             // A server killed while making an instance leaves incusd making it, and another gc

@@ -162,7 +162,7 @@ public struct InstancePaths: Sendable, Equatable {
     /// The guest's RAM as a file, for a boot whose state is saved (``GuestMemory/savable(file:)``).
     public var ram: String { "\(directory)/ram" }
     /// The server's pid, for `gc` to tell live instances from orphans.
-    public var ownerFile: String { "\(directory)/owner" }
+    public var ownerFile: String { "\(directory)/\(OwnedDirectory.ownerFileName)" }
 
     public init(directory: String, overlayDirectory: String? = nil) {
         self.directory = directory

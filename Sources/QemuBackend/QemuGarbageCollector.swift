@@ -8,32 +8,19 @@ import VirtCore
 /// not touched. QEMU is killed only when its pid file names a process whose command line
 /// mentions the instance directory, so a reused pid is never hit.
 public enum QemuGarbageCollector {
-    /// Instance directories younger than this without an owner file may still be in creation.
-    static let creationGrace: TimeInterval = 60
-
     /// Collects in `parent` (the servers' $TMPDIR); returns one line per instance removed.
     /// With `owner`, only that server's instances (the death watch's run, once it has died).
     public static func collect(parent: String, owner only: pid_t? = nil) -> [String] {
-        let entries = (try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []
         var report: [String] = []
-        for name in entries.sorted() where name.hasPrefix("dvq.") {
-            let directory = "\(parent)/\(name)"
-            var info = stat()
-            guard lstat(directory, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR, info.st_uid == getuid() else {
-                continue
-            }
+        let orphans = OwnedDirectory.orphans(in: parent, prefix: "dvq.", program: "debusine-virt-qemu", owner: only)
+        for directory in orphans {
             let paths = InstancePaths(directory: directory)
-            if let only, readPID(paths.ownerFile) != only { continue }
-            if let owner = readPID(paths.ownerFile) {
-                if isAlive(owner, commandContains: "debusine-virt-qemu") { continue }
-            } else {
-                let age = Date().timeIntervalSince1970 - TimeInterval(info.st_mtim.tv_sec)
-                if age < creationGrace { continue }
-            }
             var line = "removed \(directory)"
-            if let qemu = readPID(paths.pidFile), isAlive(qemu, commandContains: directory) {
+            if let qemu = OwnedDirectory.readPID(paths.pidFile),
+                OwnedDirectory.isAlive(qemu, commandContains: directory)
+            {
                 kill(qemu, SIGKILL)
-                for _ in 0..<100 where isAlive(qemu, commandContains: directory) { usleep(20_000) }
+                for _ in 0..<100 where OwnedDirectory.isAlive(qemu, commandContains: directory) { usleep(20_000) }
                 line += " and killed its QEMU (pid \(qemu))"
             }
             if let overlay = recordedOverlayDirectory(paths) {
@@ -69,18 +56,5 @@ public enum QemuGarbageCollector {
         var info = stat()
         guard lstat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR, info.st_uid == getuid() else { return nil }
         return path
-    }
-
-    static func readPID(_ path: String) -> pid_t? {
-        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
-        return pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines))
-    }
-
-    /// Whether `pid` runs and its command line contains `needle` (zombies count as gone).
-    static func isAlive(_ pid: pid_t, commandContains needle: String) -> Bool {
-        guard LiveProcess.isRunning(pid) else { return false }
-        guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
-        let words = data.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
-        return words.contains { $0.contains(needle) }
     }
 }

@@ -48,7 +48,7 @@ final class QemuInstance: GuestHelperHost {
         paths = InstancePaths(directory: directory, overlayDirectory: overlayDirectory)
         relay = AuxverbRelay(socketPath: paths.auxverb)
         helper = GuestHelperSupervisor(relay: relay)
-        try Self.writeFile(paths.ownerFile, "\(getpid())\n")
+        try OwnedDirectory.claim(paths.directory)
     }
 
     var qga: QGAClient? { handles.withLock { $0.qga } }

@@ -89,7 +89,7 @@ public enum CopyPlumbing {
 
     /// Sends $1 on stdout and reports through exit status 3 that it is executable, saving a
     /// second round trip into the testbed.
-    static let sendFileScript = #"cat -- "$1"; if [ -x "$1" ]; then exit 3; fi"#
+    public static let sendFileScript = #"cat -- "$1"; if [ -x "$1" ]; then exit 3; fi"#
 
     /// Makes the target directory itself but not its parents, as autopkgtest's servers do: a
     /// copy into a directory whose parent is missing fails there too.

@@ -302,7 +302,8 @@ struct ImportCommand: AsyncParsableCommand {
 struct GCCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "gc",
-        abstract: "Delete the instances that servers of this host launched and left behind when they died.",
+        abstract:
+            "Delete the instances that servers of this host launched and left behind when they died, and the servers' directories in $TMPDIR.",
         helpNames: .shortAndLong
     )
 

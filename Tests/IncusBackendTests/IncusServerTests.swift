@@ -389,8 +389,9 @@ struct IncusServerTests {
         #expect(try await instances(ownedBy: server.pid).isEmpty)
     }
 
-    /// A server opened, with its testbed and the spare for the next revert both made.
-    func openedWithSpare(_ image: String) async throws -> (ServerProcess, [String]) {
+    /// A server opened, with its testbed and the spare for the next revert both made; and the
+    /// private directory of its guest helper's relay, from the auxverb it prints.
+    func openedWithSpare(_ image: String) async throws -> (ServerProcess, [String], String) {
         // At once: the test machine is rarely quiet.
         let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), "--eager-spare", image])
         #expect(try await server.readLine() == "ok")
@@ -403,7 +404,9 @@ struct IncusServerTests {
             left = try await instances(ownedBy: server.pid)
         }
         #expect(left.count == 2, "the testbed and its spare: \(left)")
-        return (server, left)
+        let auxverb = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
+        let socket = try #require(auxverb.first { $0.hasSuffix("/auxverb.sock") }, "no relay socket in \(auxverb)")
+        return (server, left, String(socket.dropLast("/auxverb.sock".count)))
     }
 
     @Test(
@@ -421,7 +424,7 @@ struct IncusServerTests {
         #expect(try await instances(ownedBy: terminated.pid).isEmpty)
 
         // SIGKILL: what the server cannot clean up, its death watch does.
-        let (watched, watchedLeft) = try await openedWithSpare(image)
+        let (watched, watchedLeft, watchedRelay) = try await openedWithSpare(image)
         watched.signal(SIGKILL)
         _ = try await watched.wait()
         let deadline = ContinuousClock.now + .seconds(120)
@@ -429,6 +432,7 @@ struct IncusServerTests {
             try await Task.sleep(for: .milliseconds(200))
         }
         #expect(try await instances(ownedBy: watched.pid).isEmpty, "the death watch left \(watchedLeft)")
+        #expect(access(watchedRelay, F_OK) != 0, "the death watch left the relay's directory \(watchedRelay)")
         let said = await watched.standardError(containing: "died without cleaning up")
         // Each was deleted by the watch, unless another server's start-up sweep (tests run side
         // by side) came first: then the watch has nothing of it to report.
@@ -439,7 +443,7 @@ struct IncusServerTests {
 
         // The watch killed too (a kill of the whole session): the next server's first open
         // deletes them (or gc, run by hand; or another server's sweep, when tests run side by side).
-        let (killed, left) = try await openedWithSpare(image)
+        let (killed, left, killedRelay) = try await openedWithSpare(image)
         let watch = try await runner.run(Command("pkill", ["-KILL", "-f", "gc --owner \(killed.pid)$"]))
         #expect(watch.status == .exited(0), "no death watch runs for \(killed.pid)")
         killed.signal(SIGKILL)
@@ -452,6 +456,7 @@ struct IncusServerTests {
             try await Task.sleep(for: .milliseconds(200))
         }
         #expect(try await instances(ownedBy: killed.pid).isEmpty, "the start-up sweep left \(left)")
+        #expect(access(killedRelay, F_OK) != 0, "the start-up sweep left the relay's directory \(killedRelay)")
         #expect(try await next.request("close") == "ok")
         next.write(line: "quit")
         #expect(try await next.wait() == .exited(0))

@@ -3,6 +3,7 @@ import Foundation
 import GuestChannel
 import GuestHelper
 import QemuBackend
+import TestbedCore
 import Testing
 import VirtCore
 import VirtTestSupport
@@ -388,6 +389,11 @@ struct AuxverbTests {
             input: .none, output: .capture(limit: 64 << 20), error: .capture)
     }
 
+    @Test("what the helper leaves to `cat` runs the host's own copy script, statuses and all")
+    func sameCopyScript() {
+        #expect(GuestHelperScript.source.contains("\nSEND_FILE_SCRIPT = '\(CopyPlumbing.sendFileScript)'\n"))
+    }
+
     @Test("--read-file sends a file whole, with status 3 when root may execute it and 0 when not")
     func readFileWhole() async throws {
         try await withHelper { host in
@@ -566,10 +572,11 @@ struct HostileGuestEndTests {
         os.rename(report + '.tmp', report)
         """
 
-    @Test(
-        "output past the credit window, or stdin acknowledged that was never sent, closes the guest's port with a clear error",
-        arguments: ["output", "stdin-credit"])
-    func dropsTheGuestEnd(_ mode: String) async throws {
+    /// Runs `body` against a relay serving the fake guest end in `mode` (a fake that says it
+    /// is version 1); `outcome` waits for the fake's report of how its port ended. Stops both.
+    func withFakeGuestEnd(
+        _ mode: String, _ body: (_ relay: AuxverbRelay, _ outcome: () async throws -> String) async throws -> Void
+    ) async throws {
         let directory = try TestPaths.makeTemporaryDirectory("dv-hostile.")
         defer { TestPaths.removeTree(directory) }
         let script = "\(directory)/fake.py"
@@ -579,85 +586,78 @@ struct HostileGuestEndTests {
         let guestEnd = try ServerProcess(["/usr/bin/python3", script, port, mode, report])
         let deadline = ContinuousClock.now + .seconds(60)
         while access(port, F_OK) != 0 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
-        // The fake says it is version 1.
         let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock", expectedVersion: "1")
         let relayTask = Task { try? await relay.run(guestPortPath: port) }
-        _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
-
-        // Nobody reads the client's stdout yet: whatever the guest sends piles up in the relay.
-        var ends: [Int32] = [-1, -1]
-        try #require(pipe(&ends) == 0)
-        let (writeEnd, socket) = (ends[1], relay.socketPath)
-        let client = Task {
-            try await SubprocessRunner().run(
-                Command(argv: [TestPaths.executable("debusine-virt-auxverb"), socket, "cat"]),
-                input: .none, output: .fileDescriptor(writeEnd, closeAfterStart: true), error: .capture)
+        var failure: (any Error)?
+        do {
+            _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
+            try await body(relay) {
+                while access(report, F_OK) != 0 && ContinuousClock.now < deadline + .seconds(60) {
+                    try await Task.sleep(for: .milliseconds(50))
+                }
+                return String(decoding: FileManager.default.contents(atPath: report) ?? Data(), as: UTF8.self)
+            }
+        } catch {
+            failure = error
         }
-        while access(report, F_OK) != 0 && ContinuousClock.now < deadline + .seconds(60) {
-            try await Task.sleep(for: .milliseconds(50))
-        }
-        // The relay closed the port after a window's worth (4 MiB, plus what the sockets hold),
-        // not after taking all 64 MiB into memory.
-        let outcome = String(decoding: FileManager.default.contents(atPath: report) ?? Data(), as: UTF8.self)
-        #expect(outcome == "closed")
-        guard outcome == "closed" else {
-            // Draining would wait for a command that never ends: end it instead.
-            close(ends[0])
-            _ = try? await client.value
-            relayTask.cancel()
-            await relayTask.value
-            guestEnd.signal(SIGKILL)
-            return
-        }
-        let drained = try await SubprocessRunner().run(
-            Command("wc", ["-c"]), input: .fileDescriptor(ends[0], closeAfterStart: true), output: .capture,
-            error: .discard)
-        let result = try await client.value
-        #expect(result.status == .exited(255))
-        #expect(result.errorText.contains("broke the protocol"), "\(result.errorText)")
-        #expect(
-            (Int(drained.outputText.trimmingCharacters(in: .whitespaces)) ?? .max) <= Frame.window + 2
-                * Frame.maximumPayload)
-        // The relay goes on serving, and says why there is no testbed to run in.
-        let after = try await SubprocessRunner().run(
-            Command(argv: [TestPaths.executable("debusine-virt-auxverb"), relay.socketPath, "true"]), input: .none,
-            output: .discard, error: .capture)
-        #expect(after.status == .exited(255))
         relayTask.cancel()
         await relayTask.value
         guestEnd.signal(SIGKILL)
         _ = try? await guestEnd.wait(timeout: .seconds(10))
+        if let failure { throw failure }
     }
-}
 
-extension HostileGuestEndTests {
+    @Test(
+        "output past the credit window, or stdin acknowledged that was never sent, closes the guest's port with a clear error",
+        arguments: ["output", "stdin-credit"])
+    func dropsTheGuestEnd(_ mode: String) async throws {
+        try await withFakeGuestEnd(mode) { relay, outcome in
+            // Nobody reads the client's stdout yet: whatever the guest sends piles up in the relay.
+            var ends: [Int32] = [-1, -1]
+            try #require(pipe(&ends) == 0)
+            let (writeEnd, socket) = (ends[1], relay.socketPath)
+            let client = Task {
+                try await SubprocessRunner().run(
+                    Command(argv: [TestPaths.executable("debusine-virt-auxverb"), socket, "cat"]),
+                    input: .none, output: .fileDescriptor(writeEnd, closeAfterStart: true), error: .capture)
+            }
+            // The relay closed the port after a window's worth (4 MiB, plus what the sockets
+            // hold), not after taking all 64 MiB into memory.
+            let ended = try await outcome()
+            #expect(ended == "closed")
+            guard ended == "closed" else {
+                // Draining would wait for a command that never ends: end it instead.
+                close(ends[0])
+                _ = try? await client.value
+                return
+            }
+            let drained = try await SubprocessRunner().run(
+                Command("wc", ["-c"]), input: .fileDescriptor(ends[0], closeAfterStart: true), output: .capture,
+                error: .discard)
+            let result = try await client.value
+            #expect(result.status == .exited(255))
+            #expect(result.errorText.contains("broke the protocol"), "\(result.errorText)")
+            #expect(
+                (Int(drained.outputText.trimmingCharacters(in: .whitespaces)) ?? .max) <= Frame.window + 2
+                    * Frame.maximumPayload)
+            // The relay goes on serving, and says why there is no testbed to run in.
+            let after = try await SubprocessRunner().run(
+                Command(argv: [TestPaths.executable("debusine-virt-auxverb"), relay.socketPath, "true"]), input: .none,
+                output: .discard, error: .capture)
+            #expect(after.status == .exited(255))
+        }
+    }
+
     @Test("frames that arrive in one read before a malformed one reach their command; then the port is closed")
     func framesBeforeAMalformedOne() async throws {
-        let directory = try TestPaths.makeTemporaryDirectory("dv-hostile.")
-        defer { TestPaths.removeTree(directory) }
-        let script = "\(directory)/fake.py"
-        try Data(Self.fake.utf8).write(to: URL(fileURLWithPath: script))
-        let port = "\(directory)/port.sock"
-        let report = "\(directory)/report"
-        let guestEnd = try ServerProcess(["/usr/bin/python3", script, port, "exit-then-garbage", report])
-        let deadline = ContinuousClock.now + .seconds(60)
-        while access(port, F_OK) != 0 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
-        let relay = AuxverbRelay(socketPath: "\(directory)/aux.sock", expectedVersion: "1")
-        let relayTask = Task { try? await relay.run(guestPortPath: port) }
-        _ = try await relay.waitForHelper(notBootID: nil, timeout: .seconds(30))
-        let result = try await SubprocessRunner().run(
-            Command(argv: [TestPaths.executable("debusine-virt-auxverb"), relay.socketPath, "true"]), input: .none,
-            output: .capture, error: .capture)
-        #expect(result.status == .exited(3), "\(result.errorText)")
-        #expect(result.outputText == "hello")
-        while access(report, F_OK) != 0 && ContinuousClock.now < deadline + .seconds(60) {
-            try await Task.sleep(for: .milliseconds(50))
+        try await withFakeGuestEnd("exit-then-garbage") { relay, outcome in
+            let result = try await SubprocessRunner().run(
+                Command(argv: [TestPaths.executable("debusine-virt-auxverb"), relay.socketPath, "true"]), input: .none,
+                output: .capture, error: .capture)
+            #expect(result.status == .exited(3), "\(result.errorText)")
+            #expect(result.outputText == "hello")
+            #expect(try await outcome() == "closed")
         }
-        #expect(String(decoding: FileManager.default.contents(atPath: report) ?? Data(), as: UTF8.self) == "closed")
-        relayTask.cancel()
-        await relayTask.value
-        guestEnd.signal(SIGKILL)
-        _ = try? await guestEnd.wait(timeout: .seconds(10))
     }
 }
 

@@ -324,10 +324,8 @@ class Helper:
         except OSError as e:
             if fd is not None:
                 os.close(fd)
-            message = ('debusine-virt-helper: cannot read %s: %s\n' % (path, e.strerror or e)).encode()
-            self.send(command.channel, STDERR, message)
-            command.credit -= len(message)
-            command.status = 'code 1'
+            command.path = path
+            self.file_failed(command, e)
             command.exited_at = time.monotonic()
             return True
         command.file = True
@@ -338,13 +336,12 @@ class Helper:
         return True
 
     def file_failed(self, command, error):
-        """A file spawn's read failed (EIO from a disk, say): the copy ends there with
-        status 1 and a message, as `cat`'s would."""
+        """A file spawn's file cannot be opened, or a read failed midway (EIO from a disk,
+        say): the copy ends there with status 1 and a message, as `cat`'s would."""
         message = ('debusine-virt-helper: cannot read %s: %s\n' % (command.path, error.strerror or error)).encode()
         self.send(command.channel, STDERR, message)
         command.credit -= len(message)
         self.close_fd(command, 'stdout')
-        command.owed.pop('stdout', None)
         command.status = 'code 1'
 
     def spawn_plain(self, argv, env, cwd, in_r, out_w, err_w):
@@ -476,7 +473,6 @@ class Helper:
                 # (SIGPIPE too: the caller's reader went away).
                 if command.stdout is not None and 0 < number < 65:
                     self.close_fd(command, 'stdout')
-                    command.owed.pop('stdout', None)
                     command.status = 'signal %d' % number
             elif number == signal.SIGPIPE and command.pipes:
                 # The caller's reader went away: as with a real pipe, the command's next write

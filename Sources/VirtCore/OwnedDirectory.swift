@@ -1,0 +1,76 @@
+import Glibc
+
+/// The private directories servers make in $TMPDIR, each naming its server in an `owner` file
+/// (its pid), so that what a killed server left can be told from what a live one still uses:
+/// its death watch and `gc` remove a directory once the process it names is gone.
+public enum OwnedDirectory {
+    /// The file in each directory that holds its server's pid.
+    public static let ownerFileName = "owner"
+    /// Directories younger than this (in seconds) without an owner file may still be in creation.
+    public static let creationGrace = 60
+
+    /// Writes the owner file of `directory`, naming this process.
+    public static func claim(_ directory: String) throws(VirtError) {
+        let path = "\(directory)/\(ownerFileName)"
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw VirtError(.io, "cannot write \(path)", errno: errno) }
+        defer { close(fd) }
+        let text = Array("\(getpid())\n".utf8)
+        let written = text.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        guard written == text.count else { throw VirtError(.io, "cannot write \(path)", errno: errno) }
+    }
+
+    /// The directories `parent/PREFIX*` of this user whose server has ended: the process their
+    /// owner file names is gone (or is not a `program` under a recycled pid), or, without an
+    /// owner file, made more than ``creationGrace`` ago. With `owner`, only that server's.
+    public static func orphans(
+        in parent: String, prefix: String, program: String, owner only: pid_t? = nil
+    )
+        -> [String]
+    {
+        var found: [String] = []
+        for name in (names(in: parent) ?? []).sorted() where name.hasPrefix(prefix) {
+            let directory = "\(parent)/\(name)"
+            var info = stat()
+            guard lstat(directory, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR, info.st_uid == getuid() else {
+                continue
+            }
+            let owner = readPID("\(directory)/\(ownerFileName)")
+            if let only, owner != only { continue }
+            if let owner {
+                if isAlive(owner, commandContains: program) { continue }
+            } else if Int(time(nil)) - Int(info.st_mtim.tv_sec) < creationGrace {
+                continue
+            }
+            found.append(directory)
+        }
+        return found
+    }
+
+    /// The pid a file holds on its first line.
+    public static func readPID(_ path: String) -> pid_t? {
+        SmallFile.firstLine(path).flatMap { pid_t($0.filter { !$0.isWhitespace }) }
+    }
+
+    /// Whether `pid` runs and its command line contains `needle` (zombies count as gone).
+    public static func isAlive(_ pid: pid_t, commandContains needle: String) -> Bool {
+        guard LiveProcess.isRunning(pid), let command = SmallFile.text("/proc/\(pid)/cmdline", limit: 1 << 16) else {
+            return false
+        }
+        return command.split(separator: "\0").contains { $0.contains(needle) }
+    }
+
+    /// The names in a directory, without `.` and `..`; nil when it cannot be listed.
+    public static func names(in directory: String) -> [String]? {
+        guard let handle = opendir(directory) else { return nil }
+        defer { closedir(handle) }
+        var names: [String] = []
+        while let entry = readdir(handle) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+}
