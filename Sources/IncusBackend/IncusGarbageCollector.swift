@@ -30,7 +30,7 @@ public struct IncusGarbageCollector: Sendable {
         owner only: Int32? = nil, provenMachine: Bool = false
     ) async throws(VirtError) -> [(name: String, owner: InstanceOwner)] {
         let command = cli.list(prefix: InstanceName.prefix)
-        let result = try await runner.run(command, input: .none, output: .capture(limit: 64 << 20), error: .capture)
+        let result = try await bounded(command)
         guard result.status.succeeded else { throw IncusErrors.describe(command, result) }
         return try Self.parse(result.standardOutput).compactMap { name, configuration in
             guard name.hasPrefix(InstanceName.prefix), let owner = InstanceOwner(configuration: configuration),
@@ -59,7 +59,7 @@ public struct IncusGarbageCollector: Sendable {
                 if let last = result, !last.errorText.contains("is busy running"), try await !exists(name) {
                     return true
                 }
-                let attempt = try await runner.run(command)
+                let attempt = try await bounded(command)
                 result = attempt
                 return attempt.status.succeeded || IncusErrors.isNotFound(attempt)
             }
@@ -75,9 +75,18 @@ public struct IncusGarbageCollector: Sendable {
     /// Whether an instance named exactly `name` is on the remote.
     func exists(_ name: String) async throws(VirtError) -> Bool {
         let command = cli.list(prefix: name)
-        let result = try await runner.run(command, input: .none, output: .capture(limit: 64 << 20), error: .capture)
+        let result = try await bounded(command)
         guard result.status.succeeded else { throw IncusErrors.describe(command, result) }
         return try Self.parse(result.standardOutput).contains { $0.0 == name }
+    }
+
+    /// Runs `command` for at most two minutes: a death watch must not wait for good on an
+    /// incusd that stopped answering.
+    private func bounded(_ command: Command) async throws(VirtError) -> CommandResult {
+        let runner = runner
+        return try await withTimeout(.seconds(120), "`\(command)`") {
+            try await runner.run(command, input: .none, output: .capture(limit: 64 << 20), error: .capture)
+        }
     }
 
     /// Names and `config` maps from `incus list --format json`.

@@ -175,13 +175,10 @@ public final class IncusTestbed: Testbed {
     /// deleted and a new instance launched instead.
     private func startSpare(_ name: String) async throws(VirtError) -> [String] {
         log.info("starting the spare \(cli.qualified(name)), made for this revert")
-        let runner = runner
         let start = cli.start(name)
         let result: CommandResult
         do {
-            result = try await instances.counted { () async throws(VirtError) in
-                try await withTimeout(options.bootTimeout, "`\(start)`") { try await runner.run(start) }
-            }
+            result = try await instances.counted { () async throws(VirtError) in try await control(start) }
         } catch {
             await forget(name)
             throw error
@@ -282,7 +279,16 @@ public final class IncusTestbed: Testbed {
 
     public func debugFailureReport() async -> String? {
         guard let name = instances.current else { return nil }
-        return try? await runner.check(cli.showLog(name))
+        return await showLog(name)
+    }
+
+    /// The instance's console log, for an error message: asked for 30 s at most.
+    private func showLog(_ name: String) async -> String? {
+        let command = cli.showLog(name)
+        guard let result = try? await control(command, within: .seconds(30)), result.status.succeeded else {
+            return nil
+        }
+        return result.outputText
     }
 
     func runningName() throws(VirtError) -> String {
@@ -334,9 +340,10 @@ public final class IncusTestbed: Testbed {
             async let helperUp: Bool = { if let helper { await helper.start(in: name) } else { false } }()
             var installed: VirtError?
             do throws(VirtError) {
-                try await runner.check(
-                    cli.exec(name, ["/bin/sh", "-c", AuxverbWrapper.installScript, "sh", AuxverbWrapper.path]),
-                    input: .bytes(Array(AuxverbWrapper.script.utf8)))
+                let install = cli.exec(
+                    name, ["/bin/sh", "-c", AuxverbWrapper.installScript, "sh", AuxverbWrapper.path])
+                let result = try await control(install, input: .bytes(Array(AuxverbWrapper.script.utf8)))
+                guard result.status.succeeded else { throw VirtError.failed(install, result) }
             } catch {
                 installed = error
             }
@@ -385,10 +392,7 @@ public final class IncusTestbed: Testbed {
                 defer { instances.leave() }
                 // Bounded: on a cluster, a member that goes away while it makes the instance
                 // leaves the client waiting for the operation for good.
-                let runner = runner
-                result = try await withTimeout(options.bootTimeout, "`\(command)`") {
-                    try await runner.run(command)
-                }
+                result = try await control(command)
             } catch {
                 // The client is stopped, not incusd's operation: what it makes is deleted when
                 // it carries our labels, and the name is not kept as the spare.
@@ -407,9 +411,22 @@ public final class IncusTestbed: Testbed {
         throw lastError
     }
 
+    /// Runs an `incus` command that manages or asks about an instance, bounded by --boot-timeout
+    /// (or `limit`): an incusd or cluster member that stopped answering leaves its client
+    /// waiting for good, and a revert or close must end all the same. Copies, the shell and the
+    /// guest helper's stream run unbounded, through `runner`.
+    private func control(
+        _ command: Command, input: CommandInput = .none, within limit: Duration? = nil
+    ) async throws(VirtError) -> CommandResult {
+        let runner = runner
+        return try await withTimeout(limit ?? options.bootTimeout, "`\(command)`") {
+            try await runner.run(command, input: input)
+        }
+    }
+
     /// The cluster member `name` runs on; nil when the server is not clustered or cannot say.
     func location(of name: String) async -> String? {
-        guard let result = try? await runner.run(cli.instanceInfo(name)), result.status.succeeded,
+        guard let result = try? await control(cli.instanceInfo(name)), result.status.succeeded,
             let data = result.outputText.data(using: .utf8),
             let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
             let location = object["location"] as? String, !location.isEmpty, location != "none"
@@ -427,7 +444,7 @@ public final class IncusTestbed: Testbed {
     }
 
     private func isOurs(_ name: String) async -> Bool {
-        guard let result = try? await runner.run(cli.configGet(name, InstanceOwner.pidKey)),
+        guard let result = try? await control(cli.configGet(name, InstanceOwner.pidKey)),
             result.status.succeeded
         else { return false }
         return result.outputText == String(owner.pid)
@@ -436,9 +453,17 @@ public final class IncusTestbed: Testbed {
     /// Polls `systemctl is-system-running` until the instance has booted.
     func waitBooted(_ name: String, timeout: Duration) async throws(VirtError) {
         var last = ""
-        let booted = try await Deadline(after: timeout).poll(every: .milliseconds(100)) {
-            () throws(VirtError) -> Bool in
-            let result = try await runner.run(cli.exec(name, ["systemctl", "is-system-running"]))
+        let deadline = Deadline(after: timeout)
+        let booted = try await deadline.poll(every: .milliseconds(100)) { () throws(VirtError) -> Bool in
+            let result: CommandResult
+            do throws(VirtError) {
+                result = try await control(
+                    cli.exec(name, ["systemctl", "is-system-running"]), within: deadline.remaining())
+            } catch  where error.code == .timeout {
+                // The last try is cut short by the deadline: what came before says more.
+                if last.isEmpty { last = error.message }
+                return false
+            }
             switch BootState(result) {
             case .booted:
                 return true
@@ -454,7 +479,7 @@ public final class IncusTestbed: Testbed {
         }
         if booted { return }
         if Task.isCancelled { throw VirtError(.timeout, "waiting for \(name) to boot was cancelled") }
-        let instanceLog = (try? await runner.check(cli.showLog(name))) ?? "(no log)"
+        let instanceLog = await showLog(name) ?? "(no log)"
         throw VirtError(
             .timeout,
             "\(cli.qualified(name)) did not finish booting within \(timeout) (last state: \(last)); its log:\n\(instanceLog)"
@@ -464,7 +489,7 @@ public final class IncusTestbed: Testbed {
     private func delete(_ name: String) async {
         do {
             let result = try await instances.counted { () async throws(VirtError) in
-                try await runner.run(cli.delete(name))
+                try await control(cli.delete(name))
             }
             if !result.status.succeeded && !IncusErrors.isNotFound(result) {
                 log.error(
@@ -472,7 +497,9 @@ public final class IncusTestbed: Testbed {
                         + "`debusine-virt-incus gc` removes it later")
             }
         } catch {
-            log.error("could not delete the instance \(cli.qualified(name)): \(error)")
+            log.error(
+                "could not delete the instance \(cli.qualified(name)): \(error.message); "
+                    + "`debusine-virt-incus gc` removes it later")
         }
     }
 
@@ -480,17 +507,18 @@ public final class IncusTestbed: Testbed {
     /// timeout, then a delete in case anything is left.
     private func stopAndDelete(_ name: String) async {
         log.debug("stopping \(cli.qualified(name))")
-        let stopped = try? await runner.run(cli.stop(name, timeout: options.stopTimeout))
+        let stopped = try? await control(
+            cli.stop(name, timeout: options.stopTimeout), within: .seconds(options.stopTimeout) + options.bootTimeout)
         if let stopped, stopped.status.succeeded || IncusErrors.isNotFound(stopped) {
             // Ephemeral: gone once stopped. Make sure, without waiting long.
-            if let check = try? await runner.run(cli.configGet(name, InstanceOwner.pidKey)),
+            if let check = try? await control(cli.configGet(name, InstanceOwner.pidKey)),
                 IncusErrors.isNotFound(check)
             {
                 return
             }
         } else {
             log.info("\(cli.qualified(name)) did not stop within \(options.stopTimeout) s; killing it")
-            _ = try? await runner.run(cli.forceStop(name))
+            _ = try? await control(cli.forceStop(name))
         }
         await delete(name)
     }

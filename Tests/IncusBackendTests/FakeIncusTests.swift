@@ -164,6 +164,57 @@ struct FakeIncusTests {
         #expect(stderr.contains("debusine-virt-incus gc"), "the leftover instance is reported: \(stderr)")
     }
 
+    @Test(
+        "an incusd that stops answering: revert and close each end within their time limits, naming the command that hung; no incus client is left waiting",
+        .timeLimit(.minutes(3)))
+    func daemonStopsAnswering() async throws {
+        // The server's, that is: its death watch's `gc` waits on the hung incusd too (for two
+        // minutes, as a `gc` run by hand does), and is stopped here.
+        func hungClients(_ fake: Fake) async throws -> [String] {
+            let watch = "gc --owner \(fake.server.pid)"
+            let hung = (OwnedDirectory.names(in: "/proc") ?? []).filter { pid in
+                guard (SmallFile.text("/proc/\(pid)/cmdline") ?? "").hasPrefix("fake-incus-hung \(fake.state)"),
+                    let stat = SmallFile.text("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")")
+                else { return false }
+                let parent = stat[stat.index(after: close)...].split(separator: " ").dropFirst().first ?? ""
+                return !(SmallFile.text("/proc/\(parent)/cmdline") ?? "").contains(watch.replacing(" ", with: "\0"))
+            }
+            _ = try await SubprocessRunner().run(Command("pkill", ["-f", "\(watch)$"]))
+            // What the watch's `gc` had started goes with it.
+            _ = try await SubprocessRunner().run(Command("pkill", ["-f", "^fake-incus-hung \(fake.state) "]))
+            return hung
+        }
+        // A revert: the old instance's delete and the new launch both hang.
+        let reverting = try Fake("hangs", ["--boot-timeout", "3", "--no-spare"])
+        defer { reverting.cleanUp() }
+        #expect(try await reverting.server.readLine() == "ok")
+        #expect(try await reverting.request("open")?.hasPrefix("ok /") == true, "\(reverting.server.standardError)")
+        #expect(FileManager.default.createFile(atPath: reverting.state + "/hang", contents: nil))
+        let started = ContinuousClock.now
+        #expect(try await reverting.request("revert") == nil)
+        #expect(try await reverting.server.wait() == .exited(12))
+        #expect(ContinuousClock.now - started < .seconds(60))
+        var stderr = reverting.server.standardError
+        #expect(stderr.contains("`incus delete debusine-virt-"), "\(stderr)")
+        #expect(stderr.contains("timed out after 3 s"), "\(stderr)")
+        #expect(stderr.contains("debusine-virt-incus gc"), "the leftover instance is reported: \(stderr)")
+        #expect(try await hungClients(reverting).isEmpty)
+
+        // A close: the graceful stop, the forced one and the delete all hang.
+        let closing = try Fake("hangs", ["--boot-timeout", "3", "--stop-timeout", "1", "--no-spare"])
+        defer { closing.cleanUp() }
+        #expect(try await closing.server.readLine() == "ok")
+        #expect(try await closing.request("open")?.hasPrefix("ok /") == true, "\(closing.server.standardError)")
+        #expect(FileManager.default.createFile(atPath: closing.state + "/hang", contents: nil))
+        #expect(try await closing.request("close") == "ok")
+        closing.server.write(line: "quit")
+        #expect(try await closing.server.wait() == .exited(0))
+        stderr = closing.server.standardError
+        #expect(stderr.contains("did not stop within 1 s"), "\(stderr)")
+        #expect(stderr.contains("could not delete the instance debusine-virt-"), "\(stderr)")
+        #expect(try await hungClients(closing).isEmpty)
+    }
+
     /// With /proc mounted hidepid=2, a worker's gc cannot see another user's server, and must
     /// not take it for dead; an instance of another machine that shares the host name is not
     /// this gc's either (issue 14, item 10).
