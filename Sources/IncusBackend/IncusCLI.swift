@@ -131,10 +131,7 @@ public struct IncusCLI: Sendable, Equatable {
 
     /// `incus query /1.0/instances/NAME`: the instance as JSON, with its cluster `location`.
     public func instanceInfo(_ name: String) -> Command {
-        let unreserved = CharacterSet(
-            charactersIn: "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
-        let path = "/1.0/instances/" + (name.addingPercentEncoding(withAllowedCharacters: unreserved) ?? name)
-        return command(["query", remote.map { "\($0):\(path)" } ?? path])
+        query("/1.0/instances/" + Self.percentEncoded(name))
     }
 
     /// `incus config get NAME KEY`.
@@ -150,12 +147,20 @@ public struct IncusCLI: Sendable, Equatable {
     /// `incus query /1.0` on the remote (of one cluster member with `target`): the server's
     /// description, with the architectures it runs.
     public func serverInfo(target: String? = nil) -> Command {
-        // The member as a query value: all but URL-unreserved characters percent-encoded.
+        query("/1.0" + (target.map { "?target=\(Self.percentEncoded($0))" } ?? ""))
+    }
+
+    /// `incus query PATH` on the remote.
+    private func query(_ path: String) -> Command {
+        command(["query", remote.map { "\($0):\(path)" } ?? path])
+    }
+
+    /// A name as a URL path segment or query value: all but URL-unreserved characters
+    /// percent-encoded.
+    private static func percentEncoded(_ text: String) -> String {
         let unreserved = CharacterSet(
             charactersIn: "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
-        let member = target.map { "?target=\($0.addingPercentEncoding(withAllowedCharacters: unreserved) ?? $0)" }
-        let path = "/1.0" + (member ?? "")
-        return command(["query", remote.map { "\($0):\(path)" } ?? path])
+        return text.addingPercentEncoding(withAllowedCharacters: unreserved) ?? text
     }
 
     /// `incus image import FILE... --alias ALIAS` into the remote's store: a unified image, or

@@ -89,26 +89,12 @@ struct IncusClusterTests {
     func fixtureOnMember() async throws {
         let work = try TestPaths.makeTemporaryDirectory("dv-cluster-autopkgtest.")
         defer { TestPaths.removeTree(work) }
-        let fixture = "\(TestPaths.repositoryRoot)/examples/fixture"
         let before = Set(try await instances().map(\.name))
-        let result = try await runner.run(
-            Command(
-                "autopkgtest",
-                [
-                    "--no-built-binaries", "--summary-file=\(work)/summary", "--output-dir=\(work)/out", "\(fixture)/",
-                    "--", TestPaths.executable("debusine-virt-incus"), "-d", "--remote", Self.remote, "--target", "m2",
-                    Self.image,
-                ], environment: ["INCUS_CONF": try clientConfiguration()]),
-            input: .none, output: .discard, error: .capture(limit: 64 << 20))
-        #expect(result.status == .exited(4), "autopkgtest: \(result.status)\n\(result.errorText.suffix(4000))")
-        let summary = try String(contentsOfFile: "\(work)/summary", encoding: .utf8)
-        let actual = summary.split(separator: "\n").map { $0.split(separator: " ").prefix(2).joined(separator: " ") }
-        let expected = try String(contentsOfFile: "\(fixture)/expected-summary", encoding: .utf8)
-            .split(separator: "\n").map(String.init)
-        #expect(actual == expected, "summary:\n\(summary)")
-        #expect(
-            FileManager.default.fileExists(atPath: "\(work)/out/artifacts/odd dir ü/file, with % and spaces"),
-            "the artifact with an odd name was not copied up")
+        let result = try await FixturePackage.run(
+            server: [
+                TestPaths.executable("debusine-virt-incus"), "-d", "--remote", Self.remote, "--target", "m2",
+                Self.image,
+            ], environment: ["INCUS_CONF": try clientConfiguration()], work: work)
         // Its debug log shows the launches on the remote, for the member asked for (the placement
         // itself is the next test's).
         let launches = result.errorText.split(separator: "\n").filter {

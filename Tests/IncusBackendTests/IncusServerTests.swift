@@ -327,26 +327,10 @@ struct IncusServerTests {
     func runFixture(image: String) async throws -> String {
         let work = try TestPaths.makeTemporaryDirectory("dv-autopkgtest.")
         defer { TestPaths.removeTree(work) }
-        let fixture = "\(TestPaths.repositoryRoot)/examples/fixture"
         // Orphans a killed earlier run left on this machine are not this run's to answer for.
         let before = Set(try await IncusGarbageCollector().orphans().map(\.name))
-        let result = try await runner.run(
-            Command(
-                "autopkgtest",
-                [
-                    "--no-built-binaries", "--summary-file=\(work)/summary", "--output-dir=\(work)/out", "\(fixture)/",
-                    "--", TestPaths.executable("debusine-virt-incus"), image,
-                ]),
-            input: .none, output: .discard, error: .capture(limit: 64 << 20))
-        #expect(result.status == .exited(4), "autopkgtest: \(result.status)\n\(result.errorText.suffix(4000))")
-        let summary = try String(contentsOfFile: "\(work)/summary", encoding: .utf8)
-        let actual = summary.split(separator: "\n").map { $0.split(separator: " ").prefix(2).joined(separator: " ") }
-        let expected = try String(contentsOfFile: "\(fixture)/expected-summary", encoding: .utf8)
-            .split(separator: "\n").map(String.init)
-        #expect(actual == expected, "summary:\n\(summary)")
-        #expect(
-            FileManager.default.fileExists(atPath: "\(work)/out/artifacts/odd dir ü/file, with % and spaces"),
-            "the artifact with an odd name was not copied up")
+        let result = try await FixturePackage.run(
+            server: [TestPaths.executable("debusine-virt-incus"), image], work: work)
         // Every server autopkgtest started is gone, and none left an instance behind.
         let orphans = try await IncusGarbageCollector().orphans().map(\.name).filter { !before.contains($0) }
         #expect(orphans.isEmpty, "left behind: \(orphans)")
