@@ -1,5 +1,6 @@
 import Glibc
 import GuestChannel
+import VirtCore
 
 /// The program autopkgtest and sbuild execute as the auxverb: runs one command in the testbed
 /// through the server's relay socket, streaming stdin, stdout and stderr, and exits with the
@@ -25,19 +26,8 @@ public enum AuxverbClient {
         signal(SIGPIPE, SIG_IGN)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { return fail("socket: \(errorText())") }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let pathBytes = Array(socketPath.utf8)
-        guard pathBytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+        guard let connected = UnixSocketAddress.with(socketPath, { connect(fd, $0, $1) }) else {
             return fail("socket path too long: \(socketPath)")
-        }
-        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
-            for (index, byte) in pathBytes.enumerated() { buffer[index] = byte }
-        }
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
         }
         guard connected == 0 else {
             return fail("cannot reach the testbed at \(socketPath): \(errorText()) (has the virt server ended?)")

@@ -54,6 +54,7 @@ final class HelperChannel: Sendable {
         do throws(VirtError) {
             try OwnedDirectory.claim(directory)
         } catch {
+            unlink("\(directory)/\(OwnedDirectory.ownerFileName)")
             rmdir(directory)
             throw error
         }
@@ -64,15 +65,17 @@ final class HelperChannel: Sendable {
 
     /// Removes the relay directories in `parent` that servers which have ended left behind (a
     /// SIGKILL gives a server no time for ``close()``). With `owner`, only that server's. A
-    /// directory holding anything but the socket and the owner file is not ours: it stays.
-    /// Returns one line per directory removed.
+    /// directory holding anything but the socket and the owner file is not ours, and one whose
+    /// socket still has a listener is in use (a server that cannot be told by its owner file):
+    /// both stay. Returns one line per directory removed.
     static func collectOrphans(parent: String = PrivateDirectory.temporaryParent, owner: pid_t? = nil) -> [String] {
         var report: [String] = []
         let orphans = OwnedDirectory.orphans(
             in: parent, prefix: directoryPrefix, program: "debusine-virt-incus", owner: owner)
         for directory in orphans {
             guard let names = OwnedDirectory.names(in: directory),
-                names.allSatisfy({ $0 == socketName || $0 == OwnedDirectory.ownerFileName })
+                names.allSatisfy({ $0 == socketName || $0 == OwnedDirectory.ownerFileName }),
+                !isListening("\(directory)/\(socketName)")
             else { continue }
             for name in names { unlink("\(directory)/\(name)") }
             if rmdir(directory) == 0 {
@@ -91,6 +94,15 @@ final class HelperChannel: Sendable {
 
         /// python3 is not in the image: `incus exec`'s status for a command it cannot find.
         var missingPython: Bool { status == .exited(127) }
+    }
+
+    /// Whether a process listens on the unix socket at `path`: a connection is taken, or
+    /// waits in a full backlog. Closed at once; the relay takes that as a client gone.
+    static func isListening(_ path: String) -> Bool {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { Glibc.close(fd) }
+        return UnixSocketAddress.connect(fd, to: path) == 0 || errno == EAGAIN || errno == EINPROGRESS
     }
 
     /// The command `incus exec` runs in the instance.

@@ -48,25 +48,40 @@ public struct IncusGarbageCollector: Sendable {
     public func collect(owner only: Int32? = nil, provenMachine: Bool = false) async throws(VirtError) -> [String] {
         // Local, so first: a remote that cannot be listed does not keep them.
         var report = HelperChannel.collectOrphans(owner: only)
-        for (name, owner) in try await orphans(owner: only, provenMachine: provenMachine) where !Task.isCancelled {
+        let orphans: [(name: String, owner: InstanceOwner)]
+        do throws(VirtError) {
+            orphans = try await self.orphans(owner: only, provenMachine: provenMachine)
+        } catch {
+            // What was removed is still said.
+            for line in report { log.info(line) }
+            throw error
+        }
+        for (name, owner) in orphans where !Task.isCancelled {
             let command = cli.delete(name)
             // A server killed while making an instance leaves incusd making it, and another gc
             // (a server's death watch, an admin's) may be deleting it too: incusd refuses the
-            // delete meanwhile, in words that vary. Try again while the instance is there.
-            var result: CommandResult?
-            let gone = try await Deadline(after: .seconds(120)).poll(every: .seconds(1)) {
-                () throws(VirtError) -> Bool in
-                if let last = result, !last.errorText.contains("is busy running"), try await !exists(name) {
-                    return true
+            // delete meanwhile, in words that vary. Try again while the instance is there. A
+            // command that fails or times out is one more try: the next orphans are not given up.
+            var failure = "cancelled"
+            var lastRefusal: CommandResult?
+            let gone = await Deadline(after: .seconds(120)).poll(every: .seconds(1)) { () async -> Bool in
+                do throws(VirtError) {
+                    if let last = lastRefusal, !last.errorText.contains("is busy running"), try await !exists(name) {
+                        return true
+                    }
+                    let attempt = try await bounded(command)
+                    lastRefusal = attempt
+                    failure = attempt.errorText
+                    return attempt.status.succeeded || IncusErrors.isNotFound(attempt)
+                } catch {
+                    failure = error.message
+                    return false
                 }
-                let attempt = try await bounded(command)
-                result = attempt
-                return attempt.status.succeeded || IncusErrors.isNotFound(attempt)
             }
             if gone {
                 report.append("deleted instance \(cli.qualified(name)) (its server, pid \(owner.pid), is gone)")
             } else {
-                report.append("could not delete instance \(cli.qualified(name)): \(result?.errorText ?? "cancelled")")
+                report.append("could not delete instance \(cli.qualified(name)): \(failure)")
             }
         }
         return report

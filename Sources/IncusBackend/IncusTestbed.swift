@@ -439,15 +439,21 @@ public final class IncusTestbed: Testbed {
         // Counted before the name goes, as in revert: a close finds the name or waits.
         await instances.counted { () async -> Void in
             instances.drop(name)
-            if await isOurs(name) { await delete(name) }
+            switch await isOurs(name) {
+            case true: await delete(name)
+            case false: break
+            case nil:
+                log.error(
+                    "could not tell whether \(cli.qualified(name)) is this server's to delete; "
+                        + "`debusine-virt-incus gc` removes it later if it is")
+            }
         }
     }
 
-    private func isOurs(_ name: String) async -> Bool {
-        guard let result = try? await control(cli.configGet(name, InstanceOwner.pidKey)),
-            result.status.succeeded
-        else { return false }
-        return result.outputText == String(owner.pid)
+    /// Whether `name` carries this server's label; nil when incusd did not answer in time.
+    private func isOurs(_ name: String) async -> Bool? {
+        guard let result = try? await control(cli.configGet(name, InstanceOwner.pidKey)) else { return nil }
+        return result.status.succeeded && result.outputText == String(owner.pid)
     }
 
     /// Polls `systemctl is-system-running` until the instance has booted.

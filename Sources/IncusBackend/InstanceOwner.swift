@@ -71,7 +71,7 @@ public struct InstanceOwner: Sendable, Equatable {
     /// This machine's id (/etc/machine-id, else D-Bus's copy), or "" without one.
     public static func machineID() -> String {
         for path in ["/etc/machine-id", "/var/lib/dbus/machine-id"] {
-            let text = String((readSmallFile(path) ?? "").filter { !$0.isWhitespace })
+            let text = String((SmallFile.text(path, limit: 4096) ?? "").filter { !$0.isWhitespace })
             if text.count == 32 && text.allSatisfy(\.isHexDigit) { return text }
         }
         return ""
@@ -85,23 +85,7 @@ public struct InstanceOwner: Sendable, Equatable {
 
     /// Field 22 of /proc/PID/stat, or nil when there is no such process.
     public static func startTime(of pid: Int32) -> String? {
-        guard let stat = readSmallFile("/proc/\(pid)/stat") else { return nil }
-        // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-        guard let close = stat.lastIndex(of: ")") else { return nil }
-        let fields = stat[stat.index(after: close)...].split(separator: " ")
-        // fields[0] is field 3 (state); field 22 is fields[19].
-        guard fields.count > 19 else { return nil }
-        return String(fields[19])
-    }
-
-    static func readSmallFile(_ path: String) -> String? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var bytes = [UInt8](repeating: 0, count: 4096)
-        let count = read(fd, &bytes, bytes.count)
-        guard count > 0 else { return nil }
-        return String(decoding: bytes[0..<count], as: UTF8.self)
+        LiveProcess.startTime(of: pid)
     }
 }
 

@@ -12,10 +12,24 @@ public enum LiveProcess {
 
     /// Field 3 of /proc/PID/stat (R, S, D, Z, ...), or nil when it cannot be read.
     public static func state(of pid: pid_t) -> Character? {
+        statFields(of: pid)?.first?.first
+    }
+
+    /// Field 22 of /proc/PID/stat: when the process started, in clock ticks after the host's
+    /// boot (with the pid, it names one process: a recycled pid has another start time); nil
+    /// when there is no such process (or /proc hides it).
+    public static func startTime(of pid: pid_t) -> String? {
+        guard let fields = statFields(of: pid), fields.count > 19 else { return nil }
+        return String(fields[19])
+    }
+
+    /// The fields of /proc/PID/stat from field 3 on. The command name (field 2) may hold spaces
+    /// and parentheses: they are counted from the last ')'.
+    static func statFields(of pid: pid_t) -> [Substring]? {
         guard let text = SmallFile.text("/proc/\(pid)/stat", limit: 4096), let close = text.lastIndex(of: ")") else {
             return nil
         }
-        return text[text.index(after: close)...].dropFirst().first
+        return text[text.index(after: close)...].split(separator: " ")
     }
 
     /// Waits, polling, until `pid` no longer runs or `seconds` have passed; whether it ended.

@@ -9,20 +9,23 @@ public enum OwnedDirectory {
     /// Directories younger than this (in seconds) without an owner file may still be in creation.
     public static let creationGrace = 60
 
-    /// Writes the owner file of `directory`, naming this process.
+    /// Writes the owner file of `directory`, naming this process: its pid, and on a second line
+    /// its start time (so that a recycled pid is not taken for it).
     public static func claim(_ directory: String) throws(VirtError) {
         let path = "\(directory)/\(ownerFileName)"
         let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw VirtError(.io, "cannot write \(path)", errno: errno) }
         defer { close(fd) }
-        let text = Array("\(getpid())\n".utf8)
+        let pid = getpid()
+        let text = Array("\(pid)\n\(LiveProcess.startTime(of: pid) ?? "")\n".utf8)
         let written = text.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         guard written == text.count else { throw VirtError(.io, "cannot write \(path)", errno: errno) }
     }
 
     /// The directories `parent/PREFIX*` of this user whose server has ended: the process their
-    /// owner file names is gone (or is not a `program` under a recycled pid), or, without an
-    /// owner file, made more than ``creationGrace`` ago. With `owner`, only that server's.
+    /// owner file names is gone (or is another under a recycled pid: another start time, or,
+    /// for owner files without one, not a `program`), or, without an owner file, made more than
+    /// ``creationGrace`` ago. With `owner`, only that server's.
     public static func orphans(
         in parent: String, prefix: String, program: String, owner only: pid_t? = nil
     )
@@ -35,10 +38,18 @@ public enum OwnedDirectory {
             guard lstat(directory, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR, info.st_uid == getuid() else {
                 continue
             }
-            let owner = readPID("\(directory)/\(ownerFileName)")
+            let lines = (SmallFile.text("\(directory)/\(ownerFileName)", limit: 4096) ?? "").split(separator: "\n")
+            let owner = lines.first.flatMap { pid_t($0.filter { !$0.isWhitespace }) }
             if let only, owner != only { continue }
             if let owner {
-                if isAlive(owner, commandContains: program) { continue }
+                if lines.count > 1 {
+                    // When /proc hides the process (hidepid), the kernel still knows it runs.
+                    let started = LiveProcess.startTime(of: owner)
+                    if LiveProcess.isRunning(owner) && (started == nil || started == String(lines[1])) { continue }
+                } else if isAlive(owner, commandContains: program) {
+                    // An owner file without a start time (older servers): the pid runs `program`.
+                    continue
+                }
             } else if Int(time(nil)) - Int(info.st_mtim.tv_sec) < creationGrace {
                 continue
             }

@@ -180,8 +180,14 @@ struct FakeIncusTests {
                 return !(SmallFile.text("/proc/\(parent)/cmdline") ?? "").contains(watch.replacing(" ", with: "\0"))
             }
             _ = try await SubprocessRunner().run(Command("pkill", ["-f", "\(watch)$"]))
-            // What the watch's `gc` had started goes with it.
-            _ = try await SubprocessRunner().run(Command("pkill", ["-f", "^fake-incus-hung \(fake.state) "]))
+            // What the watch's `gc` had started goes with it, whatever it had come to.
+            let started = "FAKE_INCUS_STATE=\(fake.state)"
+            for pid in OwnedDirectory.names(in: "/proc") ?? [] {
+                guard let number = pid_t(pid), let environment = SmallFile.text("/proc/\(pid)/environ") else {
+                    continue
+                }
+                if environment.split(separator: "\0").contains(Substring(started)) { kill(number, SIGKILL) }
+            }
             return hung
         }
         // A revert: the old instance's delete and the new launch both hang.

@@ -185,15 +185,17 @@ struct HelperChannelTests {
         let parent = try TestPaths.makeTemporaryDirectory("dv-relay-gc.")
         defer { TestPaths.removeTree(parent) }
         let channel = try HelperChannel(cli: IncusCLI(), runner: SubprocessRunner(), parent: parent)
-        #expect(OwnedDirectory.readPID("\(channel.directory)/owner") == getpid())
+        let started = try #require(LiveProcess.startTime(of: getpid()))
+        let claimed = try String(contentsOfFile: "\(channel.directory)/owner", encoding: .utf8)
+        #expect(claimed == "\(getpid())\n\(started)\n", "the pid, then its start time")
 
         // A live server: a process whose command line names the program.
         let server = try ServerProcess(["/bin/sh", "-c", "sleep 60", "debusine-virt-incus"])
         defer { server.signal(SIGKILL) }
-        func relayDirectory(owner: pid_t?, age: Int = 0, extra: String? = nil) throws -> String {
+        func relayDirectory(owner: String?, age: Int = 0, extra: String? = nil) throws -> String {
             let directory = try PrivateDirectory.make(in: parent, prefix: "dvi.")
             try Data().write(to: URL(fileURLWithPath: "\(directory)/auxverb.sock"))
-            if let owner { try Data("\(owner)\n".utf8).write(to: URL(fileURLWithPath: "\(directory)/owner")) }
+            if let owner { try Data(owner.utf8).write(to: URL(fileURLWithPath: "\(directory)/owner")) }
             if let extra { try Data().write(to: URL(fileURLWithPath: "\(directory)/\(extra)")) }
             if age > 0 {
                 let then = timeval(tv_sec: time(nil) - age, tv_usec: 0)
@@ -201,33 +203,38 @@ struct HelperChannelTests {
             }
             return directory
         }
-        let live = try relayDirectory(owner: server.pid)
-        let dead = try relayDirectory(owner: Int32.max - 7)
-        let otherDead = try relayDirectory(owner: Int32.max - 9)
-        // This test's own pid: alive, but not a server (a recycled pid).
-        let recycled = try relayDirectory(owner: getpid())
+        let live = try relayDirectory(owner: "\(server.pid)\n\(LiveProcess.startTime(of: server.pid) ?? "")\n")
+        // An owner file without a start time, as older servers wrote: the pid must run the program.
+        let liveOlder = try relayDirectory(owner: "\(server.pid)\n")
+        let dead = try relayDirectory(owner: "\(Int32.max - 7)\n1\n")
+        let otherDead = try relayDirectory(owner: "\(Int32.max - 9)\n")
+        // This test's own pid, started at another time: a recycled pid.
+        let recycled = try relayDirectory(owner: "\(getpid())\n1\n")
+        // This test's own pid without a start time: it is not a server.
+        let notAServer = try relayDirectory(owner: "\(getpid())\n")
         let fresh = try relayDirectory(owner: nil)
         let old = try relayDirectory(owner: nil, age: 120)
-        let notOurs = try relayDirectory(owner: Int32.max - 7, extra: "precious")
+        // No owner file, but someone listens on the socket: in use.
+        let listened = try PrivateDirectory.make(in: parent, prefix: "dvi.")
+        let listener = try TestSockets.listen(at: "\(listened)/auxverb.sock")
+        defer { close(listener) }
+        let then = timeval(tv_sec: time(nil) - 120, tv_usec: 0)
+        #expect(utimes(listened, [then, then]) == 0)
+        let notOurs = try relayDirectory(owner: "\(Int32.max - 7)\n", extra: "precious")
         let otherPrefix = try PrivateDirectory.make(in: parent, prefix: "dvq.")
 
         // The death watch's run: that server's alone.
         #expect(HelperChannel.collectOrphans(parent: parent, owner: Int32.max - 9) == ["removed \(otherDead)"])
         let report = HelperChannel.collectOrphans(parent: parent)
-        #expect(Set(report) == Set([dead, recycled, old, channel.directory].map { "removed \($0)" }), "\(report)")
-        for gone in [dead, otherDead, recycled, old] {
+        #expect(Set(report) == Set([dead, recycled, notAServer, old].map { "removed \($0)" }), "\(report)")
+        for gone in [dead, otherDead, recycled, notAServer, old] {
             #expect(access(gone, F_OK) != 0, "\(gone)")
         }
-        for kept in [live, fresh, notOurs, otherPrefix] {
+        for kept in [channel.directory, live, liveOlder, fresh, listened, notOurs, otherPrefix] {
             #expect(access(kept, F_OK) == 0, "\(kept)")
         }
-        // The channel's own directory names this test process, not a server, so it went too;
-        // closing a channel whose directory is gone is fine.
         await channel.close()
-
-        let closing = try HelperChannel(cli: IncusCLI(), runner: SubprocessRunner(), parent: parent)
-        await closing.close()
-        #expect(access(closing.directory, F_OK) != 0, "close removes the owner file and the directory")
+        #expect(access(channel.directory, F_OK) != 0, "close removes the owner file and the directory")
     }
 
     @Test("a TMPDIR too long for the relay's socket path is refused before anything is made")

@@ -374,7 +374,7 @@ struct IncusServerTests {
     }
 
     /// A server opened, with its testbed and the spare for the next revert both made; and the
-    /// private directory of its guest helper's relay, from the auxverb it prints.
+    /// private directory of its guest helper's relay.
     func openedWithSpare(_ image: String) async throws -> (ServerProcess, [String], String) {
         // At once: the test machine is rarely quiet.
         let server = try ServerProcess([TestPaths.executable("debusine-virt-incus"), "--eager-spare", image])
@@ -388,9 +388,13 @@ struct IncusServerTests {
             left = try await instances(ownedBy: server.pid)
         }
         #expect(left.count == 2, "the testbed and its spare: \(left)")
-        let auxverb = try ProtocolWords.auxverb(fromReply: try await server.request("print-execute-command"))
-        let socket = try #require(auxverb.first { $0.hasSuffix("/auxverb.sock") }, "no relay socket in \(auxverb)")
-        return (server, left, String(socket.dropLast("/auxverb.sock".count)))
+        // Made with the testbed, whether or not its helper came up; it names its server.
+        let parent = PrivateDirectory.temporaryParent
+        let relays = TestPaths.contents(of: parent).filter {
+            $0.hasPrefix("dvi.") && OwnedDirectory.readPID("\(parent)/\($0)/owner") == server.pid
+        }
+        let relay = try #require(relays.first, "no relay directory of \(server.pid) in \(parent)")
+        return (server, left, "\(parent)/\(relay)")
     }
 
     @Test(
