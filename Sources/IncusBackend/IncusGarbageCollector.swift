@@ -53,7 +53,7 @@ public struct IncusGarbageCollector: Sendable {
             orphans = try await self.orphans(owner: only, provenMachine: provenMachine)
         } catch {
             // What was removed is still said.
-            for line in report { log.info(line) }
+            for line in report { log.info("gc, before incus failed: \(line)") }
             throw error
         }
         for (name, owner) in orphans where !Task.isCancelled {
@@ -64,12 +64,15 @@ public struct IncusGarbageCollector: Sendable {
             // command that fails or times out is one more try: the next orphans are not given up.
             var failure = "cancelled"
             var lastRefusal: CommandResult?
-            let gone = await Deadline(after: .seconds(120)).poll(every: .seconds(1)) { () async -> Bool in
+            let deadline = Deadline(after: .seconds(120))
+            let gone = await deadline.poll(every: .seconds(1)) { () async -> Bool in
                 do throws(VirtError) {
-                    if let last = lastRefusal, !last.errorText.contains("is busy running"), try await !exists(name) {
+                    if let last = lastRefusal, !last.errorText.contains("is busy running"),
+                        try await !exists(name, within: deadline.remaining())
+                    {
                         return true
                     }
-                    let attempt = try await bounded(command)
+                    let attempt = try await bounded(command, within: deadline.remaining())
                     lastRefusal = attempt
                     failure = attempt.errorText
                     return attempt.status.succeeded || IncusErrors.isNotFound(attempt)
@@ -88,18 +91,22 @@ public struct IncusGarbageCollector: Sendable {
     }
 
     /// Whether an instance named exactly `name` is on the remote.
-    func exists(_ name: String) async throws(VirtError) -> Bool {
+    func exists(_ name: String, within limit: Duration = .seconds(120)) async throws(VirtError) -> Bool {
         let command = cli.list(prefix: name)
-        let result = try await bounded(command)
+        let result = try await bounded(command, within: limit)
         guard result.status.succeeded else { throw IncusErrors.describe(command, result) }
         return try Self.parse(result.standardOutput).contains { $0.0 == name }
     }
 
-    /// Runs `command` for at most two minutes: a death watch must not wait for good on an
-    /// incusd that stopped answering.
-    private func bounded(_ command: Command) async throws(VirtError) -> CommandResult {
+    /// Runs `command` for at most `limit` (two minutes): a death watch must not wait for good
+    /// on an incusd that stopped answering.
+    private func bounded(
+        _ command: Command, within limit: Duration = .seconds(120)
+    ) async throws(VirtError)
+        -> CommandResult
+    {
         let runner = runner
-        return try await withTimeout(.seconds(120), "`\(command)`") {
+        return try await withTimeout(limit, "`\(command)`") {
             try await runner.run(command, input: .none, output: .capture(limit: 64 << 20), error: .capture)
         }
     }

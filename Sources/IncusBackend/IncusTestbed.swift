@@ -450,10 +450,12 @@ public final class IncusTestbed: Testbed {
         }
     }
 
-    /// Whether `name` carries this server's label; nil when incusd did not answer in time.
+    /// Whether `name` carries this server's label; nil when incusd did not say (no answer in
+    /// time, or an error other than there being no such instance).
     private func isOurs(_ name: String) async -> Bool? {
         guard let result = try? await control(cli.configGet(name, InstanceOwner.pidKey)) else { return nil }
-        return result.status.succeeded && result.outputText == String(owner.pid)
+        if result.status.succeeded { return result.outputText == String(owner.pid) }
+        return IncusErrors.isNotFound(result) ? false : nil
     }
 
     /// Polls `systemctl is-system-running` until the instance has booted.

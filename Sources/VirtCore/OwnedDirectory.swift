@@ -43,9 +43,11 @@ public enum OwnedDirectory {
             if let only, owner != only { continue }
             if let owner {
                 if lines.count > 1 {
-                    // When /proc hides the process (hidepid), the kernel still knows it runs.
+                    // A process /proc hides (hidepid) is another user's, not the server that
+                    // made this directory of ours; one /proc shows must have started then.
                     let started = LiveProcess.startTime(of: owner)
-                    if LiveProcess.isRunning(owner) && (started == nil || started == String(lines[1])) { continue }
+                    let same = started.map { $0 == String(lines[1]) } ?? (kill(owner, 0) == 0)
+                    if LiveProcess.isRunning(owner) && same { continue }
                 } else if isAlive(owner, commandContains: program) {
                     // An owner file without a start time (older servers): the pid runs `program`.
                     continue
