@@ -32,6 +32,10 @@ public actor TestbedController {
     /// outlive the process, so the shutdown waits for them and closes again.
     private let creating = InFlight()
 
+    /// How long the commands the controller runs in a new testbed may take: a few small
+    /// processes, seconds even with four VMs under TCG on two cores.
+    static let setUpTimeout: Duration = .seconds(300)
+
     /// How long a shutdown waits for an open or revert its close cut short.
     static let creationGrace: Duration = .seconds(30)
 
@@ -281,20 +285,29 @@ public actor TestbedController {
 
     /// Creates the scratch directory, or re-creates it at the same path after revert and
     /// re-open, while the backend reads what it learns from the new testbed (``Testbed/learn(_:)``).
+    ///
+    /// Bounded by ``setUpTimeout``: a testbed that came up but does not run a command (a stuck
+    /// guest helper, a container whose exec hangs) fails its open or revert with a clear error
+    /// instead of holding it, and its client, for good.
     private func makeScratch(_ auxverb: [String]) async throws(VirtError) -> String {
         let mode = ScratchDirectory.mode(await backend.capabilities())
         let testbed = InTestbed(auxverb: auxverb, runner: runner)
         let backend = self.backend
-        async let learned: Void = backend.learn(testbed)
-        let path: String
-        if let scratch {
-            try await testbed.check(["install", "-d", "-m", mode, "--", scratch])
-            path = scratch
-        } else {
-            path = try await ScratchDirectory.make(in: testbed, mode: mode)
+        let scratch = self.scratch
+        let path = try await withTimeout(Self.setUpTimeout, "creating the scratch directory in the new testbed") {
+            () async throws(VirtError) -> String in
+            async let learned: Void = backend.learn(testbed)
+            let path: String
+            if let scratch {
+                try await testbed.check(["install", "-d", "-m", mode, "--", scratch])
+                path = scratch
+            } else {
+                path = try await ScratchDirectory.make(in: testbed, mode: mode)
+            }
+            await learned
+            return path
         }
-        await learned
-        scratch = path
+        self.scratch = path
         return path
     }
 }

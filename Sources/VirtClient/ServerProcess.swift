@@ -89,8 +89,16 @@ public final class ServerProcess: Sendable {
     /// The next reply line, nil at end of output; throws after `timeout`, which is how a reply
     /// stuck in a buffer shows up. At the end of output, ``standardError`` is complete too (or
     /// two seconds have passed): a server's last words on stderr come as its stdout ends.
+    /// A timeout's error carries the end of the server's stderr: what it was doing when it
+    /// stopped answering is what a reader of a failed run needs first.
     public func readLine(timeout: Duration = .seconds(60)) async throws -> String? {
-        guard let line = try await replies.next(timeout: timeout) else {
+        let next: String?
+        do {
+            next = try await replies.next(timeout: timeout)
+        } catch let error as VirtError where error.code == .timeout {
+            throw VirtError(.timeout, "\(error.message); the server's stderr ends:\n\(standardError.suffix(6000))")
+        }
+        guard let line = next else {
             _ = await standardErrorAtEnd(timeout: .seconds(2))
             return nil
         }
