@@ -37,7 +37,7 @@ public enum CacheFiles {
 
     /// The names in a directory, without `.` and `..`.
     static func names(in directory: String) throws(VirtError) -> [String] {
-        guard let names = OwnedDirectory.names(in: directory) else {
+        guard let names = DirectoryEntries.names(in: directory) else {
             throw VirtError(.io, "cannot list the image cache \(directory)", errno: errno)
         }
         return names

@@ -73,7 +73,7 @@ final class HelperChannel: Sendable {
         let orphans = OwnedDirectory.orphans(
             in: parent, prefix: directoryPrefix, program: "debusine-virt-incus", owner: owner)
         for directory in orphans {
-            guard let names = OwnedDirectory.names(in: directory),
+            guard let names = DirectoryEntries.names(in: directory),
                 names.allSatisfy({ $0 == socketName || $0 == OwnedDirectory.ownerFileName }),
                 !isListening("\(directory)/\(socketName)")
             else { continue }

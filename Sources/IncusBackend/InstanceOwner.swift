@@ -31,7 +31,8 @@ public struct InstanceOwner: Sendable, Equatable {
     /// This process.
     public static func current() -> InstanceOwner {
         let pid = getpid()
-        return InstanceOwner(host: hostName(), machineID: machineID(), pid: pid, startTime: startTime(of: pid) ?? "")
+        return InstanceOwner(
+            host: hostName(), machineID: machineID(), pid: pid, startTime: LiveProcess.startTime(of: pid) ?? "")
     }
 
     /// The labels, as `incus launch --config` pairs.
@@ -63,9 +64,7 @@ public struct InstanceOwner: Sendable, Equatable {
     /// is not ours to signal, and counts as the owner, as its start time cannot be read. A
     /// zombie has ended.
     public var isAlive: Bool {
-        guard LiveProcess.isRunning(pid) else { return false }
-        guard let start = Self.startTime(of: pid) else { return true }
-        return startTime.isEmpty || start == startTime
+        LiveProcess.isProcess(pid, startedAt: startTime, hidden: .same)
     }
 
     /// This machine's id (/etc/machine-id, else D-Bus's copy), or "" without one.
@@ -81,11 +80,6 @@ public struct InstanceOwner: Sendable, Equatable {
         var buffer = [CChar](repeating: 0, count: 256)
         guard gethostname(&buffer, buffer.count - 1) == 0 else { return "localhost" }
         return String(nulTerminated: buffer)
-    }
-
-    /// Field 22 of /proc/PID/stat, or nil when there is no such process.
-    public static func startTime(of pid: Int32) -> String? {
-        LiveProcess.startTime(of: pid)
     }
 }
 

@@ -10,6 +10,22 @@ public enum LiveProcess {
         return kill(pid, 0) == 0 || errno == EPERM
     }
 
+    /// What a pid that runs but that /proc hides (hidepid) counts as, its start time unknown.
+    public enum HiddenProcess: Sendable {
+        /// The process looked for: another user's server may own what is asked about.
+        case same
+        /// Another process: what is asked about is this user's, and so was its owner.
+        case another
+    }
+
+    /// Whether `pid` runs and is the process that started at `startTime` (field 22 of its
+    /// stat), not another under a recycled pid; an empty `startTime` (not recorded) matches any.
+    public static func isProcess(_ pid: pid_t, startedAt startTime: String, hidden: HiddenProcess) -> Bool {
+        guard isRunning(pid) else { return false }
+        guard let started = self.startTime(of: pid) else { return hidden == .same }
+        return startTime.isEmpty || started == startTime
+    }
+
     /// Field 3 of /proc/PID/stat (R, S, D, Z, ...), or nil when it cannot be read.
     public static func state(of pid: pid_t) -> Character? {
         statFields(of: pid)?.first?.first
@@ -21,6 +37,11 @@ public enum LiveProcess {
     public static func startTime(of pid: pid_t) -> String? {
         guard let fields = statFields(of: pid), fields.count > 19 else { return nil }
         return String(fields[19])
+    }
+
+    /// Field 4 of /proc/PID/stat, the parent's pid; nil when there is no such process.
+    public static func parent(of pid: pid_t) -> pid_t? {
+        statFields(of: pid).flatMap { $0.count > 1 ? pid_t($0[1]) : nil }
     }
 
     /// The fields of /proc/PID/stat from field 3 on. The command name (field 2) may hold spaces

@@ -1,10 +1,10 @@
 import Glibc
 
 /// The private directories servers make in $TMPDIR, each naming its server in an `owner` file
-/// (its pid), so that what a killed server left can be told from what a live one still uses:
-/// its death watch and `gc` remove a directory once the process it names is gone.
+/// (its pid and start time), so that what a killed server left can be told from what a live one
+/// still uses: its death watch and `gc` remove a directory once the process it names is gone.
 public enum OwnedDirectory {
-    /// The file in each directory that holds its server's pid.
+    /// The file in each directory that names its server.
     public static let ownerFileName = "owner"
     /// Directories younger than this (in seconds) without an owner file may still be in creation.
     public static let creationGrace = 60
@@ -32,23 +32,20 @@ public enum OwnedDirectory {
         -> [String]
     {
         var found: [String] = []
-        for name in (names(in: parent) ?? []).sorted() where name.hasPrefix(prefix) {
+        for name in (DirectoryEntries.names(in: parent) ?? []).sorted() where name.hasPrefix(prefix) {
             let directory = "\(parent)/\(name)"
             var info = stat()
             guard lstat(directory, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR, info.st_uid == getuid() else {
                 continue
             }
-            let lines = (SmallFile.text("\(directory)/\(ownerFileName)", limit: 4096) ?? "").split(separator: "\n")
-            let owner = lines.first.flatMap { pid_t($0.filter { !$0.isWhitespace }) }
-            if let only, owner != only { continue }
+            let owner = self.owner(of: directory)
+            if let only, owner?.pid != only { continue }
             if let owner {
-                if lines.count > 1 {
+                if let startTime = owner.startTime {
                     // A process /proc hides (hidepid) is another user's, not the server that
-                    // made this directory of ours; one /proc shows must have started then.
-                    let started = LiveProcess.startTime(of: owner)
-                    let same = started.map { $0 == String(lines[1]) } ?? (kill(owner, 0) == 0)
-                    if LiveProcess.isRunning(owner) && same { continue }
-                } else if isAlive(owner, commandContains: program) {
+                    // made this directory of ours.
+                    if LiveProcess.isProcess(owner.pid, startedAt: startTime, hidden: .another) { continue }
+                } else if isAlive(owner.pid, commandContains: program) {
                     // An owner file without a start time (older servers): the pid runs `program`.
                     continue
                 }
@@ -60,9 +57,21 @@ public enum OwnedDirectory {
         return found
     }
 
+    /// The server that `directory`'s owner file names: its pid, and its start time unless the
+    /// file is an older server's, which wrote only the pid. Nil without a readable owner file.
+    public static func owner(of directory: String) -> (pid: pid_t, startTime: String?)? {
+        let lines = (SmallFile.text("\(directory)/\(ownerFileName)", limit: 4096) ?? "").split(separator: "\n")
+        guard let pid = lines.first.flatMap({ pid(in: $0) }) else { return nil }
+        return (pid, lines.count > 1 ? String(lines[1]) : nil)
+    }
+
     /// The pid a file holds on its first line.
     public static func readPID(_ path: String) -> pid_t? {
-        SmallFile.firstLine(path).flatMap { pid_t($0.filter { !$0.isWhitespace }) }
+        SmallFile.firstLine(path).flatMap { pid(in: $0) }
+    }
+
+    private static func pid(in line: some StringProtocol) -> pid_t? {
+        pid_t(String(line.filter { !$0.isWhitespace }))
     }
 
     /// Whether `pid` runs and its command line contains `needle` (zombies count as gone).
@@ -71,19 +80,5 @@ public enum OwnedDirectory {
             return false
         }
         return command.split(separator: "\0").contains { $0.contains(needle) }
-    }
-
-    /// The names in a directory, without `.` and `..`; nil when it cannot be listed.
-    public static func names(in directory: String) -> [String]? {
-        guard let handle = opendir(directory) else { return nil }
-        defer { closedir(handle) }
-        var names: [String] = []
-        while let entry = readdir(handle) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
-            }
-            if name != "." && name != ".." { names.append(name) }
-        }
-        return names
     }
 }

@@ -102,3 +102,38 @@ struct CBufferTextTests {
         #expect(String(nulTerminated: path) == "/etc")
     }
 }
+
+@Suite("Telling whether a process still runs")
+struct LiveProcessTests {
+    @Test("a pid is the process it names only while it runs with the start time recorded for it")
+    func startTimes() throws {
+        let me = getpid()
+        let started = try #require(LiveProcess.startTime(of: me))
+        for hidden in [LiveProcess.HiddenProcess.same, .another] {
+            #expect(LiveProcess.isProcess(me, startedAt: started, hidden: hidden))
+            // Not recorded (an older owner): any process under the pid counts.
+            #expect(LiveProcess.isProcess(me, startedAt: "", hidden: hidden))
+            // Recorded otherwise: the pid was recycled.
+            #expect(!LiveProcess.isProcess(me, startedAt: "1", hidden: hidden))
+            #expect(!LiveProcess.isProcess(Int32.max - 7, startedAt: "", hidden: hidden))
+        }
+        #expect(LiveProcess.parent(of: me) == getppid())
+        #expect(LiveProcess.parent(of: Int32.max - 7) == nil)
+    }
+
+    @Test("a zombie has ended")
+    func zombie() throws {
+        let child = try Spawn.start(["/bin/true"], actions: [], environment: [], workingDirectory: nil)
+        defer { _ = waitpid(child, nil, 0) }
+        // Not reaped: it stays a zombie until the deferred waitpid.
+        var state: Character?
+        for _ in 0..<500 {
+            state = LiveProcess.state(of: child)
+            if state == "Z" { break }
+            usleep(10_000)
+        }
+        #expect(state == "Z")
+        #expect(!LiveProcess.isRunning(child))
+        #expect(!LiveProcess.isProcess(child, startedAt: "", hidden: .same))
+    }
+}

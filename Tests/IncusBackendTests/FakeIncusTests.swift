@@ -172,23 +172,22 @@ struct FakeIncusTests {
         // minutes, as a `gc` run by hand does), and is stopped here.
         func hungClients(_ fake: Fake) async throws -> [String] {
             let watch = "gc --owner \(fake.server.pid)"
-            let hung = (OwnedDirectory.names(in: "/proc") ?? []).filter { pid in
+            func processes() -> [pid_t] { (DirectoryEntries.names(in: "/proc") ?? []).compactMap { pid_t($0) } }
+            let hung = processes().filter { pid in
                 guard (SmallFile.text("/proc/\(pid)/cmdline") ?? "").hasPrefix("fake-incus-hung \(fake.state)"),
-                    let stat = SmallFile.text("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")")
+                    let parent = LiveProcess.parent(of: pid)
                 else { return false }
-                let parent = stat[stat.index(after: close)...].split(separator: " ").dropFirst().first ?? ""
                 return !(SmallFile.text("/proc/\(parent)/cmdline") ?? "").contains(watch.replacing(" ", with: "\0"))
             }
             _ = try await SubprocessRunner().run(Command("pkill", ["-f", "\(watch)$"]))
-            // What the watch's `gc` had started goes with it, whatever it had come to.
+            // What the watch's `gc` had started goes with it, whatever it had come to (looked
+            // for again: it may have started more since the first look).
             let started = "FAKE_INCUS_STATE=\(fake.state)"
-            for pid in OwnedDirectory.names(in: "/proc") ?? [] {
-                guard let number = pid_t(pid), let environment = SmallFile.text("/proc/\(pid)/environ") else {
-                    continue
-                }
-                if environment.split(separator: "\0").contains(Substring(started)) { kill(number, SIGKILL) }
+            for pid in processes() {
+                guard let environment = SmallFile.text("/proc/\(pid)/environ") else { continue }
+                if environment.split(separator: "\0").contains(Substring(started)) { kill(pid, SIGKILL) }
             }
-            return hung
+            return hung.map(String.init)
         }
         // A revert: the old instance's delete and the new launch both hang.
         let reverting = try Fake("hangs", ["--boot-timeout", "3", "--no-spare"])
@@ -242,7 +241,7 @@ struct FakeIncusTests {
             "/usr/bin/setpriv", "--reuid=4242", "--regid=4242", "--clear-groups", "/bin/sleep", "600",
         ])
         defer { sleeper.signal(SIGKILL) }
-        let start = try #require(InstanceOwner.startTime(of: sleeper.pid))
+        let start = try #require(LiveProcess.startTime(of: sleeper.pid))
         let exited = try ServerProcess(["/bin/true"])
         #expect(try await exited.wait() == .exited(0))
         let me = InstanceOwner.current()

@@ -391,7 +391,7 @@ struct IncusServerTests {
         // Made with the testbed, whether or not its helper came up; it names its server.
         let parent = PrivateDirectory.temporaryParent
         let relays = TestPaths.contents(of: parent).filter {
-            $0.hasPrefix("dvi.") && OwnedDirectory.readPID("\(parent)/\($0)/owner") == server.pid
+            $0.hasPrefix("dvi.") && OwnedDirectory.owner(of: "\(parent)/\($0)")?.pid == server.pid
         }
         let relay = try #require(relays.first, "no relay directory of \(server.pid) in \(parent)")
         return (server, left, "\(parent)/\(relay)")
