@@ -33,8 +33,9 @@ public actor TestbedController {
     private let creating = InFlight()
 
     /// How long the commands the controller runs in a new testbed may take: a few small
-    /// processes, seconds even with four VMs under TCG on two cores.
-    static let setUpTimeout: Duration = .seconds(300)
+    /// processes, seconds even with four VMs under TCG on two cores. Five minutes unless a test
+    /// says otherwise.
+    public let setUpTimeout: Duration
 
     /// How long a shutdown waits for an open or revert its close cut short.
     static let creationGrace: Duration = .seconds(30)
@@ -55,8 +56,9 @@ public actor TestbedController {
 
     public init(
         backend: any Testbed, runner: any CommandRunner = SubprocessRunner(), copyTimeout: Duration? = nil,
-        statistics: StatisticsFile? = nil
+        statistics: StatisticsFile? = nil, setUpTimeout: Duration = .seconds(300)
     ) {
+        self.setUpTimeout = setUpTimeout
         self.backend = backend
         self.runner = runner
         self.copyTimeout = copyTimeout ?? TestbedController.copyTimeoutFromEnvironment()
@@ -294,7 +296,7 @@ public actor TestbedController {
         let testbed = InTestbed(auxverb: auxverb, runner: runner)
         let backend = self.backend
         let scratch = self.scratch
-        let path = try await withTimeout(Self.setUpTimeout, "creating the scratch directory in the new testbed") {
+        let path = try await withTimeout(setUpTimeout, "creating the scratch directory in the new testbed") {
             () async throws(VirtError) -> String in
             async let learned: Void = backend.learn(testbed)
             let path: String

@@ -416,6 +416,57 @@ struct RevertShutdownTests {
         #expect(error.message.contains("shut down while reverting"), "\(error.message)")
     }
 
+    /// A guest helper that answered its hello and then runs nothing, a container whose exec
+    /// hangs: the open or revert fails naming what hung, and the command it ran is stopped.
+    @Test("a testbed that came up but runs no command fails its open and its revert in bounded time")
+    func stuckTestbed() async throws {
+        final class StuckTestbed: Testbed {
+            let marker = "dv-stuck-testbed-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+            let stuck = Mutex(true)
+            var auxverb: [String] {
+                stuck.withLock { $0 }
+                    ? ["/bin/sh", "-c", "while :; do sleep 1; done", marker] : ["/usr/bin/env", "--"]
+            }
+            func capabilities() async -> [String] { [Capability.revert, Capability.isolationContainer] }
+            func open() async throws(VirtError) -> [String] { auxverb }
+            func revert() async throws(VirtError) -> [String] { auxverb }
+            func close() async {}
+        }
+        func expectTimedOut(_ backend: StuckTestbed, _ step: () async throws(VirtError) -> String) async throws {
+            let started = ContinuousClock.now
+            do {
+                let scratch = try await step()
+                Issue.record("replied \(scratch)")
+            } catch {
+                #expect(error.code == .timeout, "\(error)")
+                #expect(
+                    error.message.contains("creating the scratch directory in the new testbed timed out"), "\(error)")
+            }
+            #expect(ContinuousClock.now - started < .seconds(30))
+            // The command the set-up ran went with the timeout.
+            var left = ""
+            for _ in 0..<100 {
+                left = (try await SubprocessRunner().run(Command("pgrep", ["-f", backend.marker]))).outputText
+                if left.isEmpty { break }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            #expect(left.isEmpty, "left running: \(left)")
+        }
+        let opening = StuckTestbed()
+        let first = TestbedController(backend: opening, setUpTimeout: .seconds(2))
+        try await expectTimedOut(opening) { () throws(VirtError) in try await first.open() }
+        await first.shutdown()
+
+        let reverting = StuckTestbed()
+        reverting.stuck.withLock { $0 = false }
+        let second = TestbedController(backend: reverting, setUpTimeout: .seconds(2))
+        let scratch = try await second.open()
+        defer { TestPaths.removeTree(scratch) }
+        reverting.stuck.withLock { $0 = true }
+        try await expectTimedOut(reverting) { () throws(VirtError) in try await second.revert() }
+        await second.shutdown()
+    }
+
     @Test("only an absolute path of printable ASCII without spaces or % can be the scratch directory")
     func scratchPaths() {
         for path in ["/tmp/autopkgtest.AbC123", "/var/tmp/x-y_z.1"] {
