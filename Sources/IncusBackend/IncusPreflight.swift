@@ -28,10 +28,11 @@ public enum IncusPreflight {
             throw IncusErrors.describe(info, result)
         }
         // `@GROUP` names a cluster group, which the member query does not know.
+        var member: CommandResult?
         if let target = options.target, !target.hasPrefix("@") {
-            try await checkTarget(target, options, runner: runner)
+            member = try await checkTarget(target, options, runner: runner)
         }
-        try await checkArchitecture(options, imageInfo: result.outputText, runner: runner)
+        try await checkArchitecture(options, imageInfo: result.outputText, serverInfo: member, runner: runner)
         for profile in options.profiles {
             let show = cli.profileShow(profile)
             let shown = try await runner.run(show)
@@ -47,15 +48,16 @@ public enum IncusPreflight {
     }
 
     /// A `--target` that is not a member of the server's cluster (or a server that is not
-    /// clustered) fails here, before the banner, instead of at `open`.
+    /// clustered) fails here, before the banner, instead of at `open`. Returns the member's
+    /// answer, which the architecture check reads too.
     static func checkTarget(
         _ target: String, _ options: IncusOptions, runner: any CommandRunner
     )
-        async throws(VirtError)
+        async throws(VirtError) -> CommandResult
     {
         let query = options.cli.serverInfo(target: target)
         let result = try await runner.run(query)
-        guard !result.status.succeeded else { return }
+        guard !result.status.succeeded else { return result }
         let server = options.cli.remote.map { "the Incus remote \($0)" } ?? "the Incus server"
         guard result.errorText.lowercased().contains("member not found") else {
             throw IncusErrors.describe(query, result)
@@ -77,13 +79,17 @@ public enum IncusPreflight {
     /// remote): an amd64 image on an amd64 host costs no command. With `--target` the member is
     /// asked; a cluster asked without one is left to place the instance (its members may differ).
     /// The check only advises: a query that fails or says nothing usable lets `open` find out.
+    /// `serverInfo`: the server's (or member's) answer to that query, when ``checkTarget`` asked
+    /// it already.
     static func checkArchitecture(
-        _ options: IncusOptions, imageInfo: String, runner: any CommandRunner
+        _ options: IncusOptions, imageInfo: String, serverInfo: CommandResult? = nil, runner: any CommandRunner
     ) async throws(VirtError) {
         guard let image = architecture(imageInfo: imageInfo) else { return }
         if options.cli.remote == nil && image == Host.machine { return }
         let query = options.cli.serverInfo(target: options.target)
-        guard let result = try? await runner.run(query), result.status.succeeded,
+        var answer = serverInfo
+        if answer == nil { answer = try? await runner.run(query) }
+        guard let result = answer, result.status.succeeded,
             let server = serverArchitectures(result.outputText), !server.clustered || options.target != nil,
             !server.architectures.isEmpty, !server.architectures.contains(image)
         else { return }
