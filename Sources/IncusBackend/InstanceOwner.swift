@@ -64,7 +64,7 @@ public struct InstanceOwner: Sendable, Equatable {
     /// is not ours to signal, and counts as the owner, as its start time cannot be read. A
     /// zombie has ended.
     public var isAlive: Bool {
-        LiveProcess.isProcess(pid, startedAt: startTime, hidden: .same)
+        LiveProcess.isProcess(pid, startedAt: startTime, unreadable: .owner)
     }
 
     /// This machine's id (/etc/machine-id, else D-Bus's copy), or "" without one.

@@ -10,19 +10,23 @@ public enum LiveProcess {
         return kill(pid, 0) == 0 || errno == EPERM
     }
 
-    /// What a pid that runs but that /proc hides (hidepid) counts as, its start time unknown.
-    public enum HiddenProcess: Sendable {
-        /// The process looked for: another user's server may own what is asked about.
-        case same
-        /// Another process: what is asked about is this user's, and so was its owner.
-        case another
+    /// What a running pid whose start time cannot be read counts as: /proc hides it (hidepid:
+    /// another user's process), or its stat cannot be read for another reason.
+    public enum UnreadableStart: Sendable {
+        /// The process looked for, whoever's it is: its owner may be another user's server.
+        case owner
+        /// The process looked for only when it is this user's (it may be signalled): what is
+        /// asked about is this user's, and so was the process that made it.
+        case ownerIfOurs
     }
 
     /// Whether `pid` runs and is the process that started at `startTime` (field 22 of its
     /// stat), not another under a recycled pid; an empty `startTime` (not recorded) matches any.
-    public static func isProcess(_ pid: pid_t, startedAt startTime: String, hidden: HiddenProcess) -> Bool {
+    public static func isProcess(_ pid: pid_t, startedAt startTime: String, unreadable: UnreadableStart) -> Bool {
         guard isRunning(pid) else { return false }
-        guard let started = self.startTime(of: pid) else { return hidden == .same }
+        guard let started = self.startTime(of: pid) else {
+            return unreadable == .owner || kill(pid, 0) == 0
+        }
         return startTime.isEmpty || started == startTime
     }
 

@@ -44,7 +44,7 @@ public enum OwnedDirectory {
                 if let startTime = owner.startTime {
                     // A process /proc hides (hidepid) is another user's, not the server that
                     // made this directory of ours.
-                    if LiveProcess.isProcess(owner.pid, startedAt: startTime, hidden: .another) { continue }
+                    if LiveProcess.isProcess(owner.pid, startedAt: startTime, unreadable: .ownerIfOurs) { continue }
                 } else if isAlive(owner.pid, commandContains: program) {
                     // An owner file without a start time (older servers): the pid runs `program`.
                     continue
@@ -58,7 +58,8 @@ public enum OwnedDirectory {
     }
 
     /// The server that `directory`'s owner file names: its pid, and its start time unless the
-    /// file is an older server's, which wrote only the pid. Nil without a readable owner file.
+    /// file has none (an older server's, which wrote only the pid, or a server that could not
+    /// read its own start time). Nil without a readable owner file.
     public static func owner(of directory: String) -> (pid: pid_t, startTime: String?)? {
         let lines = (SmallFile.text("\(directory)/\(ownerFileName)", limit: 4096) ?? "").split(separator: "\n")
         guard let pid = lines.first.flatMap({ pid(in: $0) }) else { return nil }

@@ -109,13 +109,14 @@ struct LiveProcessTests {
     func startTimes() throws {
         let me = getpid()
         let started = try #require(LiveProcess.startTime(of: me))
-        for hidden in [LiveProcess.HiddenProcess.same, .another] {
-            #expect(LiveProcess.isProcess(me, startedAt: started, hidden: hidden))
+        // This test's own processes: /proc shows them, so both rules agree.
+        for unreadable in [LiveProcess.UnreadableStart.owner, .ownerIfOurs] {
+            #expect(LiveProcess.isProcess(me, startedAt: started, unreadable: unreadable))
             // Not recorded (an older owner): any process under the pid counts.
-            #expect(LiveProcess.isProcess(me, startedAt: "", hidden: hidden))
+            #expect(LiveProcess.isProcess(me, startedAt: "", unreadable: unreadable))
             // Recorded otherwise: the pid was recycled.
-            #expect(!LiveProcess.isProcess(me, startedAt: "1", hidden: hidden))
-            #expect(!LiveProcess.isProcess(Int32.max - 7, startedAt: "", hidden: hidden))
+            #expect(!LiveProcess.isProcess(me, startedAt: "1", unreadable: unreadable))
+            #expect(!LiveProcess.isProcess(Int32.max - 7, startedAt: "", unreadable: unreadable))
         }
         #expect(LiveProcess.parent(of: me) == getppid())
         #expect(LiveProcess.parent(of: Int32.max - 7) == nil)
@@ -134,6 +135,6 @@ struct LiveProcessTests {
         }
         #expect(state == "Z")
         #expect(!LiveProcess.isRunning(child))
-        #expect(!LiveProcess.isProcess(child, startedAt: "", hidden: .same))
+        #expect(!LiveProcess.isProcess(child, startedAt: "", unreadable: .owner))
     }
 }
