@@ -14,10 +14,16 @@ public struct IncusGarbageCollector: Sendable {
     let runner: any CommandRunner
     /// This machine, as owners name it (its pid and start time are not used).
     let machine: InstanceOwner
+    /// How long the tries at deleting one instance take at most, in all.
+    let patience: Duration
 
-    public init(cli: IncusCLI = IncusCLI(), runner: any CommandRunner = SubprocessRunner(), host: String? = nil) {
+    public init(
+        cli: IncusCLI = IncusCLI(), runner: any CommandRunner = SubprocessRunner(), host: String? = nil,
+        patience: Duration = .seconds(120)
+    ) {
         self.cli = cli
         self.runner = runner
+        self.patience = patience
         let current = InstanceOwner.current()
         machine = InstanceOwner(
             host: host ?? current.host, machineID: current.machineID, pid: 0, startTime: "")
@@ -44,10 +50,13 @@ public struct IncusGarbageCollector: Sendable {
 
     /// Deletes the orphans, and removes the directories of the guest helper's relay that dead
     /// servers left in $TMPDIR; returns one line per instance and directory.
-    /// With `owner`, only that server's (the death watch's run, once it has died).
-    public func collect(owner only: Int32? = nil, provenMachine: Bool = false) async throws(VirtError) -> [String] {
+    /// With `owner`, only that server's (the death watch's run, once it has died). The relay
+    /// directories are looked for in `relayParent`.
+    public func collect(
+        owner only: Int32? = nil, provenMachine: Bool = false, relayParent: String = PrivateDirectory.temporaryParent
+    ) async throws(VirtError) -> [String] {
         // Local, so first: a remote that cannot be listed does not keep them.
-        var report = HelperChannel.collectOrphans(owner: only)
+        var report = HelperChannel.collectOrphans(parent: relayParent, owner: only)
         let orphans: [(name: String, owner: InstanceOwner)]
         do throws(VirtError) {
             orphans = try await self.orphans(owner: only, provenMachine: provenMachine)
@@ -64,7 +73,7 @@ public struct IncusGarbageCollector: Sendable {
             // command that fails or times out is one more try: the next orphans are not given up.
             var failure = "cancelled"
             var lastRefusal: CommandResult?
-            let deadline = Deadline(after: .seconds(120))
+            let deadline = Deadline(after: patience)
             let gone = await deadline.poll(every: .seconds(1)) { () async -> Bool in
                 do throws(VirtError) {
                     if let last = lastRefusal, !last.errorText.contains("is busy running"),

@@ -3,6 +3,7 @@ import Foundation
 import Synchronization
 import Testing
 import VirtCore
+import VirtTestSupport
 
 @testable import IncusBackend
 
@@ -306,6 +307,55 @@ final class ScriptedIncus: CommandRunner {
         ran.withLock { $0.append(command.argv) }
         let (status, out, err) = answer(command.arguments)
         return CommandResult(status: .exited(status), standardOutput: Array(out.utf8), standardError: Array(err.utf8))
+    }
+}
+
+@Suite("gc with an incusd that refuses")
+struct IncusGarbageCollectorUnitTests {
+    @Test("a delete refused until gc's patience ends is reported, and the next orphan is still deleted")
+    func goesOnPastARefusal() async throws {
+        let host = InstanceOwner.current()
+        // Dead owners on this machine: pids that do not run.
+        @Sendable func instance(_ name: String, pid: Int32) -> String {
+            let labels = InstanceOwner(host: host.host, machineID: host.machineID, pid: pid, startTime: "1").labels()
+            let config = labels.map { #""\#($0.key)": "\#($0.value)""# }.joined(separator: ", ")
+            return #"{"name": "\#(name)", "config": {\#(config)}}"#
+        }
+        let stuck = "debusine-virt-stuck", gone = "debusine-virt-gone"
+        let list = "[\(instance(stuck, pid: Int32.max - 7)), \(instance(gone, pid: Int32.max - 9))]"
+        let deleted = Mutex<Set<String>>([])
+        let runner = ScriptedIncus { arguments in
+            switch arguments.first {
+            case "list":
+                // The listing of one name (after a refusal) says whether it is still there.
+                let name = arguments.dropFirst().first ?? ""
+                if name == stuck || name == gone {
+                    return (0, deleted.withLock { $0.contains(name) } ? "[]" : "[\(instance(name, pid: 1))]", "")
+                }
+                return (0, list, "")
+            case "delete" where arguments.dropFirst().first == stuck:
+                return (1, "", "Error: Failed deleting instance: boom")
+            case "delete":
+                deleted.withLock { _ = $0.insert(arguments.dropFirst().first ?? "") }
+                return (0, "", "")
+            default:
+                return (1, "", "Error: unexpected")
+            }
+        }
+        // Nothing of the host's $TMPDIR: other tests' relay directories are theirs to check.
+        let relayParent = try TestPaths.makeTemporaryDirectory("dv-gc-unit.")
+        defer { TestPaths.removeTree(relayParent) }
+        let started = ContinuousClock.now
+        let report = try await IncusGarbageCollector(runner: runner, patience: .seconds(3))
+            .collect(relayParent: relayParent)
+        #expect(ContinuousClock.now - started < .seconds(30))
+        #expect(
+            report == [
+                "could not delete instance \(stuck): Error: Failed deleting instance: boom",
+                "deleted instance \(gone) (its server, pid \(Int32.max - 9), is gone)",
+            ], "\(report)")
+        let tries = runner.ran.withLock { $0 }.filter { $0 == ["incus", "delete", stuck, "--force"] }.count
+        #expect(tries >= 2, "a refused delete is tried again within gc's patience")
     }
 }
 
