@@ -73,8 +73,13 @@ public struct IncusGarbageCollector: Sendable {
             // command that fails or times out is one more try: the next orphans are not given up.
             var failure = "cancelled"
             var lastRefusal: CommandResult?
+            var tried = false
             let deadline = Deadline(after: patience)
             let gone = await deadline.poll(every: .seconds(1)) { () async -> Bool in
+                // The poll's last call comes at the deadline: a command given what is left then
+                // would time out at once, and its message would hide incusd's last refusal.
+                guard !tried || deadline.remaining() >= Self.shortestTry else { return false }
+                tried = true
                 do throws(VirtError) {
                     if let last = lastRefusal, !last.errorText.contains("is busy running"),
                         try await !exists(name, within: deadline.remaining())
@@ -99,6 +104,9 @@ public struct IncusGarbageCollector: Sendable {
         return report
     }
 
+    /// Less time than this left of ``patience``, a delete is not tried again.
+    static let shortestTry: Duration = .seconds(2)
+
     /// Whether an instance named exactly `name` is on the remote.
     func exists(_ name: String, within limit: Duration = .seconds(120)) async throws(VirtError) -> Bool {
         let command = cli.list(prefix: name)
@@ -114,10 +122,8 @@ public struct IncusGarbageCollector: Sendable {
     ) async throws(VirtError)
         -> CommandResult
     {
-        let runner = runner
-        return try await withTimeout(limit, "`\(command)`") {
-            try await runner.run(command, input: .none, output: .capture(limit: 64 << 20), error: .capture)
-        }
+        try await TimeLimitedRunner(runner, limit: limit).run(
+            command, input: .none, output: .capture(limit: 64 << 20), error: .capture)
     }
 
     /// Names and `config` maps from `incus list --format json`.

@@ -5,16 +5,22 @@ import VirtCore
 /// What the server checks before its banner, so that a host or image that cannot work gives an
 /// error that says what to do instead of a failing `open`.
 public enum IncusPreflight {
+    ///
+    /// Each command is bounded by `--boot-timeout`: an incusd that stopped answering must not
+    /// hold the server before its banner, and its client with it, for good.
     public static func check(
-        _ options: IncusOptions, runner: any CommandRunner = SubprocessRunner()
+        _ options: IncusOptions, runner base: any CommandRunner = SubprocessRunner()
     )
         async throws(VirtError)
     {
+        let runner = TimeLimitedRunner(base, limit: options.bootTimeout)
         let cli = options.cli
         let info = cli.imageInfo(options.image)
         let result: CommandResult
         do {
             result = try await runner.run(info)
+        } catch let error where error.code == .timeout {
+            throw VirtError(.timeout, "\(error.message): is incusd answering?")
         } catch {
             throw VirtError(.unavailable, "cannot run `\(cli.executable)`: apt-get install incus (\(error))")
         }

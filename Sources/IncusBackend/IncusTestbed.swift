@@ -418,10 +418,7 @@ public final class IncusTestbed: Testbed {
     private func control(
         _ command: Command, input: CommandInput = .none, within limit: Duration? = nil
     ) async throws(VirtError) -> CommandResult {
-        let runner = runner
-        return try await withTimeout(limit ?? options.bootTimeout, "`\(command)`") {
-            try await runner.run(command, input: input)
-        }
+        try await TimeLimitedRunner(runner, limit: limit ?? options.bootTimeout).run(command, input: input)
     }
 
     /// The cluster member `name` runs on; nil when the server is not clustered or cannot say.

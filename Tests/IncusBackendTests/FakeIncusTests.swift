@@ -14,9 +14,11 @@ struct FakeIncusTests {
         let state: String
         let server: ServerProcess
 
-        /// `arguments` go before the image, `after` after it (launch arguments).
-        init(_ scenario: String, _ arguments: [String] = [], after: [String] = []) throws {
+        /// `arguments` go before the image, `after` after it (launch arguments). `hanging`: the
+        /// `hangs` scenario's incusd has stopped answering before the server starts.
+        init(_ scenario: String, _ arguments: [String] = [], after: [String] = [], hanging: Bool = false) throws {
             state = try TestPaths.makeTemporaryDirectory("dv-fake-incus.")
+            if hanging { _ = FileManager.default.createFile(atPath: state + "/hang", contents: nil) }
             let bin = state + "/bin"
             try FileManager.default.createDirectory(atPath: bin, withIntermediateDirectories: false)
             try FileManager.default.createSymbolicLink(
@@ -165,7 +167,7 @@ struct FakeIncusTests {
     }
 
     @Test(
-        "an incusd that stops answering: revert and close each end within their time limits, naming the command that hung; no incus client is left waiting",
+        "an incusd that stops answering: start, revert and close each end within their time limits, naming the command that hung; no incus client is left waiting",
         .timeLimit(.minutes(3)))
     func daemonStopsAnswering() async throws {
         // The server's, that is: its death watch's `gc` waits on the hung incusd too (for two
@@ -218,6 +220,18 @@ struct FakeIncusTests {
         #expect(stderr.contains("did not stop within 1 s"), "\(stderr)")
         #expect(stderr.contains("could not delete the instance debusine-virt-"), "\(stderr)")
         #expect(try await hungClients(closing).isEmpty)
+
+        // Before the banner: the preflight's first question hangs. The server says so and exits
+        // instead of leaving its client waiting for a banner.
+        let starting = try Fake("hangs", ["--boot-timeout", "3"], hanging: true)
+        defer { starting.cleanUp() }
+        let launched = ContinuousClock.now
+        #expect(try await starting.server.readLine() == nil, "no banner")
+        #expect(try await starting.server.wait() != .exited(0))
+        #expect(ContinuousClock.now - launched < .seconds(60))
+        stderr = starting.server.standardError
+        #expect(stderr.contains("`incus image info artifact/1` timed out after 3 s: is incusd answering?"), "\(stderr)")
+        #expect(try await hungClients(starting).isEmpty)
     }
 
     /// With /proc mounted hidepid=2, a worker's gc cannot see another user's server, and must

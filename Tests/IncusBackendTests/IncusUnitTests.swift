@@ -312,7 +312,9 @@ final class ScriptedIncus: CommandRunner {
 
 @Suite("gc with an incusd that refuses")
 struct IncusGarbageCollectorUnitTests {
-    @Test("a delete refused until gc's patience ends is reported, and the next orphan is still deleted")
+    @Test(
+        "a delete refused until gc's patience ends is reported with incusd's words, and the next orphan is still deleted"
+    )
     func goesOnPastARefusal() async throws {
         let host = InstanceOwner.current()
         // Dead owners on this machine: pids that do not run.
@@ -346,7 +348,7 @@ struct IncusGarbageCollectorUnitTests {
         let relayParent = try TestPaths.makeTemporaryDirectory("dv-gc-unit.")
         defer { TestPaths.removeTree(relayParent) }
         let started = ContinuousClock.now
-        let report = try await IncusGarbageCollector(runner: runner, patience: .seconds(3))
+        let report = try await IncusGarbageCollector(runner: runner, patience: .seconds(5))
             .collect(relayParent: relayParent)
         #expect(ContinuousClock.now - started < .seconds(30))
         #expect(
@@ -355,7 +357,8 @@ struct IncusGarbageCollectorUnitTests {
                 "deleted instance \(gone) (its server, pid \(Int32.max - 9), is gone)",
             ], "\(report)")
         let tries = runner.ran.withLock { $0 }.filter { $0 == ["incus", "delete", stuck, "--force"] }.count
-        #expect(tries >= 2, "a refused delete is tried again within gc's patience")
+        // At 0, 1, 2 and perhaps 3 s: not at the deadline, with no time left for an answer.
+        #expect((2...4).contains(tries), "a refused delete is tried again within gc's patience: \(tries) tries")
     }
 }
 
