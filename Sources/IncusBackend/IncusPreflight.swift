@@ -5,9 +5,9 @@ import VirtCore
 /// What the server checks before its banner, so that a host or image that cannot work gives an
 /// error that says what to do instead of a failing `open`.
 public enum IncusPreflight {
-    ///
-    /// Each command is bounded by `--boot-timeout`: an incusd that stopped answering must not
-    /// hold the server before its banner, and its client with it, for good.
+    /// Checks the image, the `--target` member, the image's architecture and the profiles. Each
+    /// command is bounded by `--boot-timeout`: an incusd that stopped answering must not hold
+    /// the server before its banner, and its client with it, for good.
     public static func check(
         _ options: IncusOptions, runner base: any CommandRunner = SubprocessRunner()
     )
