@@ -79,7 +79,11 @@ public final class QemuTestbed: Testbed {
     }
 
     public func revert() async throws(VirtError) -> [String] {
-        if let old = current.withLock({ $0 }) { await old.destroy(graceful: false, removeDirectory: false) }
+        if let old = current.withLock({ $0 }) {
+            log.debug("reverting: stopping the VM")
+            await old.destroy(graceful: false, removeDirectory: false)
+            log.debug("reverting: the VM has stopped")
+        }
         try await boot()
         return auxverb
     }

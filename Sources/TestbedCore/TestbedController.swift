@@ -296,6 +296,7 @@ public actor TestbedController {
         let testbed = InTestbed(auxverb: auxverb, runner: runner)
         let backend = self.backend
         let scratch = self.scratch
+        log.debug("making the scratch directory in the new testbed")
         let path = try await withTimeout(setUpTimeout, "creating the scratch directory in the new testbed") {
             () async throws(VirtError) -> String in
             async let learned: Void = backend.learn(testbed)

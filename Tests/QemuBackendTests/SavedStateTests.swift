@@ -28,13 +28,15 @@ struct SavedStateTests {
     /// A server on the test image with its own cache, so this test decides what is saved. With 1
     /// GiB of RAM, not the default 2: each save, verification and check here hashes the whole RAM
     /// file (sparse, but hashed all the same), about seven times in all, and nothing here depends on
-    /// the size.
+    /// the size. With `-d`: a CI run once saw a reply not come for 20 minutes, and a reply that
+    /// does not come fails with the end of the server's stderr, which should then say where.
     func server(cache: String, parent: String, _ extra: [String] = []) throws -> ServerProcess {
         let directory = try #require(
             QemuServerTests.imageDirectory, "DEBUSINE_VIRT_TEST_IMAGES is not set: run through scripts/test")
         return try ServerProcess(
             [
-                TestPaths.executable("debusine-virt-qemu"), "--accel", "tcg", "--network", "none", "--boot-timeout",
+                TestPaths.executable("debusine-virt-qemu"), "-d", "--accel", "tcg", "--network", "none",
+                "--boot-timeout",
                 "900", "--shutdown-timeout", "10", "--ram-size", "1024", "--cache-dir", cache,
             ] + extra + ["\(directory)/bookworm-amd64.qcow2"],
             environment: ["TMPDIR": parent])
