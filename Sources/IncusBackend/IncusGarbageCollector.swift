@@ -19,7 +19,7 @@ public struct IncusGarbageCollector: Sendable {
 
     public init(
         cli: IncusCLI = IncusCLI(), runner: any CommandRunner = SubprocessRunner(), host: String? = nil,
-        patience: Duration = .seconds(120)
+        patience: Duration = commandLimit
     ) {
         self.cli = cli
         self.runner = runner
@@ -104,11 +104,15 @@ public struct IncusGarbageCollector: Sendable {
         return report
     }
 
+    /// How long one `incus` command may take, and by default all the tries at deleting one
+    /// instance: a death watch must not wait for good on an incusd that stopped answering.
+    public static let commandLimit: Duration = .seconds(120)
+
     /// Less time than this left of ``patience``, a delete is not tried again.
     static let shortestTry: Duration = .seconds(2)
 
     /// Whether an instance named exactly `name` is on the remote.
-    func exists(_ name: String, within limit: Duration = .seconds(120)) async throws(VirtError) -> Bool {
+    func exists(_ name: String, within limit: Duration) async throws(VirtError) -> Bool {
         let command = cli.list(prefix: name)
         let result = try await bounded(command, within: limit)
         guard result.status.succeeded else { throw IncusErrors.describe(command, result) }
@@ -118,7 +122,7 @@ public struct IncusGarbageCollector: Sendable {
     /// Runs `command` for at most `limit` (two minutes): a death watch must not wait for good
     /// on an incusd that stopped answering.
     private func bounded(
-        _ command: Command, within limit: Duration = .seconds(120)
+        _ command: Command, within limit: Duration = commandLimit
     ) async throws(VirtError)
         -> CommandResult
     {

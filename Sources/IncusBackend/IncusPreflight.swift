@@ -92,9 +92,8 @@ public enum IncusPreflight {
     ) async throws(VirtError) {
         guard let image = architecture(imageInfo: imageInfo) else { return }
         if options.cli.remote == nil && image == Host.machine { return }
-        let query = options.cli.serverInfo(target: options.target)
         var answer = serverInfo
-        if answer == nil { answer = try? await runner.run(query) }
+        if answer == nil { answer = try? await runner.run(options.cli.serverInfo(target: options.target)) }
         guard let result = answer, result.status.succeeded,
             let server = serverArchitectures(result.outputText), !server.clustered || options.target != nil,
             !server.architectures.isEmpty, !server.architectures.contains(image)
